@@ -1,0 +1,52 @@
+"""Reading and writing .safetensors: atomic writes, and one-line errors for files that are not what they claim."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sdlora.errors import SdloraError
+
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write `tensors` to `path` via a temp file in the same folder and a rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file; a pickle, truncated or foreign file gives an SdloraError."""
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise SdloraError(f"{path}: pickle files can run code when loaded; sdlora reads .safetensors only "
+                          "(convert it with a trusted tool first)")
+    if not path.is_file():
+        raise SdloraError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head[:1] == b"\x80" or head == b"PK":
+            raise SdloraError(f"{path}: this is a pickle file, not .safetensors; convert it with a trusted tool "
+                              "first") from e
+        raise SdloraError(f"{path}: not a valid .safetensors file ({str(e).splitlines()[0][:200]}); "
+                          "the file is truncated or corrupt, re-download or re-save it") from e
+    return tensors, metadata

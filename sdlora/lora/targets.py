@@ -1,0 +1,49 @@
+"""Which modules get a LoRA: named presets turned into the exact module names of a loaded model.
+
+Only this module decides targets. Names are the model's own (`named_modules()`), so the same preset gives the
+same modules on the tiny model and on real SD 1.5.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# preset -> component -> (what it adapts, in words; regex fullmatched against module names)
+PRESETS: dict[str, dict[str, tuple[str, str]]] = {
+    # The DreamBooth-LoRA default: the UNet's cross-attention query/value (where text meets image) and the
+    # text encoder's four attention projections. q/k/v/out rather than q/v for the text encoder, because
+    # diffusers' kohya loader rejects a text-encoder part with only q/v (see shared/KOHYA_FORMAT.md §6).
+    "default": {
+        "unet": ("cross-attention q, v", r".*\.attn2\.to_(q|v)"),
+        "te": ("self-attention q, k, v, out", r".*\.self_attn\.(q|k|v|out)_proj"),
+    },
+    # Every attention projection, self- and cross-attention.
+    "attn": {
+        "unet": ("attention q, k, v, out", r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"),
+        "te": ("self-attention q, k, v, out", r".*\.self_attn\.(q|k|v|out)_proj"),
+    },
+    # kohya's own default (LoRA-LierLa): every Linear and 1x1 conv inside the UNet's transformer blocks, and
+    # the text encoder's attention and MLP. The widest preset that every loader maps.
+    "full": {
+        "unet": ("all Linear/1x1 conv in transformer blocks", r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"),
+        "te": ("attention q, k, v, out and MLP fc1, fc2", r".*\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"),
+    },
+}
+
+
+def find_targets(model: torch.nn.Module, component: str, preset: str) -> list[str]:
+    """Names of the modules of `model` that `preset` adapts for `component` ("unet" or "te"), in model order."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}")
+    pattern = re.compile(PRESETS[preset][component][1])
+    names = []
+    for name, module in model.named_modules():
+        if not pattern.fullmatch(name):
+            continue
+        if isinstance(module, torch.nn.Linear) or (
+            isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
+        ):
+            names.append(name)
+    return names

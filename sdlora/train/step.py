@@ -1,0 +1,59 @@
+"""The math of one training step: noise, timesteps, epsilon/v target, MSE. No I/O, no optimizer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states [B, 77, d] for `prompts` (padded to the tokenizer's maximum, truncated)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
+
+
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """VAE latents, scaled; sampled with `generator`, or the distribution's mean when it is None."""
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = dist.mean if generator is None else dist.sample(generator=generator)
+    return latents.float() * vae.config.scaling_factor
+
+
+def target_for(noise_scheduler, prediction_type: str, latents, noise, timesteps) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
+def per_sample_loss(unet, noise_scheduler, prediction_type: str, latents: torch.Tensor, cond: torch.Tensor,
+                    noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """MSE between the UNet's prediction and the target, one value per sample."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, cond).sample
+    target = target_for(noise_scheduler, prediction_type, latents, noise, timesteps)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+
+
+def sample_noise(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
+    """Gaussian noise and uniform timesteps drawn from a CPU generator (same numbers on any device)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    return noise, t
+
+
+@torch.no_grad()
+def fixed_loss(unet, vae, noise_scheduler, prediction_type: str, pixels: torch.Tensor, cond: torch.Tensor,
+               timesteps=(100, 300, 500, 700, 900), seed: int = 1234) -> float:
+    """Loss on fixed images, noise and timesteps: comparable across a run, unlike the noisy training loss."""
+    latents = encode_images(vae, pixels, None)
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=g).to(latents.device)
+        ts = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+        total += per_sample_loss(unet, noise_scheduler, prediction_type, latents, cond, noise, ts).mean().item()
+    return total / len(timesteps)
