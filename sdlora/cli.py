@@ -50,6 +50,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    from sdlora.infer import add_generate_args, cmd_generate
+
+    p = sub.add_parser("generate", help="generate images with LoRA adapters blended into a base model",
+                       description="Generate PNGs (with A1111 'parameters') from a base model and kohya LoRA files.")
+    add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdlora.config import TrainConfig
 
@@ -60,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with any of the settings below; flags override it")
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
+    _add_generate(sub)
     return parser
 
 

@@ -68,12 +68,17 @@ def group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> torch.Tensor:
-    """The weight delta (alpha/r)·up@down, shaped like the base weight (Linear or 1x1 conv).
+    """The weight delta (alpha/r)·up@down, shaped like the base weight (Linear, 1x1 conv or kxk LoCon conv).
 
-    A missing or zero alpha means alpha = r (scale 1), as kohya, ComfyUI and A1111 read it.
+    A missing or zero alpha means alpha = r (scale 1), as kohya, ComfyUI and A1111 read it. For a kxk conv
+    (down [r, in, k, k], up [out, r, 1, 1]) the delta is kohya's `merge_to`:
+    conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3), i.e. up applied over down's output channels.
     """
     r = down.shape[0]
     scale = 1.0 if not alpha else float(alpha) / r
+    if down.dim() == 4 and down.shape[2:] != (1, 1):
+        d = torch.nn.functional.conv2d(down.float().permute(1, 0, 2, 3), up.float()).permute(1, 0, 2, 3)
+        return d * scale
     d = up.reshape(up.shape[0], r).float() @ down.reshape(r, -1).float()
     if down.dim() == 4:
         d = d.reshape(up.shape[0], down.shape[1], 1, 1)
