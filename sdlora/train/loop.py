@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -27,6 +27,16 @@ from sdlora.train import step as S
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+@dataclass
+class TrainResult:
+    path: Path  # the adapter file written
+    base: object  # the BaseModel, its UNet/text encoder still carrying the trained (unmerged) LoRA layers
+    steps: int
+    seconds: float  # wall time of the training steps alone
+    loss_before: float  # loss on fixed noise and timesteps, before and after training
+    loss_after: float
+
+
 def _collate(items: list[dict]) -> dict:
     out = {"pixels": torch.stack([i["pixels"] for i in items]), "prompts": [i["prompt"] for i in items]}
     if "class_pixels" in items[0]:
@@ -40,8 +50,21 @@ def _batches(loader):
         yield from loader
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
-    """Train a LoRA as `cfg` says and write it to `cfg.output_path`. Returns the path written."""
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    """Train a LoRA as `cfg` says and write it to `cfg.output_path`."""
+    try:
+        return _train(cfg, log)
+    finally:
+        # accelerate keeps its state in a process-wide singleton that refuses a second Accelerator with other
+        # settings (e.g. bf16 after fp32). A single-process caller (tests, the app) may train again with other
+        # settings, so the state is reset; a launched multi-process run ends with this call anyway.
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state.get("num_processes", 1) == 1:
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(cfg: TrainConfig, log) -> TrainResult:
     started = datetime.now(timezone.utc)
     out_path = cfg.output_path
     # Check the data before anything heavy loads: a bad file must not cost a model load.
@@ -86,7 +109,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
     dataset = DreamBoothDataset(instance_images, cfg.prompt, resolution, class_images, cfg.class_prompt)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=_collate,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     say(f"{len(instance_images)} instance images" + (f", {len(class_images)} class images" if class_images else "")
         + f" at {resolution}px; {cfg.steps} steps × {cfg.grad_accum} accumulation × batch {cfg.batch_size} "
         f"= {cfg.steps * cfg.grad_accum * cfg.batch_size / len(dataset):.1f} epochs of {len(dataset)} images")
@@ -179,8 +201,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     loss_after = eval_loss()
     say(f"{done} steps in {elapsed:.1f}s ({elapsed / max(done, 1):.3f} s/step); "
         f"loss on fixed noise {loss_before:.4f} -> {loss_after:.4f}")
-    return _save(cfg, base, accelerator, targets, resolution, done, len(instance_images), class_images, started,
+    path = _save(cfg, base, accelerator, targets, resolution, done, len(instance_images), class_images, started,
                  out_path, say)
+    return TrainResult(path, base, done, elapsed, loss_before, loss_after)
 
 
 def _save(cfg, base, accelerator, targets, resolution, steps, n_images, class_images, started, out_path, say) -> Path:

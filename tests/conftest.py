@@ -1,0 +1,59 @@
+"""Shared fixtures: the built-in tiny model, small image folders, and a trained adapter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlora.config import make_config
+from sdlora.train.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+DOG = ROOT / "datasets" / "dog"
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+def train_tiny(out: Path, images: Path = DOG, **overrides):
+    """Train on the tiny model in-process; returns the TrainResult."""
+    values = dict(images=str(images), prompt="sks dog", model="tiny", steps=4, lr=1e-3, out=str(out), seed=0)
+    values.update(overrides)
+    return train(make_config(values), log=quiet)
+
+
+def make_images(folder: Path, n: int = 3, size=(80, 64), seed: int = 0) -> Path:
+    """A folder of n small random-colour PNGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"img_{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One adapter trained for a few steps with alpha != rank, shared by read-only tests."""
+    out = tmp_path_factory.mktemp("trained") / "dog.safetensors"
+    return train_tiny(out, steps=6, rank=4, alpha=2)
+
+
+@pytest.fixture
+def odd_dir(tmp_path) -> Path:
+    """A folder whose name has spaces and non-ASCII characters, as users' folders do."""
+    d = tmp_path / "my photos ü é 写真"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def dog_copy(odd_dir) -> Path:
+    d = odd_dir / "dog pics"
+    shutil.copytree(DOG, d)
+    return d

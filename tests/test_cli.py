@@ -1,0 +1,161 @@
+"""The `sdlora` command end to end in subprocesses: odd paths, bad input, Ctrl-C, config files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlora.formats.io import load
+from tests.conftest import ROOT, make_images
+
+SDLORA = [sys.executable, "-m", "sdlora"]
+
+
+def run(*args, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    return subprocess.run([*SDLORA, *map(str, args)], capture_output=True, text=True, env=env, cwd=kw.pop("cwd", ROOT),
+                          timeout=kw.pop("timeout", 300), **kw)
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, p.stderr
+    lines = [l for l in p.stderr.strip().splitlines() if l.startswith("sdlora: error:")]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir):
+    out_dir = odd_dir / "out put ö"
+    p = run("train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "12",
+            "--output-dir", out_dir, "--rank", "2")
+    assert p.returncode == 0, p.stderr
+    path = out_dir / "dog pics.safetensors"  # default name: the images folder's name
+    state, md = load(path)
+    assert len(state) == 3 * 80 and md["ss_output_name"] == "dog pics" and md["ss_steps"] == "12"
+    # the table of adapted modules, with the count check, and the progress bar with loss and ETA
+    assert "unet            32" in p.stdout and "te              48" in p.stdout
+    assert "total" in p.stdout and "5 instance images at 64px" in p.stdout
+    assert "12/12" in p.stderr and "loss=" in p.stderr and "<00:00" in p.stderr
+    assert not [f for f in out_dir.iterdir() if f.name != path.name]  # no temp files left behind
+
+
+def test_prior_preservation_and_options_from_a_toml_config(tmp_path, dog_copy):
+    classes = make_images(tmp_path / "class imgs", n=3)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'images = "{dog_copy.as_posix()}"\nprompt = "sks dog"\nmodel = "tiny"\nsteps = 3\n'
+                   f'class-prompt = "a dog"\nclass_images = "{classes.as_posix()}"\nprior_loss_weight = 0.5\n'
+                   'rank = 8\n', encoding="utf-8")
+    out = tmp_path / "o.safetensors"
+    p = run("train", "--config", cfg, "--rank", "2", "--no-text-encoder", "--out", out)  # flags override the file
+    assert p.returncode == 0, p.stderr
+    state, md = load(out)
+    assert md["ss_network_dim"] == "2" and md["ss_num_reg_images"] == "3" and md["ss_prior_loss_weight"] == "0.5"
+    assert all(k.startswith("lora_unet_") for k in state)
+    assert "3 class images" in p.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rank", "0"], "--rank must be at least 1"),
+    (["--resolution", "30"], "--resolution must be a positive multiple of 8"),
+    (["--class-prompt", "a dog"], "needs both --class-prompt and --class-images"),
+    (["--mixed-precision", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--model", "no/such-model-anywhere"], "--model tiny"),
+    (["--model", "weights.ckpt"], "pickle"),
+])
+def test_invalid_options_give_one_line_errors(args, needle, dog_copy, tmp_path):
+    p = run("train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "2",
+            "--out", tmp_path / "x.safetensors", *args)
+    assert needle in one_line_error(p)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_empty_folder_and_corrupt_images_are_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    assert "has no images" in one_line_error(run("train", "--images", empty, "--prompt", "x", "--model", "tiny"))
+
+    folder = make_images(tmp_path / "imgs", n=2)
+    good = (folder / "img_0.png").read_bytes()
+    (folder / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated
+    (folder / "fake.png").write_bytes(b"this is not a png")
+    line = one_line_error(run("train", "--images", folder, "--prompt", "x", "--model", "tiny", "--steps", "1"))
+    assert "broken.jpg" in line and "fake.png" in line and "--skip-bad-images" in line
+    out = tmp_path / "skip.safetensors"
+    p = run("train", "--images", folder, "--prompt", "x", "--model", "tiny", "--steps", "1", "--skip-bad-images",
+            "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert load(out)[1]["ss_num_train_images"] == "2"
+
+
+def test_ctrl_c_saves_what_was_trained_so_far(tmp_path, dog_copy):
+    out = tmp_path / "interrupted.safetensors"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*SDLORA, "train", "--images", str(dog_copy), "--prompt", "sks dog", "--model", "tiny",
+                             "--steps", "100000", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    buf = ""
+    deadline = time.time() + 120
+    while time.time() < deadline and "/100000 [" not in buf.replace("0/100000 [", ""):
+        buf += proc.stderr.read(1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: saving the" in stdout
+    state, md = load(out)
+    assert 0 < int(md["ss_steps"]) < 100000
+    assert any(t.abs().sum() > 0 for k, t in state.items() if "lora_up" in k)
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing_train_on_cpu(tmp_path):
+    from tests.conftest import train_tiny
+
+    for flags in ({"mixed_precision": "bf16"}, {"gradient_checkpointing": True}):
+        result = train_tiny(tmp_path / "m.safetensors", steps=2, **flags)
+        state, _ = load(result.path)
+        ups = [t for k, t in state.items() if "lora_up" in k]
+        assert all(t.dtype == torch.float32 for t in ups)
+        assert sum(t.abs().sum() for t in ups) > 0, flags
+
+
+def test_save_precision_fp16_casts_every_tensor_alpha_included(tmp_path):
+    from tests.conftest import train_tiny
+
+    state, _ = load(train_tiny(tmp_path / "h.safetensors", steps=1, save_precision="fp16").path)
+    assert {t.dtype for t in state.values()} == {torch.float16}
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdlora.formats.io import atomic_save
+
+    path = tmp_path / "a.safetensors"
+    save_file({"x": torch.ones(2)}, path)
+    before = path.read_bytes()
+    shared = torch.zeros(4)
+    with pytest.raises(Exception):
+        atomic_save({"a": shared, "b": shared}, path, {})  # safetensors refuses tensors sharing memory
+    assert path.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+@pytest.mark.parametrize("content,needle", [(b"\x80\x04\x95pickle", "pickle"), (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"", "truncated")])
+def test_reading_a_pickle_or_truncated_adapter_is_a_clear_error(tmp_path, content, needle):
+    from sdlora.errors import SdloraError
+
+    f = tmp_path / "bad.safetensors"
+    f.write_bytes(content)
+    with pytest.raises(SdloraError, match=needle):
+        load(f)
+    with pytest.raises(SdloraError, match="pickle"):
+        load(tmp_path / "x.ckpt")
