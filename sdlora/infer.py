@@ -218,13 +218,15 @@ class Blender:
         dirty = {k for n in changed for k in self.adapters[n].targets}
         with torch.no_grad():
             for key in dirty:
-                w = self.backup[key].clone()
+                weight = self._module(key).weight
+                dev = weight.device  # fp32 arithmetic where the weight lives (the GPU, when there is one)
+                w = self.backup[key].to(dev, copy=True)
                 for name, r in self.adapters.items():
                     s = new[name][1] if key[0] == "unet" else new[name][0]
                     if s != 0.0 and key in r.targets:
-                        w += s * kohya.delta(*r.targets[key])
-                weight = self._module(key).weight
-                weight.copy_(w.to(weight.device, weight.dtype))
+                        down, up, alpha = r.targets[key]
+                        w += s * kohya.delta(down.to(dev), up.to(dev), alpha)
+                weight.copy_(w.to(weight.dtype))
         self.strengths = new
 
     def active(self) -> list[tuple[Resolved, float, float]]:

@@ -111,14 +111,19 @@ def test_app_blends_two_adapters_like_the_cli(tmp_path):
                 page.locator(f"#lora-{i}-strength input[type=range]").fill(str(s))
                 expect(page.locator(f"#lora-{i}-strength input[type=number]")).to_have_value(str(s))
 
-            # An adapter for another architecture is refused, with the reason in the page.
+            # An adapter for another architecture is refused, with the reason in the page...
             xl = tmp_path / "xl_style.safetensors"
             tensors, md = load_safetensors(trained / "dog.safetensors")
             save_adapter(tensors, xl, md | {"ss_base_model_version": "sdxl_base_v1-0"})
-            page.locator("#upload input[type=file]").set_input_files(str(xl))
+            # An upload that fits gets a row of its own; its enable box, unticked, leaves it out of the blend.
+            extra = Path(shutil.copy(trained / "style.safetensors", tmp_path / "extra.safetensors"))
+            page.locator("#upload input[type=file]").set_input_files([str(xl), str(extra)])
             expect(page.locator("#status")).to_contain_text("xl_style.safetensors: this adapter is for SDXL",
                                                             timeout=60_000)
-            expect(page.locator("#lora-2-info")).to_be_hidden()
+            expect(page.locator("#status")).to_contain_text("extra.safetensors: loaded")
+            expect(page.locator("#lora-2-info")).to_contain_text("extra · trigger: zwx painting")
+            expect(page.locator("#lora-3-info")).to_be_hidden()
+            page.locator("#lora-2-enable input").uncheck()
 
             page.locator("#generate").click()
             img = page.locator("#gallery img").first
