@@ -2,27 +2,214 @@
 
 Only this module knows key names. A module `<path>` of component `c` becomes `<prefix>_<path with . -> _>`
 with three tensors: `.lora_down.weight` [r, in(, 1, 1)], `.lora_up.weight` [out, r(, 1, 1)] and a 0-dim `.alpha`.
+
+Per architecture (`arch`: "sd1", "sd2", "sdxl"):
+- SD 1.x / 2.x: components "unet" (`lora_unet_` + diffusers path) and "te" (`lora_te_text_model_...`).
+- SDXL: "unet" (`lora_unet_` + the SGM/LDM path: `input_blocks_4_1_transformer_blocks_0_attn1_to_q`), "te1" (CLIP-L,
+  `lora_te1_text_model_...`) and "te2" (bigG, `lora_te2_text_model_...`).
+The diffusers <-> LDM UNet name maps (`unet_to_ldm`, `unet_from_ldm`) and A1111's kohya -> compvis mapping
+(`a1111_name`, KOHYA_FORMAT.md §5) are here too.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 
-# component -> key prefix, for SD 1.x (single text encoder: `lora_te`, never `lora_te1`, which kohya rejects).
-PREFIX = {"unet": "lora_unet", "te": "lora_te"}
+# component -> key prefix. SD 1.x/2.x have a single text encoder: `lora_te`, never `lora_te1` (kohya rejects it).
+PREFIX = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
+TE_COMPONENTS = ("te", "te1", "te2")
 SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+ARCHS = ("sd1", "sd2", "sdxl")
 
 
-def kohya_name(component: str, module_name: str) -> str:
+def components(arch: str = "sd1") -> tuple[str, ...]:
+    """kohya components of `arch`: ("unet", "te") or, for SDXL, ("unet", "te1", "te2")."""
+    return ("unet", "te1", "te2") if arch == "sdxl" else ("unet", "te")
+
+
+def te_path(module_name: str) -> str:
+    """A text-encoder module path without `text_model.` (transformers 5 has none; 4 has it)."""
+    return module_name.removeprefix("text_model.")
+
+
+def kohya_name(component: str, module_name: str, arch: str = "sd1") -> str:
     """kohya module name of `module_name` (a diffusers/transformers module path) in `component`.
 
     transformers 5.x's CLIPTextModel has no `text_model` submodule; the canonical names every loader matches
-    keep it (`lora_te_text_model_encoder_layers_0_...`), so it is added here when missing.
+    keep it (`lora_te_text_model_encoder_layers_0_...`), so it is added here when missing. SDXL UNet names are
+    the SGM/LDM ones kohya trains on (`unet_to_ldm`).
     """
-    if component == "te" and not module_name.startswith("text_model."):
-        module_name = "text_model." + module_name
+    if component in TE_COMPONENTS and module_name != "text_projection":
+        module_name = "text_model." + te_path(module_name)
+    elif component == "unet" and arch == "sdxl":
+        module_name = unet_to_ldm(module_name, arch)
     return PREFIX[component] + "_" + module_name.replace(".", "_")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# diffusers <-> LDM (compvis / SGM) UNet module paths
+
+_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def _unet_config(arch_or_config) -> dict:
+    if isinstance(arch_or_config, dict):
+        return arch_or_config
+    from sdlora.archs import load_config
+
+    return load_config(arch_or_config, "unet")
+
+
+def _block_pairs(cfg: dict) -> list[tuple[str, str, bool]]:
+    """(diffusers prefix, LDM prefix, is_resnet) for every block of a UNet2DConditionModel config."""
+    n_per = cfg["layers_per_block"]
+    down, up = cfg["down_block_types"], cfg["up_block_types"]
+    pairs = [("time_embedding.linear_1", "time_embed.0", False), ("time_embedding.linear_2", "time_embed.2", False),
+             ("add_embedding.linear_1", "label_emb.0.0", False), ("add_embedding.linear_2", "label_emb.0.2", False),
+             ("conv_in", "input_blocks.0.0", False), ("conv_norm_out", "out.0", False), ("conv_out", "out.2", False),
+             ("mid_block.attentions.0", "middle_block.1", False), ("mid_block.resnets.0", "middle_block.0", True),
+             ("mid_block.resnets.1", "middle_block.2", True)]
+    for i, kind in enumerate(down):
+        for j in range(n_per):
+            n = 1 + (n_per + 1) * i + j
+            pairs.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0", True))
+            if "CrossAttn" in kind:
+                pairs.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1", False))
+        if i < len(down) - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{(n_per + 1) * (i + 1)}.0.op", False))
+    for i, kind in enumerate(up):
+        for j in range(n_per + 1):
+            n = (n_per + 1) * i + j
+            pairs.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{n}.0", True))
+            if "CrossAttn" in kind:
+                pairs.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{n}.1", False))
+        if i < len(up) - 1:
+            slot = 2 if "CrossAttn" in kind else 1
+            pairs.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{(n_per + 1) * i + n_per}.{slot}.conv", False))
+    return pairs
+
+
+@functools.lru_cache(maxsize=16)
+def _pairs(key: str) -> tuple[tuple[str, str, bool], ...]:
+    import json
+
+    return tuple(_block_pairs(json.loads(key)))
+
+
+def _rename(path: str, cfg: dict, to_ldm: bool) -> str | None:
+    import json
+
+    for d, l, resnet in _pairs(json.dumps(cfg, sort_keys=True)):
+        src, dst = (d, l) if to_ldm else (l, d)
+        if path == src or path.startswith(src + "."):
+            rest = path[len(src) + 1:]
+            if resnet and rest:
+                table = _RESNET_LDM if to_ldm else {v: k for k, v in _RESNET_LDM.items()}
+                for a, b in table.items():
+                    if rest == a or rest.startswith(a + "."):
+                        rest = b + rest[len(a):]
+                        break
+            return dst + ("." + rest if rest else "")
+    return None
+
+
+def unet_to_ldm(path: str, arch="sd1") -> str:
+    """LDM/SGM path (`input_blocks.1.1.transformer_blocks.0.attn2.to_q`) of a diffusers UNet path or parameter
+    name; `arch` is "sd1"/"sd2"/"sdxl" or a UNet config dict. Unknown paths are returned unchanged."""
+    out = _rename(path, _unet_config(arch), to_ldm=True)
+    return path if out is None else out
+
+
+def unet_from_ldm(path: str, arch="sd1") -> str | None:
+    """diffusers path of an LDM/SGM UNet path or parameter name; None when it names no block of the UNet."""
+    return _rename(path, _unet_config(arch), to_ldm=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AUTOMATIC1111's mapping (extensions-builtin/Lora/networks.py, KOHYA_FORMAT.md §5)
+
+_A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+                 "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+
+
+def _a1111_openclip(prefix: str, layer: str, rest: str) -> str:
+    if "mlp_fc1" in rest:
+        rest = rest.replace("mlp_fc1", "mlp_c_fc")
+    elif "mlp_fc2" in rest:
+        rest = rest.replace("mlp_fc2", "mlp_c_proj")
+    else:
+        rest = rest.replace("self_attn", "attn")
+    return f"{prefix}model_transformer_resblocks_{layer}_{rest}"
+
+
+def a1111_convert(name: str, arch: str) -> str:
+    """A1111's `convert_diffusers_name_to_compvis` of a kohya module name (SD 1.x block arithmetic)."""
+    def res(kind, suffix):
+        return _A1111_RESNET.get(suffix, suffix) if kind == "resnets" else suffix
+
+    rules = [
+        (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[1]}"),
+        (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[1]}"),
+        (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
+        (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", lambda m:
+            f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{res(m[2], m[4])}"),
+        (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", lambda m:
+            f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{res(m[1], m[3])}"),
+        (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", lambda m:
+            f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{res(m[2], m[4])}"),
+        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
+        (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", lambda m:
+            f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"),
+        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: _a1111_openclip("", m[1], m[2]) if arch == "sd2"
+            else f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"),
+        (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", lambda m: _a1111_openclip("1_", m[1], m[2])),
+    ]
+    for pattern, fn in rules:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return fn(m)
+    return name
+
+
+_X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
+
+
+def a1111_name(name: str, arch: str, layers) -> str | None:
+    """The A1111 network-layer name (`network_layer_mapping` key) a kohya module `name` is applied to, or None
+    when A1111 matches nothing. `layers` is the set of A1111 layer names of the checkpoint (`a1111_layers`)."""
+    key = a1111_convert(name, arch)
+    if key in layers:
+        return key
+    m = _X_PROJ.match(key)
+    if m and m[1] in layers:
+        return m[1]
+    if "lora_unet" in name:
+        key = name.replace("lora_unet", "diffusion_model")
+        return key if key in layers else None
+    if "lora_te1_text_model" in name:
+        for repl in ("0_transformer_text_model", "transformer_text_model"):
+            key = name.replace("lora_te1_text_model", repl)
+            if key in layers:
+                return key
+    return None
+
+
+def openclip_layer_names(n_layers: int, prefix: str = "") -> set[str]:
+    """A1111 layer names of an OpenCLIP text transformer (SD 2.x `cond_stage_model.wrapped`, SDXL embedder 1)."""
+    out = set()
+    for i in range(n_layers):
+        b = f"{prefix}model_transformer_resblocks_{i}"
+        out |= {b, f"{b}_attn", f"{b}_attn_out_proj", f"{b}_ln_1", f"{b}_ln_2", f"{b}_mlp", f"{b}_mlp_c_fc",
+                f"{b}_mlp_c_proj"}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensors
 
 def module_of_key(key: str) -> tuple[str, str]:
     """Split a kohya tensor key into (kohya module name, suffix)."""
@@ -32,18 +219,18 @@ def module_of_key(key: str) -> tuple[str, str]:
     raise KeyError(key)
 
 
-def name_table(modules: dict[str, list[str]]) -> dict[str, tuple[str, str]]:
+def name_table(modules: dict[str, list[str]], arch: str = "sd1") -> dict[str, tuple[str, str]]:
     """kohya module name -> (component, model module name), for the module names of a loaded model."""
-    return {kohya_name(c, n): (c, n) for c, names in modules.items() for n in names}
+    return {kohya_name(c, n, arch): (c, n) for c, names in modules.items() for n in names}
 
 
 def pack(component: str, module_name: str, down: torch.Tensor, up: torch.Tensor, alpha: float,
-         conv: bool = False) -> dict[str, torch.Tensor]:
+         conv: bool = False, arch: str = "sd1") -> dict[str, torch.Tensor]:
     """The three kohya tensors of one module. `down` is [r, in], `up` is [out, r]; 1x1 convs get [.., 1, 1]."""
     if conv:
         down = down.reshape(*down.shape[:2], 1, 1) if down.dim() == 2 else down
         up = up.reshape(*up.shape[:2], 1, 1) if up.dim() == 2 else up
-    k = kohya_name(component, module_name)
+    k = kohya_name(component, module_name, arch)
     return {
         f"{k}.lora_down.weight": down.detach().contiguous(),
         f"{k}.lora_up.weight": up.detach().contiguous(),
