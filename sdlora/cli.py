@@ -59,6 +59,52 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_verify(sub) -> None:
+    from sdlora.formats.verify import add_verify_args, cmd_verify
+
+    p = sub.add_parser("verify", help="check a LoRA file loads fully in kohya, diffusers, ComfyUI and A1111",
+                       description="Check names, shapes, NaN/Inf, empty delta and alpha; print which tools list the "
+                                   "file. Exits 1 on any problem.")
+    add_verify_args(p)
+    p.set_defaults(func=cmd_verify)
+
+
+def _add_inspect(sub) -> None:
+    from sdlora.inspect import add_inspect_args, cmd_inspect
+
+    p = sub.add_parser("inspect", help="show a LoRA file's architecture, targets, rank/alpha, trigger and metadata",
+                       description="Describe a LoRA file from kohya, OneTrainer, ai-toolkit, diffusers or PEFT.")
+    add_inspect_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+
+def _add_convert(sub) -> None:
+    from sdlora.formats.convert import add_convert_args, cmd_convert
+
+    p = sub.add_parser("convert", help="convert a LoRA between kohya, diffusers and PEFT layouts",
+                       description="Convert a LoRA file; alpha is carried through; prints converted/skipped/unknown.")
+    add_convert_args(p)
+    p.set_defaults(func=cmd_convert)
+
+
+def _add_merge(sub) -> None:
+    from sdlora.merge import add_merge_args, cmd_merge
+
+    p = sub.add_parser("merge", help="bake LoRAs into a base model (single-file LDM checkpoint or diffusers folder)",
+                       description="Fuse LoRA adapters at given strengths into a model and save it.")
+    add_merge_args(p)
+    p.set_defaults(func=cmd_merge)
+
+
+def _add_resize(sub) -> None:
+    from sdlora.resize import add_resize_args, cmd_resize
+
+    p = sub.add_parser("resize", help="reduce a LoRA's rank by SVD",
+                       description="Lower the rank of every module by truncated SVD; prints the energy kept.")
+    add_resize_args(p)
+    p.set_defaults(func=cmd_resize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdlora.config import TrainConfig
 
@@ -70,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
     _add_generate(sub)
+    _add_verify(sub)
+    _add_inspect(sub)
+    _add_convert(sub)
+    _add_merge(sub)
+    _add_resize(sub)
     return parser
 
 

@@ -96,6 +96,10 @@ def load_adapter(path) -> AdapterFile:
     if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in (".ckpt", ".pt", ".pth", ".bin"):
         raise SdloraError(f"{path}: an adapter must be a .safetensors file")
     tensors, metadata = io.load(path)
+    from sdlora.formats.convert import detect_format, to_kohya
+
+    if detect_format(tensors) in ("diffusers", "peft"):  # a diffusers/PEFT LoRA: read it under kohya names
+        tensors, metadata, _ = to_kohya(tensors, metadata)
     modules, stray = {}, []
     for mod, parts in kohya.group(tensors).items():
         if mod and "lora_down.weight" in parts and "lora_up.weight" in parts:

@@ -57,8 +57,8 @@ _RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_lay
 
 
 def _unet_config(arch_or_config) -> dict:
-    if isinstance(arch_or_config, dict):
-        return arch_or_config
+    if not isinstance(arch_or_config, str):
+        return dict(arch_or_config)
     from sdlora.archs import load_config
 
     return load_config(arch_or_config, "unet")
@@ -103,7 +103,8 @@ def _pairs(key: str) -> tuple[tuple[str, str, bool], ...]:
 def _rename(path: str, cfg: dict, to_ldm: bool) -> str | None:
     import json
 
-    for d, l, resnet in _pairs(json.dumps(cfg, sort_keys=True)):
+    keep = ("layers_per_block", "down_block_types", "up_block_types")
+    for d, l, resnet in _pairs(json.dumps({k: list(cfg[k]) if k != "layers_per_block" else cfg[k] for k in keep})):
         src, dst = (d, l) if to_ldm else (l, d)
         if path == src or path.startswith(src + "."):
             rest = path[len(src) + 1:]

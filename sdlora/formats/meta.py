@@ -12,7 +12,19 @@ from safetensors.torch import save
 
 import sdlora
 
-ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora"}  # modelspec.architecture (SAI model spec 1.0)
+ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
+                "sdxl": "stable-diffusion-xl-v1-base/lora"}  # modelspec.architecture (SAI model spec 1.0)
+# kohya `ss_base_model_version` (library/train_util.py) -> modelspec.architecture (library/sai_model_spec.py)
+VERSION_ARCHITECTURE = {"sd_v1": "stable-diffusion-v1/lora", "sd_v2_512": "stable-diffusion-v2-512/lora",
+                        "sd_v2_768_v": "stable-diffusion-v2-768-v/lora",
+                        "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora"}
+
+
+def base_model_version(arch: str, prediction_type: str = "epsilon") -> str:
+    """kohya's `ss_base_model_version` of a base model: sd_v1, sd_v2_512 / sd_v2_768_v (v-prediction), sdxl_base_v1-0."""
+    if arch == "sd2":
+        return "sd_v2_768_v" if prediction_type == "v_prediction" else "sd_v2_512"
+    return {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(arch, "sd_v1")
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -41,7 +53,7 @@ def build(*, arch: str, base_model_version: str, model_name: str, output_name: s
         "ss_network_alpha": str(float(alpha)),
         "ss_network_args": json.dumps({"preset": preset, "targets": targets}),
         "ss_base_model_version": base_model_version,
-        "ss_v2": "False",
+        "ss_v2": str(arch == "sd2"),
         "ss_sd_model_name": model_name,
         "ss_output_name": output_name,
         "ss_resolution": f"({resolution}, {resolution})",
@@ -65,8 +77,9 @@ def build(*, arch: str, base_model_version: str, model_name: str, output_name: s
         "ss_training_finished_at": str(now.timestamp()),
         "ss_training_comment": f"trigger: {trigger}" if trigger else "",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE[arch],
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": VERSION_ARCHITECTURE.get(base_model_version, ARCHITECTURE.get(arch, arch)),
+        # kohya's sai_model_spec: SDXL is Stability's generative-models implementation, SD 1/2 diffusers'
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers",
         "modelspec.title": output_name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.trigger_phrase": trigger,

@@ -1,0 +1,94 @@
+"""`sdlora inspect`: what a LoRA file holds, whoever wrote it (kohya, OneTrainer, ai-toolkit, diffusers, PEFT)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from sdlora.formats import convert, kohya
+
+ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def module_kind(component: str, path: str) -> str:
+    """A module's group: its path with block/layer indices folded (`attn2.to_q`, `resnets.conv1`, `self_attn.q_proj`)."""
+    if component != "unet":
+        return re.sub(r"^encoder\.layers\.\d+\.", "", path)
+    path = kohya.unet_from_ldm(path, "sdxl") or path if path.startswith(("input_blocks", "middle_block", "output_blocks")) else path
+    path = re.sub(r"^(down_blocks|up_blocks)\.\d+\.|^mid_block\.", "", path)
+    path = re.sub(r"^(attentions|resnets|downsamplers|upsamplers)\.\d+\.", r"\1.", path)
+    return re.sub(r"transformer_blocks\.\d+\.", "", path)
+
+
+def _fmt(values) -> str:
+    vals = sorted(set(values))
+    return ",".join(f"{v:g}" for v in vals)
+
+
+def describe(path) -> dict:
+    """Everything `sdlora inspect` prints, as a dict."""
+    path = Path(path)
+    modules, rep, metadata, arch = convert.read(path)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    groups: dict[tuple[str, str], list] = {}
+    params = 0
+    for (comp, p), (down, up, alpha) in modules.items():
+        r = down.shape[0]
+        a = float(alpha) if alpha is not None else None
+        groups.setdefault((comp, module_kind(comp, p)), []).append((r, a))
+        params += down.numel() + up.numel()
+    rows = []
+    for (comp, kind), items in sorted(groups.items()):
+        ranks = [r for r, _ in items]
+        alphas = [a for _, a in items if a is not None]
+        scales = [(a if a is not None else r) / r for r, a in items]
+        rows.append({"component": comp, "group": kind, "modules": len(items), "rank": _fmt(ranks),
+                     "alpha": _fmt(alphas) + ("" if len(alphas) == len(items) else " (some missing: = rank)")
+                     if alphas else "missing (= rank)", "scale": _fmt(scales)})
+    trigger = metadata.get("modelspec.trigger_phrase", "")
+    tags = Counter()
+    try:
+        for folder in json.loads(metadata.get("ss_tag_frequency", "{}") or "{}").values():
+            tags.update(folder)
+    except (ValueError, AttributeError):
+        pass
+    fmt = "kohya" if rep.source == "kohya" else rep.source
+    return {"file": str(path), "format": fmt, "size_bytes": size, "arch": arch, "modules": len(modules),
+            "parameters": params, "groups": rows, "trigger": trigger, "top_tags": tags.most_common(10),
+            "skipped": rep.skipped, "unknown": rep.unknown, "metadata": metadata,
+            "base_model_version": metadata.get("ss_base_model_version", "")}
+
+
+def format_description(d: dict) -> str:
+    lines = [f"{d['file']}", f"  format        {d['format']}, {d['size_bytes']:,} bytes",
+             f"  architecture  {ARCH_NAMES.get(d['arch'], d['arch'])}"
+             + (f" (ss_base_model_version {d['base_model_version']})" if d["base_model_version"] else ""),
+             f"  modules       {d['modules']} ({d['parameters']:,} LoRA parameters)",
+             f"  trigger       {d['trigger'] or '(none in metadata)'}"]
+    if d["top_tags"]:
+        lines.append("  top tags      " + ", ".join(f"{t} ({n})" for t, n in d["top_tags"]))
+    if d["skipped"] or d["unknown"]:
+        lines.append(f"  not LoRA      {len(d['skipped'])} skipped keys, {len(d['unknown'])} unknown modules")
+    lines.append("  targets (component / group: modules, rank, alpha, effective scale alpha/rank)")
+    for r in d["groups"]:
+        lines.append(f"    {r['component']:4s} {r['group']:32s} {r['modules']:4d}  rank {r['rank']:6s} alpha {r['alpha']:8s} "
+                     f"scale {r['scale']}")
+    lines.append("  metadata")
+    for k in sorted(d["metadata"]):
+        v = d["metadata"][k]
+        v = v if len(v) <= 120 else v[:117] + "..."
+        lines.append(f"    {k} = {v}")
+    return "\n".join(lines)
+
+
+def add_inspect_args(p) -> None:
+    p.add_argument("file", help="LoRA .safetensors (kohya, OneTrainer, ai-toolkit, diffusers, PEFT) or a PEFT folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_inspect(args) -> int:
+    d = describe(args.file)
+    print(json.dumps(d, indent=2) if args.json else format_description(d))
+    return 0

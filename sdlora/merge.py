@@ -1,0 +1,159 @@
+"""`sdlora merge`: bake LoRA adapters into a base model, written as an original-layout (LDM) single file that
+A1111 and ComfyUI load, or as a diffusers folder.
+
+The fusion is sdlora.infer's (W = W0 + Σ sᵢ·alphaᵢ/rᵢ·upᵢ·downᵢ, A1111's arithmetic). The LDM layout is the
+reverse of diffusers' single-file conversion (loaders/single_file_utils.py): UNet `model.diffusion_model.*`
+(sdlora.formats.kohya.unet_to_ldm), text encoders `cond_stage_model.transformer.text_model.*` (SD 1.x),
+OpenCLIP `cond_stage_model.model.*` (SD 2.x) and `conditioner.embedders.{0,1}.*` (SDXL), VAE `first_stage_model.*`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from sdlora.errors import SdloraError
+from sdlora.formats import io, kohya
+
+# ----------------------------------------------------------------------------------------------------------
+# diffusers -> LDM state dicts
+
+
+def unet_to_ldm_state(unet) -> dict[str, torch.Tensor]:
+    cfg = dict(unet.config)
+    return {"model.diffusion_model." + kohya.unet_to_ldm(k, cfg): v for k, v in unet.state_dict().items()}
+
+
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_to_ldm_state(vae) -> dict[str, torch.Tensor]:
+    """The reverse of diffusers' `convert_ldm_vae_checkpoint`, with the `first_stage_model.` prefix."""
+    n_up = len(vae.config.up_block_types)
+    out = {}
+    for k, v in vae.state_dict().items():
+        key = k.replace("conv_norm_out", "norm_out")
+        m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", key)
+        if m:
+            key = f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
+            if m[3] == "weight" and v.dim() == 2 and m[2] != "group_norm":
+                v = v[:, :, None, None]
+        key = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.",
+                     lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.", key)
+        key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+        key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.", key)
+        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                     lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.", key)
+        key = key.replace(".conv_shortcut.", ".nin_shortcut.")
+        out["first_stage_model." + key] = v
+    return out
+
+
+def clip_to_ldm_state(te, prefix: str) -> dict[str, torch.Tensor]:
+    """HF CLIP text model (SD 1.x, SDXL CLIP-L) under `prefix` (`cond_stage_model.transformer.`)."""
+    return {prefix + "text_model." + kohya.te_path(k): v for k, v in te.state_dict().items()
+            if not k.endswith("position_ids")}
+
+
+_OPENCLIP = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+             ("self_attn.out_proj", "attn.out_proj")]
+
+
+def openclip_to_ldm_state(te, prefix: str) -> dict[str, torch.Tensor]:
+    """HF CLIP text model -> OpenCLIP layout under `prefix` (`cond_stage_model.model.`): the reverse of diffusers'
+    `convert_open_clip_checkpoint` (q/k/v stacked into `in_proj_*`, `text_projection` transposed)."""
+    sd = {kohya.te_path(k): v for k, v in te.state_dict().items() if not k.endswith("position_ids")}
+    out = {prefix + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": sd.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": sd.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in sd:
+        out[prefix + "text_projection"] = sd.pop("text_projection.weight").T.contiguous()
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
+            for a, b in _OPENCLIP:
+                out[f"{dst}{b}.{kind}"] = sd.pop(f"{src}{a}.{kind}")
+    if sd:
+        raise SdloraError(f"text encoder has weights the OpenCLIP layout has no place for: {sorted(sd)[:3]}")
+    return out
+
+
+def ldm_state_dict(base) -> dict[str, torch.Tensor]:
+    """The whole model (UNet, text encoder(s), VAE) in the original LDM/SGM single-file layout."""
+    out = unet_to_ldm_state(base.unet) | vae_to_ldm_state(base.vae)
+    if base.arch == "sd1":
+        out |= clip_to_ldm_state(base.text_encoder, "cond_stage_model.transformer.")
+    elif base.arch == "sd2":
+        out |= openclip_to_ldm_state(base.text_encoder, "cond_stage_model.model.")
+    elif base.arch == "sdxl":
+        out |= clip_to_ldm_state(base.text_encoder, "conditioner.embedders.0.transformer.")
+        out |= openclip_to_ldm_state(base.text_encoder_2, "conditioner.embedders.1.model.")
+    else:
+        raise SdloraError(f"no single-file layout for architecture {base.arch}")
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# merge
+
+
+def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None) -> Path:
+    """Fuse `loras` [(file, text-encoder strength, unet strength)] into `model` and write `out`: a `.safetensors`
+    single file (LDM layout) or a diffusers folder."""
+    from sdlora.adapter import SAVE_DTYPES
+    from sdlora.infer import Blender, load_adapter
+
+    if not loras:
+        raise SdloraError("merge needs at least one --lora FILE[:STRENGTH]")
+    if dtype not in SAVE_DTYPES:
+        raise SdloraError(f"--dtype {dtype}: use one of {', '.join(SAVE_DTYPES)}")
+    files = [load_adapter(p) for p, _, _ in loras]
+    if base is None:
+        from sdlora.models import load_base
+
+        base = load_base(model)
+    blender = Blender(base)
+    strengths = {}
+    for f, (_, te, unet) in zip(files, loras):
+        r = blender.add(f)
+        if r.unmatched:
+            raise SdloraError(f"{f.path.name}: {len(r.unmatched)} modules match nothing in '{base.name}' "
+                              f"(first: {r.unmatched[0]}); run `sdlora verify {f.path}`")
+        strengths[f.name] = (te, unet)
+    blender.set_strengths(strengths)
+    out = Path(out)
+    if out.suffix.lower() == ".safetensors":
+        sd = {k: v.to(SAVE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
+        io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)})
+        return out
+    from sdlora.formats.convert import _write_dir
+
+    pipe = base.pipeline()
+    _write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    return out
+
+
+def add_merge_args(p) -> None:
+    p.add_argument("--model", required=True, help="base model: 'tiny', a diffusers folder, a .safetensors checkpoint "
+                   "or a hub id")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="LoRA to bake in, repeatable; FILE:S or FILE:TE:UNET as in `sdlora generate`")
+    p.add_argument("--out", required=True, help="OUT.safetensors (single file, LDM layout for A1111/ComfyUI) or a "
+                   "folder (diffusers)")
+    p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"),
+                   help="dtype of the single file (default: fp16)")
+
+
+def cmd_merge(args) -> int:
+    from sdlora.infer import parse_lora_spec
+
+    loras = [parse_lora_spec(s) for s in args.lora]
+    out = merge(args.model, loras, args.out, args.dtype)
+    print(out)
+    return 0
