@@ -94,8 +94,8 @@ def build(session: Session, adapters_dir: Path | None, outdir: Path, models: lis
                 with gr.Row():
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler",
                                             elem_id="scheduler")
-                    width = gr.Slider(64, 1536, value=native, step=8, label="Width", elem_id="width")
-                    height = gr.Slider(64, 1536, value=native, step=8, label="Height", elem_id="height")
+                    width = gr.Slider(8, 1536, value=native, step=8, label="Width", elem_id="width")
+                    height = gr.Slider(8, 1536, value=native, step=8, label="Height", elem_id="height")
                     count = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="num-images")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Results", format="png", columns=2, height="auto", elem_id="gallery")

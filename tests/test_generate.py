@@ -242,3 +242,17 @@ def test_cli_errors_are_one_line(adapters, tmp_path, capsys):
     rc = cli.main(["generate", "--model", "tiny", "--prompt", "x", "--size", "60x64", "--out", str(tmp_path)])
     assert rc == 2 and "multiple of 8" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_concurrent_requests_do_not_interleave(adapters):
+    """The app serves requests from several threads: each gets the image of its own blend, as if alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = Session("tiny")
+    s.add(adapters["dog"]), s.add(adapters["locon"])
+    blends = [{"dog": 1.0}, {"locon": -1.0}, {"dog": 0.5, "locon": (0.5, 2.0)}]
+    want = [image(s, b) for b in blends]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda b: image(s, b), blends * 2))
+    assert all(np.array_equal(g, want[i % 3]) for i, g in enumerate(got))
+    assert not np.array_equal(want[0], want[1])
