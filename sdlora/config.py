@@ -25,34 +25,60 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class TrainConfig:
-    images: str = _f(MISSING, "folder of instance (subject) images")
-    prompt: str = _f(MISSING, "instance prompt with the trigger word, e.g. 'sks dog'")
+    images: str = _f(MISSING, "folder of instance (subject) images; .txt/.caption files beside them are captions")
+    prompt: str = _f(MISSING, "instance prompt with the trigger word, e.g. 'sks dog' (used for images without a caption)")
     model: str = _f(DEFAULT_MODEL, "base model: hub id, local diffusers folder, .safetensors checkpoint, or 'tiny'")
     output_dir: str = _f("output", "folder for the adapter file")
     name: str | None = _f(None, "output name (file <output_dir>/<name>.safetensors); default: the images folder's name")
     out: str | None = _f(None, "exact output file path (overrides --output-dir/--name)")
+    # what is adapted
     preset: str = _f("default", "target modules: " + ", ".join(PRESETS), choices=tuple(PRESETS))
     rank: int = _f(4, "LoRA rank r")
     alpha: float | None = _f(None, "LoRA alpha; the delta is scaled by alpha/r (default: alpha = rank, scale 1)")
     no_text_encoder: bool = _f(False, "train the UNet only (no LoRA on the text encoder)")
-    te_lr: float | None = _f(None, "text-encoder learning rate (default: --lr)")
-    class_prompt: str | None = _f(None, "class prompt for prior preservation, e.g. 'a dog'")
-    class_images: str | None = _f(None, "folder of class images for prior preservation")
+    # captions
+    trigger: str | None = _f(None, "replaces {trigger} in captions and is put first in captions lacking it (default: --prompt)")
+    caption_dropout: float = _f(0.0, "probability of training a step on the empty prompt")
+    shuffle_tags: bool = _f(False, "shuffle the comma-separated tags of captions every step")
+    keep_tags: int = _f(1, "with --shuffle-tags, keep the first N tags in place")
+    # prior preservation
+    class_prompt: str | None = _f(None, "class prompt for prior preservation, e.g. 'a photo of a dog'")
+    class_images: str | None = _f(None, "folder of class images (default with --class-prompt: <output_dir>/class_images/<prompt>)")
+    num_class_images: int = _f(100, "with --class-prompt, generate class images with the base model until the class folder holds this many")
     prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    # images
     resolution: int | None = _f(None, "training resolution in pixels (default: the model's native size)")
+    buckets: bool = _f(False, "aspect-ratio bucketing: train each image near its own aspect ratio at ~resolution² pixels")
     no_flip: bool = _f(False, "disable random horizontal flips")
-    steps: int = _f(500, "optimizer steps")
+    repeats: int = _f(1, "times each instance image appears per epoch")
+    # budget and optimisation
+    steps: int = _f(500, "optimizer steps (ignored when --epochs is set)")
+    epochs: int | None = _f(None, "train for this many epochs instead of --steps")
     batch_size: int = _f(1, "instance images per step and device (class images are added on top)")
     grad_accum: int = _f(1, "gradient accumulation steps per optimizer step")
-    lr: float = _f(1e-4, "learning rate (AdamW)")
+    lr: float = _f(1e-4, "UNet learning rate (AdamW)")
+    te_lr: float | None = _f(None, "text-encoder learning rate (default: --lr)")
     lr_scheduler: str = _f("constant", "learning-rate schedule after warmup", choices=LR_SCHEDULERS)
     warmup_steps: int = _f(0, "linear warmup steps")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    min_snr_gamma: float | None = _f(None, "min-SNR-γ loss weighting (5 is the paper's value); off by default")
+    noise_offset: float = _f(0.0, "noise offset (e.g. 0.05) for darker darks and brighter brights")
     mixed_precision: str = _f("no", "mixed precision for the frozen base", choices=MIXED_PRECISION)
-    save_precision: str = _f("fp32", "dtype of the saved tensors", choices=SAVE_PRECISION)
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet and text encoder")
     seed: int = _f(0, "random seed: same seed, data and flags give the same adapter on CPU")
+    # caching
+    cache_dir: str | None = _f(None, "latent/text-embedding cache folder (default: ~/.cache/sdlora or $SDLORA_CACHE)")
+    no_cache: bool = _f(False, "keep the latent/text caches in memory only (nothing written to disk)")
+    # monitoring and saving
+    sample_every: int = _f(0, "every N steps save a fixed-seed sample grid (trigger, class, unrelated prompt); 0: off")
+    sample_prompts: str | None = _f(None, "prompts of the sample grid, separated by ';' (default: trigger, class, unrelated)")
+    sample_steps: int = _f(20, "denoising steps of sample images")
+    tensorboard: bool = _f(False, "log loss, learning rate and sample grids to TensorBoard (<output>-logs/)")
+    save_every: int = _f(0, "every N steps write a checkpoint to resume from (and its adapter); 0: off")
+    keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 keeps all")
+    resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")
+    save_precision: str = _f("fp32", "dtype of the saved tensors", choices=SAVE_PRECISION)
     skip_bad_images: bool = _f(False, "skip unreadable images with a warning instead of stopping")
 
     def __post_init__(self):
@@ -72,14 +98,29 @@ class TrainConfig:
         for f in ("lr",) + (("te_lr",) if self.te_lr is not None else ()):
             if not getattr(self, f) > 0:
                 bad(f, f"must be positive, got {getattr(self, f)}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+        if self.warmup_steps < 0 or (self.epochs is None and self.warmup_steps > self.steps):
             bad("warmup_steps", f"must be between 0 and --steps ({self.steps}), got {self.warmup_steps}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
         if self.prior_loss_weight < 0:
             bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
-        if bool(self.class_prompt) != bool(self.class_images):
-            raise SdloraError("prior preservation needs both --class-prompt and --class-images (a folder of class images)")
+        if self.class_images and not self.class_prompt:
+            raise SdloraError("--class-images needs --class-prompt (the prompt those class images show)")
+        if self.num_class_images < 0:
+            bad("num_class_images", f"must be >= 0, got {self.num_class_images}")
+        if self.epochs is not None and self.epochs < 1:
+            bad("epochs", f"must be at least 1, got {self.epochs}")
+        if self.repeats < 1:
+            bad("repeats", f"must be at least 1, got {self.repeats}")
+        if not 0 <= self.caption_dropout < 1:
+            bad("caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
+        if self.keep_tags < 0:
+            bad("keep_tags", f"must be >= 0, got {self.keep_tags}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            bad("min_snr_gamma", f"must be positive, got {self.min_snr_gamma}")
+        for f in ("sample_every", "save_every", "keep_last", "noise_offset"):
+            if getattr(self, f) < 0:
+                bad(f, f"must be >= 0, got {getattr(self, f)}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -88,6 +129,20 @@ class TrainConfig:
     @property
     def network_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def trigger_text(self) -> str:
+        return self.trigger or self.prompt
+
+    @property
+    def class_folder(self) -> Path | None:
+        if not self.class_prompt:
+            return None
+        if self.class_images:
+            return Path(self.class_images)
+        from sdlora.train.prior import slug
+
+        return Path(self.output_dir) / "class_images" / slug(self.class_prompt)
 
     @property
     def output_path(self) -> Path:

@@ -1,7 +1,12 @@
-"""Image folders: scan and check them before any model loads, then serve fixed-size training tensors."""
+"""Image folders: scan and check them before any model loads; captions, prompts and aspect-ratio buckets.
+
+Everything here is pure data handling (no models), so it is tested directly.
+"""
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sdlora.errors import SdloraError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+CAPTION_SUFFIXES = (".txt", ".caption")
 
 
 @dataclass
@@ -25,7 +31,7 @@ def scan(folder: Path) -> ScanResult:
     """Find the images of `folder` (not recursive) and fully decode each one to catch corrupt or truncated files."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SdloraError(f"{folder}: no such folder; pass a folder of training images with --images")
+        raise SdloraError(f"{folder}: no such folder; pass a folder of training images")
     images, bad, ignored = [], [], []
     for p in sorted(folder.iterdir(), key=lambda p: p.name):
         if p.name.startswith(".") or p.is_dir():
@@ -43,23 +49,110 @@ def scan(folder: Path) -> ScanResult:
     return ScanResult(images, bad, ignored)
 
 
-def checked_images(folder: Path, what: str = "--images", skip_bad: bool = False) -> list[Path]:
+def checked_images(folder: Path, what: str = "--images", skip_bad: bool = False, allow_empty: bool = False) -> list[Path]:
     """The images of `folder`, or an SdloraError naming the problem (no images, unreadable files)."""
     res = scan(folder)
     if res.bad and not skip_bad:
         names = ", ".join(f"{p.name} ({why})" for p, why in res.bad[:3])
         more = f" and {len(res.bad) - 3} more" if len(res.bad) > 3 else ""
         raise SdloraError(f"{folder}: cannot read {names}{more}; fix or remove them, or pass --skip-bad-images")
-    if not res.images:
+    if res.bad:
+        print(f"warning: skipping {len(res.bad)} unreadable image(s) in {folder}: " + ", ".join(p.name for p, _ in res.bad))
+    if not res.images and not allow_empty:
         raise SdloraError(f"{folder} ({what}) has no images; add .jpg/.png/.webp files to it")
     return res.images
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Decode, apply EXIF orientation, convert to RGB, resize the short side to `resolution`, centre-crop.
+# ---------------------------------------------------------------- captions and prompts
 
-    Returns a float tensor [3, resolution, resolution] in [-1, 1].
+def read_caption(image: Path) -> str | None:
+    """The sidecar caption of `image` (`name.txt` or `name.caption`, first found), stripped; None if there is none."""
+    for suffix in CAPTION_SUFFIXES:
+        side = image.with_suffix(suffix)
+        if side.is_file():
+            text = " ".join(side.read_text(encoding="utf-8-sig").split())
+            return text or None
+    return None
+
+
+@dataclass(frozen=True)
+class PromptRules:
+    """How a caption becomes the prompt of one training step."""
+
+    prompt: str  # the prompt of images without a caption
+    trigger: str  # substituted for {trigger}; put first when a caption does not contain it
+    shuffle_tags: bool = False  # shuffle the comma-separated tags ...
+    keep_tags: int = 0  # ... keeping the first N in place (the trigger is usually one of them)
+    dropout: float = 0.0  # probability of training on the empty prompt (helps the adapter work unprompted)
+
+    def base_caption(self, caption: str | None) -> str:
+        """The caption with the trigger in it; the instance prompt when the image has no caption."""
+        if not caption:
+            return self.prompt
+        if "{trigger}" in caption:
+            return caption.replace("{trigger}", self.trigger)
+        if self.trigger and self.trigger not in caption:
+            return f"{self.trigger}, {caption}"
+        return caption
+
+    def final(self, caption: str, rng: random.Random) -> str:
+        """The prompt for one step: maybe dropped, maybe tag-shuffled (keeping the first `keep_tags`)."""
+        if self.dropout and rng.random() < self.dropout:
+            return ""
+        if not self.shuffle_tags:
+            return caption
+        tags = [t.strip() for t in caption.split(",") if t.strip()]
+        head, tail = tags[: self.keep_tags], tags[self.keep_tags:]
+        rng.shuffle(tail)
+        return ", ".join(head + tail)
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """kohya's ss_tag_frequency counts per dataset folder: comma-separated tags."""
+    freq: dict[str, int] = {}
+    for c in captions:
+        for tag in (t.strip() for t in c.split(",")):
+            if tag:
+                freq[tag] = freq.get(tag, 0) + 1
+    return freq
+
+
+# ---------------------------------------------------------------- buckets
+
+def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) pairs, multiples of `step`, with about resolution² pixels and aspect ratio up to `max_ratio`."""
+    area = resolution * resolution
+    out = set()
+    w = step
+    while w <= resolution * max_ratio:
+        h = (area // w) // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            out.add((w, h))
+        w += step
+    out.add((resolution, resolution))
+    return sorted(out)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to `size`'s (in log space, so 2:1 and 1:2 are equally far from 1:1)."""
+    w, h = size
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(w / h)), -b[0] * b[1]))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Size after EXIF orientation."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def load_image(path: Path, size: tuple[int, int] | int) -> torch.Tensor:
+    """Decode, apply EXIF orientation, convert to RGB (alpha onto white), resize to cover `size`, centre-crop.
+
+    `size` is (width, height) or one side of a square. Returns a float tensor [3, H, W] in [-1, 1].
     """
+    tw, th = (size, size) if isinstance(size, int) else size
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -67,36 +160,47 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
             im = Image.alpha_composite(bg, im.convert("RGBA"))
         im = im.convert("RGB")
         w, h = im.size
-        s = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+        s = max(tw / w, th / h)
+        nw, nh = max(tw, round(w * s)), max(th, round(h * s))
         im = im.resize((nw, nh), Image.Resampling.LANCZOS)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
+        left, top = (nw - tw) // 2, (nh - th) // 2
+        im = im.crop((left, top, left + tw, top + th))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance images with their prompt, each paired with a class image (cycled) when prior preservation is on.
+# ---------------------------------------------------------------- the training set
 
-    Images are decoded once and kept in memory at training size; random flips are applied by the training
-    loop with its own seeded generator, so a run is reproducible and resumable.
-    """
+@dataclass
+class Example:
+    path: Path
+    caption: str  # with the trigger substituted; tag shuffle/dropout happen per step
+    size: tuple[int, int]  # (width, height) it is trained at
+    is_class: bool = False
 
-    def __init__(self, instance: list[Path], instance_prompt: str, resolution: int,
-                 class_images: list[Path] | None = None, class_prompt: str | None = None):
-        self.instance = [load_image(p, resolution) for p in instance]
-        self.instance_prompt = instance_prompt
-        self.class_images = [load_image(p, resolution) for p in class_images] if class_images else []
-        self.class_prompt = class_prompt
 
-    def __len__(self) -> int:
-        # As in the DreamBooth recipe, an epoch sees every class image too when there are more of them.
-        return max(len(self.instance), len(self.class_images))
+def build_examples(images: list[Path], rules: PromptRules, resolution: int, bucket_list: list[tuple[int, int]] | None,
+                   fixed_caption: str | None = None, is_class: bool = False) -> list[Example]:
+    """One Example per image: its caption (sidecar, or the prompt) and its training size (bucket or square)."""
+    out = []
+    for p in images:
+        caption = fixed_caption if fixed_caption is not None else rules.base_caption(read_caption(p))
+        size = nearest_bucket(image_size(p), bucket_list) if bucket_list else (resolution, resolution)
+        out.append(Example(p, caption, size, is_class))
+    return out
 
-    def __getitem__(self, i: int) -> dict:
-        item = {"pixels": self.instance[i % len(self.instance)], "prompt": self.instance_prompt}
-        if self.class_images:
-            item["class_pixels"] = self.class_images[i % len(self.class_images)]
-            item["class_prompt"] = self.class_prompt
-        return item
+
+def epoch_batches(examples: list[Example], batch_size: int, repeats: int, epoch: int, seed: int) -> list[list[int]]:
+    """The batches of one epoch: each example `repeats` times, shuffled by (seed, epoch), grouped so that a batch
+    holds one size only; the last, short batch of a size is kept. Deterministic, so a resumed run replays it."""
+    rng = random.Random(seed * 100_003 + epoch)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_size.setdefault(ex.size, []).extend([i] * repeats)
+    batches = []
+    for size in sorted(by_size):
+        idx = by_size[size]
+        rng.shuffle(idx)
+        batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -42,9 +42,11 @@ def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir):
     assert len(state) == 3 * 80 and md["ss_output_name"] == "dog pics" and md["ss_steps"] == "12"
     # the table of adapted modules, with the count check, and the progress bar with loss and ETA
     assert "unet            32" in p.stdout and "te              48" in p.stdout
-    assert "total" in p.stdout and "5 instance images at 64px" in p.stdout
+    assert "total" in p.stdout and "data: 5 instance images (0 with caption files), 64px" in p.stdout
+    assert "5 images × 1 repeats / batch 1 = 5 batches per epoch; 12 steps × 1 accumulation = 2.4 epochs" in p.stdout
     assert "12/12" in p.stderr and "loss=" in p.stderr and "<00:00" in p.stderr
-    assert not [f for f in out_dir.iterdir() if f.name != path.name]  # no temp files left behind
+    # beside it only the loss curve image; no temp files left behind
+    assert sorted(f.name for f in out_dir.iterdir()) == ["dog pics-loss.png", "dog pics.safetensors"]
 
 
 def test_prior_preservation_and_options_from_a_toml_config(tmp_path, dog_copy):
@@ -54,7 +56,7 @@ def test_prior_preservation_and_options_from_a_toml_config(tmp_path, dog_copy):
                    f'class-prompt = "a dog"\nclass_images = "{classes.as_posix()}"\nprior_loss_weight = 0.5\n'
                    'rank = 8\n', encoding="utf-8")
     out = tmp_path / "o.safetensors"
-    p = run("train", "--config", cfg, "--rank", "2", "--no-text-encoder", "--out", out)  # flags override the file
+    p = run("train", "--config", cfg, "--rank", "2", "--no-text-encoder", "--num-class-images", "3", "--out", out)  # flags override the file
     assert p.returncode == 0, p.stderr
     state, md = load(out)
     assert md["ss_network_dim"] == "2" and md["ss_num_reg_images"] == "3" and md["ss_prior_loss_weight"] == "0.5"
@@ -65,7 +67,7 @@ def test_prior_preservation_and_options_from_a_toml_config(tmp_path, dog_copy):
 @pytest.mark.parametrize("args,needle", [
     (["--rank", "0"], "--rank must be at least 1"),
     (["--resolution", "30"], "--resolution must be a positive multiple of 8"),
-    (["--class-prompt", "a dog"], "needs both --class-prompt and --class-images"),
+    (["--class-images", "x"], "--class-images needs --class-prompt"),
     (["--mixed-precision", "fp16"], "fp16 needs a CUDA GPU"),
     (["--model", "no/such-model-anywhere"], "--model tiny"),
     (["--model", "weights.ckpt"], "pickle"),

@@ -15,18 +15,28 @@ from sdlora.errors import SdloraError
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write `tensors` to `path` via a temp file in the same folder and a rename: a crash never leaves half a file."""
+def atomic_write(path: Path, write) -> Path:
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it over `path`: a crash or an error never
+    leaves half a file, and an existing file stays as it was until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write `tensors` with `metadata` to a .safetensors file atomically."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,10 +1,12 @@
-"""DreamBooth-LoRA training on accelerate, readable top to bottom: setup, loop, save."""
+"""DreamBooth-LoRA training on accelerate, readable top to bottom: data, model, caches, loop, save."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import random
 import time
-from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,14 +17,19 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from sdlora import adapter
+from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, file_digest
 from sdlora.config import TrainConfig
-from sdlora.data import DreamBoothDataset, checked_images
+from sdlora.data import (Example, PromptRules, build_examples, checked_images, epoch_batches, make_buckets,
+                         read_caption, tag_frequency)
 from sdlora.errors import SdloraError
 from sdlora.formats import meta
 from sdlora.lora.inject import add_lora, format_table, report
 from sdlora.lora.targets import PRESETS, find_targets
 from sdlora.models import BASE_MODEL_VERSION, load_base
+from sdlora.train import ckpt
 from sdlora.train import step as S
+from sdlora.train.monitor import Monitor, default_sample_prompts
+from sdlora.train.prior import ensure_class_images
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,19 +42,8 @@ class TrainResult:
     seconds: float  # wall time of the training steps alone
     loss_before: float  # loss on fixed noise and timesteps, before and after training
     loss_after: float
-
-
-def _collate(items: list[dict]) -> dict:
-    out = {"pixels": torch.stack([i["pixels"] for i in items]), "prompts": [i["prompt"] for i in items]}
-    if "class_pixels" in items[0]:
-        out["class_pixels"] = torch.stack([i["class_pixels"] for i in items])
-        out["class_prompts"] = [i["class_prompt"] for i in items]
-    return out
-
-
-def _batches(loader):
-    while True:  # epochs until the step budget is spent
-        yield from loader
+    loss_curve: Path | None = None
+    samples: list[Path] | None = None
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
@@ -64,12 +60,56 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             AcceleratorState._reset_state(reset_partial_state=True)
 
 
+class _Schedule:
+    """Which examples each micro-step trains on: deterministic in (seed, epoch), so a resumed run replays it."""
+
+    def __init__(self, instance: list[Example], classes: list[Example], cfg: TrainConfig, rank: int, world: int,
+                 position: dict | None = None):
+        self.instance, self.classes, self.cfg, self.rank, self.world = instance, classes, cfg, rank, world
+        pos = position or {"epoch": 0, "batch": 0, "micro": 0}
+        self.epoch, self.batch, self.micro = pos["epoch"], pos["batch"], pos["micro"]
+        self.class_order = list(range(len(classes)))
+        random.Random(cfg.seed + 17).shuffle(self.class_order)
+        self._batches = None
+
+    def batches_per_epoch(self) -> int:
+        return len(self._epoch(0)) // self.world
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        b = epoch_batches(self.instance, self.cfg.batch_size, self.cfg.repeats, epoch, self.cfg.seed)
+        b += b[: (-len(b)) % self.world]  # every process gets the same number of batches
+        return b
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "micro": self.micro}
+
+    def next(self) -> tuple[list[Example], list[Example]]:
+        if self._batches is None:
+            self._batches = self._epoch(self.epoch)
+        if self.batch * self.world >= len(self._batches):
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._batches = self._epoch(self.epoch)
+        idx = self._batches[self.batch * self.world + self.rank]
+        self.batch += 1
+        inst = [self.instance[i] for i in idx]
+        cls = []
+        if self.classes:
+            start = (self.micro * self.world + self.rank) * len(idx)
+            cls = [self.classes[self.class_order[(start + j) % len(self.classes)]] for j in range(len(idx))]
+        self.micro += 1
+        return inst, cls
+
+
 def _train(cfg: TrainConfig, log) -> TrainResult:
     started = datetime.now(timezone.utc)
     out_path = cfg.output_path
-    # Check the data before anything heavy loads: a bad file must not cost a model load.
+    # ---- 1. data, checked before anything heavy loads: a bad file must not cost a model load
     instance_images = checked_images(Path(cfg.images), "--images", cfg.skip_bad_images)
-    class_images = checked_images(Path(cfg.class_images), "--class-images", cfg.skip_bad_images) if cfg.class_images else None
+    class_folder = cfg.class_folder
+    class_images = (checked_images(class_folder, "--class-images", cfg.skip_bad_images, allow_empty=True)
+                    if class_folder and class_folder.is_dir() else [])
+    if cfg.class_prompt and not class_images and cfg.num_class_images == 0:
+        raise SdloraError(f"no class images in {class_folder}; add some, or pass --num-class-images N to generate them")
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -78,136 +118,256 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     say = log if main else (lambda *a, **k: None)
     set_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
 
+    # ---- 2. model
     base = load_base(cfg.model)
     resolution = cfg.resolution or base.native_resolution
-    weight_dtype = DTYPES[cfg.mixed_precision]
     unet, te, vae = base.unet, base.text_encoder, base.vae
     for m in (unet, te, vae):
         m.requires_grad_(False)
+    unet.to(accelerator.device)
+    te.to(accelerator.device)
+    vae.to(accelerator.device)
+    if vae.dtype != torch.float32:  # the VAE only encodes; fp16 VAEs are the usual source of NaN latents
+        vae.to(torch.float32)
 
+    # ---- 3. class images for prior preservation, generated by the base model before any LoRA exists
+    if cfg.class_prompt and len(class_images) < cfg.num_class_images:
+        if main:
+            with accelerator.autocast():
+                ensure_class_images(base, cfg.class_prompt, class_folder, cfg.num_class_images, resolution,
+                                    seed=cfg.seed, log=say)
+        accelerator.wait_for_everyone()
+        class_images = checked_images(class_folder, "--class-images", cfg.skip_bad_images)
+
+    # ---- 4. examples: captions, sizes, and the step arithmetic
+    rules = PromptRules(cfg.prompt, cfg.trigger_text, cfg.shuffle_tags, cfg.keep_tags, cfg.caption_dropout)
+    bucket_list = make_buckets(resolution, max(8, resolution // 8)) if cfg.buckets else None
+    instance = build_examples(instance_images, rules, resolution, bucket_list)
+    classes = build_examples(class_images, rules, resolution, bucket_list, fixed_caption=cfg.class_prompt, is_class=True)
+    schedule = _Schedule(instance, classes, cfg, accelerator.process_index, accelerator.num_processes)
+    per_epoch = schedule.batches_per_epoch()
+    steps = math.ceil(per_epoch * cfg.epochs / cfg.grad_accum) if cfg.epochs else cfg.steps
+    n_captioned = sum(read_caption(p) is not None for p in instance_images)
+    prng = random.Random(cfg.seed + 3)
+    say(f"data: {len(instance)} instance images ({n_captioned} with caption files)"
+        + (f", {len(classes)} class images ('{cfg.class_prompt}', loss weight {cfg.prior_loss_weight})" if classes else "")
+        + (f", {len(set(e.size for e in instance))} aspect buckets" if bucket_list else f", {resolution}px"))
+    for ex in instance[:3]:
+        say(f"  e.g. {ex.path.name}: '{rules.final(ex.caption, random.Random(0))}'")
+    say(f"steps: {len(instance)} images × {cfg.repeats} repeats / batch {cfg.batch_size}"
+        + (f" / {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
+        + f" = {per_epoch} batches per epoch; {steps} steps × {cfg.grad_accum} accumulation = "
+        f"{steps * cfg.grad_accum / per_epoch:.1f} epochs")
+
+    # ---- 5. LoRA
     train_te = not cfg.no_text_encoder
     targets = {"unet": find_targets(unet, "unet", cfg.preset)}
     add_lora(unet, targets["unet"], cfg.rank, cfg.network_alpha)
     if train_te:
         targets["te"] = find_targets(te, "te", cfg.preset)
         add_lora(te, targets["te"], cfg.rank, cfg.network_alpha)
-    reports = [report(unet, "unet")] + ([report(te, "te")] if train_te else [])
     say(f"model {base.name} ({base.arch}, {base.prediction_type}); preset '{cfg.preset}', rank {cfg.rank}, "
         f"alpha {cfg.network_alpha:g} (scale {cfg.network_alpha / cfg.rank:g})")
-    say(format_table(reports))
-
+    say(format_table([report(unet, "unet")] + ([report(te, "te")] if train_te else [])))
     # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
-    # The VAE stays fp32: it only encodes, and fp16 VAEs are the usual source of NaN latents.
+    weight_dtype = DTYPES[cfg.mixed_precision]
     for m in (unet, te):
-        m.to(accelerator.device)
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
-    vae.to(accelerator.device)
-    if vae.dtype != torch.float32:
-        vae.to(torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    dataset = DreamBoothDataset(instance_images, cfg.prompt, resolution, class_images, cfg.class_prompt)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=_collate,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    say(f"{len(instance_images)} instance images" + (f", {len(class_images)} class images" if class_images else "")
-        + f" at {resolution}px; {cfg.steps} steps × {cfg.grad_accum} accumulation × batch {cfg.batch_size} "
-        f"= {cfg.steps * cfg.grad_accum * cfg.batch_size / len(dataset):.1f} epochs of {len(dataset)} images")
+    # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen
+    cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    latents_cache = LatentCache(vae, cache_dir)
+    text_cache = None if train_te else EmbeddingCache(base.tokenizer, te, cache_dir)
+    flips = (False,) if cfg.no_flip else (False, True)
+    if main:
+        for ex in tqdm(instance + classes, desc="caching latents", unit="img", leave=False):
+            for f in flips:
+                latents_cache.get(ex, f)
+        st = latents_cache.store
+        say(f"latents: {st.hits} from cache, {st.misses} encoded" + (f" ({cache_dir})" if cache_dir else ""))
+    accelerator.wait_for_everyone()
 
+    # ---- 7. optimizer, schedule, accelerate
     params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.lr}]
     if train_te:
         params.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": cfg.te_lr or cfg.lr})
+    trainable = [p for g in params for p in g["params"]]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # accelerate steps a prepared scheduler once per process, so its horizon is scaled the same way.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.steps * accelerator.num_processes)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    if train_te:  # a module without trainable parameters must not be wrapped for DDP
-        te = accelerator.prepare(te)
+                                 num_training_steps=steps * accelerator.num_processes)
+    unet_p, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    te_p = accelerator.prepare(te) if train_te else te  # a module without trainable parameters must not be DDP-wrapped
 
-    # With a frozen text encoder the prompts never change: encode them once.
-    cache: dict[str, torch.Tensor] = {}
+    # ---- 8. resume
+    identity = {k: getattr(cfg, k) for k in ckpt.IDENTITY} | {"processes": accelerator.num_processes}
+    data_ids = {str(e.path.resolve()): file_digest(e.path) for e in instance + classes}
+    ckpt_root = ckpt.checkpoint_root(out_path)
+    g = torch.Generator().manual_seed(cfg.seed + 1 + accelerator.process_index)
+    done = 0
+    if cfg.resume:
+        folder = ckpt.resolve(cfg.resume, ckpt_root)
+        manifest, tensors = ckpt.load(folder, identity, data_ids)
+        for n, p in _lora_params(unet, te).items():
+            p.data.copy_(tensors[f"lora/{n}"])
+        ckpt.restore_optimizer(optimizer, manifest, tensors)
+        lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+        g.set_state(tensors["rng/train"])
+        torch.set_rng_state(tensors["rng/torch"])
+        prng.setstate(_tuples(manifest["python_rng"]))
+        schedule = _Schedule(instance, classes, cfg, accelerator.process_index, accelerator.num_processes,
+                             manifest["position"])
+        done = manifest["step"]
+        say(f"resumed from {folder} at step {done}")
+        if done >= steps:
+            raise SdloraError(f"{folder} is at step {done}, the run has {steps} steps: pass a larger --steps to go on")
 
     def cond(prompts: list[str]) -> torch.Tensor:
-        if train_te:
-            return S.encode_prompts(base.tokenizer, te, prompts)
-        missing = [p for p in set(prompts) if p not in cache]
-        if missing:
-            with torch.no_grad():
-                for p, e in zip(missing, S.encode_prompts(base.tokenizer, te, missing)):
-                    cache[p] = e
-        return torch.stack([cache[p] for p in prompts])
+        if text_cache is not None:
+            return text_cache.get(prompts).to(accelerator.device, weight_dtype)
+        return S.encode_prompts(base.tokenizer, te_p, prompts)
 
-    g = torch.Generator().manual_seed(cfg.seed + 1 + accelerator.process_index)
-    eval_pixels = torch.stack(dataset.instance[:4]).to(accelerator.device)
+    def latents_of(examples: list[Example]) -> torch.Tensor:
+        out = []
+        for ex in examples:
+            flip = bool(len(flips) == 2 and torch.rand((), generator=g) < 0.5)
+            mean, std = latents_cache.get(ex, flip)
+            out.append(mean + std * torch.randn(mean.shape, generator=g))
+        return torch.stack(out).to(accelerator.device) * vae.config.scaling_factor
+
+    eval_examples = instance[:4]
 
     def eval_loss() -> float:
         with torch.no_grad(), accelerator.autocast():
-            c = cond([cfg.prompt] * len(eval_pixels))
-            return S.fixed_loss(unet, vae, base.noise_scheduler, base.prediction_type, eval_pixels, c)
+            total = 0.0
+            for ex in eval_examples:
+                lat = latents_cache.get(ex, False)[0][None].to(accelerator.device) * vae.config.scaling_factor
+                total += S.fixed_loss(unet_p, base.noise_scheduler, base.prediction_type, lat, cond([ex.caption]))
+            return total / len(eval_examples)
 
+    sample_prompts = ([p.strip() for p in cfg.sample_prompts.split(";") if p.strip()] if cfg.sample_prompts
+                      else default_sample_prompts(cfg.prompt, cfg.class_prompt))
+    monitor = Monitor(out_path, cfg.tensorboard) if main else None
+    samples: list[Path] = []
+
+    def checkpoint(step: int) -> None:
+        if not main:
+            return
+        folder = ckpt.save(ckpt_root / f"step-{step:06d}", step=step, identity=identity, data=data_ids,
+                           position=schedule.position(), params=_lora_params(unet, te), optimizer=optimizer,
+                           lr_scheduler=lr_scheduler,
+                           rng={"train": g.get_state(), "python": prng.getstate()},
+                           adapter_writer=lambda p: _save(cfg, base, accelerator, targets, resolution, step, instance,
+                                                          classes, started, p, lambda *a: None))
+        ckpt.prune(ckpt_root, cfg.keep_last)
+        say(f"checkpoint {folder}")
+
+    def sample(step: int) -> None:
+        if main:
+            unet.eval()
+            with accelerator.autocast():
+                samples.append(monitor.samples(step, base, sample_prompts, resolution, cfg.sample_steps))
+            unet.train()
+
+    # ---- 9. the loop
     loss_before = eval_loss()
-    unet.train()
-    te.train(train_te)
-    batches = _batches(loader)
-    done, t0 = 0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc="training", unit="step", disable=not main, dynamic_ncols=True)
+    unet_p.train()
+    te_p.train(train_te)
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, initial=done, desc="training", unit="step", disable=not main, dynamic_ncols=True)
     ema = None
+    alphas_cumprod = base.noise_scheduler.alphas_cumprod
     try:
-        while done < cfg.steps:
+        while done < steps:
             for _ in range(cfg.grad_accum):
-                batch = next(batches)
-                with accelerator.accumulate(unet, te), accelerator.autocast():
-                    pixels, prompts = batch["pixels"], batch["prompts"]
-                    n_inst = pixels.shape[0]
-                    if "class_pixels" in batch:
-                        pixels = torch.cat([pixels, batch["class_pixels"]])
-                        prompts = prompts + batch["class_prompts"]
-                    if not cfg.no_flip:
-                        flip = torch.rand(pixels.shape[0], generator=g) < 0.5
-                        pixels = torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
-                    with torch.no_grad():
-                        latents = S.encode_images(vae, pixels, g)
-                    noise, t = S.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps, g)
-                    losses = S.per_sample_loss(unet, base.noise_scheduler, base.prediction_type, latents,
-                                               cond(prompts), noise, t)
-                    loss = losses[:n_inst].mean()
-                    if n_inst < losses.shape[0]:
-                        loss = loss + cfg.prior_loss_weight * losses[n_inst:].mean()
+                inst, cls = schedule.next()
+                with accelerator.accumulate(unet_p, te_p), accelerator.autocast():
+                    # instance and class examples train together when they have the same size (always, unless
+                    # buckets put them apart); the prior loss is their class part
+                    groups = [(inst, 1.0)] + ([(cls, cfg.prior_loss_weight)] if cls else [])
+                    if cls and inst[0].size == cls[0].size:
+                        groups = [(inst + cls, None)]
+                    loss = torch.zeros((), device=accelerator.device)
+                    for examples, weight in groups:
+                        latents = latents_of(examples)
+                        noise, t = S.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps, g,
+                                                  cfg.noise_offset)
+                        prompts = [rules.final(e.caption, prng) if not e.is_class else e.caption for e in examples]
+                        losses = S.per_sample_loss(unet_p, base.noise_scheduler, base.prediction_type, latents,
+                                                   cond(prompts), noise, t)
+                        if cfg.min_snr_gamma:
+                            losses = losses * S.min_snr_weights(alphas_cumprod, t, cfg.min_snr_gamma,
+                                                                base.prediction_type).to(losses.device)
+                        if weight is None:  # one combined forward
+                            n = len(inst)
+                            loss = loss + losses[:n].mean() + cfg.prior_loss_weight * losses[n:].mean()
+                        else:
+                            loss = loss + weight * losses.mean()
                     if not torch.isfinite(loss):
-                        raise SdloraError(f"loss became {loss.item()} at step {done + 1}; nothing was saved. "
+                        raise SdloraError(f"loss became {loss.item()} at step {done + 1}; the adapter was not saved. "
                                           "Lower --lr, or use --mixed-precision bf16/no instead of fp16")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_([p for grp in params for p in grp["params"]], cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             done += 1
-            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            lv = loss.item()
+            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+            lr_now = lr_scheduler.get_last_lr()[0]
+            if monitor:
+                monitor.step(done, lv, lr_now)
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_now:.2e}", refresh=False)
             bar.update(1)
+            if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                checkpoint(done)
+            if cfg.sample_every and done % cfg.sample_every == 0:
+                sample(done)
     except KeyboardInterrupt:
         bar.close()
-        if done == 0:
+        if done == 0 or not main:
             say("interrupted before the first step; nothing saved")
             raise
         say(f"interrupted: saving the {done} steps trained so far")
-        _save(cfg, base, accelerator, targets, resolution, done, len(instance_images), class_images, started, out_path, say)
+        checkpoint(done)
+        _save(cfg, base, accelerator, targets, resolution, done, instance, classes, started, out_path, say)
+        say(f"continue with: --resume latest (same settings)")
+        if monitor:
+            monitor.close()
         raise
     bar.close()
     elapsed = time.perf_counter() - t0
-    unet.eval()
-    te.eval()
+    unet_p.eval()
+    te_p.eval()
     loss_after = eval_loss()
     say(f"{done} steps in {elapsed:.1f}s ({elapsed / max(done, 1):.3f} s/step); "
         f"loss on fixed noise {loss_before:.4f} -> {loss_after:.4f}")
-    path = _save(cfg, base, accelerator, targets, resolution, done, len(instance_images), class_images, started,
-                 out_path, say)
-    return TrainResult(path, base, done, elapsed, loss_before, loss_after)
-
-
-def _save(cfg, base, accelerator, targets, resolution, steps, n_images, class_images, started, out_path, say) -> Path:
+    if cfg.sample_every and (not samples or not samples[-1].stem.endswith(f"{done:06d}")):
+        sample(done)
+    curve = monitor.close() if monitor else None
+    if curve:
+        say(f"loss curve {curve}" + (f"; samples in {samples[-1].parent}" if samples else ""))
     accelerator.wait_for_everyone()
+    path = _save(cfg, base, accelerator, targets, resolution, done, instance, classes, started, out_path, say)
+    return TrainResult(path, base, done, elapsed, loss_before, loss_after, curve, samples)
+
+
+def _lora_params(unet, te) -> dict[str, torch.nn.Parameter]:
+    return {f"{c}/{n}": p for c, m in (("unet", unet), ("te", te)) for n, p in m.named_parameters() if p.requires_grad}
+
+
+def _tuples(x):
+    return tuple(_tuples(i) for i in x) if isinstance(x, list) else x
+
+
+def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes, started, out_path, say) -> Path:
+    """Write the adapter (main process only; callers synchronise processes first)."""
     if not accelerator.is_main_process:
         return out_path
     comps = {"unet": accelerator.unwrap_model(base.unet)}
@@ -218,15 +378,18 @@ def _save(cfg, base, accelerator, targets, resolution, steps, n_images, class_im
         raise SdloraError("the adapter holds NaN/Inf values; nothing was saved. Lower --lr or use bf16/no precision")
     md = meta.build(
         arch=base.arch, base_model_version=BASE_MODEL_VERSION[base.arch], model_name=base.name,
-        output_name=out_path.stem, rank=cfg.rank, alpha=cfg.network_alpha, preset=cfg.preset,
+        output_name=cfg.output_path.stem, rank=cfg.rank, alpha=cfg.network_alpha, preset=cfg.preset,
         targets={c: PRESETS[cfg.preset][c][0] for c in targets}, resolution=resolution, steps=steps,
-        num_images=n_images, num_reg_images=len(class_images or []), trigger=cfg.prompt,
-        tag_frequency={Path(cfg.images).name: dict(Counter({cfg.prompt: n_images}))},
+        num_images=len(instance) * cfg.repeats, num_reg_images=len(classes), trigger=cfg.trigger_text,
+        tag_frequency={Path(cfg.images).name: tag_frequency([e.caption for e in instance])},
         lr=cfg.lr, te_lr=(cfg.te_lr or cfg.lr) if "te" in targets else None, seed=cfg.seed,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
-        prior_loss_weight=cfg.prior_loss_weight if cfg.class_prompt else None, started=started)
+        prior_loss_weight=cfg.prior_loss_weight if classes else None, started=started)
+    md["ss_min_snr_gamma"] = str(cfg.min_snr_gamma)
+    md["ss_noise_offset"] = str(cfg.noise_offset)
+    md["ss_enable_bucket"] = str(cfg.buckets)
+    md["sdlora_config"] = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}, default=str)
     path = adapter.save(tensors, out_path, md)
-    n_modules = len(tensors) // 3
-    say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {n_modules} modules, {len(tensors)} tensors)")
+    say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {len(tensors) // 3} modules, {len(tensors)} tensors)")
     return path

@@ -14,13 +14,6 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids.to(device))[0]
 
 
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """VAE latents, scaled; sampled with `generator`, or the distribution's mean when it is None."""
-    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    latents = dist.mean if generator is None else dist.sample(generator=generator)
-    return latents.float() * vae.config.scaling_factor
-
-
 def target_for(noise_scheduler, prediction_type: str, latents, noise, timesteps) -> torch.Tensor:
     if prediction_type == "epsilon":
         return noise
@@ -38,18 +31,31 @@ def per_sample_loss(unet, noise_scheduler, prediction_type: str, latents: torch.
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
 
 
-def sample_noise(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
-    """Gaussian noise and uniform timesteps drawn from a CPU generator (same numbers on any device)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+def sample_noise(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator, offset: float = 0.0):
+    """Gaussian noise and uniform timesteps drawn from a CPU generator (same numbers on any device).
+
+    `offset` adds per-channel constant noise (the "noise offset" trick), so the model can learn overall brightness.
+    """
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if offset:
+        noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    noise = noise.to(latents.device)
     t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
     return noise, t
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε targets, min(SNR, γ)/(SNR+1) for v."""
+    ac = alphas_cumprod.to(torch.float32)[timesteps.cpu()]
+    snr = ac / (1 - ac)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
 @torch.no_grad()
-def fixed_loss(unet, vae, noise_scheduler, prediction_type: str, pixels: torch.Tensor, cond: torch.Tensor,
+def fixed_loss(unet, noise_scheduler, prediction_type: str, latents: torch.Tensor, cond: torch.Tensor,
                timesteps=(100, 300, 500, 700, 900), seed: int = 1234) -> float:
-    """Loss on fixed images, noise and timesteps: comparable across a run, unlike the noisy training loss."""
-    latents = encode_images(vae, pixels, None)
+    """Loss on fixed latents, noise and timesteps: comparable across a run, unlike the noisy training loss."""
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for t in timesteps:

@@ -1,0 +1,124 @@
+"""Latent and text-embedding caches keyed on content, in memory and on disk.
+
+A latent is keyed on the image file's bytes, the size it is trained at, the flip, and a fingerprint of the VAE's
+weights and config; a text embedding on the prompt and the text encoder's fingerprint. An edited image, another
+bucket or another VAE therefore never reuses a stale entry, and an unchanged one is never encoded twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sdlora.data import Example, load_image
+from sdlora.formats.io import atomic_save
+
+CACHE_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SDLORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlora")
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of a module's config and every parameter's bytes: identifies the weights, not the name."""
+    h = hashlib.sha256()
+    cfg = getattr(module, "config", None)
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})  # transformers config / diffusers FrozenDict
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in module.state_dict().items():
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Store:
+    """key -> tensors, in memory and (when `folder` is set) as one .safetensors file per key."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+
+    def get(self, key: str, compute) -> dict[str, torch.Tensor]:
+        if key in self.memory:
+            return self.memory[key]
+        path = self.folder / key[:2] / f"{key}.safetensors" if self.folder else None
+        if path is not None and path.is_file():
+            try:
+                value = load_file(path)
+                self.hits += 1
+            except Exception:  # a damaged cache entry is rebuilt, never trusted
+                value = None
+            if value is not None:
+                self.memory[key] = value
+                return value
+        value = {k: v.detach().to("cpu").contiguous() for k, v in compute().items()}
+        self.misses += 1
+        if path is not None:
+            atomic_save(value, path, {"sdlora_cache": CACHE_VERSION})
+        self.memory[key] = value
+        return value
+
+
+class LatentCache:
+    """VAE latent distributions (mean, std) per (image bytes, size, flip, VAE)."""
+
+    def __init__(self, vae, folder: Path | None):
+        self.vae = vae
+        self.vae_id = fingerprint(vae)
+        self.store = _Store(folder / "latents" if folder else None)
+        self._digests: dict[Path, str] = {}
+
+    def key(self, ex: Example, flip: bool) -> str:
+        if ex.path not in self._digests:
+            self._digests[ex.path] = file_digest(ex.path)
+        parts = [CACHE_VERSION, self._digests[ex.path], f"{ex.size[0]}x{ex.size[1]}", str(flip), self.vae_id]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    @torch.no_grad()
+    def get(self, ex: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        def encode():
+            pixels = load_image(ex.path, ex.size)
+            if flip:
+                pixels = pixels.flip(-1)
+            dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
+            return {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
+
+        v = self.store.get(self.key(ex, flip), encode)
+        return v["mean"], v["std"]
+
+
+class EmbeddingCache:
+    """Text-encoder outputs per (prompt, text encoder), for a frozen text encoder."""
+
+    def __init__(self, tokenizer, text_encoder, folder: Path | None):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.te_id = fingerprint(text_encoder)
+        self.store = _Store(folder / "text" if folder else None)
+
+    @torch.no_grad()
+    def get(self, prompts: list[str]) -> torch.Tensor:
+        from sdlora.train.step import encode_prompts
+
+        out = []
+        for p in prompts:
+            key = hashlib.sha256("|".join([CACHE_VERSION, p, self.te_id]).encode()).hexdigest()
+            v = self.store.get(key, lambda: {"h": encode_prompts(self.tokenizer, self.text_encoder, [p])[0].float()})
+            out.append(v["h"])
+        return torch.stack(out)

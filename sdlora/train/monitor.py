@@ -1,0 +1,103 @@
+"""What people look at rather than read: fixed-seed sample grids, a loss curve image, TensorBoard scalars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from sdlora.formats.io import atomic_write
+
+UNRELATED_PROMPT = "a photo of a mountain lake at sunrise"
+
+
+def default_sample_prompts(prompt: str, class_prompt: str | None) -> list[str]:
+    """Trigger prompt (did it learn?), class prompt without trigger (did the class drift?), unrelated (did all drift?)."""
+    return [prompt] + ([class_prompt] if class_prompt else []) + [UNRELATED_PROMPT]
+
+
+def _save_png(image: Image.Image, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+@torch.no_grad()
+def sample_grid(base, prompts: list[str], resolution: int, seeds=(1, 2), steps: int = 20, title: str = "") -> Image.Image:
+    """One row per prompt, one column per seed, generated with the model as it is now (LoRA active)."""
+    pipe = base.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    label_h = 14
+    cell = max(resolution, 96)
+    grid = Image.new("RGB", (cell * len(seeds), (cell + label_h) * len(prompts) + label_h), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((2, 1), title, fill="black")
+    for r, prompt in enumerate(prompts):
+        y = label_h + r * (cell + label_h)
+        draw.text((2, y + 1), prompt[:60], fill="black")
+        for c, seed in enumerate(seeds):
+            img = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                       generator=torch.Generator().manual_seed(seed), output_type="pil").images[0]
+            grid.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label_h))
+    return grid
+
+
+def loss_curve(losses: list[float], path: Path, title: str = "training loss") -> Path:
+    """A plain line chart of per-step loss and its moving average, as a PNG (no plotting library needed)."""
+    w, h, pad = 640, 320, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 8), title, fill="black")
+    if losses:
+        lo, hi = min(losses), max(losses)
+        span = (hi - lo) or 1.0
+        n = len(losses)
+
+        def xy(i, v):
+            return pad + (w - 2 * pad) * (i / max(n - 1, 1)), h - pad - (h - 2 * pad) * ((v - lo) / span)
+
+        d.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
+        ema, smooth = None, []
+        for v in losses:
+            ema = v if ema is None else 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        d.line([xy(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
+        d.text((4, pad - 6), f"{hi:.3f}", fill="black")
+        d.text((4, h - pad - 6), f"{lo:.3f}", fill="black")
+        d.text((w - pad - 30, h - pad + 8), f"step {n}", fill="black")
+    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    return _save_png(img, path)
+
+
+class Monitor:
+    """Loss history, sample grids as PNGs and, optionally, TensorBoard."""
+
+    def __init__(self, out_path: Path, tensorboard: bool):
+        self.out_path = out_path
+        self.samples_dir = out_path.with_name(out_path.stem + "-samples")
+        self.losses: list[float] = []
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out_path.with_name(out_path.stem + "-logs")))
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.losses.append(loss)
+        if self.writer:
+            self.writer.add_scalar("loss", loss, step)
+            self.writer.add_scalar("lr", lr, step)
+
+    def samples(self, step: int, base, prompts: list[str], resolution: int, steps: int) -> Path:
+        grid = sample_grid(base, prompts, resolution, steps=steps, title=f"step {step}")
+        path = _save_png(grid, self.samples_dir / f"step-{step:06d}.png")
+        if self.writer:
+            import numpy as np
+
+            self.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        return path
+
+    def close(self) -> Path | None:
+        path = loss_curve(self.losses, self.out_path.with_name(self.out_path.stem + "-loss.png")) if self.losses else None
+        if self.writer:
+            self.writer.close()
+        return path
