@@ -12,12 +12,14 @@ from sdlora.lora.inject import collect
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def kohya_tensors(components: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """kohya tensors of every LoRA layer of `components` ({"unet": .., "te": ..}), cast to `dtype` (alpha too, as kohya does)."""
+def kohya_tensors(components: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float32,
+                  arch: str = "sd1") -> dict[str, torch.Tensor]:
+    """kohya tensors of every LoRA layer of `components` ({"unet": .., "te": ..} or te1/te2 for SDXL), cast to
+    `dtype` (alpha too, as kohya does), named as kohya names them for `arch`."""
     out: dict[str, torch.Tensor] = {}
     for component, model in components.items():
         for name, (down, up, alpha, is_conv) in collect(model).items():
-            for k, t in kohya.pack(component, name, down, up, alpha, conv=is_conv).items():
+            for k, t in kohya.pack(component, name, down, up, alpha, conv=is_conv, arch=arch).items():
                 out[k] = t.to(dtype)
     return out
 

@@ -105,20 +105,26 @@ class LatentCache:
 
 
 class EmbeddingCache:
-    """Text-encoder outputs per (prompt, text encoder), for a frozen text encoder."""
+    """Text conditioning (hidden states, and SDXL's pooled embedding) per (prompt, text encoders), for frozen
+    text encoders."""
 
-    def __init__(self, tokenizer, text_encoder, folder: Path | None):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.te_id = fingerprint(text_encoder)
+    def __init__(self, text_encoders: list[tuple[object, torch.nn.Module]], arch: str, folder: Path | None):
+        self.text_encoders, self.arch = text_encoders, arch
+        self.te_id = hashlib.sha256("".join(fingerprint(te) for _, te in text_encoders).encode()).hexdigest()
         self.store = _Store(folder / "text" if folder else None)
 
     @torch.no_grad()
-    def get(self, prompts: list[str]) -> torch.Tensor:
-        from sdlora.train.step import encode_prompts
+    def get(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from sdlora.train.step import encode_text
 
-        out = []
+        def compute(p):
+            h, pooled = encode_text(self.text_encoders, self.arch, [p])
+            return {"h": h[0].float()} | ({"p": pooled[0].float()} if pooled is not None else {})
+
+        hs, ps = [], []
         for p in prompts:
             key = hashlib.sha256("|".join([CACHE_VERSION, p, self.te_id]).encode()).hexdigest()
-            v = self.store.get(key, lambda: {"h": encode_prompts(self.tokenizer, self.text_encoder, [p])[0].float()})
-            out.append(v["h"])
-        return torch.stack(out)
+            v = self.store.get(key, lambda: compute(p))
+            hs.append(v["h"])
+            ps.append(v.get("p"))
+        return torch.stack(hs), (torch.stack(ps) if ps[0] is not None else None)

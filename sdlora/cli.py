@@ -59,6 +59,15 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_eval(sub) -> None:
+    from sdlora.toy.evaluate import add_eval_args, cmd_eval
+
+    p = sub.add_parser("eval", help="score an adapter on the toy model: subject fidelity and prompt fidelity",
+                       description="Generate with and without the adapter on the toy base and judge the images.")
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
 def _add_verify(sub) -> None:
     from sdlora.formats.verify import add_verify_args, cmd_verify
 
@@ -121,10 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_merge(sub)
     _add_resize(sub)
+    _add_eval(sub)
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, optional backends) is not the user's problem; errors still show."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -147,6 +147,13 @@ def image_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def cover_crop(w: int, h: int, tw: int, th: int) -> tuple[int, int, int, int]:
+    """Resize (w, h) to cover (tw, th) keeping the aspect ratio, then centre-crop: (resized w, resized h, left, top)."""
+    s = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * s)), max(th, round(h * s))
+    return nw, nh, (nw - tw) // 2, (nh - th) // 2
+
+
 def load_image(path: Path, size: tuple[int, int] | int) -> torch.Tensor:
     """Decode, apply EXIF orientation, convert to RGB (alpha onto white), resize to cover `size`, centre-crop.
 
@@ -159,11 +166,8 @@ def load_image(path: Path, size: tuple[int, int] | int) -> torch.Tensor:
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(bg, im.convert("RGBA"))
         im = im.convert("RGB")
-        w, h = im.size
-        s = max(tw / w, th / h)
-        nw, nh = max(tw, round(w * s)), max(th, round(h * s))
+        nw, nh, left, top = cover_crop(*im.size, tw, th)
         im = im.resize((nw, nh), Image.Resampling.LANCZOS)
-        left, top = (nw - tw) // 2, (nh - th) // 2
         im = im.crop((left, top, left + tw, top + th))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
@@ -177,6 +181,12 @@ class Example:
     caption: str  # with the trigger substituted; tag shuffle/dropout happen per step
     size: tuple[int, int]  # (width, height) it is trained at
     is_class: bool = False
+    orig_size: tuple[int, int] = (0, 0)  # (width, height) of the file, after EXIF orientation
+    crop_top_left: tuple[int, int] = (0, 0)  # where the centre crop starts in the resized image
+
+    def sdxl_time_ids(self) -> list[int]:
+        """SDXL's size/crop micro-conditioning: original (h, w), crop (top, left), target (h, w)."""
+        return [self.orig_size[1], self.orig_size[0], *self.crop_top_left, self.size[1], self.size[0]]
 
 
 def build_examples(images: list[Path], rules: PromptRules, resolution: int, bucket_list: list[tuple[int, int]] | None,
@@ -185,8 +195,10 @@ def build_examples(images: list[Path], rules: PromptRules, resolution: int, buck
     out = []
     for p in images:
         caption = fixed_caption if fixed_caption is not None else rules.base_caption(read_caption(p))
-        size = nearest_bucket(image_size(p), bucket_list) if bucket_list else (resolution, resolution)
-        out.append(Example(p, caption, size, is_class))
+        orig = image_size(p)
+        size = nearest_bucket(orig, bucket_list) if bucket_list else (resolution, resolution)
+        _, _, left, top = cover_crop(*orig, *size)
+        out.append(Example(p, caption, size, is_class, orig, (top, left)))
     return out
 
 

@@ -16,7 +16,7 @@ from sdlora.errors import SdloraError
 from sdlora.formats import io, kohya, layouts
 
 ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-BUILTIN = ("tiny", "toy")
+BUILTIN = ("tiny", "tiny-sd2", "tiny-sdxl", "toy")  # sdlora.models.BUILTIN_MODELS (not imported: models is heavy)
 
 
 @dataclass

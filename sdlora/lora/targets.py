@@ -33,11 +33,17 @@ PRESETS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
+def preset_component(component: str) -> str:
+    """Text encoders share the text-encoder patterns ("te1", "te2" -> "te")."""
+    return "te" if component.startswith("te") else component
+
+
 def find_targets(model: torch.nn.Module, component: str, preset: str) -> list[str]:
-    """Names of the modules of `model` that `preset` adapts for `component` ("unet" or "te"), in model order."""
+    """Names of the modules of `model` that `preset` adapts for `component` ("unet", or a text encoder: "te",
+    "te1", "te2"), in model order."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}")
-    pattern = re.compile(PRESETS[preset][component][1])
+    pattern = re.compile(PRESETS[preset][preset_component(component)][1])
     names = []
     for name, module in model.named_modules():
         if not pattern.fullmatch(name):

@@ -24,8 +24,9 @@ from sdlora.data import (Example, PromptRules, build_examples, checked_images, e
 from sdlora.errors import SdloraError
 from sdlora.formats import meta
 from sdlora.lora.inject import add_lora, format_table, report
-from sdlora.lora.targets import PRESETS, find_targets
-from sdlora.models import BASE_MODEL_VERSION, load_base
+from sdlora.lora.targets import PRESETS, find_targets, preset_component
+from sdlora.formats.verify import verify_state
+from sdlora.models import load_base
 from sdlora.train import ckpt
 from sdlora.train import step as S
 from sdlora.train.monitor import Monitor, default_sample_prompts
@@ -121,12 +122,11 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     # ---- 2. model
     base = load_base(cfg.model)
     resolution = cfg.resolution or base.native_resolution
-    unet, te, vae = base.unet, base.text_encoder, base.vae
-    for m in (unet, te, vae):
+    unet, vae = base.unet, base.vae
+    tes = {c: te for c, (_, te) in base.text_encoders.items()}  # "te", or "te1" + "te2" for SDXL
+    for m in (unet, vae, *tes.values()):
         m.requires_grad_(False)
-    unet.to(accelerator.device)
-    te.to(accelerator.device)
-    vae.to(accelerator.device)
+        m.to(accelerator.device)
     if vae.dtype != torch.float32:  # the VAE only encodes; fp16 VAEs are the usual source of NaN latents
         vae.to(torch.float32)
 
@@ -161,28 +161,28 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
 
     # ---- 5. LoRA
     train_te = not cfg.no_text_encoder
-    targets = {"unet": find_targets(unet, "unet", cfg.preset)}
-    add_lora(unet, targets["unet"], cfg.rank, cfg.network_alpha)
-    if train_te:
-        targets["te"] = find_targets(te, "te", cfg.preset)
-        add_lora(te, targets["te"], cfg.rank, cfg.network_alpha)
+    adapted = {"unet": unet} | (tes if train_te else {})
+    targets = {c: find_targets(m, c, cfg.preset) for c, m in adapted.items()}
+    for c, m in adapted.items():
+        add_lora(m, targets[c], cfg.rank, cfg.network_alpha)
     say(f"model {base.name} ({base.arch}, {base.prediction_type}); preset '{cfg.preset}', rank {cfg.rank}, "
         f"alpha {cfg.network_alpha:g} (scale {cfg.network_alpha / cfg.rank:g})")
-    say(format_table([report(unet, "unet")] + ([report(te, "te")] if train_te else [])))
+    say(format_table([report(m, c) for c, m in adapted.items()]))
     # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
     weight_dtype = DTYPES[cfg.mixed_precision]
-    for m in (unet, te):
+    for m in (unet, *tes.values()):
         for p in m.parameters():
             p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_te:
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for c, m in adapted.items():
+            if c != "unet":
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen
     cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     latents_cache = LatentCache(vae, cache_dir)
-    text_cache = None if train_te else EmbeddingCache(base.tokenizer, te, cache_dir)
+    text_cache = None if train_te else EmbeddingCache(list(base.text_encoders.values()), base.arch, cache_dir)
     flips = (False,) if cfg.no_flip else (False, True)
     if main:
         for ex in tqdm(instance + classes, desc="caching latents", unit="img", leave=False):
@@ -195,14 +195,17 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     # ---- 7. optimizer, schedule, accelerate
     params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.lr}]
     if train_te:
-        params.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": cfg.te_lr or cfg.lr})
+        params.append({"params": [p for m in tes.values() for p in m.parameters() if p.requires_grad],
+                       "lr": cfg.te_lr or cfg.lr})
     trainable = [p for g in params for p in g["params"]]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # accelerate steps a prepared scheduler once per process, so its horizon is scaled the same way.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
                                  num_training_steps=steps * accelerator.num_processes)
     unet_p, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    te_p = accelerator.prepare(te) if train_te else te  # a module without trainable parameters must not be DDP-wrapped
+    # a module without trainable parameters must not be DDP-wrapped
+    tes_p = {c: accelerator.prepare(m) if train_te else m for c, m in tes.items()}
+    text_encoders_p = [(tok, tes_p[c]) for c, (tok, _) in base.text_encoders.items()]
 
     # ---- 8. resume
     identity = {k: getattr(cfg, k) for k in ckpt.IDENTITY} | {"processes": accelerator.num_processes}
@@ -213,7 +216,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     if cfg.resume:
         folder = ckpt.resolve(cfg.resume, ckpt_root)
         manifest, tensors = ckpt.load(folder, identity, data_ids)
-        for n, p in _lora_params(unet, te).items():
+        for n, p in _lora_params(adapted).items():
             p.data.copy_(tensors[f"lora/{n}"])
         ckpt.restore_optimizer(optimizer, manifest, tensors)
         lr_scheduler.load_state_dict(manifest["lr_scheduler"])
@@ -227,10 +230,17 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
         if done >= steps:
             raise SdloraError(f"{folder} is at step {done}, the run has {steps} steps: pass a larger --steps to go on")
 
-    def cond(prompts: list[str]) -> torch.Tensor:
+    def cond(examples: list[Example], prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
+        """UNet conditioning: text hidden states, and SDXL's pooled text + size/crop micro-conditioning."""
         if text_cache is not None:
-            return text_cache.get(prompts).to(accelerator.device, weight_dtype)
-        return S.encode_prompts(base.tokenizer, te_p, prompts)
+            hidden, pooled = text_cache.get(prompts)
+            hidden = hidden.to(accelerator.device, weight_dtype)
+            pooled = pooled.to(accelerator.device, weight_dtype) if pooled is not None else None
+        else:
+            hidden, pooled = S.encode_text(text_encoders_p, base.arch, prompts)
+        if base.arch != "sdxl":
+            return hidden, None
+        return hidden, S.sdxl_added_cond(pooled, torch.tensor([e.sdxl_time_ids() for e in examples]))
 
     def latents_of(examples: list[Example]) -> torch.Tensor:
         out = []
@@ -247,7 +257,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
             total = 0.0
             for ex in eval_examples:
                 lat = latents_cache.get(ex, False)[0][None].to(accelerator.device) * vae.config.scaling_factor
-                total += S.fixed_loss(unet_p, base.noise_scheduler, base.prediction_type, lat, cond([ex.caption]))
+                total += S.fixed_loss(unet_p, base.noise_scheduler, base.prediction_type, lat, *cond([ex], [ex.caption]))
             return total / len(eval_examples)
 
     sample_prompts = ([p.strip() for p in cfg.sample_prompts.split(";") if p.strip()] if cfg.sample_prompts
@@ -259,7 +269,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
         if not main:
             return
         folder = ckpt.save(ckpt_root / f"step-{step:06d}", step=step, identity=identity, data=data_ids,
-                           position=schedule.position(), params=_lora_params(unet, te), optimizer=optimizer,
+                           position=schedule.position(), params=_lora_params(adapted), optimizer=optimizer,
                            lr_scheduler=lr_scheduler,
                            rng={"train": g.get_state(), "python": prng.getstate()},
                            adapter_writer=lambda p: _save(cfg, base, accelerator, targets, resolution, step, instance,
@@ -277,7 +287,8 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     # ---- 9. the loop
     loss_before = eval_loss()
     unet_p.train()
-    te_p.train(train_te)
+    for m in tes_p.values():
+        m.train(train_te)
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=done, desc="training", unit="step", disable=not main, dynamic_ncols=True)
     ema = None
@@ -286,7 +297,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
         while done < steps:
             for _ in range(cfg.grad_accum):
                 inst, cls = schedule.next()
-                with accelerator.accumulate(unet_p, te_p), accelerator.autocast():
+                with accelerator.accumulate(unet_p, *tes_p.values()), accelerator.autocast():
                     # instance and class examples train together when they have the same size (always, unless
                     # buckets put them apart); the prior loss is their class part
                     groups = [(inst, 1.0)] + ([(cls, cfg.prior_loss_weight)] if cls else [])
@@ -298,8 +309,9 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
                         noise, t = S.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps, g,
                                                   cfg.noise_offset)
                         prompts = [rules.final(e.caption, prng) if not e.is_class else e.caption for e in examples]
+                        hidden, added = cond(examples, prompts)
                         losses = S.per_sample_loss(unet_p, base.noise_scheduler, base.prediction_type, latents,
-                                                   cond(prompts), noise, t)
+                                                   hidden, noise, t, added)
                         if cfg.min_snr_gamma:
                             losses = losses * S.min_snr_weights(alphas_cumprod, t, cfg.min_snr_gamma,
                                                                 base.prediction_type).to(losses.device)
@@ -344,7 +356,8 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     bar.close()
     elapsed = time.perf_counter() - t0
     unet_p.eval()
-    te_p.eval()
+    for m in tes_p.values():
+        m.eval()
     loss_after = eval_loss()
     say(f"{done} steps in {elapsed:.1f}s ({elapsed / max(done, 1):.3f} s/step); "
         f"loss on fixed noise {loss_before:.4f} -> {loss_after:.4f}")
@@ -358,8 +371,8 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     return TrainResult(path, base, done, elapsed, loss_before, loss_after, curve, samples)
 
 
-def _lora_params(unet, te) -> dict[str, torch.nn.Parameter]:
-    return {f"{c}/{n}": p for c, m in (("unet", unet), ("te", te)) for n, p in m.named_parameters() if p.requires_grad}
+def _lora_params(adapted: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    return {f"{c}/{n}": p for c, m in adapted.items() for n, p in m.named_parameters() if p.requires_grad}
 
 
 def _tuples(x):
@@ -370,19 +383,17 @@ def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes,
     """Write the adapter (main process only; callers synchronise processes first)."""
     if not accelerator.is_main_process:
         return out_path
-    comps = {"unet": accelerator.unwrap_model(base.unet)}
-    if "te" in targets:
-        comps["te"] = accelerator.unwrap_model(base.text_encoder)
-    tensors = adapter.kohya_tensors(comps, adapter.SAVE_DTYPES[cfg.save_precision])
+    comps = {c: accelerator.unwrap_model(m) for c, m in base.components.items() if c in targets}
+    tensors = adapter.kohya_tensors(comps, adapter.SAVE_DTYPES[cfg.save_precision], base.arch)
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise SdloraError("the adapter holds NaN/Inf values; nothing was saved. Lower --lr or use bf16/no precision")
     md = meta.build(
-        arch=base.arch, base_model_version=BASE_MODEL_VERSION[base.arch], model_name=base.name,
+        arch=base.arch, base_model_version=base.base_model_version, model_name=base.name,
         output_name=cfg.output_path.stem, rank=cfg.rank, alpha=cfg.network_alpha, preset=cfg.preset,
-        targets={c: PRESETS[cfg.preset][c][0] for c in targets}, resolution=resolution, steps=steps,
+        targets={c: PRESETS[cfg.preset][preset_component(c)][0] for c in targets}, resolution=resolution, steps=steps,
         num_images=len(instance) * cfg.repeats, num_reg_images=len(classes), trigger=cfg.trigger_text,
         tag_frequency={Path(cfg.images).name: tag_frequency([e.caption for e in instance])},
-        lr=cfg.lr, te_lr=(cfg.te_lr or cfg.lr) if "te" in targets else None, seed=cfg.seed,
+        lr=cfg.lr, te_lr=(cfg.te_lr or cfg.lr) if len(targets) > 1 else None, seed=cfg.seed,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
         prior_loss_weight=cfg.prior_loss_weight if classes else None, started=started)
@@ -390,6 +401,13 @@ def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes,
     md["ss_noise_offset"] = str(cfg.noise_offset)
     md["ss_enable_bucket"] = str(cfg.buckets)
     md["sdlora_config"] = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}, default=str)
+    # Check the file as ComfyUI, A1111, kohya and diffusers will read it. It is written either way (a failed check
+    # must not lose the training), but a problem fails the run loudly.
+    report_ = verify_state(tensors, md, path=str(out_path))
     path = adapter.save(tensors, out_path, md)
     say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {len(tensors) // 3} modules, {len(tensors)} tensors)")
+    for line in report_.lines()[1:-1]:
+        say(line)
+    if not report_.ok:
+        raise SdloraError(f"{path} was saved but does not verify: {report_.problems[0]} (run `sdlora verify {path}`)")
     return path
