@@ -1,0 +1,193 @@
+"""Judged accuracy of the toy base and of adapters on it: what `sdlora eval` and the toy tests measure.
+
+Images are generated with fixed seeds (image i of prompt p: seed `seed + 1000·p + i`, independent of batch
+size) and judged by `sdlora.toy.judge`. An image is right for a prompt when every attribute the prompt names
+(colour, shape, background; see `world.parse_caption`) is what the judge sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdlora.toy import judge, world
+
+STEPS = 20  # DPM-Solver++ steps
+GUIDANCE = 5.0  # classifier-free guidance scale used for all toy measurements
+
+
+@torch.no_grad()
+def generate(base, prompts: list[str], n: int, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
+             batch: int = 128) -> dict[str, list[np.ndarray]]:
+    """`n` uint8 images [32, 32, 3] per prompt, deterministic for a given base, seed and settings."""
+    from sdlora.infer import make_scheduler
+
+    pipe = base.pipeline(scheduler=make_scheduler("dpm++2m", base.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [(p, i, seed + 1000 * k + i) for k, p in enumerate(prompts) for i in range(n)]
+    out: dict[str, list[np.ndarray]] = {p: [] for p in prompts}
+    size = base.native_resolution
+    for s in range(0, len(jobs), batch):
+        chunk = jobs[s:s + batch]
+        gens = [torch.Generator("cpu").manual_seed(j[2]) for j in chunk]
+        imgs = pipe(prompt=[j[0] for j in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                    width=size, height=size, generator=gens, output_type="np").images
+        for j, im in zip(chunk, imgs):
+            out[j[0]].append(np.clip(np.round(im * 255), 0, 255).astype(np.uint8))
+    return out
+
+
+def judged(images: dict[str, list[np.ndarray]], want: dict[str, dict[str, str]] | None = None) -> dict[str, float]:
+    """Share of each prompt's images that show what `want[prompt]` (default: what the prompt says) asks for."""
+    acc = {}
+    for p, imgs in images.items():
+        w = (want or {}).get(p) or world.parse_caption(p)
+        acc[p] = float(np.mean([judge.judge(im).matches(w) for im in imgs]))
+    return acc
+
+
+def prompt_accuracy(base, prompts: list[str], n: int = 8, seed: int = 0, **kw) -> dict[str, float]:
+    """Judged accuracy per prompt of `base` (with whatever adapters are fused into it now)."""
+    return judged(generate(base, prompts, n, seed, **kw))
+
+
+@dataclass
+class AdapterScore:
+    subject_fidelity: float  # share of trigger-prompt images judged as the subject
+    subject_base: float  # the same share without the adapter (what the trigger prompt gave before)
+    class_leak: float  # share of class-prompt images judged as the subject with the adapter (language drift)
+    class_leak_base: float
+    prompt_fidelity: float  # mean judged accuracy on the other prompts, with the adapter
+    prompt_fidelity_base: float  # the same without the adapter
+    per_prompt: dict[str, tuple[float, float]] = field(default_factory=dict)  # prompt -> (base, adapter)
+
+    @property
+    def drift(self) -> float:
+        """Change of prompt fidelity, in accuracy points (negative: the adapter made other prompts worse)."""
+        return 100 * (self.prompt_fidelity - self.prompt_fidelity_base)
+
+    def lines(self) -> list[str]:
+        return [f"subject fidelity   {100 * self.subject_fidelity:5.1f}%  (base: {100 * self.subject_base:.1f}%)",
+                f"class-prompt leak  {100 * self.class_leak:5.1f}%  (base: {100 * self.class_leak_base:.1f}%)",
+                f"prompt fidelity    {100 * self.prompt_fidelity:5.1f}%  (base: {100 * self.prompt_fidelity_base:.1f}%,"
+                f" drift {self.drift:+.1f} points over {len(self.per_prompt)} prompts)"]
+
+
+def score_adapter(base, adapter: str | Path, trigger_prompt: str, subject: str, class_prompt: str | None = None,
+                  other_prompts: list[str] | None = None, n: int = 8, strength: float = 1.0, seed: int = 0,
+                  base_cache: dict | None = None) -> AdapterScore:
+    """Score an adapter file on `base` (the toy model): subject fidelity of `trigger_prompt` judged against
+    `subject` (a world caption such as "a purple triangle"), and judged accuracy on `other_prompts`
+    (default: every seen colour × shape, no background) with and without the adapter.
+
+    `base_cache` (a dict) keeps the base's accuracies between calls with the same prompts and settings."""
+    from sdlora.infer import Blender, load_adapter
+
+    other = other_prompts or world.seen_prompts(backgrounds=False)
+    want = world.parse_caption(subject)
+    if "shape" not in want:
+        raise ValueError(f"subject {subject!r} names no shape of the toy world ({', '.join(world.SHAPES)})")
+    cls = class_prompt or world.caption(None, want["shape"])
+    prompts = [trigger_prompt, cls] + [p for p in other if p not in (trigger_prompt, cls)]
+    key = (tuple(prompts), n, seed)
+    cache = base_cache if base_cache is not None else {}
+    spec = {trigger_prompt: want, cls: want}
+
+    def run():
+        imgs = generate(base, prompts, n, seed)
+        acc = judged({p: imgs[p] for p in prompts[2:]})
+        subj = judged({p: imgs[p] for p in prompts[:2]}, spec)
+        return subj, acc
+
+    if key not in cache:
+        cache[key] = run()
+    subj0, acc0 = cache[key]
+    blender = Blender(base)
+    name = blender.add(load_adapter(adapter)).file.name
+    blender.set_strengths({name: strength})
+    try:
+        subj1, acc1 = run()
+    finally:
+        blender.set_strengths({})
+    others = prompts[2:]
+    return AdapterScore(
+        subject_fidelity=subj1[trigger_prompt], subject_base=subj0[trigger_prompt],
+        class_leak=subj1[cls], class_leak_base=subj0[cls],
+        prompt_fidelity=float(np.mean([acc1[p] for p in others])),
+        prompt_fidelity_base=float(np.mean([acc0[p] for p in others])),
+        per_prompt={p: (acc0[p], acc1[p]) for p in others})
+
+
+def class_images(base, prompt: str, folder: str | Path, n: int = 20, seed: int = 500_000) -> Path:
+    """Generate `n` class images for prior preservation with the base into `folder` (PNG files)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(generate(base, [prompt], n, seed)[prompt]):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_000_000) -> Path:
+    """Render `n` images of a world subject (e.g. "a purple triangle": any background, any position/size)."""
+    from PIL import Image
+
+    want = world.parse_caption(subject)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    bgs = list(world.BACKGROUNDS)
+    for i in range(n):
+        bg = want.get("background") or bgs[i % len(bgs)]
+        scene = world.place(rng, want["colour"], want["shape"], bg)
+        Image.fromarray(world.render(scene)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `sdlora eval`
+
+
+def add_eval_args(p) -> None:
+    p.add_argument("--adapter", required=True, help="kohya LoRA .safetensors to score")
+    p.add_argument("--subject", required=True,
+                   help="what the trigger prompt should show, as a toy-world caption, e.g. 'a purple triangle'")
+    p.add_argument("--prompt", default=None,
+                   help="trigger prompt (default: the adapter's trigger from its metadata, e.g. 'a sks triangle')")
+    p.add_argument("--class-prompt", default=None, help="class prompt checked for leaks (default: 'a <shape>')")
+    p.add_argument("--model", default="toy", help="base model; only 'toy' has a judge (default: toy)")
+    p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default: 1)")
+    p.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+
+
+def cmd_eval(args) -> int:
+    from sdlora.errors import SdloraError
+    from sdlora.infer import load_adapter
+    from sdlora.models import load_base
+
+    if args.model != "toy":
+        raise SdloraError(f"--model {args.model}: eval judges images of the toy world; only --model toy has a judge")
+    if "shape" not in world.parse_caption(args.subject):
+        raise SdloraError(f"--subject {args.subject!r}: name a colour and a shape of the toy world, e.g. "
+                          f"'a purple triangle' (shapes: {', '.join(world.SHAPES)}; colours: {', '.join(world.COLOURS)})")
+    if args.num_images < 1:
+        raise SdloraError(f"--num-images must be at least 1, got {args.num_images}")
+    f = load_adapter(args.adapter)  # checked before the model loads
+    prompt = args.prompt or f.trigger or f.metadata.get("ss_trigger", "")
+    if not prompt:
+        raise SdloraError(f"{args.adapter}: its metadata names no trigger; pass --prompt 'a sks triangle'")
+    base = load_base("toy")
+    s = score_adapter(base, args.adapter, prompt, args.subject, args.class_prompt, n=args.num_images,
+                      strength=args.strength, seed=args.seed)
+    print(f"adapter {args.adapter} at strength {args.strength:g} on the toy base; trigger prompt {prompt!r}, "
+          f"subject {args.subject!r}, {args.num_images} images per prompt")
+    for line in s.lines():
+        print(line)
+    worst = sorted(s.per_prompt.items(), key=lambda kv: kv[1][1] - kv[1][0])[:3]
+    print("largest drops: " + ", ".join(f"{p!r} {100 * a:.0f}% -> {100 * b:.0f}%" for p, (a, b) in worst))
+    return 0
