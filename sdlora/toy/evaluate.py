@@ -188,6 +188,6 @@ def cmd_eval(args) -> int:
           f"subject {args.subject!r}, {args.num_images} images per prompt")
     for line in s.lines():
         print(line)
-    worst = sorted(s.per_prompt.items(), key=lambda kv: kv[1][1] - kv[1][0])[:3]
-    print("largest drops: " + ", ".join(f"{p!r} {100 * a:.0f}% -> {100 * b:.0f}%" for p, (a, b) in worst))
+    worst = sorted(((p, a, b) for p, (a, b) in s.per_prompt.items() if b < a), key=lambda x: x[2] - x[1])[:3]
+    print("largest drops: " + (", ".join(f"{p!r} {100 * a:.0f}% -> {100 * b:.0f}%" for p, a, b in worst) or "none"))
     return 0
