@@ -131,13 +131,13 @@ class Resolved:
     unmatched: list[str]  # kohya module names (and stray keys) that match no module of the model
 
 
-def module_table(components: dict[str, torch.nn.Module]) -> dict[str, tuple[str, str, torch.nn.Module]]:
+def module_table(components: dict[str, torch.nn.Module], arch: str = "sd1") -> dict[str, tuple[str, str, torch.nn.Module]]:
     """kohya module name -> (component, module name, module) for every Linear and Conv2d of the components."""
     table = {}
     for component, model in components.items():
         for name, module in model.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                table[kohya.kohya_name(component, name)] = (component, name, module)
+                table[kohya.kohya_name(component, name, arch)] = (component, name, module)
     return table
 
 
@@ -146,7 +146,7 @@ class Blender:
 
     def __init__(self, base):
         self.base = base
-        self.table = module_table(base.components)
+        self.table = module_table(base.components, base.arch)
         self.adapters: dict[str, Resolved] = {}
         self.backup: dict[tuple[str, str], torch.Tensor] = {}  # original weight, CPU fp32, of every touched module
         self.strengths: dict[str, tuple[float, float]] = {}  # adapter name -> (text encoder, unet), as fused now

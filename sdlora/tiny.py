@@ -59,18 +59,19 @@ def tiny_components(arch: str = "sd1") -> dict:
     module names are), widths are toy-sized."""
     tokenizer = tiny_tokenizer()
     vae_cfg = load_config(arch, "vae") | {
-        "block_out_channels": [16, 16, 32, 32], "norm_num_groups": 8, "layers_per_block": 1,
+        "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8,
         "sample_size": TINY_RESOLUTION,
     }
     unet_cfg = load_config(arch, "unet") | {"norm_num_groups": 8, "sample_size": TINY_RESOLUTION // 8}
+    # Widths keep the real ratios between blocks (x, 2x, 4x, 4x), so the same resnets get a conv_shortcut.
     if arch == "sd1":
-        unet_cfg |= {"block_out_channels": [32, 32, 64, 64], "attention_head_dim": 4, "cross_attention_dim": 32}
+        unet_cfg |= {"block_out_channels": [16, 32, 64, 64], "attention_head_dim": 4, "cross_attention_dim": 32}
     elif arch == "sd2":
-        unet_cfg |= {"block_out_channels": [32, 32, 64, 64], "attention_head_dim": [2, 2, 4, 4], "cross_attention_dim": 32}
+        unet_cfg |= {"block_out_channels": [16, 32, 64, 64], "attention_head_dim": [2, 2, 4, 4], "cross_attention_dim": 32}
     elif arch == "sdxl":
         # cross-attention sees both encoders' hidden states side by side (32 + 32); the added embedding is the
         # pooled bigG output (32) plus six size/crop numbers embedded at 8 each
-        unet_cfg |= {"block_out_channels": [32, 64, 64], "attention_head_dim": [2, 4, 4], "cross_attention_dim": 64,
+        unet_cfg |= {"block_out_channels": [16, 32, 64], "attention_head_dim": [2, 4, 4], "cross_attention_dim": 64,
                      "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32}
     else:
         raise ValueError(f"unknown arch {arch!r}")
