@@ -37,6 +37,21 @@ def make_images(folder: Path, n: int = 3, size=(80, 64), seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Latent/text caches of this test session live in a temp folder (inherited by subprocesses): tests never
+    reuse a cache from an earlier run or touch the user's ~/.cache/sdlora."""
+    import os
+
+    old = os.environ.get("SDLORA_CACHE")
+    os.environ["SDLORA_CACHE"] = str(tmp_path_factory.mktemp("sdlora-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SDLORA_CACHE", None)
+    else:
+        os.environ["SDLORA_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One adapter trained for a few steps with alpha != rank, shared by read-only tests."""
