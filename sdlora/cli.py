@@ -114,6 +114,32 @@ def _add_resize(sub) -> None:
     p.set_defaults(func=cmd_resize)
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from sdlora.cache import default_cache_dir
+
+    folder = Path(args.dir) if args.dir else default_cache_dir()
+    files = [p for p in folder.rglob("*.safetensors")] if folder.is_dir() else []
+    size = sum(p.stat().st_size for p in files)
+    if args.clear:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        print(f"cleared {folder}: {len(files)} entries, {size / 2**20:.1f} MiB")
+    else:
+        print(f"{folder}: {len(files)} entries, {size / 2**20:.1f} MiB (latents and text embeddings; "
+              "entries are keyed on content, so stale ones are never used)")
+    return 0
+
+
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="show or clear the latent/text-embedding cache")
+    p.add_argument("--clear", action="store_true", help="delete every cache entry")
+    p.add_argument("--dir", help="cache folder (default: ~/.cache/sdlora or $SDLORA_CACHE)")
+    p.set_defaults(func=_cmd_cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdlora.config import TrainConfig
 
@@ -130,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_merge(sub)
     _add_resize(sub)
+    _add_cache(sub)
     _add_eval(sub)
     return parser
 

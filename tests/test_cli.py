@@ -161,3 +161,15 @@ def test_reading_a_pickle_or_truncated_adapter_is_a_clear_error(tmp_path, conten
         load(f)
     with pytest.raises(SdloraError, match="pickle"):
         load(tmp_path / "x.ckpt")
+
+
+def test_cache_command_counts_and_clears_the_entries_training_wrote(tmp_path, dog_copy):
+    cache = tmp_path / "cache dir"
+    p = run("train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "1",
+            "--no-text-encoder", "--cache-dir", cache, "--out", tmp_path / "a.safetensors")
+    assert p.returncode == 0, p.stderr
+    n = len(list(cache.rglob("*.safetensors")))
+    assert n == 5 * 2 + 1  # 5 images x (plain, flipped) latents + 1 prompt embedding
+    assert f"{n} entries" in run("cache", "--dir", cache).stdout
+    assert f"cleared {cache}: {n} entries" in run("cache", "--dir", cache, "--clear").stdout
+    assert not cache.exists()
