@@ -26,6 +26,9 @@ def table_of(components: dict[str, torch.nn.Module], arch: str) -> dict[str, Mod
     out = {}
     for comp, model in components.items():
         for name, m in model.named_modules():
+            if ".lora_A." in name or ".lora_B." in name:  # PEFT's own LoRA layers in a model being trained
+                continue
+            name = name.replace(".base_layer", "")  # PEFT keeps the wrapped layer as `base_layer`
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 path = kohya.te_path(name) if comp in kohya.TE_COMPONENTS else name
                 out[kohya.kohya_name(comp, path, arch)] = Module(comp, path, tuple(m.weight.shape),

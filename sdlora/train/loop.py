@@ -403,7 +403,7 @@ def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes,
     md["sdlora_config"] = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}, default=str)
     # Check the file as ComfyUI, A1111, kohya and diffusers will read it. It is written either way (a failed check
     # must not lose the training), but a problem fails the run loudly.
-    report_ = verify_state(tensors, md, path=str(out_path))
+    report_ = verify_state(tensors, md, model=base, path=str(out_path))
     path = adapter.save(tensors, out_path, md)
     say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {len(tensors) // 3} modules, {len(tensors)} tensors)")
     for line in report_.lines()[1:-1]:
