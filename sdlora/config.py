@@ -7,6 +7,7 @@ given on the command line override the file. Everything is checked before any mo
 from __future__ import annotations
 
 import tomllib
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -85,6 +86,18 @@ class TrainConfig:
         def bad(flag, why):
             raise SdloraError(f"--{flag.replace('_', '-')} {why}")
 
+        # types first (a TOML file can hold anything): `buckets = "false"` must not turn buckets on
+        for name, t in typing.get_type_hints(TrainConfig).items():
+            v = getattr(self, name)
+            args = typing.get_args(t)
+            if v is None and type(None) in args:
+                continue
+            t = next((a for a in args if a is not type(None)), t)
+            if t is float and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, name, float(v))
+            elif not isinstance(v, t) or (t is int and isinstance(v, bool)):
+                what = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}[t]
+                bad(name, f"must be {what}, got {v!r}")
         for f in ("images", "prompt"):
             if not getattr(self, f):
                 bad(f, "is required")

@@ -1,0 +1,528 @@
+"""DreamBooth features of `sdlora train` on the built-in tiny model: resume (bit-identical), manifests, content-keyed
+caches, captions and the dataset summary, buckets, class-image generation, min-SNR / noise offset / TE learning rate,
+sample grids / loss curve / TensorBoard, a 2-process run, and the presets in configs/."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlora.cache import EmbeddingCache, LatentCache
+from sdlora.config import load_toml, make_config
+from sdlora.data import Example, load_image
+from sdlora.errors import SdloraError
+from sdlora.formats.io import load
+from sdlora.tiny import tiny_components
+from sdlora.train import ckpt
+from sdlora.train.loop import train
+from sdlora.train.step import encode_prompts, min_snr_weights, sample_noise
+from tests.conftest import ROOT, make_images
+
+SDLORA = [sys.executable, "-m", "sdlora"]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model's ops are too small to share, and on a busy machine two OpenMP threads
+    spin-wait for each other (a 6 s run took 59 s with 2 threads on 2 shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own latent/text cache: no test may pass thanks to another's cache entries."""
+    d = tmp_path / "sdlora-cache"
+    monkeypatch.setenv("SDLORA_CACHE", str(d))
+    return d
+
+
+def run(out: Path, images: Path, log=None, **overrides):
+    values = dict(images=str(images), prompt="sks dog", model="tiny", steps=2, lr=1e-3, out=str(out), seed=0)
+    values.update(overrides)
+    return train(make_config(values), log=log or (lambda *a, **k: None))
+
+
+def sub_env(cache: Path) -> dict:
+    return dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1", SDLORA_CACHE=str(cache), OMP_NUM_THREADS="1")
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def state_of(path: Path) -> dict:
+    return load(path)[1]
+
+
+def mixed_aspect_images(folder: Path) -> Path:
+    """Landscape, portrait and square images; two with caption sidecars (.txt and .caption), one without."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, (w, h) in {"img_0": (96, 64), "img_1": (48, 80), "img_2": (64, 64)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    (folder / "img_0.txt").write_text("{trigger}, red, green, blue, yellow", encoding="utf-8")
+    (folder / "img_1.caption").write_text("sks dog, sofa, lamp, rug", encoding="utf-8")
+    return folder
+
+
+# ---------------------------------------------------------------- resume
+
+@pytest.fixture(scope="module")
+def dreambooth(tmp_path_factory):
+    """Run A: 6 steps, checkpoint at step 3, with every RNG stream and the data position in use: prior
+    preservation, buckets of three shapes (instance and class images apart or together), tag shuffle, caption
+    dropout, flips, gradient accumulation."""
+    root = tmp_path_factory.mktemp("dreambooth")
+    images = mixed_aspect_images(root / "inst")
+    classes = make_images(root / "cls", 2, (64, 64), seed=9)
+    settings = dict(steps=6, save_every=3, keep_last=0, class_prompt="a dog", class_images=str(classes),
+                    num_class_images=2, grad_accum=2, buckets=True, shuffle_tags=True, keep_tags=1,
+                    caption_dropout=0.25, cache_dir=str(root / "cache"))
+    log: list[str] = []
+    a = run(root / "a" / "a.safetensors", images, log=log.append, **settings)
+    return SimpleNamespace(root=root, images=images, settings=settings, a=a, log=log,
+                           ck=ckpt.checkpoint_root(a.path) / "step-000003")
+
+
+def test_resumed_run_gives_the_bit_identical_adapter(dreambooth):
+    d = dreambooth
+    assert d.a.steps == 6
+    assert [p.name for p in ckpt.list_checkpoints(d.ck.parent)] == ["step-000003"]  # none at the final step
+    assert sorted(p.name for p in d.ck.iterdir()) == ["adapter.safetensors", "manifest.json", "state.safetensors"]
+    manifest = json.loads((d.ck / "manifest.json").read_text())
+    assert manifest["step"] == 3 and manifest["position"]["micro"] == 3 * 2  # grad_accum 2
+    state = load(d.ck / "state.safetensors")[0]
+    assert {"rng/train", "rng/torch"} <= state.keys() and any(k.startswith("optim/") for k in state)
+
+    log: list[str] = []
+    b = run(d.root / "b" / "b.safetensors", d.images, log=log.append, resume=str(d.ck), **d.settings)
+    assert b.steps == 6
+    assert f"resumed from {d.ck} at step 3" in log
+    final_a, final_b = load(d.a.path)[0], load(b.path)[0]
+    assert_same_tensors(final_a, final_b)
+    # the resumed half really trained: the step-3 adapter is not the final one
+    at3 = load(d.ck / "adapter.safetensors")[0]
+    assert sum(not torch.equal(at3[k], final_a[k]) for k in final_a if "lora_up" in k) > 0.9 * len(final_a) / 3
+
+
+def test_bucketed_prior_preservation_run_reports_buckets_and_records_them(dreambooth):
+    d = dreambooth
+    assert "data: 3 instance images (2 with caption files), 2 class images ('a dog', loss weight 1.0), " \
+           "3 aspect buckets" in d.log
+    md = load(d.a.path)[1]
+    assert md["ss_enable_bucket"] == "True" and md["ss_num_reg_images"] == "2"
+
+
+def test_resume_refuses_other_settings_edited_images_and_folders_without_state(dreambooth, tmp_path):
+    d = dreambooth
+
+    def refused(**changes) -> str:
+        with pytest.raises(SdloraError) as e:
+            run(tmp_path / "r.safetensors", d.images, **(d.settings | changes))
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert not (tmp_path / "r.safetensors").exists()
+        return msg
+
+    msg = refused(resume=str(d.ck), rank=2)
+    assert "settings differ (rank: checkpoint 4, now 2)" in msg
+    assert "prompt" not in msg  # only what differs is named
+    assert "noise_offset: checkpoint 0.0, now 0.05" in refused(resume=str(d.ck), noise_offset=0.05)
+
+    edited = d.images / "img_1.png"
+    original = edited.read_bytes()
+    try:
+        w, h = Image.open(edited).size
+        Image.new("RGB", (w, h), (0, 128, 255)).save(edited)  # same size, other pixels
+        msg = refused(resume=str(d.ck))
+        assert "the training images changed (img_1.png)" in msg
+    finally:
+        edited.write_bytes(original)
+
+    no_state = tmp_path / "copied-adapter-only"
+    no_state.mkdir()
+    (no_state / "adapter.safetensors").write_bytes((d.ck / "adapter.safetensors").read_bytes())
+    (no_state / "manifest.json").write_text((d.ck / "manifest.json").read_text())
+    assert "not a checkpoint folder" in refused(resume=str(no_state))
+    assert "no checkpoint in" in refused(resume="latest")  # nothing was ever saved beside r.safetensors
+
+
+SIGINT_FLAGS = dict(steps=12, save_every=5, keep_last=0, shuffle_tags=True, caption_dropout=0.25)
+
+
+def _sigint_args(images: Path, out: Path) -> list[str]:
+    return [*SDLORA, "train", "--images", str(images), "--prompt", "sks dog", "--model", "tiny", "--lr", "1e-3",
+            "--out", str(out), "--steps", "12", "--save-every", "5", "--keep-last", "0", "--shuffle-tags",
+            "--caption-dropout", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """An uninterrupted 12-step run in-process, and the same run as `sdlora train` in a subprocess, interrupted with
+    SIGINT in the middle of step 8 (half a step after the progress bar showed step 7), as a user's Ctrl-C lands."""
+    root = tmp_path_factory.mktemp("sigint")
+    cache = root / "cache"
+    images = mixed_aspect_images(root / "inst")
+    reference = run(root / "ref" / "ref.safetensors", images, cache_dir=str(cache), **SIGINT_FLAGS)
+    out = root / "int" / "int.safetensors"
+    env = sub_env(cache) | {"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}  # the bar shows every step
+    proc = subprocess.Popen(_sigint_args(images, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    buf, seen, deadline = "", {}, time.time() + 240
+    while 7 not in seen and time.time() < deadline:
+        ch = proc.stderr.read(1)
+        if not ch:
+            break
+        buf += ch
+        if ch == "[" and (m := re.search(r"(\d+)/12 \[$", buf)):
+            seen.setdefault(int(m.group(1)), time.perf_counter())
+    assert {6, 7} <= seen.keys(), buf[-2000:]
+    time.sleep((seen[7] - seen[6]) / 2)  # step 7 took this long; step 8 is now half done
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr[-3000:]
+    # 7 today (mid-step); 8 once Ctrl-C is deferred to the end of the step
+    k = int(re.search(r"interrupted: saving the (\d+) steps trained so far", stdout).group(1))
+    assert k in (7, 8), stdout
+    return SimpleNamespace(root=root, cache=cache, images=images, reference=reference, out=out, k=k)
+
+
+def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterrupted_run(interrupted):
+    d = interrupted
+    saved = ckpt.checkpoint_root(d.out) / "step-000005"  # written by --save-every before the interruption
+    assert state_of(d.out)["ss_steps"] == str(d.k)  # Ctrl-C also saved the adapter trained so far
+    out = d.root / "res" / "res.safetensors"
+    p = subprocess.run([*_sigint_args(d.images, out), "--resume", str(saved)], cwd=ROOT, env=sub_env(d.cache),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed from {saved} at step 5" in p.stdout
+    assert_same_tensors(load(d.reference.path)[0], load(out)[0])
+
+
+# Ctrl-C lands in the middle of a step; loop.py's `except KeyboardInterrupt` then checkpoints the data position and
+# RNG state of the unfinished step under the finished step count. See the report: SIGINT should be deferred to the
+# step boundary.
+@pytest.mark.xfail(strict=True, reason="sdlora/train/loop.py saves the Ctrl-C checkpoint mid-step: its data position "
+                                       "and RNG are one micro-batch ahead of its step count, so the resumed run differs")
+def test_ctrl_c_checkpoint_then_resume_latest_equals_the_uninterrupted_run(interrupted):
+    d = interrupted
+    latest = ckpt.list_checkpoints(ckpt.checkpoint_root(d.out))[-1]
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert latest.name == f"step-{d.k:06d}" and manifest["step"] == d.k
+    p = subprocess.run([*_sigint_args(d.images, d.out), "--resume", "latest"], cwd=ROOT, env=sub_env(d.cache),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed from {latest} at step {d.k}" in p.stdout
+    # a checkpoint of step k must hold the data position after step k, as the --save-every ones do (micro 5 at 5);
+    # today the Ctrl-C one of step 7 holds micro 8
+    assert manifest["position"]["micro"] == d.k, manifest["position"]
+    assert_same_tensors(load(d.reference.path)[0], load(d.out)[0])
+
+
+# ---------------------------------------------------------------- caches
+
+def test_second_run_reads_latents_and_text_embeddings_from_the_disk_cache(tmp_path, cache_dir):
+    images = make_images(tmp_path / "imgs", 2, (64, 64))
+    logs: list[list[str]] = [[], []]
+    for i in range(2):
+        run(tmp_path / f"o{i}.safetensors", images, log=logs[i].append, steps=1, no_text_encoder=True)
+        if i == 0:
+            text_entries = sorted((cache_dir / "text").rglob("*.safetensors"))
+    assert f"latents: 0 from cache, 4 encoded ({cache_dir})" in logs[0]  # 2 images × (plain, flipped)
+    assert f"latents: 4 from cache, 0 encoded ({cache_dir})" in logs[1]
+    assert len(text_entries) >= 1  # frozen text encoder: prompts are cached...
+    assert sorted((cache_dir / "text").rglob("*.safetensors")) == text_entries  # ...and reused, not re-encoded
+
+
+def test_latent_cache_keys_on_file_bytes_size_flip_and_vae_weights(tmp_path):
+    vae = tiny_components()["vae"]
+    img = make_images(tmp_path / "i", 1, (64, 64), seed=3) / "img_0.png"
+    ex = Example(img, "c", (64, 64))
+    folder = tmp_path / "cache"
+
+    first = LatentCache(vae, folder)
+    mean, std = first.get(ex, False)
+    assert (first.store.hits, first.store.misses) == (0, 1)
+    assert mean.shape == (4, 8, 8) and (std > 0).all()
+    again = LatentCache(vae, folder)  # the next run: read from disk, identical
+    assert torch.equal(again.get(ex, False)[0], mean)
+    assert (again.store.hits, again.store.misses) == (1, 0)
+    assert again.key(ex, True) != again.key(ex, False)
+
+    # the image is edited in place: same size, other pixels -> re-encoded, a different latent
+    arr = np.asarray(Image.open(img)).copy()
+    arr[:32] = 255 - arr[:32]
+    Image.fromarray(arr).save(img)
+    edited = LatentCache(vae, folder)
+    new_mean = edited.get(ex, False)[0]
+    assert (edited.store.hits, edited.store.misses) == (0, 1)
+    assert (new_mean - mean).abs().max() > 1e-2
+    with torch.no_grad():
+        direct = vae.encode(load_image(img, (64, 64))[None]).latent_dist.mean[0]
+    torch.testing.assert_close(new_mean, direct, rtol=1e-5, atol=1e-6)
+
+    # another bucket -> another key and shape
+    wide = Example(img, "c", (80, 48))
+    assert edited.key(wide, False) != edited.key(ex, False)
+    assert edited.get(wide, False)[0].shape == (4, 6, 10)
+    # a VAE with other weights -> another key; the same weights in another object -> the same key
+    other = copy.deepcopy(vae)
+    with torch.no_grad():
+        next(other.parameters()).flatten()[0] += 1e-3
+    assert LatentCache(other, folder).key(ex, False) != edited.key(ex, False)
+    assert LatentCache(copy.deepcopy(vae), folder).key(ex, False) == edited.key(ex, False)
+
+    # a damaged entry is rebuilt, never trusted
+    entry = next(folder.rglob(f"{edited.key(ex, False)}.safetensors"))
+    entry.write_bytes(b"garbage")
+    rebuilt = LatentCache(vae, folder)
+    assert torch.equal(rebuilt.get(ex, False)[0], new_mean) and rebuilt.store.misses == 1
+
+
+def test_text_embedding_cache_keys_on_prompt_and_text_encoder_weights(tmp_path):
+    c = tiny_components()
+    tok, te = c["tokenizer"], c["text_encoder"]
+    folder = tmp_path / "cache"
+    first = EmbeddingCache([(tok, te)], "sd1", folder)
+    h, pooled = first.get(["sks dog"])
+    assert h.shape == (1, 77, 32) and pooled is None and first.store.misses == 1
+    with torch.no_grad():
+        torch.testing.assert_close(h, encode_prompts(tok, te, ["sks dog"]), rtol=0, atol=0)
+    again = EmbeddingCache([(tok, te)], "sd1", folder)
+    assert torch.equal(again.get(["sks dog"])[0], h) and (again.store.hits, again.store.misses) == (1, 0)
+    cat = again.get(["a cat"])[0]
+    assert again.store.misses == 1 and (cat - h).abs().max() > 1e-3
+
+    other = copy.deepcopy(te)
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if n.endswith("final_layer_norm.bias")).add_(0.1)
+    changed = EmbeddingCache([(tok, other)], "sd1", folder)
+    h2 = changed.get(["sks dog"])[0]
+    assert (changed.store.hits, changed.store.misses) == (0, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(h2, encode_prompts(tok, other, ["sks dog"]), rtol=0, atol=0)
+    assert (h2 - h).abs().max() > 0.05
+
+
+# ---------------------------------------------------------------- captions, summary, epochs
+
+def test_dataset_summary_epochs_arithmetic_and_tag_frequency(tmp_path):
+    images = make_images(tmp_path / "pets", 3, (64, 64))
+    (images / "img_0.txt").write_text("{trigger}, red ball, grass", encoding="utf-8")
+    (images / "img_1.caption").write_text("red ball", encoding="utf-8")
+    log: list[str] = []
+    r = run(tmp_path / "o.safetensors", images, log=log.append, epochs=2, repeats=2, batch_size=3, steps=500)
+    assert "data: 3 instance images (2 with caption files), 64px" in log
+    assert [l for l in log if l.startswith("  e.g.")] == [
+        "  e.g. img_0.png: 'sks dog, red ball, grass'",  # {trigger} substituted
+        "  e.g. img_1.png: 'sks dog, red ball'",  # trigger put first
+        "  e.g. img_2.png: 'sks dog'",  # no caption: --prompt
+    ]
+    assert "steps: 3 images × 2 repeats / batch 3 = 2 batches per epoch; 4 steps × 1 accumulation = 2.0 epochs" in log
+    assert r.steps == 4  # --epochs, not --steps 500
+    md = load(r.path)[1]
+    assert md["ss_steps"] == "4" and md["ss_num_train_images"] == "6"
+    assert json.loads(md["ss_tag_frequency"]) == {"pets": {"sks dog": 3, "red ball": 2, "grass": 1}}
+
+
+# ---------------------------------------------------------------- class images
+
+def test_class_images_are_generated_once_and_topped_up(tmp_path):
+    images = make_images(tmp_path / "inst", 1, (64, 64))
+    classes = tmp_path / "class dogs"  # does not exist yet
+    log: list[str] = []
+    run(tmp_path / "a.safetensors", images, log=log.append, steps=1, class_prompt="a dog",
+        class_images=str(classes), num_class_images=2)
+    first = sorted(classes.glob("*.png"))
+    assert len(first) == 2 and any(l.startswith(f"generating 2 class images for 'a dog' into {classes}") for l in log)
+    before = {p.name: p.read_bytes() for p in first}
+    pixels = [np.asarray(Image.open(p)) for p in first]
+    assert all(a.shape == (64, 64, 3) and a.std() > 1 for a in pixels) and not np.array_equal(*pixels)
+
+    log.clear()
+    r = run(tmp_path / "b.safetensors", images, log=log.append, steps=1, class_prompt="a dog",
+            class_images=str(classes), num_class_images=3)
+    assert any("generating 1 class images" in l and "(2 already there)" in l for l in log)
+    now = sorted(classes.glob("*.png"))
+    assert len(now) == 3 and {p.name: p.read_bytes() for p in now if p.name in before} == before
+    assert load(r.path)[1]["ss_num_reg_images"] == "3"
+
+
+# ---------------------------------------------------------------- min-SNR, noise offset, text-encoder LR
+
+def test_min_snr_weights_match_the_reference_formula():
+    from diffusers.training_utils import compute_snr
+
+    sched = tiny_components()["noise_scheduler"]
+    t = torch.arange(0, 1000, 7)
+    snr = compute_snr(sched, t)  # diffusers' own SNR, as its DreamBooth/LoRA scripts weight by it
+    for gamma in (1.0, 5.0, 20.0):
+        clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        torch.testing.assert_close(min_snr_weights(sched.alphas_cumprod, t, gamma, "epsilon"), clipped / snr,
+                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(min_snr_weights(sched.alphas_cumprod, t, gamma, "v_prediction"),
+                                   clipped / (snr + 1), rtol=1e-5, atol=0)
+    w = min_snr_weights(sched.alphas_cumprod, t, 5.0, "epsilon")
+    assert (w[snr <= 5] == 1).all() and (w[snr > 5] < 1).all() and w[0] < 0.01  # nearly clean steps count little
+
+
+def test_noise_offset_adds_a_per_channel_constant_of_that_scale():
+    latents = torch.zeros(512, 4, 4, 4)
+    plain, _ = sample_noise(latents, 1000, torch.Generator().manual_seed(3), 0.0)
+    offset, t = sample_noise(latents, 1000, torch.Generator().manual_seed(3), 0.1)
+    d = offset - plain
+    assert d.std(dim=(2, 3)).max() < 1e-6  # constant over each channel's pixels
+    assert abs(d[:, :, 0, 0].std().item() - 0.1) < 0.01  # N(0, 0.1²) per (sample, channel)
+    assert abs(plain.std().item() - 1) < 0.02 and t.min() >= 0 and t.max() < 1000
+
+
+def test_min_snr_noise_offset_and_text_encoder_lr_train(tmp_path):
+    images = make_images(tmp_path / "imgs", 2, (64, 64))
+    r = run(tmp_path / "o.safetensors", images, steps=2, save_every=1, lr=1e-3, te_lr=3e-4, min_snr_gamma=5,
+            noise_offset=0.1)
+    ck = ckpt.checkpoint_root(r.path) / "step-000001"
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert [g["lr"] for g in manifest["optimizer_param_groups"]] == [1e-3, 3e-4]  # UNet, text encoder
+    assert manifest["identity"]["min_snr_gamma"] == 5 and manifest["identity"]["noise_offset"] == 0.1
+    # after one AdamW step from B = 0 every lora_up entry is -lr·g/(|g|+eps): its largest magnitude is the LR
+    state = load(ck / "adapter.safetensors")[0]
+    for prefix, lr in (("lora_unet_", 1e-3), ("lora_te_", 3e-4)):
+        top = max(t.abs().max().item() for k, t in state.items() if k.startswith(prefix) and "lora_up" in k)
+        assert top == pytest.approx(lr, rel=1e-3), prefix
+    final, md = load(r.path)
+    assert all(torch.isfinite(t).all() for t in final.values())
+    assert float(md["ss_min_snr_gamma"]) == 5 and md["ss_noise_offset"] == "0.1"
+    assert md["ss_unet_lr"] == "0.001" and md["ss_text_encoder_lr"] == "0.0003"
+
+
+# ---------------------------------------------------------------- monitor
+
+def test_sample_grids_loss_curve_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = make_images(tmp_path / "imgs", 2, (64, 64))
+    classes = make_images(tmp_path / "cls", 1, (64, 64), seed=4)
+    out = tmp_path / "run" / "mon.safetensors"
+    r = run(out, images, steps=2, sample_every=1, sample_steps=2, class_prompt="a dog", class_images=str(classes),
+            num_class_images=1, tensorboard=True)
+    grids = sorted((tmp_path / "run" / "mon-samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"] and r.samples == grids
+    cell, label = 96, 14  # 64 px samples shown at 96 px, a label line above each row
+    for g in grids:
+        im = np.asarray(Image.open(g).convert("RGB")).astype(int)
+        assert im.shape == (label + 3 * (cell + label), 2 * cell, 3)  # rows: trigger, class, unrelated; 2 seeds
+        cells = [im[label + r_ * (cell + label) + label:][:cell, c * cell:(c + 1) * cell]
+                 for r_ in range(3) for c in range(2)]
+        assert all(x.std() > 1 for x in cells)  # an image, not the white background
+        assert all(not np.array_equal(cells[i], cells[j]) for i in range(6) for j in range(i + 1, 6))
+    assert r.loss_curve == tmp_path / "run" / "mon-loss.png" and Image.open(r.loss_curve).size == (640, 320)
+
+    logs = tmp_path / "run" / "mon-logs"
+    assert list(logs.glob("events.out.tfevents.*"))
+    ea = EventAccumulator(str(logs))
+    ea.Reload()
+    assert {"loss", "lr"} <= set(ea.Tags()["scalars"]) and "samples" in ea.Tags()["images"]
+    loss = ea.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2] and all(0 < e.value < 10 and math.isfinite(e.value) for e in loss)
+    assert [(e.step, e.value) for e in ea.Scalars("lr")] == [(1, pytest.approx(1e-3)), (2, pytest.approx(1e-3))]
+    shots = ea.Images("samples")
+    assert [e.step for e in shots] == [1, 2] and (shots[0].width, shots[0].height) == (2 * cell, im.shape[0])
+
+
+# ---------------------------------------------------------------- several processes
+
+def test_two_process_gloo_run_writes_a_valid_adapter(tmp_path, cache_dir):
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (its CPU launcher needs mpirun); two CPU
+    # processes over gloo are torchrun's (--multi_gpu) with ACCELERATE_USE_CPU set.
+    images = make_images(tmp_path / "imgs", 2, (64, 64))
+    out = tmp_path / "mp.safetensors"
+    env = sub_env(cache_dir) | {"ACCELERATE_USE_CPU": "1"}
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", "0", "-m", "sdlora", "train", "--model", "tiny", "--images",
+                        str(images), "--prompt", "sks dog", "--steps", "3", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 images × 1 repeats / batch 1 / 2 processes = 1 batches per epoch" in p.stdout
+    assert p.stdout.count(f"saved {out}") == 1  # the main process alone writes
+    state, md = load(out)
+    assert len(state) == 3 * 80 and md["ss_steps"] == "3"
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert sum(t.abs().sum() for k, t in state.items() if "lora_up" in k) > 0
+
+
+# ---------------------------------------------------------------- presets
+
+REQUIRED_PRESETS = {"quickstart-tiny", "subject-sd15-8gb", "subject-sd15-16gb", "style-sd15-8gb", "subject-sdxl-12gb"}
+
+
+def test_the_documented_presets_exist():
+    names = {p.stem for p in CONFIGS.glob("*.toml")}
+    assert REQUIRED_PRESETS <= names
+    table = (CONFIGS / "README.md").read_text(encoding="utf-8")
+    assert all(f"{n}.toml" in table for n in names)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_preset_loads_validates_and_explains_itself(path):
+    text = path.read_text(encoding="utf-8")
+    header = [l for l in text.splitlines()[:40] if l.startswith("#")]
+    assert len(header) >= 5 and ("VRAM" in text or "offline" in text)  # a comment header: purpose, why, tier
+    values = load_toml(path)
+    assert not {"images", "prompt", "out", "resume"} & values.keys()  # per-run things come from the command line
+    cfg = make_config(values | {"images": "x", "prompt": "sks dog"})
+    for k, v in values.items():
+        assert getattr(cfg, k) == v
+
+
+def test_quickstart_tiny_preset_trains_from_the_command_line(tmp_path, cache_dir):
+    images = make_images(tmp_path / "imgs", 2, (64, 64))
+    out = tmp_path / "q.safetensors"
+    p = subprocess.run([*SDLORA, "train", "--config", str(CONFIGS / "quickstart-tiny.toml"), "--images", str(images),
+                        "--prompt", "sks dog", "--steps", "2", "--out", str(out)],
+                       cwd=ROOT, env=sub_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state, md = load(out)
+    preset = load_toml(CONFIGS / "quickstart-tiny.toml")
+    assert md["ss_steps"] == "2" and md["ss_sd_model_name"] == "tiny"  # the flag overrides the file's steps
+    assert md["ss_network_dim"] == str(preset["rank"])
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"rank": "8"}, "--rank must be a whole number, got '8'"),
+    ({"steps": 2.5}, "--steps must be a whole number, got 2.5"),
+    ({"buckets": "false"}, "--buckets must be true or false, got 'false'"),  # a truthy string must not turn it on
+    ({"lr": "1e-4"}, "--lr must be a number, got '1e-4'"),
+    ({"rank": True}, "--rank must be a whole number, got True"),
+    ({"rank": 0}, "--rank must be at least 1, got 0"),
+])
+def test_preset_values_of_the_wrong_type_are_refused_naming_the_option(tmp_path, values, needle):
+    f = tmp_path / "bad.toml"
+    f.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()), encoding="utf-8")
+    with pytest.raises(SdloraError, match=re.escape(needle)):
+        make_config(load_toml(f) | {"images": "x", "prompt": "sks dog"})
+
+
+def test_whole_numbers_for_float_options_become_floats():
+    cfg = make_config({"images": "x", "prompt": "p", "min_snr_gamma": 5, "alpha": 2, "te_lr": None})
+    assert (cfg.min_snr_gamma, cfg.alpha, cfg.te_lr) == (5.0, 2.0, None) and type(cfg.alpha) is float
