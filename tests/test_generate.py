@@ -45,12 +45,14 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
                        "lr": 1e-2, "seed": 1, "out": str(d / "dog.safetensors")}))
     g = torch.Generator().manual_seed(3)
     t = {}
-    for comp, name, out_, in_, k, r, alpha in [
-        ("unet", "down_blocks.0.resnets.0.conv1", 32, 32, 3, 4, 2.0),
-        ("unet", "down_blocks.2.attentions.0.proj_in", 64, 64, 1, 8, 4.0),
-        ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 64, 64, None, 4, None),
-        ("te", "encoder.layers.3.mlp.fc1", 64, 32, None, 2, 1.0),
+    comps = load_base("tiny").components
+    for comp, name, k, r, alpha in [
+        ("unet", "down_blocks.0.resnets.0.conv1", 3, 4, 2.0),
+        ("unet", "down_blocks.2.attentions.0.proj_in", 1, 8, 4.0),
+        ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", None, 4, None),
+        ("te", "encoder.layers.3.mlp.fc1", None, 2, 1.0),
     ]:
+        out_, in_ = comps[comp].get_submodule(name).weight.shape[:2]  # the tiny model's own widths
         down = torch.randn(r, in_, *((k, k) if k else ()), generator=g) * 0.3
         up = torch.randn(out_, r, *((1, 1) if k else ()), generator=g) * 0.3
         kn = kohya.kohya_name(comp, name)
