@@ -154,12 +154,22 @@ def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_
 
 def add_eval_args(p) -> None:
     p.add_argument("--adapter", required=True, help="kohya LoRA .safetensors to score")
-    p.add_argument("--subject", required=True,
-                   help="what the trigger prompt should show, as a toy-world caption, e.g. 'a purple triangle'")
+    p.add_argument("--subject", default=None,
+                   help="toy model: what the trigger prompt should show, as a toy-world caption, e.g. 'a purple triangle'")
+    p.add_argument("--reference-images", default=None,
+                   help="real models: folder of the real subject's photos (CLIP-I/DINO compare against them)")
+    p.add_argument("--class-noun", default=None, help="real models: the subject's class, e.g. 'dog'")
+    p.add_argument("--token", default="sks", help="real models: the trigger word in the prompts (default: sks)")
+    p.add_argument("--clip-model", default=None, help="real models: local CLIP (default: openai/clip-vit-base-patch32 "
+                   "from the local Hugging Face cache)")
+    p.add_argument("--dino-model", default=None, help="real models: local DINO (default: facebook/dino-vits16 from "
+                   "the local cache)")
+    p.add_argument("--steps", type=int, default=30, help="real models: denoising steps (default: 30)")
     p.add_argument("--prompt", default=None,
                    help="trigger prompt (default: the adapter's trigger from its metadata, e.g. 'a sks triangle')")
     p.add_argument("--class-prompt", default=None, help="class prompt checked for leaks (default: 'a <shape>')")
-    p.add_argument("--model", default="toy", help="base model; only 'toy' has a judge (default: toy)")
+    p.add_argument("--model", default="toy", help="base model: 'toy' (judged by the toy world's judge), or a real "
+                   "model scored with the DreamBooth metrics CLIP-I, CLIP-T and DINO (default: toy)")
     p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default: 1)")
     p.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
@@ -171,7 +181,11 @@ def cmd_eval(args) -> int:
     from sdlora.models import load_base
 
     if args.model != "toy":
-        raise SdloraError(f"--model {args.model}: eval judges images of the toy world; only --model toy has a judge")
+        from sdlora.evaluate import cmd_eval_real
+
+        return cmd_eval_real(args)
+    if not args.subject:
+        raise SdloraError("--subject is required with the toy model, e.g. --subject 'a purple triangle'")
     if "shape" not in world.parse_caption(args.subject):
         raise SdloraError(f"--subject {args.subject!r}: name a colour and a shape of the toy world, e.g. "
                           f"'a purple triangle' (shapes: {', '.join(world.SHAPES)}; colours: {', '.join(world.COLOURS)})")
