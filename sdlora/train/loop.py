@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -112,7 +114,10 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     if cfg.class_prompt and not class_images and cfg.num_class_images == 0:
         raise SdloraError(f"no class images in {class_folder}; add some, or pass --num-class-images N to generate them")
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    # No DDP buffer broadcast: the only buffers are frozen (CLIP's position ids), and with buckets + prior
+    # preservation processes may run different numbers of forwards per step, which per-forward broadcasts deadlock.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise SdloraError("--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 or no")
     main = accelerator.is_main_process
@@ -293,8 +298,11 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     bar = tqdm(total=steps, initial=done, desc="training", unit="step", disable=not main, dynamic_ncols=True)
     ema = None
     alphas_cumprod = base.noise_scheduler.alphas_cumprod
+    # Ctrl-C finishes the step under way, so that what is saved (adapter and checkpoint) is a whole step and a
+    # resume continues exactly; a second Ctrl-C stops at once.
+    stop = _StopFlag(lambda: say("\nCtrl-C: finishing this step, then saving (press again to abort)"))
     try:
-        while done < steps:
+        while done < steps and not stop.set:
             for _ in range(cfg.grad_accum):
                 inst, cls = schedule.next()
                 with accelerator.accumulate(unet_p, *tes_p.values()), accelerator.autocast():
@@ -343,16 +351,22 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
                 sample(done)
     except KeyboardInterrupt:
         bar.close()
+        say("aborted in the middle of a step; nothing saved")
+        raise
+    finally:
+        stop.restore()
+    if stop.set:
+        bar.close()
         if done == 0 or not main:
             say("interrupted before the first step; nothing saved")
-            raise
+            raise KeyboardInterrupt
         say(f"interrupted: saving the {done} steps trained so far")
         checkpoint(done)
         _save(cfg, base, accelerator, targets, resolution, done, instance, classes, started, out_path, say)
-        say(f"continue with: --resume latest (same settings)")
+        say("continue with: --resume latest (same settings)")
         if monitor:
             monitor.close()
-        raise
+        raise KeyboardInterrupt
     bar.close()
     elapsed = time.perf_counter() - t0
     unet_p.eval()
@@ -369,6 +383,29 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     accelerator.wait_for_everyone()
     path = _save(cfg, base, accelerator, targets, resolution, done, instance, classes, started, out_path, say)
     return TrainResult(path, base, done, elapsed, loss_before, loss_after, curve, samples)
+
+
+class _StopFlag:
+    """SIGINT sets a flag (the loop stops at the next step boundary); a second SIGINT raises KeyboardInterrupt.
+    Only in the main thread (signal handlers cannot be set elsewhere, e.g. inside the app's worker threads)."""
+
+    def __init__(self, notice):
+        self.set = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+            self._notice = notice
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        self._notice()
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 def _lora_params(adapted: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
