@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class PromptRules:
             return self.prompt
         if "{trigger}" in caption:
             return caption.replace("{trigger}", self.trigger)
-        if self.trigger and self.trigger not in caption:
+        if self.trigger and not re.search(rf"(?<!\w){re.escape(self.trigger)}(?!\w)", caption):  # whole words only
             return f"{self.trigger}, {caption}"
         return caption
 

@@ -162,3 +162,11 @@ def test_epoch_batches_never_mix_sizes_and_yield_each_example_repeats_times():
     assert a == epoch_batches(examples, 2, 2, epoch=3, seed=7)  # deterministic: a resumed run replays it
     assert a != epoch_batches(examples, 2, 2, epoch=4, seed=7)  # a new order every epoch
     assert a != epoch_batches(examples, 2, 2, epoch=3, seed=8)
+
+
+def test_trigger_is_matched_as_a_whole_word():
+    from sdlora.data import PromptRules
+
+    rules = PromptRules("a sks dog", "sks")
+    assert rules.base_caption("sksx on grass") == "sks, sksx on grass"  # "sksx" is another word
+    assert rules.base_caption("photo of sks dog") == "photo of sks dog"
