@@ -93,3 +93,32 @@ def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(tmp_path):
     merged_img = Session("tiny-sdxl", base=merged).generate(settings, {})[0][0]
     assert list(blended.getdata()) == list(merged_img.getdata())
     assert list(blended.getdata()) != list(base_img.getdata())
+
+
+def test_sdxl_merge_to_a_diffusers_folder_equals_the_fused_adapter(tmp_path):
+    import subprocess
+    import sys
+
+    from sdlora.infer import Session
+    from sdlora.train.step import encode_text
+    from tests.conftest import ROOT
+
+    result = train_tiny(tmp_path / "xl.safetensors", model="tiny-sdxl", steps=2, lr=5e-3)
+    p = subprocess.run([sys.executable, "-m", "sdlora", "merge", "--model", "tiny-sdxl", "--lora",
+                        f"{result.path}:0.8", "--dtype", "fp32", "--out", str(tmp_path / "merged")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    merged = load_base(str(tmp_path / "merged"))
+    session = Session("tiny-sdxl")
+    session.blender.set_strengths({session.add(result.path).file.name: 0.8})
+    g = torch.Generator().manual_seed(0)
+    latents, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    outs = []
+    with torch.no_grad():
+        for base in (merged, session.base, load_base("tiny-sdxl")):
+            hidden, pooled = encode_text(list(base.text_encoders.values()), "sdxl", ["sks dog"])
+            outs.append(base.unet(latents, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample)
+    assert merged.arch == "sdxl"
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-6
+    assert (outs[0] - outs[2]).abs().max().item() > 1e-4  # the merge did change the model
