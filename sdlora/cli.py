@@ -50,68 +50,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate(sub) -> None:
-    from sdlora.infer import add_generate_args, cmd_generate
-
-    p = sub.add_parser("generate", help="generate images with LoRA adapters blended into a base model",
-                       description="Generate PNGs (with A1111 'parameters') from a base model and kohya LoRA files.")
-    add_generate_args(p)
-    p.set_defaults(func=cmd_generate)
-
-
-def _add_eval(sub) -> None:
-    from sdlora.toy.evaluate import add_eval_args, cmd_eval
-
-    p = sub.add_parser("eval", help="score an adapter on the toy model: subject fidelity and prompt fidelity",
-                       description="Generate with and without the adapter on the toy base and judge the images.")
-    add_eval_args(p)
-    p.set_defaults(func=cmd_eval)
-
-
-def _add_verify(sub) -> None:
-    from sdlora.formats.verify import add_verify_args, cmd_verify
-
-    p = sub.add_parser("verify", help="check a LoRA file loads fully in kohya, diffusers, ComfyUI and A1111",
-                       description="Check names, shapes, NaN/Inf, empty delta and alpha; print which tools list the "
-                                   "file. Exits 1 on any problem.")
-    add_verify_args(p)
-    p.set_defaults(func=cmd_verify)
+# name -> (module, help, description). Each module has add_<name>_args(parser) and cmd_<name>(args) -> exit code;
+# modules are imported only when the parser is built, so `sdlora --help` stays quick to write.
+SUBCOMMANDS = {
+    "generate": ("sdlora.infer", "generate images with LoRA adapters blended into a base model",
+                 "Generate PNGs (with A1111 'parameters') from a base model and kohya LoRA files."),
+    "verify": ("sdlora.formats.verify", "check a LoRA file loads fully in kohya, diffusers, ComfyUI and A1111",
+               "Check names, shapes, NaN/Inf, empty delta and alpha; print which tools list the file. "
+               "Exits 1 on any problem."),
+    "inspect": ("sdlora.inspect", "show a LoRA file's architecture, targets, rank/alpha, trigger and metadata",
+                "Describe a LoRA file from kohya, OneTrainer, ai-toolkit, diffusers or PEFT."),
+    "convert": ("sdlora.formats.convert", "convert a LoRA between kohya, diffusers and PEFT layouts",
+                "Convert a LoRA file; alpha is carried through; prints converted/skipped/unknown."),
+    "merge": ("sdlora.merge", "bake LoRAs into a base model (single-file LDM checkpoint or diffusers folder)",
+              "Fuse LoRA adapters at given strengths into a model and save it."),
+    "resize": ("sdlora.resize", "reduce a LoRA's rank by SVD",
+               "Lower the rank of every module by truncated SVD; prints the energy kept."),
+    "eval": ("sdlora.toy.evaluate", "score an adapter: toy-world judge, or CLIP-I/CLIP-T/DINO on real models",
+             "Generate with and without the adapter and score the images (subject fidelity, prompt fidelity)."),
+}
 
 
-def _add_inspect(sub) -> None:
-    from sdlora.inspect import add_inspect_args, cmd_inspect
+def _add_subcommand(sub, name: str) -> None:
+    import importlib
 
-    p = sub.add_parser("inspect", help="show a LoRA file's architecture, targets, rank/alpha, trigger and metadata",
-                       description="Describe a LoRA file from kohya, OneTrainer, ai-toolkit, diffusers or PEFT.")
-    add_inspect_args(p)
-    p.set_defaults(func=cmd_inspect)
-
-
-def _add_convert(sub) -> None:
-    from sdlora.formats.convert import add_convert_args, cmd_convert
-
-    p = sub.add_parser("convert", help="convert a LoRA between kohya, diffusers and PEFT layouts",
-                       description="Convert a LoRA file; alpha is carried through; prints converted/skipped/unknown.")
-    add_convert_args(p)
-    p.set_defaults(func=cmd_convert)
-
-
-def _add_merge(sub) -> None:
-    from sdlora.merge import add_merge_args, cmd_merge
-
-    p = sub.add_parser("merge", help="bake LoRAs into a base model (single-file LDM checkpoint or diffusers folder)",
-                       description="Fuse LoRA adapters at given strengths into a model and save it.")
-    add_merge_args(p)
-    p.set_defaults(func=cmd_merge)
-
-
-def _add_resize(sub) -> None:
-    from sdlora.resize import add_resize_args, cmd_resize
-
-    p = sub.add_parser("resize", help="reduce a LoRA's rank by SVD",
-                       description="Lower the rank of every module by truncated SVD; prints the energy kept.")
-    add_resize_args(p)
-    p.set_defaults(func=cmd_resize)
+    module, help_, description = SUBCOMMANDS[name]
+    mod = importlib.import_module(module)
+    p = sub.add_parser(name, help=help_, description=description)
+    getattr(mod, f"add_{name}_args")(p)
+    p.set_defaults(func=getattr(mod, f"cmd_{name}"))
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -150,14 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with any of the settings below; flags override it")
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
-    _add_generate(sub)
-    _add_verify(sub)
-    _add_inspect(sub)
-    _add_convert(sub)
-    _add_merge(sub)
-    _add_resize(sub)
+    for name in SUBCOMMANDS:
+        _add_subcommand(sub, name)
     _add_cache(sub)
-    _add_eval(sub)
     return parser
 
 
@@ -168,6 +130,7 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-file "Loading weights" bars; ours stay
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
