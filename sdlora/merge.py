@@ -132,10 +132,10 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
         sd = {k: v.to(SAVE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
         io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)})
         return out
-    from sdlora.formats.convert import _write_dir
+    from sdlora.formats.io import atomic_write_dir
 
     pipe = base.pipeline()
-    _write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    atomic_write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return out
 
 

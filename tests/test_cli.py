@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +172,19 @@ def test_cache_command_counts_and_clears_the_entries_training_wrote(tmp_path, do
     assert f"{n} entries" in run("cache", "--dir", cache).stdout
     assert f"cleared {cache}: {n} entries" in run("cache", "--dir", cache, "--clear").stdout
     assert not cache.exists()
+
+
+def test_atomic_folder_write_replaces_whole_and_gets_normal_permissions(tmp_path):
+    import os
+
+    from sdlora.formats.io import atomic_write_dir
+
+    out = tmp_path / "model"
+    atomic_write_dir(out, lambda d: (d / "a.txt").write_text("one"))
+    with pytest.raises(RuntimeError):
+        atomic_write_dir(out, lambda d: ((d / "b.txt").write_text("two"), (_ for _ in ()).throw(RuntimeError("x"))))
+    assert [p.name for p in out.iterdir()] == ["a.txt"]  # a failed write leaves the old folder as it was
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # and no temp folder behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700

@@ -11,7 +11,7 @@ import torch
 
 from sdlora.archs import load_config, meta_components
 from sdlora.formats import convert, io, kohya, layouts, meta, verify
-from sdlora.lora.targets import PRESETS, find_targets
+from sdlora.lora.targets import find_targets
 
 ARCHS = ("sd1", "sd2", "sdxl")
 VERSION = {"sd1": "sd_v1", "sd2": "sd_v2_768_v", "sdxl": "sdxl_base_v1-0"}

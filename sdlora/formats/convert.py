@@ -15,8 +15,6 @@ kohya gives the same tensors and metadata.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -300,20 +298,6 @@ def to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], arch: s
     return modules_to_kohya(mods, arch or a, missing), md, rep
 
 
-def _write_dir(out: Path, fill) -> None:
-    """Write a folder atomically: fill a temp sibling, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write(modules, metadata: dict[str, str], arch: str, out, to: str, alpha_if_missing: float | None = None) -> Path:
     """Write neutral modules as `to` ("kohya", "diffusers", "peft") at `out`."""
     out = Path(out)
@@ -348,7 +332,7 @@ def write(modules, metadata: dict[str, str], arch: str, out, to: str, alpha_if_m
                 (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
                 md = _carry(metadata, _missing_names(modules, arch)) | {"format": "pt"}
                 io.atomic_save(tensors, d / "adapter_model.safetensors", md)
-        _write_dir(out, fill)
+        io.atomic_write_dir(out, fill)
         return out
     raise SdloraError(f"unknown format '{to}'; use one of: {', '.join(FORMATS)}")
 

@@ -10,7 +10,6 @@ the judge and tests use seeds from 10,000,000 up.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 

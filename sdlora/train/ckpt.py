@@ -8,16 +8,14 @@ adapter at that step in kohya format, usable on its own.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from sdlora.errors import SdloraError
-from sdlora.formats.io import atomic_write
+from sdlora.formats.io import atomic_write_dir
 
 FORMAT = 1
 
@@ -40,9 +38,8 @@ def save(folder: Path, *, step: int, identity: dict, data: dict, position: dict,
          optimizer, lr_scheduler, rng: dict, adapter_writer) -> Path:
     """Write a checkpoint folder atomically (temp folder + rename)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         tensors = {f"lora/{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in params.items()}
         osd = optimizer.state_dict()
         for idx, st in osd["state"].items():
@@ -50,24 +47,16 @@ def save(folder: Path, *, step: int, identity: dict, data: dict, position: dict,
                 tensors[f"optim/{idx}/{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
         tensors["rng/train"] = rng["train"].contiguous()
         tensors["rng/torch"] = torch.get_rng_state().contiguous()
-        atomic_write(tmp / "state.safetensors", lambda p: save_file(tensors, p))
+        save_file(tensors, tmp / "state.safetensors")
         manifest = {
             "format": FORMAT, "step": step, "identity": identity, "data": data, "position": position,
             "optimizer_param_groups": osd["param_groups"], "lr_scheduler": lr_scheduler.state_dict(),
             "python_rng": rng["python"],
         }
-        text = json.dumps(manifest, indent=1, default=_jsonable)
-        atomic_write(tmp / "manifest.json", lambda p: Path(p).write_text(text))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))
         adapter_writer(tmp / "adapter.safetensors")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(folder, fill)
     return folder
 
 
