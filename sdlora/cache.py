@@ -85,10 +85,14 @@ class LatentCache:
         self.store = _Store(folder / "latents" if folder else None)
         self._digests: dict[Path, str] = {}
 
+    def digest(self, path: Path) -> str:
+        """sha256 of the image file, read once per run (the resume manifest reuses it)."""
+        if path not in self._digests:
+            self._digests[path] = file_digest(path)
+        return self._digests[path]
+
     def key(self, ex: Example, flip: bool) -> str:
-        if ex.path not in self._digests:
-            self._digests[ex.path] = file_digest(ex.path)
-        parts = [CACHE_VERSION, self._digests[ex.path], f"{ex.size[0]}x{ex.size[1]}", str(flip), self.vae_id]
+        parts = [CACHE_VERSION, self.digest(ex.path), f"{ex.size[0]}x{ex.size[1]}", str(flip), self.vae_id]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     @torch.no_grad()

@@ -184,6 +184,7 @@ class Example:
     is_class: bool = False
     orig_size: tuple[int, int] = (0, 0)  # (width, height) of the file, after EXIF orientation
     crop_top_left: tuple[int, int] = (0, 0)  # where the centre crop starts in the resized image
+    has_caption: bool = False  # a .txt/.caption sidecar was found
 
     def sdxl_time_ids(self) -> list[int]:
         """SDXL's size/crop micro-conditioning: original (h, w), crop (top, left), target (h, w)."""
@@ -195,11 +196,12 @@ def build_examples(images: list[Path], rules: PromptRules, resolution: int, buck
     """One Example per image: its caption (sidecar, or the prompt) and its training size (bucket or square)."""
     out = []
     for p in images:
-        caption = fixed_caption if fixed_caption is not None else rules.base_caption(read_caption(p))
+        sidecar = None if fixed_caption is not None else read_caption(p)
+        caption = fixed_caption if fixed_caption is not None else rules.base_caption(sidecar)
         orig = image_size(p)
         size = nearest_bucket(orig, bucket_list) if bucket_list else (resolution, resolution)
         _, _, left, top = cover_crop(*orig, *size)
-        out.append(Example(p, caption, size, is_class, orig, (top, left)))
+        out.append(Example(p, caption, size, is_class, orig, (top, left), sidecar is not None))
     return out
 
 

@@ -19,10 +19,10 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from sdlora import adapter
-from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, file_digest
+from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
 from sdlora.config import TrainConfig
 from sdlora.data import (Example, PromptRules, build_examples, checked_images, epoch_batches, make_buckets,
-                         read_caption, tag_frequency)
+                         tag_frequency)
 from sdlora.errors import SdloraError
 from sdlora.formats import meta
 from sdlora.lora.inject import add_lora, format_table, report
@@ -152,7 +152,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     schedule = _Schedule(instance, classes, cfg, accelerator.process_index, accelerator.num_processes)
     per_epoch = schedule.batches_per_epoch()
     steps = math.ceil(per_epoch * cfg.epochs / cfg.grad_accum) if cfg.epochs else cfg.steps
-    n_captioned = sum(read_caption(p) is not None for p in instance_images)
+    n_captioned = sum(e.has_caption for e in instance)
     prng = random.Random(cfg.seed + 3)
     say(f"data: {len(instance)} instance images ({n_captioned} with caption files)"
         + (f", {len(classes)} class images ('{cfg.class_prompt}', loss weight {cfg.prior_loss_weight})" if classes else "")
@@ -214,7 +214,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
 
     # ---- 8. resume
     identity = {k: getattr(cfg, k) for k in ckpt.IDENTITY} | {"processes": accelerator.num_processes}
-    data_ids = {str(e.path.resolve()): file_digest(e.path) for e in instance + classes}
+    data_ids = {str(e.path.resolve()): latents_cache.digest(e.path) for e in instance + classes}
     ckpt_root = ckpt.checkpoint_root(out_path)
     g = torch.Generator().manual_seed(cfg.seed + 1 + accelerator.process_index)
     done = 0
@@ -270,6 +270,9 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     monitor = Monitor(out_path, cfg.tensorboard) if main else None
     samples: list[Path] = []
 
+    def save_adapter(path: Path, step: int, log_=say) -> Path:
+        return _save(cfg, base, accelerator, targets, resolution, step, instance, classes, started, path, log_)
+
     def checkpoint(step: int) -> None:
         if not main:
             return
@@ -277,8 +280,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
                            position=schedule.position(), params=_lora_params(adapted), optimizer=optimizer,
                            lr_scheduler=lr_scheduler,
                            rng={"train": g.get_state(), "python": prng.getstate()},
-                           adapter_writer=lambda p: _save(cfg, base, accelerator, targets, resolution, step, instance,
-                                                          classes, started, p, lambda *a: None))
+                           adapter_writer=lambda p: save_adapter(p, step, lambda *a: None))
         ckpt.prune(ckpt_root, cfg.keep_last)
         say(f"checkpoint {folder}")
 
@@ -362,7 +364,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
             raise KeyboardInterrupt
         say(f"interrupted: saving the {done} steps trained so far")
         checkpoint(done)
-        _save(cfg, base, accelerator, targets, resolution, done, instance, classes, started, out_path, say)
+        save_adapter(out_path, done)
         say("continue with: --resume latest (same settings)")
         if monitor:
             monitor.close()
@@ -381,7 +383,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     if curve:
         say(f"loss curve {curve}" + (f"; samples in {samples[-1].parent}" if samples else ""))
     accelerator.wait_for_everyone()
-    path = _save(cfg, base, accelerator, targets, resolution, done, instance, classes, started, out_path, say)
+    path = save_adapter(out_path, done)
     return TrainResult(path, base, done, elapsed, loss_before, loss_after, curve, samples)
 
 
