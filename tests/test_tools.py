@@ -134,7 +134,15 @@ def test_locon_and_no_alpha_files_generate(files, tmp_path):
     assert main(["generate", "--model", "tiny", "--lora", f"{files['locon']}:0.7", "--lora", f"{files['noalpha']}:0.3",
                "--lora", f"{files['diffusers']}:0.2", "--prompt", "sks dog", "--steps", "2", "--size", "32",
                "--out", str(tmp_path / "x.png")]) == 0
-    assert (tmp_path / "x.png").stat().st_size > 0
+    assert main(["generate", "--model", "tiny", "--prompt", "sks dog", "--steps", "2", "--size", "32",
+                 "--out", str(tmp_path / "base.png")]) == 0
+    from PIL import Image
+
+    from sdlora.infer import read_parameters
+
+    # the three files were applied (the image is not the base model's) and are recorded in the PNG
+    assert list(Image.open(tmp_path / "x.png").getdata()) != list(Image.open(tmp_path / "base.png").getdata())
+    assert len(read_parameters(tmp_path / "x.png").loras) == 3
 
 
 def test_merge_single_file_loads_in_diffusers_with_the_fused_output(files, tmp_path, base):
