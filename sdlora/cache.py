@@ -112,8 +112,8 @@ class EmbeddingCache:
     """Text conditioning (hidden states, and SDXL's pooled embedding) per (prompt, text encoders), for frozen
     text encoders."""
 
-    def __init__(self, text_encoders: list[tuple[object, torch.nn.Module]], arch: str, folder: Path | None):
-        self.text_encoders, self.arch = text_encoders, arch
+    def __init__(self, text_encoders: list[tuple[object, torch.nn.Module]], spec, folder: Path | None):
+        self.text_encoders, self.spec = text_encoders, spec
         self.te_id = hashlib.sha256("".join(fingerprint(te) for _, te in text_encoders).encode()).hexdigest()
         self.store = _Store(folder / "text" if folder else None)
 
@@ -122,7 +122,7 @@ class EmbeddingCache:
         from sdlora.train.step import encode_text
 
         def compute(p):
-            h, pooled = encode_text(self.text_encoders, self.arch, [p])
+            h, pooled = encode_text(self.spec, self.text_encoders, [p])
             return {"h": h[0].float()} | ({"p": pooled[0].float()} if pooled is not None else {})
 
         hs, ps = [], []

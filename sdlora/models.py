@@ -1,149 +1,161 @@
 """Load a base model: a built-in one (`tiny`, `tiny-sd2`, `tiny-sdxl`, `toy`), a hub id, a local diffusers folder
 or a single-file checkpoint.
 
-The architecture (SD 1.x, SD 2.x, SDXL) and prediction type are detected from what is loaded, never asked for.
+The architecture (an `sdlora.archs` spec) and prediction type are detected from what is loaded, never asked for.
+Importing this module imports neither torch nor diffusers (they load when a model does).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from sdlora import archs
+from sdlora.archs import ArchSpec
 from sdlora.errors import SdloraError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTIN_MODELS = ("tiny", "tiny-sd2", "tiny-sdxl", "toy")
-
-# Native training resolution per architecture (what the base model was trained at).
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64, "toy": 32}
-
-
-def base_model_version(arch: str, prediction_type: str) -> str:
-    """kohya's `ss_base_model_version` (sd_v1, sd_v2_512, sd_v2_768_v, sdxl_base_v1-0)."""
-    from sdlora.formats.meta import base_model_version as bmv
-
-    return bmv(arch, prediction_type)
+# built-in offline models -> (what they are, for help texts)
+BUILTIN_MODELS = {
+    "tiny": "SD 1.x module tree at toy widths, random weights (64 px)",
+    "tiny-sd2": "SD 2.x (v-prediction) module tree at toy widths, random weights (64 px)",
+    "tiny-sdxl": "SDXL module tree at toy widths, random weights (64 px)",
+    "toy": "SD 1.x-shaped model pretrained on sdlora's toy world of coloured shapes (32 px)",
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
 class BaseModel:
-    """The parts of a Stable Diffusion model that training and generation use."""
+    """The parts of a diffusion model that training and generation use, by role.
+
+    `modules` holds the networks under their diffusers names ("unet", "text_encoder", "text_encoder_2", "vae"),
+    `tokenizers` the tokenizers ("tokenizer", "tokenizer_2"); both are also attributes (`base.unet`). What each
+    role is for comes from `spec`.
+    """
 
     name: str  # what the user passed as --model
-    arch: str  # "sd1", "sd2" or "sdxl"
+    spec: ArchSpec
     prediction_type: str  # "epsilon" or "v_prediction"
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    vae: torch.nn.Module
-    noise_scheduler: object  # DDPMScheduler with the model's training schedule
+    modules: dict
+    tokenizers: dict
+    noise_scheduler: object  # the training noise schedule
     scheduler_config: dict = field(default_factory=dict)  # the model's own inference scheduler config
     native_resolution: int = 512
-    text_encoder_2: torch.nn.Module | None = None  # SDXL: OpenCLIP bigG (with projection)
-    tokenizer_2: object = None
+
+    def __getattr__(self, name: str):
+        # only called for names that are not fields: the roles (base.unet, base.text_encoder_2, base.tokenizer)
+        for table in ("modules", "tokenizers"):
+            d = self.__dict__.get(table)
+            if d is not None and name in d:
+                return d[name]
+        raise AttributeError(name)
 
     @property
-    def components(self) -> dict[str, torch.nn.Module]:
+    def arch(self) -> str:
+        return self.spec.id
+
+    @property
+    def denoiser(self):
+        return self.modules[self.spec.denoiser]
+
+    @property
+    def components(self) -> dict:
         """The modules that LoRA adapts, by kohya component name: unet + te, or unet + te1 + te2 for SDXL."""
-        if self.arch == "sdxl":
-            return {"unet": self.unet, "te1": self.text_encoder, "te2": self.text_encoder_2}
-        return {"unet": self.unet, "te": self.text_encoder}
+        return {c: self.modules[attr] for c, attr in self.spec.components.items()}
 
     @property
-    def text_encoders(self) -> dict[str, tuple[object, torch.nn.Module]]:
-        """{kohya component: (tokenizer, text encoder)}."""
-        if self.arch == "sdxl":
-            return {"te1": (self.tokenizer, self.text_encoder), "te2": (self.tokenizer_2, self.text_encoder_2)}
-        return {"te": (self.tokenizer, self.text_encoder)}
+    def text_encoders(self) -> dict:
+        """{kohya component: (tokenizer, text encoder)}, in the spec's order."""
+        return {t.component: (self.tokenizers[t.tokenizer_attr], self.modules[t.attr]) for t in self.spec.text_encoders}
 
     @property
     def base_model_version(self) -> str:
-        return base_model_version(self.arch, self.prediction_type)
+        return self.spec.kohya_version(self.prediction_type)
+
+    def to(self, dtype) -> "BaseModel":
+        for m in self.modules.values():
+            m.to(dtype)
+        return self
 
     def pipeline(self, scheduler=None):
         """A diffusers pipeline over these very modules (no copy)."""
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
 
         if scheduler is None:
-            scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
-        if self.arch == "sdxl":
-            return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder,
-                                             text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
-                                             tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler)
-        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=self.unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+            scheduler = diffusers.DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+        cls = getattr(diffusers, self.spec.pipeline)
+        return cls(**self.modules, **self.tokenizers, scheduler=scheduler, **self.spec.pipeline_extra)
 
 
-def _safetensors_keys(path: Path) -> list[str]:
-    """Tensor names of a .safetensors file, read from its header alone."""
+def from_components(name: str, spec: ArchSpec, parts: dict, native_resolution: int | None = None) -> BaseModel:
+    """A BaseModel from a dict of diffusers components (modules, tokenizers, `scheduler` or `noise_scheduler`)."""
+    from diffusers import DDPMScheduler
+
+    sched_cfg = dict(parts.get("scheduler_config") or parts["scheduler"].config)
+    sched_cfg = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
+    # Training needs the model's noise schedule (betas, prediction type) with DDPM's forward process.
+    noise_scheduler = parts.get("noise_scheduler") or DDPMScheduler.from_config(sched_cfg)
+    prediction = noise_scheduler.config.prediction_type
+    modules = {a: parts[a] for a in ("vae", *spec.components.values())}
+    tokenizers = {t.tokenizer_attr: parts[t.tokenizer_attr] for t in spec.text_encoders}
+    return BaseModel(name=name, spec=spec, prediction_type=prediction, modules=modules, tokenizers=tokenizers,
+                     noise_scheduler=noise_scheduler, scheduler_config=sched_cfg,
+                     native_resolution=native_resolution or spec.resolution_for(prediction))
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a .safetensors file (safetensors reads the header alone)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise SdloraError(f"{path}: not a readable .safetensors file ({e}); re-download or re-export it") from e
-    return [k for k in header if k != "__metadata__"]
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SdloraError(f"{path}: not a readable .safetensors file ({_first_line(e)}); re-download or re-export "
+                          "it") from e
 
 
-def detect_checkpoint_arch(keys: list[str]) -> str:
-    """Architecture of an original-layout (LDM/SGM) single-file checkpoint from its tensor names."""
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.transformer.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    raise SdloraError("checkpoint has no text-encoder weights of SD 1.x, SD 2.x or SDXL; pass a Stable Diffusion "
-                      "checkpoint (an SDXL refiner or inpainting-only file is not supported)")
+def detect_checkpoint_arch(keys: list[str]) -> ArchSpec:
+    """Family of an original-layout (LDM/SGM) single-file checkpoint, from its tensor names."""
+    for spec in archs.SPECS.values():
+        if spec.checkpoint_marker and any(k.startswith(spec.checkpoint_marker) for k in keys):
+            return spec
+    raise SdloraError("the checkpoint has no text-encoder weights of " + ", ".join(archs.label(a) for a in archs.IDS)
+                      + "; pass a Stable Diffusion checkpoint (an SDXL refiner or inpainting-only file is not supported)")
 
 
-def detect_arch(unet_config, text_encoder_config) -> str:
-    """Architecture of loaded diffusers components."""
-    if getattr(unet_config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    if text_encoder_config.hidden_act == "gelu" or unet_config.cross_attention_dim == 1024:
-        return "sd2"
-    return "sd1"
+def detect_arch(denoiser_config, text_encoder_config) -> ArchSpec:
+    """Family of loaded diffusers components: the spec whose public configs agree on the added embedding and the
+    first text encoder's activation (widths differ between fine-tunes and the tiny models, these do not)."""
+    for spec in archs.SPECS.values():
+        ref_unet = archs.load_config(spec.id, spec.denoiser)
+        ref_te = archs.load_config(spec.id, spec.text_encoders[0].attr)
+        if (getattr(denoiser_config, "addition_embed_type", None) == ref_unet.get("addition_embed_type")
+                and getattr(text_encoder_config, "hidden_act", None) == ref_te.get("hidden_act")):
+            return spec
+    raise SdloraError("the model is not " + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
 
 
-def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> BaseModel:
+def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
     """Load `name`: a built-in model, a hub id, a local diffusers folder, or a single-file .safetensors checkpoint."""
-    from sdlora.tiny import TINY_MODELS, TINY_RESOLUTION, tiny_components
+    import torch
 
-    if name in TINY_MODELS:
-        arch = TINY_MODELS[name]
-        c = tiny_components(arch)
-        base = BaseModel(name=name, arch=arch, prediction_type=c["noise_scheduler"].config.prediction_type,
-                         native_resolution=TINY_RESOLUTION, unet=c["unet"], text_encoder=c["text_encoder"],
-                         tokenizer=c["tokenizer"], vae=c["vae"], noise_scheduler=c["noise_scheduler"],
-                         scheduler_config=c["scheduler_config"], text_encoder_2=c.get("text_encoder_2"),
-                         tokenizer_2=c.get("tokenizer_2"))
-        return _cast(base, dtype)
-
-    if name == "toy":  # pretrained on a synthetic world (sdlora/toy); SD1-shaped, 32 px
-        from sdlora.toy import load_toy
-
-        return _cast(load_toy(), dtype)
-
+    if name in BUILTIN_MODELS:
+        base = _builtin(name)
+        return base.to(dtype) if dtype not in (None, torch.float32) else base
+    dtype = dtype or torch.float32
     path = Path(name).expanduser()
-    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SdloraError(f"{name}: pickle checkpoints can run code when loaded; convert it to .safetensors first")
+    import diffusers
+
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder or a hub id")
-        arch = detect_checkpoint_arch(_safetensors_keys(path))
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+        spec = detect_checkpoint_arch(checkpoint_keys(path))
         try:
-            pipe = cls.from_single_file(str(path), dtype=dtype)
+            pipe = getattr(diffusers, spec.pipeline).from_single_file(str(path), dtype=dtype)
         except Exception as e:  # diffusers raises many types; the user needs one line
             raise SdloraError(f"{name}: could not load the checkpoint ({_first_line(e)}); check the file is complete, "
                               "or pass a diffusers folder (diffusers fetches the model config from the hub the first "
@@ -152,42 +164,32 @@ def load_base(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> 
         if path.exists() and not (path / "model_index.json").is_file():
             raise SdloraError(f"{name}: folder has no model_index.json; pass a diffusers model folder, "
                               "a .safetensors checkpoint, a hub id or 'tiny'")
-        from diffusers import DiffusionPipeline
-
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name, dtype=dtype,
-                                                     safety_checker=None, requires_safety_checker=False)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(str(path) if path.exists() else name, dtype=dtype,
+                                                               safety_checker=None, requires_safety_checker=False)
         except Exception as e:
             raise SdloraError(f"could not load model '{name}' ({_first_line(e)}); pass a local diffusers folder, "
                               "a .safetensors checkpoint, or --model tiny to try sdlora offline") from e
     return from_pipeline(pipe, name)
 
 
-def _cast(base: BaseModel, dtype: torch.dtype) -> BaseModel:
-    if dtype != torch.float32:
-        for m in base.components.values():
-            m.to(dtype)
-        base.vae.to(dtype)
-    return base
+def _builtin(name: str) -> BaseModel:
+    if name == "toy":  # pretrained on a synthetic world (sdlora/toy); SD1-shaped, 32 px
+        from sdlora.toy import TOY_ARCH, TOY_RESOLUTION, toy_components
+
+        return from_components(name, archs.get(TOY_ARCH), toy_components(), TOY_RESOLUTION)
+    from sdlora.tiny import TINY_MODELS, TINY_RESOLUTION, tiny_components
+
+    spec = archs.get(TINY_MODELS[name])
+    return from_components(name, spec, tiny_components(spec), TINY_RESOLUTION)
 
 
 def from_pipeline(pipe, name: str) -> BaseModel:
-    """Wrap a loaded diffusers pipeline, detecting the architecture and prediction type."""
-    from diffusers import DDPMScheduler
-
+    """Wrap a loaded diffusers pipeline, detecting the family and prediction type."""
     if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
         raise SdloraError(f"{name} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/SDXL model")
-    arch = detect_arch(pipe.unet.config, pipe.text_encoder.config)
-    sched_cfg = dict(pipe.scheduler.config)
-    noise_scheduler = DDPMScheduler.from_config(sched_cfg)
-    prediction = noise_scheduler.config.prediction_type
-    native = NATIVE_RESOLUTION[arch]
-    if arch == "sd2" and prediction == "epsilon":
-        native = 512  # SD 2.x base (512, epsilon) vs SD 2.x (768, v-prediction)
-    return BaseModel(name=name, arch=arch, prediction_type=prediction, unet=pipe.unet, text_encoder=pipe.text_encoder,
-                     tokenizer=pipe.tokenizer, vae=pipe.vae, noise_scheduler=noise_scheduler, scheduler_config=sched_cfg,
-                     native_resolution=native, text_encoder_2=getattr(pipe, "text_encoder_2", None),
-                     tokenizer_2=getattr(pipe, "tokenizer_2", None))
+    spec = detect_arch(pipe.unet.config, pipe.text_encoder.config)
+    return from_components(name, spec, dict(pipe.components))
 
 
 def _first_line(e: BaseException) -> str:

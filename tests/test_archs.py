@@ -117,7 +117,7 @@ def test_sdxl_merge_to_a_diffusers_folder_equals_the_fused_adapter(tmp_path):
     outs = []
     with torch.no_grad():
         for base in (merged, session.base, load_base("tiny-sdxl")):
-            hidden, pooled = encode_text(list(base.text_encoders.values()), "sdxl", ["sks dog"])
+            hidden, pooled = encode_text(base.spec, list(base.text_encoders.values()), ["sks dog"])
             outs.append(base.unet(latents, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample)
     assert merged.arch == "sdxl"
     assert (outs[0] - outs[1]).abs().max().item() < 1e-6

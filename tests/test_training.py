@@ -26,10 +26,12 @@ from sdlora.config import load_toml, make_config
 from sdlora.data import Example, load_image
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
+from sdlora.models import load_base
 from sdlora.tiny import tiny_components
 from sdlora.train import ckpt
 from sdlora.train.loop import train
-from sdlora.train.step import encode_prompts, min_snr_weights, sample_noise
+from sdlora.archs import get as arch_spec
+from sdlora.train.step import min_snr_weights, sample_noise
 from tests.conftest import ROOT, make_images
 
 SDLORA = [sys.executable, "-m", "sdlora"]
@@ -298,16 +300,22 @@ def test_latent_cache_keys_on_file_bytes_size_flip_and_vae_weights(tmp_path):
     assert torch.equal(rebuilt.get(ex, False)[0], new_mean) and rebuilt.store.misses == 1
 
 
+def final_hidden(tok, te, prompts):
+    """SD 1.x conditioning computed here: CLIP's last hidden state (after the final layer norm), 77 tokens."""
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return te(ids).last_hidden_state
+
+
 def test_text_embedding_cache_keys_on_prompt_and_text_encoder_weights(tmp_path):
     c = tiny_components()
     tok, te = c["tokenizer"], c["text_encoder"]
     folder = tmp_path / "cache"
-    first = EmbeddingCache([(tok, te)], "sd1", folder)
+    first = EmbeddingCache([(tok, te)], arch_spec("sd1"), folder)
     h, pooled = first.get(["sks dog"])
     assert h.shape == (1, 77, 32) and pooled is None and first.store.misses == 1
     with torch.no_grad():
-        torch.testing.assert_close(h, encode_prompts(tok, te, ["sks dog"]), rtol=0, atol=0)
-    again = EmbeddingCache([(tok, te)], "sd1", folder)
+        torch.testing.assert_close(h, final_hidden(tok, te, ["sks dog"]), rtol=0, atol=0)
+    again = EmbeddingCache([(tok, te)], arch_spec("sd1"), folder)
     assert torch.equal(again.get(["sks dog"])[0], h) and (again.store.hits, again.store.misses) == (1, 0)
     cat = again.get(["a cat"])[0]
     assert again.store.misses == 1 and (cat - h).abs().max() > 1e-3
@@ -315,11 +323,11 @@ def test_text_embedding_cache_keys_on_prompt_and_text_encoder_weights(tmp_path):
     other = copy.deepcopy(te)
     with torch.no_grad():
         next(p for n, p in other.named_parameters() if n.endswith("final_layer_norm.bias")).add_(0.1)
-    changed = EmbeddingCache([(tok, other)], "sd1", folder)
+    changed = EmbeddingCache([(tok, other)], arch_spec("sd1"), folder)
     h2 = changed.get(["sks dog"])[0]
     assert (changed.store.hits, changed.store.misses) == (0, 1)
     with torch.no_grad():
-        torch.testing.assert_close(h2, encode_prompts(tok, other, ["sks dog"]), rtol=0, atol=0)
+        torch.testing.assert_close(h2, final_hidden(tok, other, ["sks dog"]), rtol=0, atol=0)
     assert (h2 - h).abs().max() > 0.05
 
 
@@ -372,7 +380,7 @@ def test_class_images_are_generated_once_and_topped_up(tmp_path):
 def test_min_snr_weights_match_the_reference_formula():
     from diffusers.training_utils import compute_snr
 
-    sched = tiny_components()["noise_scheduler"]
+    sched = load_base("tiny").noise_scheduler
     t = torch.arange(0, 1000, 7)
     snr = compute_snr(sched, t)  # diffusers' own SNR, as its DreamBooth/LoRA scripts weight by it
     for gamma in (1.0, 5.0, 20.0):

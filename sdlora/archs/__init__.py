@@ -1,7 +1,12 @@
-"""Public architecture configs, used to build real models on the meta device and to scale down tiny ones.
+"""The architecture registry: one `ArchSpec` per model family, and the public configs of the real models.
 
-Folders: `sd15` (SD 1.5), `sd21` (SD 2.1, 768-v), `sdxl` (SDXL base 1.0); each holds the diffusers configs of
-the UNet, text encoder(s), VAE and scheduler exactly as the public repositories ship them (see their README).
+`get("sdxl")` is the spec; `SPECS` lists them all. Folders `sd15` (SD 1.5), `sd21` (SD 2.1, 768-v) and `sdxl`
+(SDXL base 1.0) hold the diffusers configs of the UNet, text encoder(s), VAE and scheduler exactly as the public
+repositories ship them (see their README), used to build the real models on the meta device and to scale down
+the tiny ones.
+
+A new family: a spec module beside sd1.py (plus its config folder), one line in `SPECS` below, its key-name maps
+in sdlora/formats/, and tests.
 """
 
 from __future__ import annotations
@@ -9,26 +14,53 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sdlora.archs import sd1, sd2, sdxl
+from sdlora.archs.spec import ArchSpec, TextEncoderSpec
+from sdlora.errors import SdloraError
+
+__all__ = ["ArchSpec", "TextEncoderSpec", "SPECS", "IDS", "get", "load_config", "meta_model", "meta_components"]
+
 _HERE = Path(__file__).parent
 
-# sdlora's architecture ids ("sd1", "sd2", "sdxl", as BaseModel.arch) -> config folder.
-ARCH_DIRS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
-# kohya component name -> diffusers component (config file / pipeline attribute), per architecture.
-COMPONENTS = {
-    "sd1": {"unet": "unet", "te": "text_encoder"},
-    "sd2": {"unet": "unet", "te": "text_encoder"},
-    "sdxl": {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"},
-}
+SPECS: dict[str, ArchSpec] = {s.id: s for s in (sd1.SPEC, sd2.SPEC, sdxl.SPEC)}
+IDS = tuple(SPECS)
+
+
+def get(arch: str | ArchSpec) -> ArchSpec:
+    """The spec of `arch` ("sd1", "sd2", "sdxl"; a spec passes through)."""
+    if isinstance(arch, ArchSpec):
+        return arch
+    try:
+        return SPECS[arch]
+    except KeyError:
+        raise SdloraError(f"unknown architecture {arch!r}; sdlora knows {', '.join(SPECS)}") from None
+
+
+def label(arch: str | None) -> str:
+    """What messages call `arch` ("SD 1.x"); unknown ids pass through."""
+    return SPECS[arch].label if arch in SPECS else str(arch)
 
 
 def _dir(arch: str) -> str:
-    return ARCH_DIRS.get(arch, arch)
+    return SPECS[arch].config_dir if arch in SPECS else arch
 
 
 def load_config(arch: str, component: str) -> dict:
     """The public config of `component` ("unet", "text_encoder", "text_encoder_2", "vae", "scheduler") of `arch`
-    ("sd15"/"sd1", "sd21"/"sd2", "sdxl")."""
+    ("sd1"/"sd15", "sd2"/"sd21", "sdxl")."""
     return json.loads((_HERE / _dir(arch) / f"{component}.json").read_text())
+
+
+def build(cfg: dict):
+    """A randomly initialised model from a public config: diffusers' `_class_name`, or transformers' `architectures`."""
+    if "_class_name" in cfg:
+        import diffusers
+
+        return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+    import transformers
+
+    cls = getattr(transformers, cfg["architectures"][0])
+    return cls(transformers.AutoConfig.for_model(**cfg))
 
 
 def meta_model(arch: str, component: str):
@@ -37,23 +69,13 @@ def meta_model(arch: str, component: str):
     `component` is a diffusers component ("unet", "text_encoder", "text_encoder_2", "vae") or a kohya one
     ("te", "te1", "te2")."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    arch_id = {v: k for k, v in ARCH_DIRS.items()}.get(arch, arch)
-    component = COMPONENTS.get(arch_id, {}).get(component, component)
-    cfg = load_config(arch, component)
+    spec = SPECS.get(arch) or next(s for s in SPECS.values() if s.config_dir == arch)
+    component = spec.components.get(component, component)
     with torch.device("meta"):
-        if component == "unet":
-            return UNet2DConditionModel.from_config(cfg)
-        if component == "vae":
-            return AutoencoderKL.from_config(cfg)
-        if component.startswith("text_encoder"):
-            cls = CLIPTextModelWithProjection if cfg["architectures"] == ["CLIPTextModelWithProjection"] else CLIPTextModel
-            return cls(CLIPTextConfig(**cfg))
-    raise ValueError(f"no meta builder for {arch}/{component}")
+        return build(load_config(spec.id, component))
 
 
 def meta_components(arch: str) -> dict:
     """{kohya component: real-size meta model} of `arch` ("sd1", "sd2", "sdxl")."""
-    return {k: meta_model(arch, d) for k, d in COMPONENTS[arch].items()}
+    return {k: meta_model(arch, d) for k, d in get(arch).components.items()}

@@ -15,12 +15,13 @@ import json
 from pathlib import Path
 
 TOY_RESOLUTION = 32
+TOY_ARCH = "sd1"  # its module tree is SD 1.x-shaped (fewer blocks), so SD 1.x names and presets apply
 BASE_DIR = Path(__file__).parent / "base"
 
 
 def toy_components(path: str | Path = BASE_DIR) -> dict:
-    """UNet, text encoder, tokenizer, VAE and noise scheduler of the pretrained toy base (fp32, eval mode)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """UNet, text encoder, tokenizer, VAE and scheduler config of the pretrained toy base (fp32, eval mode)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from sdlora.errors import SdloraError
@@ -35,17 +36,5 @@ def toy_components(path: str | Path = BASE_DIR) -> dict:
         "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
         "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer"),
         "vae": AutoencoderKL.from_pretrained(path / "vae").eval(),
-        "noise_scheduler": DDPMScheduler.from_config(sched_cfg),
         "scheduler_config": sched_cfg,
     }
-
-
-def load_toy(path: str | Path = BASE_DIR, name: str = "toy"):
-    """The toy base as an sdlora BaseModel (what `load_base("toy")` returns)."""
-    from sdlora.models import BaseModel
-
-    c = toy_components(path)
-    return BaseModel(name=name, arch="sd1", prediction_type=c["noise_scheduler"].config.prediction_type,
-                     native_resolution=TOY_RESOLUTION, unet=c["unet"], text_encoder=c["text_encoder"],
-                     tokenizer=c["tokenizer"], vae=c["vae"], noise_scheduler=c["noise_scheduler"],
-                     scheduler_config=c["scheduler_config"])

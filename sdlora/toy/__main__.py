@@ -36,10 +36,13 @@ def main(argv=None) -> int:
         pretrain(Path(args.out), vae_steps=args.vae_steps, unet_steps=args.unet_steps, unet_batch=args.unet_batch,
                  log=lambda s: print(s, flush=True))
     elif args.cmd == "report":
-        from sdlora.toy import load_toy
+        from sdlora import archs
+        from sdlora.models import from_components
+        from sdlora.toy import TOY_ARCH, TOY_RESOLUTION, toy_components
         from sdlora.toy.report import report
 
-        report(load_toy(args.base), n=args.n, backgrounds=not args.no_backgrounds, log=lambda s: print(s, flush=True))
+        base = from_components("toy", archs.get(TOY_ARCH), toy_components(args.base), TOY_RESOLUTION)
+        report(base, n=args.n, backgrounds=not args.no_backgrounds, log=lambda s: print(s, flush=True))
     elif args.cmd == "dataset":
         from sdlora.toy.evaluate import subject_images
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from transformers import CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP byte alphabet
 
 from sdlora.archs import load_config
-from sdlora.tiny import _bytes_to_unicode
 from sdlora.toy import world
 
 MAX_TOKENS = 16  # the longest caption is 8 words + start/end tokens
@@ -25,7 +25,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 def build_tokenizer(words=world.WORDS, max_tokens: int = MAX_TOKENS) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose merges make each of `words` one token; any other text falls back to
     characters (every byte is in the vocabulary, alone or word-final), as CLIP's own tokenizer does."""
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}

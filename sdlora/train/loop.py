@@ -187,7 +187,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen
     cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     latents_cache = LatentCache(vae, cache_dir)
-    text_cache = None if train_te else EmbeddingCache(list(base.text_encoders.values()), base.arch, cache_dir)
+    text_cache = None if train_te else EmbeddingCache(list(base.text_encoders.values()), base.spec, cache_dir)
     flips = (False,) if cfg.no_flip else (False, True)
     if main:
         for ex in tqdm(instance + classes, desc="caching latents", unit="img", leave=False):
@@ -242,10 +242,10 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
             hidden = hidden.to(accelerator.device, weight_dtype)
             pooled = pooled.to(accelerator.device, weight_dtype) if pooled is not None else None
         else:
-            hidden, pooled = S.encode_text(text_encoders_p, base.arch, prompts)
-        if base.arch != "sdxl":
+            hidden, pooled = S.encode_text(base.spec, text_encoders_p, prompts)
+        if not base.spec.micro_conditioning:
             return hidden, None
-        return hidden, S.sdxl_added_cond(pooled, torch.tensor([e.sdxl_time_ids() for e in examples]))
+        return hidden, S.added_cond(pooled, torch.tensor([e.sdxl_time_ids() for e in examples]))
 
     def latents_of(examples: list[Example]) -> torch.Tensor:
         out = []

@@ -11,31 +11,28 @@ def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states [B, 77, d] for `prompts` (padded to the tokenizer's maximum, truncated)."""
-    device = next(text_encoder.parameters()).device
-    return text_encoder(_ids(tokenizer, prompts).to(device))[0]
+def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], prompts: list[str]):
+    """What the denoiser is conditioned on, as family `spec` says: (hidden states, pooled embedding or None).
 
-
-def encode_text(text_encoders: list[tuple[object, torch.nn.Module]], arch: str, prompts: list[str]):
-    """What the UNet is conditioned on: (hidden states, pooled embedding or None).
-
-    SD 1.x/2.x: the last hidden state of the one text encoder. SDXL, as its pipeline does: the penultimate hidden
-    states of both encoders side by side, and the projected pooled output of the second.
+    Each text encoder gives its final hidden states (after the final layer norm: SD 1.x/2.x) or its penultimate
+    layer (SDXL); several are put side by side; the one marked `pooled` also gives its projected pooled output.
     """
-    if arch != "sdxl":
-        tok, te = text_encoders[0]
-        return encode_prompts(tok, te, prompts), None
     hidden, pooled = [], None
-    for tok, te in text_encoders:
-        device = next(te.parameters()).device
-        out = te(_ids(tok, prompts).to(device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # the last encoder's (bigG's) projected pooled output
-    return torch.cat(hidden, dim=-1), pooled
+    for t, (tok, te) in zip(spec.text_encoders, text_encoders):
+        ids = _ids(tok, prompts).to(next(te.parameters()).device)
+        if t.hidden == "final":
+            out = te(ids)
+            hidden.append(out[0])
+        else:
+            out = te(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        if t.pooled:
+            pooled = out[0]
+    return (hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)), pooled
 
 
-def sdxl_added_cond(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict:
+def added_cond(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict:
+    """SDXL-style added conditioning: the pooled text embedding and the size/crop numbers."""
     return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}
 
 

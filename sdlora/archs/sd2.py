@@ -1,0 +1,14 @@
+"""Stable Diffusion 2.x: one OpenCLIP ViT-H text encoder; 768 px v-prediction, or 512 px epsilon (base)."""
+
+from sdlora.archs.sd1 import SD_PIPELINE_EXTRA
+from sdlora.archs.spec import ArchSpec, TextEncoderSpec
+
+SPEC = ArchSpec(
+    id="sd2", label="SD 2.x", config_dir="sd21",
+    text_encoders=(TextEncoderSpec("te", "text_encoder", "tokenizer", "cond_stage_model.model.", "openclip"),),
+    pipeline="StableDiffusionPipeline", pipeline_extra=SD_PIPELINE_EXTRA, native_resolution=768,
+    epsilon_resolution=512, checkpoint_marker="cond_stage_model.model.transformer.",
+    kohya_versions={"v_prediction": "sd_v2_768_v", "epsilon": "sd_v2_512"}, kohya_version_prefix="sd_v2",
+    modelspec_prefix="stable-diffusion-v2", is_v2=True,
+    tiny_unet={"block_out_channels": [16, 32, 64, 64], "attention_head_dim": [2, 2, 4, 4], "cross_attention_dim": 32},
+)

@@ -1,0 +1,73 @@
+"""What differs between model families, as data: one `ArchSpec` per family (sd1.py, sd2.py, sdxl.py).
+
+Code elsewhere asks the spec (`sdlora.archs.get(arch)`) instead of comparing architecture names. Adding a
+family means a new spec module registered in `sdlora/archs/__init__.py`, its public configs in a folder beside
+it, its key-name maps in `sdlora/formats/`, and tests; nothing else compares family names.
+
+Importing this module imports neither torch nor diffusers (the CLI's --help must stay fast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family, by role."""
+
+    component: str  # sdlora/kohya component name: "te" (the only one), "te1", "te2"
+    attr: str  # diffusers pipeline attribute and config file name: "text_encoder", "text_encoder_2"
+    tokenizer_attr: str  # "tokenizer", "tokenizer_2"
+    ldm_prefix: str  # where its weights live in an original (LDM/SGM) single-file checkpoint
+    ldm_layout: str  # "clip" (HF CLIP names under `transformer.`) or "openclip" (OpenCLIP `resblocks`, fused qkv)
+    a1111_prefix: str = ""  # A1111's network-layer name prefix of this encoder ("", "0_", "1_")
+    hidden: str = "final"  # conditioning from the "final" (after the final layer norm) or "penultimate" layer
+    pooled: bool = False  # its projected pooled output conditions the denoiser (SDXL's bigG)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A model family: its components, conditioning, objective, latent scaling, names and metadata values."""
+
+    id: str  # "sd1", "sd2", "sdxl": what BaseModel.arch and adapter files are tagged with
+    label: str  # "SD 1.x": what messages call it
+    config_dir: str  # folder of the public diffusers configs beside this file
+    text_encoders: tuple[TextEncoderSpec, ...]
+    pipeline: str  # diffusers pipeline class for generation
+    native_resolution: int  # what the base model was trained at (per prediction type: `resolution_for`)
+    denoiser: str = "unet"  # component name (and pipeline attribute) of the denoiser
+    denoiser_names: str = "diffusers"  # kohya names denoiser modules by their "diffusers" path or "ldm" path
+    micro_conditioning: bool = False  # SDXL: original size, crop and target size condition the denoiser
+    objective: str = "diffusion"  # "diffusion" (epsilon / v from the scheduler config); room for "flow"
+    pipeline_extra: dict = field(default_factory=dict)  # constructor arguments the pipeline needs beyond modules
+    checkpoint_marker: str = ""  # a tensor-name prefix only this family's single-file checkpoints have
+    epsilon_resolution: int | None = None  # native resolution of epsilon-prediction variants (SD 2.x base: 512)
+    # metadata values (the keys are written by sdlora/formats/meta.py)
+    kohya_versions: dict = field(default_factory=dict)  # prediction type -> `ss_base_model_version`
+    kohya_version_prefix: str = ""  # every `ss_base_model_version` of this family starts with it
+    modelspec_prefix: str = ""  # every `modelspec.architecture` of this family starts with it
+    modelspec_implementation: str = "diffusers"
+    is_v2: bool = False  # kohya's `ss_v2`
+    tiny_unet: dict = field(default_factory=dict)  # config overrides of the built-in tiny model (sdlora.tiny)
+
+    @property
+    def components(self) -> dict[str, str]:
+        """kohya component -> diffusers component (pipeline attribute / config file)."""
+        return {self.denoiser: self.denoiser} | {t.component: t.attr for t in self.text_encoders}
+
+    @property
+    def te_components(self) -> tuple[str, ...]:
+        return tuple(t.component for t in self.text_encoders)
+
+    def text_encoder(self, component: str) -> TextEncoderSpec:
+        return next(t for t in self.text_encoders if t.component == component)
+
+    def resolution_for(self, prediction_type: str) -> int:
+        if prediction_type == "epsilon" and self.epsilon_resolution:
+            return self.epsilon_resolution
+        return self.native_resolution
+
+    def kohya_version(self, prediction_type: str) -> str:
+        """`ss_base_model_version` of a base model of this family with this prediction type."""
+        return self.kohya_versions.get(prediction_type) or next(iter(self.kohya_versions.values()))
