@@ -21,8 +21,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from sdlora.errors import SdloraError  # noqa: E402
-from sdlora.infer import (BUILTIN_MODELS, DEFAULT_MODEL, DEFAULT_SCHEDULER, SCHEDULERS, Session,  # noqa: E402
-                          Settings, format_parameters, output_paths, save_png)
+from sdlora.formats.a1111 import format_parameters  # noqa: E402
+from sdlora.formats.io import save_png  # noqa: E402
+from sdlora.infer.cli import output_paths  # noqa: E402
+from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings  # noqa: E402
+from sdlora.models import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: E402
 
 MAX_ADAPTERS = 8  # adapter rows in the page; uploads beyond this are refused with a message
 
@@ -139,7 +142,7 @@ def build(session: Session, adapters_dir: Path | None, outdir: Path, models: lis
                 paths = output_paths(str(outdir), [p.seed for _, p in results])
                 texts = [format_parameters(p) for _, p in results]
                 for path, (image, _), text in zip(paths, results, texts):
-                    save_png(image, path, text)
+                    save_png(image, path, {"parameters": text})
             except SdloraError as e:
                 return gr.update(), gr.update(), f"**Error:** {e}"
             return [(str(p), f"seed {r.seed}") for p, (_, r) in zip(paths, results)], texts[0], \

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from sdlora.adapter import save as save_adapter
 from sdlora.formats import kohya
-from sdlora.infer import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings, make_scheduler
+from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings, make_scheduler
 from sdlora.lora.targets import find_targets
 from sdlora.models import load_base
 
@@ -33,15 +32,16 @@ def write_adapters(base, folder: Path, rank: int) -> list[Path]:
     paths = []
     for i in range(len(WEIGHTS)):
         g = torch.Generator().manual_seed(i)
-        tensors = {}
+        layers = {}
         for component, model in base.components.items():
             for name in find_targets(model, component, "full"):
                 w = model.get_submodule(name).weight
                 down = torch.randn(rank, w.shape[1], generator=g) * 0.01
                 up = torch.randn(w.shape[0], rank, generator=g) * 0.01
-                tensors |= kohya.pack(component, name, down, up, rank / 2, conv=w.dim() == 4)
+                layers.setdefault(component, {})[name] = (down, up, rank / 2, w.dim() == 4)
         path = folder / f"bench{i}.safetensors"
-        save_adapter(tensors, path, {"ss_base_model_version": "sd_v1"})
+        adapter = kohya.from_layers(layers, base.arch)
+        kohya.save(kohya.to_tensors(adapter), path, {"ss_base_model_version": base.base_model_version})
         paths.append(path)
     return paths
 

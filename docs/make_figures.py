@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sdlora.config import make_config  # noqa: E402
-from sdlora.infer import Session, Settings  # noqa: E402
+from sdlora.infer.session import Session, Settings  # noqa: E402
 from sdlora.train.loop import train  # noqa: E402
 
 PROMPTS = ["a sks triangle", "a triangle", "a sks triangle on a white background", "a red circle on a black background"]

@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # name -> (module, help, description). Each module has add_<name>_args(parser) and cmd_<name>(args) -> exit code;
 # modules are imported only when the parser is built, so `sdlora --help` stays quick to write.
 SUBCOMMANDS = {
-    "generate": ("sdlora.infer", "generate images with LoRA adapters blended into a base model",
+    "generate": ("sdlora.infer.cli", "generate images with LoRA adapters blended into a base model",
                  "Generate PNGs (with A1111 'parameters') from a base model and kohya LoRA files."),
     "verify": ("sdlora.formats.verify", "check a LoRA file loads fully in kohya, diffusers, ComfyUI and A1111",
                "Check names, shapes, NaN/Inf, empty delta and alpha; print which tools list the file. "

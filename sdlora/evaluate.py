@@ -15,7 +15,8 @@ PROMPTS_FILE = Path(__file__).with_name("dreambooth_prompts.txt")
 
 
 def cmd_eval_real(args) -> int:
-    from sdlora.infer import Session, Settings, load_adapter
+    from sdlora.formats.read import read_adapter
+    from sdlora.infer.session import Session, Settings
 
     if not args.reference_images or not args.class_noun:
         raise SdloraError("scoring on a real model needs --reference-images DIR (photos of the subject) and "
@@ -23,7 +24,7 @@ def cmd_eval_real(args) -> int:
     if args.num_images < 1:
         raise SdloraError(f"--num-images must be at least 1, got {args.num_images}")
     refs = [Image.open(p).convert("RGB") for p in checked_images(Path(args.reference_images), "--reference-images")]
-    load_adapter(args.adapter)  # a broken file is reported before any model loads
+    read_adapter(args.adapter)  # a broken file is reported before any model loads
     features = FeatureModels(args.clip_model or DEFAULT_CLIP, args.dino_model or DEFAULT_DINO)
     if len(features.skipped) == 3:
         for metric, why in features.skipped.items():

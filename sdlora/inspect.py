@@ -7,16 +7,15 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from sdlora import archs
 from sdlora.formats import convert, kohya
-
-ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+from sdlora.formats.read import read_adapter
 
 
 def module_kind(component: str, path: str) -> str:
     """A module's group: its path with block/layer indices folded (`attn2.to_q`, `resnets.conv1`, `self_attn.q_proj`)."""
-    if component != "unet":
+    if component in kohya.TE_COMPONENTS:
         return re.sub(r"^encoder\.layers\.\d+\.", "", path)
-    path = kohya.unet_from_ldm(path, "sdxl") or path if path.startswith(("input_blocks", "middle_block", "output_blocks")) else path
     path = re.sub(r"^(down_blocks|up_blocks)\.\d+\.|^mid_block\.", "", path)
     path = re.sub(r"^(attentions|resnets|downsamplers|upsamplers)\.\d+\.", r"\1.", path)
     return re.sub(r"transformer_blocks\.\d+\.", "", path)
@@ -30,15 +29,15 @@ def _fmt(values) -> str:
 def describe(path) -> dict:
     """Everything `sdlora inspect` prints, as a dict."""
     path = Path(path)
-    modules, rep, metadata, arch = convert.read(path)
+    adapter = read_adapter(path)
+    arch = adapter.arch or next(iter(archs.SPECS))
+    placed, unknown = convert.resolve(adapter, arch)
+    metadata = adapter.metadata
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     groups: dict[tuple[str, str], list] = {}
-    params = 0
-    for (comp, p), (down, up, alpha) in modules.items():
-        r = down.shape[0]
-        a = float(alpha) if alpha is not None else None
-        groups.setdefault((comp, module_kind(comp, p)), []).append((r, a))
-        params += down.numel() + up.numel()
+    params = sum(m.numel() for m in adapter.modules.values())
+    for where, m in placed.values():
+        groups.setdefault((where.component, module_kind(where.component, where.path)), []).append((m.rank, m.alpha))
     rows = []
     for (comp, kind), items in sorted(groups.items()):
         ranks = [r for r, _ in items]
@@ -54,16 +53,15 @@ def describe(path) -> dict:
             tags.update(folder)
     except (ValueError, AttributeError):
         pass
-    fmt = "kohya" if rep.source == "kohya" else rep.source
-    return {"file": str(path), "format": fmt, "size_bytes": size, "arch": arch, "modules": len(modules),
+    return {"file": str(path), "format": adapter.source, "size_bytes": size, "arch": arch, "modules": len(adapter.modules),
             "parameters": params, "groups": rows, "trigger": trigger, "top_tags": tags.most_common(10),
-            "skipped": rep.skipped, "unknown": rep.unknown, "metadata": metadata,
+            "skipped": adapter.unknown, "unknown": unknown, "metadata": metadata,
             "base_model_version": metadata.get("ss_base_model_version", "")}
 
 
 def format_description(d: dict) -> str:
     lines = [f"{d['file']}", f"  format        {d['format']}, {d['size_bytes']:,} bytes",
-             f"  architecture  {ARCH_NAMES.get(d['arch'], d['arch'])}"
+             f"  architecture  {archs.label(d['arch'])}"
              + (f" (ss_base_model_version {d['base_model_version']})" if d["base_model_version"] else ""),
              f"  modules       {d['modules']} ({d['parameters']:,} LoRA parameters)",
              f"  trigger       {d['trigger'] or '(none in metadata)'}"]

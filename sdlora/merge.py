@@ -1,7 +1,7 @@
 """`sdlora merge`: bake LoRA adapters into a base model, written as an original-layout (LDM) single file that
 A1111 and ComfyUI load, or as a diffusers folder.
 
-The fusion is sdlora.infer's (W = W0 + Σ sᵢ·alphaᵢ/rᵢ·upᵢ·downᵢ, A1111's arithmetic). The LDM layout is the
+The fusion is sdlora.infer.blend's (W = W0 + Σ sᵢ·alphaᵢ/rᵢ·upᵢ·downᵢ, A1111's arithmetic). The LDM layout is the
 reverse of diffusers' single-file conversion (loaders/single_file_utils.py): UNet `model.diffusion_model.*`
 (sdlora.formats.kohya.unet_to_ldm), text encoders `cond_stage_model.transformer.text_model.*` (SD 1.x),
 OpenCLIP `cond_stage_model.model.*` (SD 2.x) and `conditioner.embedders.{0,1}.*` (SDXL), VAE `first_stage_model.*`.
@@ -16,6 +16,11 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.formats import io, kohya
+from sdlora.formats.read import read_adapter
+from sdlora.infer.blend import Blender
+from sdlora.infer.cli import parse_lora_spec
+from sdlora.models import load_base
+from sdlora.train import SAVE_DTYPES
 
 # ----------------------------------------------------------------------------------------------------------
 # diffusers -> LDM state dicts
@@ -86,16 +91,10 @@ def openclip_to_ldm_state(te, prefix: str) -> dict[str, torch.Tensor]:
 
 def ldm_state_dict(base) -> dict[str, torch.Tensor]:
     """The whole model (UNet, text encoder(s), VAE) in the original LDM/SGM single-file layout."""
-    out = unet_to_ldm_state(base.unet) | vae_to_ldm_state(base.vae)
-    if base.arch == "sd1":
-        out |= clip_to_ldm_state(base.text_encoder, "cond_stage_model.transformer.")
-    elif base.arch == "sd2":
-        out |= openclip_to_ldm_state(base.text_encoder, "cond_stage_model.model.")
-    elif base.arch == "sdxl":
-        out |= clip_to_ldm_state(base.text_encoder, "conditioner.embedders.0.transformer.")
-        out |= openclip_to_ldm_state(base.text_encoder_2, "conditioner.embedders.1.model.")
-    else:
-        raise SdloraError(f"no single-file layout for architecture {base.arch}")
+    out = unet_to_ldm_state(base.denoiser) | vae_to_ldm_state(base.vae)
+    for t in base.spec.text_encoders:
+        layout = openclip_to_ldm_state if t.ldm_layout == "openclip" else clip_to_ldm_state
+        out |= layout(base.modules[t.attr], t.ldm_prefix)
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
@@ -106,24 +105,19 @@ def ldm_state_dict(base) -> dict[str, torch.Tensor]:
 def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None) -> Path:
     """Fuse `loras` [(file, text-encoder strength, unet strength)] into `model` and write `out`: a `.safetensors`
     single file (LDM layout) or a diffusers folder."""
-    from sdlora.adapter import SAVE_DTYPES
-    from sdlora.infer import Blender, load_adapter
-
     if not loras:
         raise SdloraError("merge needs at least one --lora FILE[:STRENGTH]")
     if dtype not in SAVE_DTYPES:
         raise SdloraError(f"--dtype {dtype}: use one of {', '.join(SAVE_DTYPES)}")
-    files = [load_adapter(p) for p, _, _ in loras]
+    files = [read_adapter(p) for p, _, _ in loras]
     if base is None:
-        from sdlora.models import load_base
-
         base = load_base(model)
     blender = Blender(base)
     strengths = {}
     for f, (_, te, unet) in zip(files, loras):
         r = blender.add(f)
         if r.unmatched:
-            raise SdloraError(f"{f.path.name}: {len(r.unmatched)} modules match nothing in '{base.name}' "
+            raise SdloraError(f"{f.path.name}: {len(r.unmatched)} modules or keys match nothing in '{base.name}' "
                               f"(first: {r.unmatched[0]}); run `sdlora verify {f.path}`")
         strengths[f.name] = (te, unet)
     blender.set_strengths(strengths)
@@ -132,10 +126,8 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
         sd = {k: v.to(SAVE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
         io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)})
         return out
-    from sdlora.formats.io import atomic_write_dir
-
     pipe = base.pipeline()
-    atomic_write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    io.atomic_write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return out
 
 
@@ -151,8 +143,6 @@ def add_merge_args(p) -> None:
 
 
 def cmd_merge(args) -> int:
-    from sdlora.infer import parse_lora_spec
-
     loras = [parse_lora_spec(s) for s in args.lora]
     out = merge(args.model, loras, args.out, args.dtype)
     print(out)

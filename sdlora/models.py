@@ -13,6 +13,7 @@ from pathlib import Path
 from sdlora import archs
 from sdlora.archs import ArchSpec
 from sdlora.errors import SdloraError
+from sdlora.formats.io import PICKLE_SUFFIXES
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # built-in offline models -> (what they are, for help texts)
@@ -22,7 +23,6 @@ BUILTIN_MODELS = {
     "tiny-sdxl": "SDXL module tree at toy widths, random weights (64 px)",
     "toy": "SD 1.x-shaped model pretrained on sdlora's toy world of coloured shapes (32 px)",
 }
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass

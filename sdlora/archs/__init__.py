@@ -18,7 +18,7 @@ from sdlora.archs import sd1, sd2, sdxl
 from sdlora.archs.spec import ArchSpec, TextEncoderSpec
 from sdlora.errors import SdloraError
 
-__all__ = ["ArchSpec", "TextEncoderSpec", "SPECS", "IDS", "get", "load_config", "meta_model", "meta_components"]
+__all__ = ["ArchSpec", "TextEncoderSpec", "SPECS", "IDS", "get", "label", "fits", "load_config", "meta_model", "meta_components"]
 
 _HERE = Path(__file__).parent
 
@@ -39,6 +39,11 @@ def get(arch: str | ArchSpec) -> ArchSpec:
 def label(arch: str | None) -> str:
     """What messages call `arch` ("SD 1.x"); unknown ids pass through."""
     return SPECS[arch].label if arch in SPECS else str(arch)
+
+
+def fits(adapter_arch: str | None, model_arch: str) -> bool:
+    """Can an adapter made for `adapter_arch` (None: unknown) apply to a model of `model_arch`?"""
+    return adapter_arch is None or adapter_arch == model_arch
 
 
 def _dir(arch: str) -> str:

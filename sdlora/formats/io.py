@@ -7,13 +7,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from sdlora.errors import SdloraError
 
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def atomic_write(path: Path, write) -> Path:
@@ -57,15 +55,17 @@ def atomic_write_dir(out: Path, fill) -> Path:
     return out
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write `tensors` with `metadata` to a .safetensors file atomically."""
+def atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """Write `tensors` (torch) with `metadata` to a .safetensors file atomically."""
+    from safetensors.torch import save_file
+
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load(path: Path) -> tuple[dict, dict[str, str]]:
     """Tensors and metadata of a .safetensors file; a pickle, truncated or foreign file gives an SdloraError."""
     path = Path(path)
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SdloraError(f"{path}: pickle files can run code when loaded; sdlora reads .safetensors only "
                           "(convert it with a trusted tool first)")
     if not path.is_file():
@@ -83,3 +83,21 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise SdloraError(f"{path}: not a valid .safetensors file ({str(e).splitlines()[0][:200]}); "
                           "the file is truncated or corrupt, re-download or re-save it") from e
     return tensors, metadata
+
+
+def save_png(image, path, text: dict[str, str] | None = None) -> Path:
+    """Write a PIL `image` as PNG with `text` chunks, atomically and with the usual permissions."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
+    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def png_text(path) -> dict[str, str]:
+    """The text chunks of a PNG file."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return {k: v for k, v in im.info.items() if isinstance(v, str)}

@@ -3,10 +3,11 @@
 Only this module knows key names. A module `<path>` of component `c` becomes `<prefix>_<path with . -> _>`
 with three tensors: `.lora_down.weight` [r, in(, 1, 1)], `.lora_up.weight` [out, r(, 1, 1)] and a 0-dim `.alpha`.
 
-Per architecture (`arch`: "sd1", "sd2", "sdxl"):
+Per family (`arch`: an `sdlora.archs` id; its spec says which components exist and how the UNet is named):
 - SD 1.x / 2.x: components "unet" (`lora_unet_` + diffusers path) and "te" (`lora_te_text_model_...`).
 - SDXL: "unet" (`lora_unet_` + the SGM/LDM path: `input_blocks_4_1_transformer_blocks_0_attn1_to_q`), "te1" (CLIP-L,
   `lora_te1_text_model_...`) and "te2" (bigG, `lora_te2_text_model_...`).
+Writing the neutral `AdapterFile` as a kohya file (`to_tensors`, `save`) is here too.
 The diffusers <-> LDM UNet name maps (`unet_to_ldm`, `unet_from_ldm`) and A1111's kohya -> compvis mapping
 (`a1111_name`, KOHYA_FORMAT.md §5) are here too.
 """
@@ -15,19 +16,41 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 
 import torch
+
+from sdlora import archs
+from sdlora.formats import io, meta
+from sdlora.formats.adapter import AdapterFile, AdapterModule
 
 # component -> key prefix. SD 1.x/2.x have a single text encoder: `lora_te`, never `lora_te1` (kohya rejects it).
 PREFIX = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
 TE_COMPONENTS = ("te", "te1", "te2")
-SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
-ARCHS = ("sd1", "sd2", "sdxl")
+DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+SUFFIXES = (DOWN, UP, ALPHA)
+_LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 
 
-def components(arch: str = "sd1") -> tuple[str, ...]:
-    """kohya components of `arch`: ("unet", "te") or, for SDXL, ("unet", "te1", "te2")."""
-    return ("unet", "te1", "te2") if arch == "sdxl" else ("unet", "te")
+def component_of(name: str) -> str | None:
+    """The component a kohya key or module name belongs to ("unet", "te", "te1", "te2"), None when it is not one."""
+    return next((c for c, p in sorted(PREFIX.items(), key=lambda x: -len(x[1])) if name.startswith(p + "_")), None)
+
+
+def is_ldm_unet_name(name: str) -> bool:
+    """Does a kohya name use the LDM/SGM UNet paths (as kohya names SDXL modules)?"""
+    return name.startswith(_LDM_UNET)
+
+
+def is_cross_attention_kv(name: str) -> bool:
+    """Is this the cross-attention key or value projection (input width = the text width)?"""
+    return name.endswith(("attn2_to_k", "attn2_to_v"))
+
+
+def te_layer(name: str) -> int | None:
+    """Text-encoder layer index of a kohya text-encoder module name."""
+    m = re.match(r"lora_te\d?_text_model_encoder_layers_(\d+)_", name)
+    return int(m[1]) if m else None
 
 
 def te_path(module_name: str) -> str:
@@ -44,7 +67,7 @@ def kohya_name(component: str, module_name: str, arch: str = "sd1") -> str:
     """
     if component in TE_COMPONENTS and module_name != "text_projection":
         module_name = "text_model." + te_path(module_name)
-    elif component == "unet" and arch == "sdxl":
+    elif component == "unet" and archs.get(arch).denoiser_names == "ldm":
         module_name = unet_to_ldm(module_name, arch)
     return PREFIX[component] + "_" + module_name.replace(".", "_")
 
@@ -59,9 +82,7 @@ _RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_lay
 def _unet_config(arch_or_config) -> dict:
     if not isinstance(arch_or_config, str):
         return dict(arch_or_config)
-    from sdlora.archs import load_config
-
-    return load_config(arch_or_config, "unet")
+    return archs.load_config(arch_or_config, "unet")
 
 
 def _block_pairs(cfg: dict) -> list[tuple[str, str, bool]]:
@@ -165,7 +186,8 @@ def a1111_convert(name: str, arch: str) -> str:
         (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
         (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", lambda m:
             f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"),
-        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: _a1111_openclip("", m[1], m[2]) if arch == "sd2"
+        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: _a1111_openclip("", m[1], m[2])
+            if archs.get(arch).text_encoders[0].ldm_layout == "openclip"
             else f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"),
         (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", lambda m: _a1111_openclip("1_", m[1], m[2])),
     ]
@@ -212,31 +234,13 @@ def openclip_layer_names(n_layers: int, prefix: str = "") -> set[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Tensors
 
-def module_of_key(key: str) -> tuple[str, str]:
-    """Split a kohya tensor key into (kohya module name, suffix)."""
+
+def module_of_key(key: str) -> tuple[str, str] | None:
+    """Split a kohya tensor key into (kohya module name, suffix); None when it is not a kohya LoRA key."""
     for suffix in SUFFIXES:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
-    raise KeyError(key)
-
-
-def name_table(modules: dict[str, list[str]], arch: str = "sd1") -> dict[str, tuple[str, str]]:
-    """kohya module name -> (component, model module name), for the module names of a loaded model."""
-    return {kohya_name(c, n, arch): (c, n) for c, names in modules.items() for n in names}
-
-
-def pack(component: str, module_name: str, down: torch.Tensor, up: torch.Tensor, alpha: float,
-         conv: bool = False, arch: str = "sd1") -> dict[str, torch.Tensor]:
-    """The three kohya tensors of one module. `down` is [r, in], `up` is [out, r]; 1x1 convs get [.., 1, 1]."""
-    if conv:
-        down = down.reshape(*down.shape[:2], 1, 1) if down.dim() == 2 else down
-        up = up.reshape(*up.shape[:2], 1, 1) if up.dim() == 2 else up
-    k = kohya_name(component, module_name, arch)
-    return {
-        f"{k}.lora_down.weight": down.detach().contiguous(),
-        f"{k}.lora_up.weight": up.detach().contiguous(),
-        f"{k}.alpha": torch.tensor(float(alpha), dtype=down.dtype),
-    }
+    return None
 
 
 def group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -246,28 +250,44 @@ def group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():
-        try:
-            mod, suffix = module_of_key(key)
-        except KeyError:
-            out.setdefault("", {})[key] = t
-            continue
+        split = module_of_key(key)
+        mod, suffix = split if split else ("", key)
         out.setdefault(mod, {})[suffix] = t
     return out
 
 
-def delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> torch.Tensor:
-    """The weight delta (alpha/r)·up@down, shaped like the base weight (Linear, 1x1 conv or kxk LoCon conv).
+def to_tensors(adapter: AdapterFile, dtype: torch.dtype | None = None, alpha_if_missing: float | None = None) -> dict[str, torch.Tensor]:
+    """The kohya state dict of an AdapterFile: three tensors per module (alpha omitted where the module has none,
+    unless `alpha_if_missing`), cast to `dtype` when given (alpha too, as kohya does)."""
+    out = {}
+    for name, m in adapter.modules.items():
+        down, up = m.tensors["down"], m.tensors["up"]
+        dt = dtype or down.dtype
+        out[f"{name}.{DOWN}"] = down.detach().to(dt).contiguous()
+        out[f"{name}.{UP}"] = up.detach().to(dt).contiguous()
+        alpha = m.alpha if m.alpha is not None else alpha_if_missing
+        if alpha is not None:
+            out[f"{name}.{ALPHA}"] = torch.tensor(float(alpha), dtype=dt)
+    return out
 
-    A missing or zero alpha means alpha = r (scale 1), as kohya, ComfyUI and A1111 read it. For a kxk conv
-    (down [r, in, k, k], up [out, r, 1, 1]) the delta is kohya's `merge_to`:
-    conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3), i.e. up applied over down's output channels.
-    """
-    r = down.shape[0]
-    scale = 1.0 if not alpha else float(alpha) / r
-    if down.dim() == 4 and down.shape[2:] != (1, 1):
-        d = torch.nn.functional.conv2d(down.float().permute(1, 0, 2, 3), up.float()).permute(1, 0, 2, 3)
-        return d * scale
-    d = up.reshape(up.shape[0], r).float() @ down.reshape(r, -1).float()
-    if down.dim() == 4:
-        d = d.reshape(up.shape[0], down.shape[1], 1, 1)
-    return d * scale
+
+def from_layers(layers: dict[str, dict[str, tuple]], arch: str) -> AdapterFile:
+    """An AdapterFile of trained LoRA layers: {component: {module path: (down [r, in], up [out, r], alpha, conv)}}
+    (what `sdlora.lora.inject.collect` returns), named as kohya names them for `arch`; 1x1 convs get [.., 1, 1]."""
+    modules = {}
+    for component, mods in layers.items():
+        for path, (down, up, alpha, conv) in mods.items():
+            if conv:
+                down = down.reshape(*down.shape[:2], 1, 1) if down.dim() == 2 else down
+                up = up.reshape(*up.shape[:2], 1, 1) if up.dim() == 2 else up
+            name = kohya_name(component, path, arch)
+            modules[name] = AdapterModule(name, "lora", {"down": down, "up": up}, float(alpha))
+    return AdapterFile(modules=modules, source="sdlora", arch=arch)
+
+
+def save(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> Path:
+    """Write kohya `tensors` atomically with `metadata` and kohya's `sshs_*` hashes (recomputed)."""
+    metadata = {k: v for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = meta.addnet_hashes(tensors, metadata)
+    io.atomic_save(tensors, Path(path), metadata)
+    return Path(path)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdlora import archs
 from sdlora.formats import kohya
 
 
@@ -19,6 +20,7 @@ class Module:
     path: str  # module path in the diffusers / transformers model (text encoders without `text_model.`)
     shape: tuple[int, ...]  # weight shape
     conv: bool  # Conv2d (else Linear)
+    module_path: str = ""  # its name in the loaded model (`get_submodule`), when built from one
 
 
 def table_of(components: dict[str, torch.nn.Module], arch: str) -> dict[str, Module]:
@@ -32,22 +34,26 @@ def table_of(components: dict[str, torch.nn.Module], arch: str) -> dict[str, Mod
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 path = kohya.te_path(name) if comp in kohya.TE_COMPONENTS else name
                 out[kohya.kohya_name(comp, path, arch)] = Module(comp, path, tuple(m.weight.shape),
-                                                                 isinstance(m, torch.nn.Conv2d))
+                                                                 isinstance(m, torch.nn.Conv2d), name)
     return out
 
 
 @functools.lru_cache(maxsize=4)
 def kohya_table(arch: str) -> dict[str, Module]:
     """Canonical kohya module names of the real `arch` ("sd1", "sd2", "sdxl"), built on the meta device."""
-    from sdlora.archs import meta_components
+    return table_of(archs.meta_components(arch), arch)
 
-    return table_of(meta_components(arch), arch)
+
+def model_table(components: dict[str, torch.nn.Module], arch: str) -> dict[str, Module]:
+    """`table_of` plus the non-canonical names loaders also apply (`aliases`): what an adapter is matched against."""
+    table = table_of(components, arch)
+    return table | {alias: table[c] for alias, c in aliases(table, arch).items()}
 
 
 def aliases(table: dict[str, Module], arch: str) -> dict[str, str]:
-    """Non-canonical names that kohya also loads -> canonical name: SDXL UNet modules under diffusers-style names
-    (kohya converts them, KOHYA_FORMAT.md §1)."""
-    if arch != "sdxl":
+    """Non-canonical names that kohya also loads -> canonical name: UNet modules under diffusers-style names where
+    kohya names them by LDM paths (SDXL; kohya converts them, KOHYA_FORMAT.md §1)."""
+    if archs.get(arch).denoiser_names != "ldm":
         return {}
     return {"lora_unet_" + m.path.replace(".", "_"): k for k, m in table.items() if m.component == "unet"}
 
@@ -64,17 +70,18 @@ def a1111_layers(arch: str) -> frozenset[str]:
     table = kohya_table(arch)
     names = {"diffusion_model_" + kohya.unet_to_ldm(m.path, arch).replace(".", "_")
              for m in table.values() if m.component == "unet"}
-    if arch == "sd1":
-        names |= {"transformer_text_model_" + m.path.replace(".", "_") for m in table.values() if m.component == "te"}
-    elif arch == "sd2":
-        names |= kohya.openclip_layer_names(_te_layers(table, "te"))
-    else:
-        names |= {"0_transformer_text_model_" + m.path.replace(".", "_") for m in table.values() if m.component == "te1"}
-        names |= kohya.openclip_layer_names(_te_layers(table, "te2"), "1_")
+    for t in archs.get(arch).text_encoders:
+        if t.ldm_layout == "openclip":
+            names |= kohya.openclip_layer_names(_te_layers(table, t.component), t.a1111_prefix)
+        else:
+            names |= {t.a1111_prefix + "transformer_text_model_" + m.path.replace(".", "_")
+                      for m in table.values() if m.component == t.component}
     return frozenset(names)
 
 
 _COMFY_TE = ("mlp_fc1", "mlp_fc2", "self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")
+# ComfyUI's `model_lora_keys_clip`: the (first) CLIP-L encoder answers to lora_te_ and lora_te1_, bigG to lora_te2_
+_COMFY_TE_PREFIXES = {"te": ("lora_te", "lora_te1"), "te1": ("lora_te", "lora_te1"), "te2": ("lora_te2",)}
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,11 +93,9 @@ def comfy_keys(arch: str) -> frozenset[str]:
         if m.component == "unet":
             keys.add("lora_unet_" + kohya.unet_to_ldm(m.path, arch).replace(".", "_"))
             keys.add("lora_unet_" + m.path.replace(".", "_"))
-    te = {"sd1": {"te": ("lora_te", "lora_te1")}, "sd2": {"te": ("lora_te", "lora_te1")},
-          "sdxl": {"te1": ("lora_te", "lora_te1"), "te2": ("lora_te2",)}}[arch]
-    for comp, prefixes in te.items():
+    for comp in archs.get(arch).te_components:
         for b in range(_te_layers(table, comp)):
-            for p in prefixes:
+            for p in _COMFY_TE_PREFIXES[comp]:
                 keys |= {f"{p}_text_model_encoder_layers_{b}_{c}" for c in _COMFY_TE}
     return frozenset(keys)
 

@@ -23,7 +23,7 @@ GUIDANCE = 5.0  # classifier-free guidance scale used for all toy measurements
 def generate(base, prompts: list[str], n: int, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
              batch: int = 128) -> dict[str, list[np.ndarray]]:
     """`n` uint8 images [32, 32, 3] per prompt, deterministic for a given base, seed and settings."""
-    from sdlora.infer import make_scheduler
+    from sdlora.infer.session import make_scheduler
 
     pipe = base.pipeline(scheduler=make_scheduler("dpm++2m", base.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
@@ -84,7 +84,8 @@ def score_adapter(base, adapter: str | Path, trigger_prompt: str, subject: str, 
     (default: every seen colour × shape, no background) with and without the adapter.
 
     `base_cache` (a dict) keeps the base's accuracies between calls with the same prompts and settings."""
-    from sdlora.infer import Blender, load_adapter
+    from sdlora.formats.read import read_adapter
+    from sdlora.infer.blend import Blender
 
     other = other_prompts or world.seen_prompts(backgrounds=False)
     want = world.parse_caption(subject)
@@ -106,7 +107,7 @@ def score_adapter(base, adapter: str | Path, trigger_prompt: str, subject: str, 
         cache[key] = run()
     subj0, acc0 = cache[key]
     blender = Blender(base)
-    name = blender.add(load_adapter(adapter)).file.name
+    name = blender.add(read_adapter(adapter)).file.name
     blender.set_strengths({name: strength})
     try:
         subj1, acc1 = run()
@@ -177,7 +178,7 @@ def add_eval_args(p) -> None:
 
 def cmd_eval(args) -> int:
     from sdlora.errors import SdloraError
-    from sdlora.infer import load_adapter
+    from sdlora.formats.read import read_adapter
     from sdlora.models import load_base
 
     if args.model != "toy":
@@ -191,8 +192,8 @@ def cmd_eval(args) -> int:
                           f"'a purple triangle' (shapes: {', '.join(world.SHAPES)}; colours: {', '.join(world.COLOURS)})")
     if args.num_images < 1:
         raise SdloraError(f"--num-images must be at least 1, got {args.num_images}")
-    f = load_adapter(args.adapter)  # checked before the model loads
-    prompt = args.prompt or f.trigger or f.metadata.get("ss_trigger", "")
+    f = read_adapter(args.adapter)  # checked before the model loads
+    prompt = args.prompt or f.trigger
     if not prompt:
         raise SdloraError(f"{args.adapter}: its metadata names no trigger; pass --prompt 'a sks triangle'")
     base = load_base("toy")

@@ -18,16 +18,17 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from sdlora import adapter
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
 from sdlora.config import TrainConfig
 from sdlora.data import (Example, PromptRules, build_examples, checked_images, epoch_batches, make_buckets,
                          tag_frequency)
 from sdlora.errors import SdloraError
-from sdlora.formats import meta
-from sdlora.lora.inject import add_lora, format_table, report
+from sdlora.formats import kohya, meta
+from sdlora.formats.read import parse
+from sdlora.formats.verify import verify
+from sdlora.lora.inject import add_lora, collect, format_table, report
 from sdlora.lora.targets import PRESETS, find_targets, preset_component
-from sdlora.formats.verify import verify_state
+from sdlora.train import SAVE_DTYPES
 from sdlora.models import load_base
 from sdlora.train import ckpt
 from sdlora.train import step as S
@@ -422,8 +423,7 @@ def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes,
     """Write the adapter (main process only; callers synchronise processes first)."""
     if not accelerator.is_main_process:
         return out_path
-    comps = {c: accelerator.unwrap_model(m) for c, m in base.components.items() if c in targets}
-    tensors = adapter.kohya_tensors(comps, adapter.SAVE_DTYPES[cfg.save_precision], base.arch)
+    tensors = _adapter_tensors(base, accelerator, targets, SAVE_DTYPES[cfg.save_precision])
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise SdloraError("the adapter holds NaN/Inf values; nothing was saved. Lower --lr or use bf16/no precision")
     md = meta.build(
@@ -442,11 +442,17 @@ def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes,
     md["sdlora_config"] = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("resume",)}, default=str)
     # Check the file as ComfyUI, A1111, kohya and diffusers will read it. It is written either way (a failed check
     # must not lose the training), but a problem fails the run loudly.
-    report_ = verify_state(tensors, md, model=base, path=str(out_path))
-    path = adapter.save(tensors, out_path, md)
+    report_ = verify(parse(tensors, md, where=str(out_path)), model=base, path=str(out_path))
+    path = kohya.save(tensors, out_path, md)
     say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {len(tensors) // 3} modules, {len(tensors)} tensors)")
     for line in report_.lines()[1:-1]:
         say(line)
     if not report_.ok:
         raise SdloraError(f"{path} was saved but does not verify: {report_.problems[0]} (run `sdlora verify {path}`)")
     return path
+
+
+def _adapter_tensors(base, accelerator, targets, dtype) -> dict[str, torch.Tensor]:
+    """The kohya tensors of the trained LoRA layers, cast to `dtype`."""
+    layers = {c: collect(accelerator.unwrap_model(m)) for c, m in base.components.items() if c in targets}
+    return kohya.to_tensors(kohya.from_layers(layers, base.arch), dtype)

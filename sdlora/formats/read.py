@@ -1,0 +1,292 @@
+"""The one reader: any LoRA file or folder -> the neutral `AdapterFile` (formats/adapter.py).
+
+Layouts read: kohya (`lora_unet_…`/`lora_te…_` + `.lora_down.weight` / `.lora_up.weight` / `.alpha`, what kohya,
+OneTrainer and ai-toolkit write for SD 1.x/2.x/SDXL), diffusers (`save_lora_weights`: `unet.<path>.lora_A.weight`,
+older `.lora.down.weight` / `to_q_lora` spellings, PEFT configs in the `lora_adapter_metadata` header), PEFT files
+(`base_model.model.<path>.lora_A.weight`, `adapter_config.json` beside them: `lora_alpha`, `alpha_pattern`) and
+PEFT folders (one `adapter_model.safetensors` + `adapter_config.json`, or one such folder per component as
+`sdlora convert --to peft` writes). Parsing (`parse`) is pure: tensors and metadata in, dataclasses out; file I/O
+is `formats/io.py`'s. Every module is sanity-checked (`adapter.check_module`); keys that are not parts of a module
+sdlora can apply are kept in `AdapterFile.unknown`, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sdlora import archs
+from sdlora.errors import SdloraError
+from sdlora.formats import io, kohya
+from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
+
+ADAPTER_META = "lora_adapter_metadata"  # diffusers' header entry with the PEFT configs per component
+MISSING_ALPHA = "sdlora.kohya_modules_without_alpha"  # kohya modules that had no alpha (restored on the way back)
+PEFT_PREFIX = "base_model.model."
+DIFFUSERS_COMPONENTS = ("text_encoder_2", "text_encoder", "unet")  # longest first: prefixes are matched in order
+# LyCORIS / other kinds sdlora does not apply yet: suffix -> what it is (so the report can say so)
+OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon Tucker", ".diff": "full diff",
+               "oft_": "OFT", "boft_": "BOFT", "lora_A.": "", "lora_B.": ""}
+
+
+def detect_format(keys) -> str:
+    """"kohya", "diffusers", "peft" or "unknown", from tensor names."""
+    keys = list(keys)
+    if keys and all(kohya.component_of(k) for k in keys):
+        return "kohya"
+    if any(k.startswith(PEFT_PREFIX) for k in keys):
+        return "peft"
+    if any(k.startswith(tuple(c + "." for c in DIFFUSERS_COMPONENTS)) for k in keys):
+        return "diffusers"
+    if any(".lora_down." in k or ".lora_up." in k for k in keys):
+        return "kohya"
+    return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the family a file is for
+
+
+def arch_from_metadata(metadata: dict[str, str]) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    spec_arch = metadata.get("modelspec.architecture", "")
+    for s in archs.SPECS.values():
+        if version and version.startswith(s.kohya_version_prefix):
+            return s.id
+    if metadata.get("ss_v2") == "True":
+        return next(s.id for s in archs.SPECS.values() if s.is_v2)
+    for s in archs.SPECS.values():
+        if spec_arch.startswith(s.modelspec_prefix):
+            return s.id
+    return None
+
+
+def detect_arch(names, metadata: dict[str, str], shapes: dict[str, tuple] | None = None) -> str | None:
+    """The family of an adapter: from `ss_base_model_version`/`ss_v2`/modelspec; else from which components and
+    UNet naming its kohya module `names` use; else from `shapes` (module -> down shape): the cross-attention
+    key/value input width is the text width, and the text-encoder depth. None when nothing decides."""
+    arch = arch_from_metadata(metadata)
+    if arch:
+        return arch
+    names = list(names)
+    used = {kohya.component_of(n) for n in names} - {None}
+    ldm = any(kohya.is_ldm_unet_name(n) for n in names)
+    cands = [s for s in archs.SPECS.values()
+             if used <= set(s.components) and (not ldm or s.denoiser_names == "ldm")]
+    if len(cands) > 1 and shapes:
+        widths = {shape[1] for n, shape in shapes.items() if kohya.is_cross_attention_kv(n) and len(shape) == 2}
+        by_width = [s for s in cands if archs.load_config(s.id, s.denoiser)["cross_attention_dim"] in widths]
+        cands = by_width or cands
+    if len(cands) > 1:
+        deepest = max((kohya.te_layer(n) for n in names if kohya.te_layer(n) is not None), default=-1)
+        cands = [s for s in cands
+                 if all(deepest < archs.load_config(s.id, t.attr)["num_hidden_layers"] for t in s.text_encoders)]
+    return cands[0].id if len(cands) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parsing
+
+
+def _alpha(t: torch.Tensor, key: str, where: str) -> float:
+    if t.numel() != 1:
+        raise SdloraError(f"{where}: {key} holds {t.numel()} values, an alpha is one number; the file is damaged or "
+                          "not a LoRA, re-export it")
+    return float(t.float().reshape(()).item())
+
+
+def _other_kind(key: str) -> str | None:
+    return next((kind for part, kind in OTHER_KINDS.items() if part in key and kind), None)
+
+
+def _kohya_modules(tensors, where: str) -> tuple[dict[str, AdapterModule], list[str], list[str]]:
+    """kohya tensors -> (modules, unknown keys, notes)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, t in tensors.items():
+        split = kohya.module_of_key(key)
+        if split is None:
+            unknown.append(key)
+        else:
+            groups.setdefault(split[0], {})[split[1]] = t
+    modules = {}
+    for name, parts in groups.items():
+        if kohya.DOWN not in parts or kohya.UP not in parts:
+            unknown += [f"{name}.{s}" for s in parts]
+            continue
+        alpha = parts.get(kohya.ALPHA)
+        modules[name] = AdapterModule(name, "lora", {"down": parts[kohya.DOWN], "up": parts[kohya.UP]},
+                                      None if alpha is None else _alpha(alpha, f"{name}.{kohya.ALPHA}", where))
+    return modules, unknown, []
+
+
+def _alpha_from(config: dict, path: str):
+    """PEFT's alpha of module `path`: `alpha_pattern` entries match the path's end, else `lora_alpha`."""
+    for key, v in (config.get("alpha_pattern") or {}).items():
+        if path == key or path.endswith("." + key):
+            return v
+    return config.get("lora_alpha")
+
+
+def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None, where: str):
+    """PEFT/diffusers-keyed tensors of one component -> ({path: (down, up, alpha or None)}, unknown keys)."""
+    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                                  convert_unet_state_dict_to_peft)
+
+    alphas = {k[:-len(".alpha")]: _alpha(v, k, where) for k, v in sub.items() if k.endswith(".alpha")}
+    sub = {k: v for k, v in sub.items() if not k.endswith(".alpha")}
+    if not any(".lora_A." in k or ".lora_B." in k for k in sub):  # older diffusers spellings
+        sub = convert_unet_state_dict_to_peft(sub) if comp == "unet" else \
+            convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
+    out, unknown = {}, []
+    for k, down in sub.items():
+        if ".lora_A." not in k:
+            if ".lora_B." not in k or k.replace(".lora_B.", ".lora_A.") not in sub:
+                unknown.append(f"{comp}.{k}")
+            continue
+        base = k.split(".lora_A.")[0]
+        up = sub.get(k.replace(".lora_A.", ".lora_B."))
+        if up is None:
+            unknown.append(f"{comp}.{k}")
+            continue
+        path = kohya.te_path(base) if comp != "unet" else base
+        alpha = alphas.get(base)
+        if alpha is None and config:
+            alpha = _alpha_from(config, path)
+        out[path] = (down, up, None if alpha is None else float(alpha))
+    return out, unknown
+
+
+def _split_components(tensors) -> dict[str, dict[str, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        k2 = k.removeprefix(PEFT_PREFIX)
+        comp = next((c for c in DIFFUSERS_COMPONENTS if k2.startswith(c + ".")), None)
+        if comp is None:  # a bare PEFT file of one component: decide by its module names
+            comp = "unet" if "blocks" in k2 or "conv_in" in k2 else "text_encoder"
+            parts.setdefault(comp, {})[k2] = v
+        else:
+            parts.setdefault(comp, {})[k2[len(comp) + 1:]] = v
+    return parts
+
+
+def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: dict[str, str], where: str):
+    """{diffusers component: PEFT-keyed tensors} -> (modules, unknown keys, notes, arch)."""
+    found, unknown = {}, []
+    for comp, sub in parts.items():
+        mods, unk = _peft_component(comp, sub, configs.get(comp), where)
+        unknown += unk
+        found.update({(comp, p): v for p, v in mods.items()})
+    arch = arch_from_metadata(metadata)
+    if arch is None and ("text_encoder_2" in parts or any(c == "unet" and p.startswith("add_embedding")
+                                                         for c, p in found)):
+        arch = next(s.id for s in archs.SPECS.values() if len(s.text_encoders) > 1)
+    if arch is None:  # decide SD 1.x / 2.x by widths, with names as SD 1.x/2.x name them
+        names = {kohya.kohya_name("te" if c != "unet" else "unet", p): tuple(v[0].shape)
+                 for (c, p), v in found.items()}
+        arch = detect_arch(names, metadata, names)
+    spec = archs.get(arch or "sd1")
+    kcomp = {attr: c for c, attr in spec.components.items()}
+    missing = set(json.loads(metadata.get(MISSING_ALPHA, "[]")))
+    modules, defaulted = {}, 0
+    for (comp, path), (down, up, alpha) in found.items():
+        if comp not in kcomp:
+            unknown.append(f"{comp}.{path}")
+            continue
+        name = kohya.kohya_name(kcomp[comp], path, spec.id)
+        if alpha is None and name not in missing:
+            alpha = float(down.shape[0])  # the scale diffusers and PEFT load a module without alpha with
+            defaulted += 1
+        modules[name] = AdapterModule(name, "lora", {"down": down, "up": up}, alpha)
+    notes = [f"{defaulted} module(s) carry no alpha: read as alpha = rank, the scale diffusers and PEFT load them "
+             "with"] if defaulted else []
+    return modules, unknown, notes, arch
+
+
+def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: dict[str, dict] | None = None,
+          where: str = "<tensors>") -> AdapterFile:
+    """An AdapterFile from a LoRA state dict in any supported layout (pure: no I/O). `configs` are PEFT configs per
+    diffusers component (from `adapter_config.json` files). Raises SdloraError for a file with no module sdlora
+    can apply, or a damaged module."""
+    fmt = detect_format(tensors)
+    metadata = dict(metadata)
+    if fmt == "kohya":
+        modules, unknown, notes = _kohya_modules(tensors, where)
+        shapes = {n: tuple(m.tensors["down"].shape) for n, m in modules.items()}
+        arch = detect_arch(list(modules), metadata, shapes)
+    elif fmt in ("diffusers", "peft"):
+        configs = dict(configs or {})
+        if metadata.get(ADAPTER_META):
+            for k, v in json.loads(metadata[ADAPTER_META]).items():
+                comp, _, key = k.partition(".")
+                configs.setdefault(comp, {})[key] = v
+        parts = _split_components(tensors)
+        if set(configs) == {"*"}:  # one config beside a one-component file
+            configs = {c: configs["*"] for c in parts}
+        modules, unknown, notes, arch = _peft_modules(parts, configs, metadata, where)
+        metadata = {k: v for k, v in metadata.items() if k not in (ADAPTER_META, "format")}
+    else:
+        modules, unknown, notes, arch = {}, list(tensors), [], None
+    kinds = sorted({k for k in map(_other_kind, unknown) if k})
+    if not modules:
+        what = f" ({', '.join(kinds)} modules are not supported yet)" if kinds else ""
+        raise SdloraError(f"{where}: no LoRA modules sdlora can apply (kohya lora_down/lora_up, diffusers or PEFT "
+                          f"lora_A/lora_B){what}; pass a LoRA .safetensors or a PEFT folder")
+    for m in modules.values():
+        check_module(m, where)
+    if kinds:
+        notes.append(f"{', '.join(kinds)} modules are not supported yet: their keys are listed as unknown")
+    return AdapterFile(modules=modules, metadata=metadata, source=fmt, arch=arch, unknown=sorted(unknown), notes=notes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files and folders
+
+
+def _config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise SdloraError(f"{path}: not a readable PEFT adapter_config.json ({e}); re-export the adapter") from e
+
+
+def read_adapter(path) -> AdapterFile:
+    """Read a LoRA `.safetensors` file (kohya, diffusers, PEFT) or a PEFT folder. Missing, pickle, truncated or
+    damaged files, and files with no LoRA module, give a one-line SdloraError."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in io.PICKLE_SUFFIXES:
+        raise SdloraError(f"{path}: an adapter must be a .safetensors file or a PEFT folder")
+    tensors, metadata = io.load(path)
+    side = path.with_name("adapter_config.json")
+    configs = {"*": _config(side)} if side.is_file() else None
+    a = parse(tensors, metadata, configs, where=str(path))
+    a.path = path
+    a.name = a.file_name
+    return a
+
+
+def _read_folder(path: Path) -> AdapterFile:
+    if (path / "adapter_model.safetensors").is_file():  # one PEFT adapter
+        a = read_adapter(path / "adapter_model.safetensors")
+    else:  # one PEFT adapter per component: unet/, text_encoder/, text_encoder_2/
+        tensors, configs, metadata = {}, {}, {}
+        for comp in DIFFUSERS_COMPONENTS:
+            f = path / comp / "adapter_model.safetensors"
+            if f.is_file():
+                t, md = io.load(f)
+                tensors |= {f"{comp}.{k.removeprefix(PEFT_PREFIX)}": v for k, v in t.items()}
+                cfg = path / comp / "adapter_config.json"
+                configs[comp] = _config(cfg) if cfg.is_file() else {}
+                metadata = metadata or md
+        if not tensors:
+            raise SdloraError(f"{path}: no adapter_model.safetensors in the folder or in unet/, text_encoder/, "
+                              "text_encoder_2/; pass a PEFT folder or a LoRA .safetensors")
+        a = parse(tensors, metadata, configs, where=str(path))
+        a.source = "peft"
+    a.path = path
+    a.name = a.file_name
+    return a

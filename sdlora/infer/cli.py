@@ -1,0 +1,99 @@
+"""`sdlora generate`: images from a base model with LoRA adapters blended in, saved as PNGs with A1111 parameters."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+from sdlora.errors import SdloraError
+from sdlora.formats import io
+from sdlora.formats.a1111 import format_parameters
+from sdlora.formats.read import read_adapter
+from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings
+from sdlora.models import DEFAULT_MODEL
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float, float]:
+    """`FILE`, `FILE:S` or `FILE:TE:UNET` (A1111's order) -> (file, text-encoder strength, unet strength)."""
+    def num(text: str) -> float | None:
+        try:
+            v = float(text)
+        except ValueError:
+            return None
+        return v if math.isfinite(v) else None
+
+    if not spec:
+        raise SdloraError("--lora needs a file: FILE[:STRENGTH] or FILE:TE_STRENGTH:UNET_STRENGTH")
+    if Path(spec).exists():  # a file or a PEFT folder, even with ':' in its name
+        return spec, 1.0, 1.0
+    parts = spec.split(":")
+    if len(parts) >= 3 and num(parts[-2]) is not None and num(parts[-1]) is not None:
+        return ":".join(parts[:-2]), num(parts[-2]), num(parts[-1])
+    if len(parts) >= 2 and num(parts[-1]) is not None:
+        return ":".join(parts[:-1]), num(parts[-1]), num(parts[-1])
+    head, _, last = spec.rpartition(":")
+    if head and Path(head).suffix and not re.search(r"[\\/]", last):
+        raise SdloraError(f"--lora {spec}: strength '{last}' is not a number; use FILE:0.8 "
+                          "or FILE:TE_STRENGTH:UNET_STRENGTH")
+    return spec, 1.0, 1.0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`512` or `512x768` (width x height)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m:
+        raise SdloraError(f"--size {text}: use WIDTHxHEIGHT, e.g. 512x768, or one number for a square")
+    w = int(m.group(1))
+    return w, int(m.group(2) or w)
+
+
+def output_paths(out: str, seeds: list[int]) -> list[Path]:
+    """`--out x.png`: that file (x-0.png, x-1.png, .. for several); `--out DIR`: DIR/NNNNN-SEED.png after the last."""
+    p = Path(out)
+    if p.suffix.lower() == ".png":
+        return [p] if len(seeds) == 1 else [p.with_name(f"{p.stem}-{i}.png") for i in range(len(seeds))]
+    start = len(list(p.glob("*.png"))) if p.is_dir() else 0
+    return [p / f"{start + i:05d}-{s}.png" for i, s in enumerate(seeds)]
+
+
+def add_generate_args(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"base model: hub id, diffusers folder, .safetensors checkpoint or 'tiny' (default: {DEFAULT_MODEL})")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="kohya LoRA file, repeatable; FILE:S applies strength S (default 1), "
+                        "FILE:TE:UNET separate text-encoder and UNet strengths (A1111 order)")
+    p.add_argument("--prompt", required=True, help="prompt (add the adapters' trigger words yourself)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: 0)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=tuple(SCHEDULERS),
+                   help=f"sampler (default: {DEFAULT_SCHEDULER})")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT or one number (default: the model's native resolution)")
+    p.add_argument("--num-images", type=int, default=1, help="images to make (default: 1)")
+    p.add_argument("--out", default="output", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
+
+
+def cmd_generate(args) -> int:
+    specs = [parse_lora_spec(s) for s in args.lora]
+    width, height = parse_size(args.size) if args.size else (None, None)
+    settings = Settings(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
+                        guidance=args.guidance, scheduler=args.scheduler, width=width, height=height,
+                        num_images=args.num_images)
+    settings.check()
+    files = [read_adapter(path) for path, _, _ in specs]  # every file is checked before the model loads
+    session = Session(args.model)
+    strengths = {}
+    for f, (_, te, unet) in zip(files, specs):
+        r = session.blender.add(f)
+        if r.unmatched:
+            print(f"sdlora: warning: {f.path.name}: {len(r.unmatched)} of {len(f.modules) + len(f.unknown)} modules "
+                  f"match nothing in the model and are ignored (first: {r.unmatched[0]})", file=sys.stderr)
+        strengths[f.name] = (te, unet)
+    results = session.generate(settings, strengths, progress=True)
+    for path, (image, params) in zip(output_paths(args.out, [p.seed for _, p in results]), results):
+        io.save_png(image, path, {"parameters": format_parameters(params)})
+        print(path)
+    return 0

@@ -1,0 +1,122 @@
+"""A loaded base model with its adapters: what `sdlora generate` and app.py both drive, so both give the same image
+for the same settings."""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+import sdlora
+from sdlora.errors import SdloraError
+from sdlora.formats.a1111 import ImageParams, LoraRef
+from sdlora.formats.read import read_adapter
+from sdlora.infer.blend import Blender, Resolved
+from sdlora.models import load_base
+
+# --scheduler value -> (diffusers class, extra config, A1111 sampler name written into the PNG)
+SCHEDULERS = {
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+DEFAULT_SCHEDULER = "dpm++2m"
+
+
+@dataclass
+class Settings:
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.0
+    scheduler: str = DEFAULT_SCHEDULER
+    width: int | None = None  # None: the model's native resolution
+    height: int | None = None
+    num_images: int = 1
+
+    def check(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise SdloraError(f"unknown scheduler '{self.scheduler}'; use one of: {', '.join(SCHEDULERS)}")
+        if self.steps < 1:
+            raise SdloraError(f"steps must be at least 1, got {self.steps}")
+        if self.num_images < 1:
+            raise SdloraError(f"the number of images must be at least 1, got {self.num_images}")
+        if not math.isfinite(self.guidance):
+            raise SdloraError(f"guidance must be a finite number, got {self.guidance}")
+        for v in (self.width, self.height):
+            if v is not None and (v < 8 or v % 8):
+                raise SdloraError(f"image size must be a positive multiple of 8, got {v}")
+        if not 0 <= self.seed < 2**63:
+            raise SdloraError(f"seed must be between 0 and 2^63-1, got {self.seed}")
+
+
+def make_scheduler(name: str, config: dict):
+    import diffusers
+
+    cls, extra, _ = SCHEDULERS[name]
+    return getattr(diffusers, cls).from_config(dict(config), **extra)
+
+
+class Session:
+    """A loaded base model with its adapters: what `sdlora generate` and app.py both drive. Thread-safe."""
+
+    def __init__(self, model: str = "tiny", base=None):
+        self.base = base if base is not None else load_base(model)
+        self.blender = Blender(self.base)
+        self.lock = threading.RLock()
+
+    def use_model(self, model: str) -> list[str]:
+        """Switch the base model, keeping the adapters that fit it (from memory); returns one line per dropped adapter."""
+        with self.lock:
+            if model == self.base.name:
+                return []
+            files = [r.file for r in self.blender.adapters.values()]
+            self.blender.set_strengths({})
+            self.base = load_base(model)
+            self.blender = Blender(self.base)
+            dropped = []
+            for f in files:
+                f.name = f.file_name
+                try:
+                    self.blender.add(f)
+                except SdloraError as e:
+                    dropped.append(str(e))
+            return dropped
+
+    def add(self, path) -> Resolved:
+        """Read an adapter file (once) and match it to the model; raises SdloraError when it does not fit."""
+        f = read_adapter(path)
+        with self.lock:
+            return self.blender.add(f)
+
+    def generate(self, settings: Settings, strengths: dict[str, float | tuple[float, float]],
+                 progress: bool = False):
+        """Images for `settings` with the blend `strengths`: [(PIL image, ImageParams)], image i with seed+i."""
+        settings.check()
+        base = self.base
+        width = settings.width or base.native_resolution
+        height = settings.height or base.native_resolution
+        with self.lock:
+            self.blender.set_strengths(strengths)
+            loras = [LoraRef(r.file.name, te, u, r.file.short_hash) for r, te, u in self.blender.active()]
+            pipe = base.pipeline(scheduler=make_scheduler(settings.scheduler, base.scheduler_config))
+            pipe.set_progress_bar_config(disable=not progress)
+            out = []
+            for i in range(settings.num_images):
+                seed = settings.seed + i
+                image = pipe(prompt=settings.prompt, negative_prompt=settings.negative or None,
+                             num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                             width=width, height=height, generator=torch.Generator("cpu").manual_seed(seed),
+                             output_type="pil").images[0]
+                params = ImageParams(prompt=settings.prompt, negative=settings.negative, steps=settings.steps,
+                                     sampler=SCHEDULERS[settings.scheduler][2], cfg=settings.guidance, seed=seed,
+                                     width=width, height=height, model=base.name, loras=loras,
+                                     extra={"Version": f"sdlora {sdlora.__version__}"})
+                out.append((image, params))
+            return out
