@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora.adapter import save as save_adapter
 from sdlora.formats.io import load as load_safetensors
-from sdlora.infer import parse_parameters, read_parameters
+from sdlora.formats.a1111 import parse_parameters, read_parameters
+from sdlora.formats.kohya import save as save_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

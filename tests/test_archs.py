@@ -65,7 +65,8 @@ def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(tmp_path):
     from peft.tuners.lora import LoraLayer
 
     from sdlora.formats import kohya
-    from sdlora.infer import Session, Settings
+    from sdlora.infer.session import Session, Settings
+    from tests import reference
 
     result = train_tiny(tmp_path / "xl.safetensors", model="tiny-sdxl", steps=2, lr=5e-3)
     state, _ = load(result.path)
@@ -89,7 +90,7 @@ def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(tmp_path):
     with torch.no_grad():
         for mod, t in groups.items():
             w = table[mod].weight
-            w += 0.7 * kohya.delta(t["lora_down.weight"], t["lora_up.weight"], t["alpha"].item()).reshape(w.shape)
+            w += (0.7 * reference.lora_delta(t["lora_down.weight"], t["lora_up.weight"], t["alpha"].item())).reshape(w.shape).to(w.dtype)
     merged_img = Session("tiny-sdxl", base=merged).generate(settings, {})[0][0]
     assert list(blended.getdata()) == list(merged_img.getdata())
     assert list(blended.getdata()) != list(base_img.getdata())
@@ -99,7 +100,7 @@ def test_sdxl_merge_to_a_diffusers_folder_equals_the_fused_adapter(tmp_path):
     import subprocess
     import sys
 
-    from sdlora.infer import Session
+    from sdlora.infer.session import Session
     from sdlora.train.step import encode_text
     from tests.conftest import ROOT
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sdlora.archs import load_config, meta_components
-from sdlora.formats import convert, io, kohya, layouts, meta, verify
+from sdlora.errors import SdloraError
+from sdlora.formats import convert, io, kohya, layouts, meta, read, verify
 from sdlora.lora.targets import find_targets
 
 ARCHS = ("sd1", "sd2", "sdxl")
@@ -36,6 +37,11 @@ def kohya_fixture(table: dict, pattern: str, rank: int = 2, alpha: float | None 
         if alpha is not None:
             sd[f"{k}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return sd
+
+
+def verify_sd(sd: dict, md: dict, arch: str | None = None) -> verify.VerifyReport:
+    """verify on a kohya state dict, read as the one reader reads files."""
+    return verify.verify(read.parse(sd, md), arch=arch)
 
 
 def preset_names(arch: str, preset: str) -> set[str]:
@@ -170,7 +176,7 @@ def test_verify_passes_full_preset_and_locon_files_of_each_arch(arch):
     table = layouts.kohya_table(arch)
     full = "|".join(re.escape(n) + "$" for n in preset_names(arch, "full"))
     sd = kohya_fixture(table, full + "|" + LOCON, rank=1)
-    rep = verify.verify_state(sd, {"ss_base_model_version": VERSION[arch], "ss_v2": str(arch == "sd2")})
+    rep = verify_sd(sd, {"ss_base_model_version": VERSION[arch], "ss_v2": str(arch == "sd2")})
     assert rep.ok, rep.lines()
     assert rep.arch == arch and rep.modules == len(sd) // 3
     assert rep.tools["A1111"].startswith(f"applies {rep.modules}/{rep.modules}")
@@ -180,16 +186,16 @@ def test_verify_catches_each_problem():
     table = layouts.kohya_table("sd1")
     pattern = r"attn2_to_[qv]$|self_attn_(q|k|v|out)_proj$"
     md = {"ss_base_model_version": "sd_v1", "ss_v2": "False"}
-    assert verify.verify_state(kohya_fixture(table, pattern), md).ok
+    assert verify_sd(kohya_fixture(table, pattern), md).ok
 
     def problems(sd, md=md, arch=None):
-        rep = verify.verify_state(sd, md, arch=arch)
+        rep = verify_sd(sd, md, arch=arch)
         assert not rep.ok
         return " | ".join(rep.problems)
 
     sd = kohya_fixture(table, pattern)
     sd["lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = sd.pop("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight")
-    assert "lack lora_down or lora_up" in problems(sd)  # the renamed half no longer pairs
+    assert "3 key(s) are not parts of a LoRA module" in problems(sd)  # the renamed down, its orphaned up and alpha
     sd = kohya_fixture(table, pattern)
     for s in ("lora_down.weight", "lora_up.weight", "alpha"):  # transformers-5 naming without text_model_
         sd[f"lora_te_encoder_layers_0_mlp_fc1.{s}"] = sd[f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.{s}"]
@@ -201,7 +207,8 @@ def test_verify_catches_each_problem():
     assert "shapes that do not fit" in problems(sd)
     sd = kohya_fixture(table, pattern)
     sd[f"{k}.lora_up.weight"][0, 0] = float("nan")
-    assert "NaN or Inf" in problems(sd)
+    with pytest.raises(SdloraError, match=f"module {k} holds NaN or Inf values in its up weight"):
+        verify_sd(sd, md)  # the reader refuses a damaged file outright
     assert "no alpha" in problems(kohya_fixture(table, pattern, alpha=None))
     zero = {k: (torch.zeros_like(v) if k.endswith("lora_up.weight") else v) for k, v in kohya_fixture(table, pattern).items()}
     assert "delta is empty" in problems(zero)
@@ -243,7 +250,7 @@ def test_metadata_per_architecture(arch, pred, version, spec, v2):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("to", ["diffusers", "peft"])
 def test_convert_there_and_back_is_identical(tmp_path, arch, to):
-    from sdlora.adapter import save
+    from sdlora.formats.kohya import save
 
     table = layouts.kohya_table(arch)
     sd = kohya_fixture(table, r"transformer_blocks_0_attn2_to_[qv]$|transformer_blocks_1_attn1_to_k$|"
@@ -269,8 +276,9 @@ def test_diffusers_file_loads_in_diffusers_with_the_alphas(tmp_path):
     """The diffusers output is what load_lora_weights reads, per-module alphas included (from lora_adapter_metadata)."""
     from peft.tuners.lora import LoraLayer
 
-    from sdlora.adapter import save
+    from sdlora.formats.kohya import save
     from sdlora.models import load_base
+    from tests import reference
 
     base = load_base("tiny")
     table = layouts.table_of(base.components, "sd1")
@@ -286,14 +294,15 @@ def test_diffusers_file_loads_in_diffusers_with_the_alphas(tmp_path):
     for name, m in pipe.unet.named_modules():
         if isinstance(m, LoraLayer):
             k = kohya.kohya_name("unet", name)
-            want = before[name] + kohya.delta(sd[f"{k}.lora_down.weight"], sd[f"{k}.lora_up.weight"], sd[f"{k}.alpha"].item())
+            want = before[name] + reference.lora_delta(sd[f"{k}.lora_down.weight"], sd[f"{k}.lora_up.weight"],
+                                                       sd[f"{k}.alpha"].item()).float()
             assert torch.allclose(m.get_base_layer().weight, want, atol=1e-6), k
             checked += 1
     assert checked == 32
 
 
 def test_detect_format():
-    assert convert.detect_format(["lora_unet_x.lora_down.weight"]) == "kohya"
-    assert convert.detect_format(["unet.down_blocks.0.x.lora_A.weight"]) == "diffusers"
-    assert convert.detect_format(["base_model.model.x.lora_A.weight"]) == "peft"
+    assert read.detect_format(["lora_unet_x.lora_down.weight"]) == "kohya"
+    assert read.detect_format(["unet.down_blocks.0.x.lora_A.weight"]) == "diffusers"
+    assert read.detect_format(["base_model.model.x.lora_A.weight"]) == "peft"
     assert json.loads(json.dumps(convert.FORMATS)) == ["kohya", "diffusers", "peft"]

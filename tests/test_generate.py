@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from sdlora import cli
-from sdlora.adapter import save as save_adapter
 from sdlora.errors import SdloraError
-from sdlora.formats import io, kohya
-from sdlora.infer import (ImageParams, LoraRef, Session, Settings, format_parameters, parse_lora_spec,
-                          parse_parameters, read_parameters)
+from sdlora.formats import io, kohya, layouts
+from sdlora.formats.a1111 import ImageParams, LoraRef, format_parameters, parse_parameters, read_parameters
+from sdlora.formats.kohya import save as save_adapter
+from sdlora.infer.cli import parse_lora_spec
+from sdlora.infer.session import Session, Settings
+from sdlora.lora.math import lora_delta
 from sdlora.models import load_base
+from tests import reference
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(prompt="sks dog on a beach", negative="blurry, text", seed=7, steps=4, guidance=6.5)
@@ -66,15 +69,15 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 def merged_base(blend: list[tuple[Path, float, float]]):
     """Reference: a fresh tiny model with W += s·(alpha/r)·up@down added per file, in order (text encoder, unet)."""
     base = load_base("tiny")
-    table = kohya.name_table({c: [n for n, _ in m.named_modules()] for c, m in base.components.items()})
+    table = layouts.table_of(base.components, base.arch)
     with torch.no_grad():
         for path, te, unet in blend:
             tensors, _ = io.load(path)
             for mod, parts in kohya.group(tensors).items():
-                comp, name = table[mod]
-                w = base.components[comp].get_submodule(name).weight
-                w += (unet if comp == "unet" else te) * kohya.delta(
-                    parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"))
+                where = table[mod]
+                w = base.components[where.component].get_submodule(where.module_path).weight
+                w += ((unet if where.component == "unet" else te) * reference.lora_delta(
+                    parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"))).to(w.dtype)
     return base
 
 
@@ -109,7 +112,7 @@ def test_delta_is_the_lora_forward(kind):
         x = torch.randn(2, 10, 9, 9, generator=g)
     with torch.no_grad():
         want = base(x) + alpha / r * up(down(x))
-        base.weight += kohya.delta(down.weight, up.weight, torch.tensor(alpha))
+        base.weight += lora_delta(down.weight, up.weight, alpha)
         torch.testing.assert_close(base(x), want, rtol=0, atol=1e-5)
 
 

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from sdlora.adapter import save
 from sdlora.formats import convert, io, kohya, layouts, verify
+from sdlora.formats.kohya import save
+from sdlora.formats.read import read_adapter
+from tests import reference
 from sdlora.models import load_base
 from tests.test_formats import kohya_fixture
 
@@ -104,28 +106,30 @@ def test_no_alpha_gets_an_explicit_alpha_only_when_asked(files, tmp_path):
 
 
 def _blend_weights(model_files, strengths):
-    from sdlora.infer import Blender, load_adapter
+    from sdlora.infer.blend import Blender
 
     b = load_base("tiny")
     bl = Blender(b)
     names = []
     for f in model_files:
-        names.append(bl.add(load_adapter(f)).file.name)
+        names.append(bl.add(read_adapter(f)).file.name)
     bl.set_strengths(dict(zip(names, strengths)))
     return b
 
 
 def test_sdlora_loads_diffusers_and_peft_files_like_the_kohya_file(files):
-    """infer.load_adapter accepts the diffusers and PEFT copies; the fused weights are the kohya file's."""
-    from sdlora.infer import load_adapter
-
-    ref = load_adapter(files["locon"])
-    for k in ("diffusers",):
-        f = load_adapter(files[k])
-        assert set(f.modules) == set(ref.modules)
-        for name, (d, u, a) in ref.modules.items():
-            d2, u2, a2 = f.modules[name]
-            assert torch.equal(d, d2) and torch.equal(u, u2) and a == a2
+    """The reader reads the diffusers file and the PEFT folder (and one component's bare PEFT file, whose alpha is in
+    the adapter_config.json beside it) as the same modules, alphas included, as the kohya file."""
+    ref = read_adapter(files["locon"])
+    unet_only = files["peft"] / "unet" / "adapter_model.safetensors"
+    for path in (files["diffusers"], files["peft"], unet_only):
+        f = read_adapter(path)
+        want = {n: m for n, m in ref.modules.items() if path != unet_only or n.startswith("lora_unet_")}
+        assert set(f.modules) == set(want) and f.arch == "sd1", path
+        for name, m in want.items():
+            got = f.modules[name]
+            assert torch.equal(m.tensors["down"], got.tensors["down"]) and torch.equal(m.tensors["up"], got.tensors["up"])
+            assert got.alpha == m.alpha == 2.0, (path, name)  # 2, not the rank 4: the config's lora_alpha
 
 
 def test_locon_and_no_alpha_files_generate(files, tmp_path):
@@ -138,7 +142,7 @@ def test_locon_and_no_alpha_files_generate(files, tmp_path):
                  "--out", str(tmp_path / "base.png")]) == 0
     from PIL import Image
 
-    from sdlora.infer import read_parameters
+    from sdlora.formats.a1111 import read_parameters
 
     # the three files were applied (the image is not the base model's) and are recorded in the PNG
     assert list(Image.open(tmp_path / "x.png").getdata()) != list(Image.open(tmp_path / "base.png").getdata())
@@ -207,8 +211,8 @@ def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path):
     a, b = io.load(files["locon"])[0], io.load(tmp_path / "r4.safetensors")[0]
     ga, gb = kohya.group(a), kohya.group(b)
     for m in ga:
-        da = kohya.delta(ga[m]["lora_down.weight"], ga[m]["lora_up.weight"], ga[m]["alpha"].item())
-        db = kohya.delta(gb[m]["lora_down.weight"], gb[m]["lora_up.weight"], gb[m]["alpha"].item())
+        da = reference.lora_delta(ga[m]["lora_down.weight"], ga[m]["lora_up.weight"], ga[m]["alpha"].item())
+        db = reference.lora_delta(gb[m]["lora_down.weight"], gb[m]["lora_up.weight"], gb[m]["alpha"].item())
         assert torch.allclose(da, db, atol=1e-6), m
     assert frac == pytest.approx(1.0, abs=1e-9)
     # rank 2: the best rank-2 approximation; energy fraction from singular values computed here
@@ -217,11 +221,11 @@ def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path):
     c = kohya.group(io.load(tmp_path / "r2.safetensors")[0])
     kept = total = 0.0
     for m in ga:
-        d = kohya.delta(ga[m]["lora_down.weight"], ga[m]["lora_up.weight"], ga[m]["alpha"].item()).double()
+        d = reference.lora_delta(ga[m]["lora_down.weight"], ga[m]["lora_up.weight"], ga[m]["alpha"].item())
         s = torch.linalg.svdvals(d.reshape(d.shape[0], -1))
         kept, total = kept + float((s[:2] ** 2).sum()), total + float((s ** 2).sum())
         assert c[m]["lora_down.weight"].shape[0] == 2 and c[m]["alpha"].item() == pytest.approx(1.0)  # 2/4 * 2
-        dc = kohya.delta(c[m]["lora_down.weight"], c[m]["lora_up.weight"], c[m]["alpha"].item()).double()
+        dc = reference.lora_delta(c[m]["lora_down.weight"], c[m]["lora_up.weight"], c[m]["alpha"].item())
         assert float(((d - dc) ** 2).sum()) == pytest.approx(float((s[2:] ** 2).sum()), rel=1e-4, abs=1e-10)
     assert f"kept {kept / total:.2%}" in r.stdout
     assert verify.verify_file(tmp_path / "r2.safetensors").ok

@@ -6,7 +6,7 @@ Built from the real architectures on the meta device (sdlora/archs) or from a lo
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +20,7 @@ class Module:
     path: str  # module path in the diffusers / transformers model (text encoders without `text_model.`)
     shape: tuple[int, ...]  # weight shape
     conv: bool  # Conv2d (else Linear)
-    module_path: str = ""  # its name in the loaded model (`get_submodule`), when built from one
+    module_path: str = field(default="", compare=False)  # its name in the loaded model (`get_submodule`)
 
 
 def table_of(components: dict[str, torch.nn.Module], arch: str) -> dict[str, Module]:

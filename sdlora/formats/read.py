@@ -25,7 +25,10 @@ from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 ADAPTER_META = "lora_adapter_metadata"  # diffusers' header entry with the PEFT configs per component
 MISSING_ALPHA = "sdlora.kohya_modules_without_alpha"  # kohya modules that had no alpha (restored on the way back)
 PEFT_PREFIX = "base_model.model."
-DIFFUSERS_COMPONENTS = ("text_encoder_2", "text_encoder", "unet")  # longest first: prefixes are matched in order
+_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
+# every family's diffusers components, longest first: key prefixes are matched in this order
+DIFFUSERS_COMPONENTS = tuple(sorted({a for s in archs.SPECS.values() for a in s.components.values()}, key=len,
+                                    reverse=True))
 # LyCORIS / other kinds sdlora does not apply yet: suffix -> what it is (so the report can say so)
 OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon Tucker", ".diff": "full diff",
                "oft_": "OFT", "boft_": "BOFT", "lora_A.": "", "lora_B.": ""}
@@ -65,8 +68,7 @@ def arch_from_metadata(metadata: dict[str, str]) -> str | None:
 
 def detect_arch(names, metadata: dict[str, str], shapes: dict[str, tuple] | None = None) -> str | None:
     """The family of an adapter: from `ss_base_model_version`/`ss_v2`/modelspec; else from which components and
-    UNet naming its kohya module `names` use; else from `shapes` (module -> down shape): the cross-attention
-    key/value input width is the text width, and the text-encoder depth. None when nothing decides."""
+    UNet naming its kohya module `names` use; else from `shapes` (module -> down shape). None when nothing decides."""
     arch = arch_from_metadata(metadata)
     if arch:
         return arch
@@ -75,10 +77,15 @@ def detect_arch(names, metadata: dict[str, str], shapes: dict[str, tuple] | None
     ldm = any(kohya.is_ldm_unet_name(n) for n in names)
     cands = [s for s in archs.SPECS.values()
              if used <= set(s.components) and (not ldm or s.denoiser_names == "ldm")]
-    if len(cands) > 1 and shapes:
+    return _by_shapes(cands, names, shapes or {})
+
+
+def _by_shapes(cands: list, names, shapes: dict[str, tuple]) -> str | None:
+    """Narrow candidate families by the cross-attention key/value input width (= the text width) and by the deepest
+    text-encoder layer a module names."""
+    if len(cands) > 1:
         widths = {shape[1] for n, shape in shapes.items() if kohya.is_cross_attention_kv(n) and len(shape) == 2}
-        by_width = [s for s in cands if archs.load_config(s.id, s.denoiser)["cross_attention_dim"] in widths]
-        cands = by_width or cands
+        cands = [s for s in cands if archs.load_config(s.id, s.denoiser)["cross_attention_dim"] in widths] or cands
     if len(cands) > 1:
         deepest = max((kohya.te_layer(n) for n in names if kohya.te_layer(n) is not None), default=-1)
         cands = [s for s in cands
@@ -160,15 +167,20 @@ def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None
 
 
 def _split_components(tensors) -> dict[str, dict[str, torch.Tensor]]:
+    """{diffusers component: its keys without the component prefix}. A bare PEFT file of one component (keys with no
+    component prefix) belongs to the UNet when any of its module paths is a UNet path, else to the text encoder."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    bare: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
         k2 = k.removeprefix(PEFT_PREFIX)
         comp = next((c for c in DIFFUSERS_COMPONENTS if k2.startswith(c + ".")), None)
-        if comp is None:  # a bare PEFT file of one component: decide by its module names
-            comp = "unet" if "blocks" in k2 or "conv_in" in k2 else "text_encoder"
-            parts.setdefault(comp, {})[k2] = v
+        if comp is None:
+            bare[k2] = v
         else:
             parts.setdefault(comp, {})[k2[len(comp) + 1:]] = v
+    if bare:
+        unet = any(k.startswith(_UNET_ROOTS) for k in bare)
+        parts.setdefault("unet" if unet else "text_encoder", {}).update(bare)
     return parts
 
 
@@ -180,13 +192,12 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
         unknown += unk
         found.update({(comp, p): v for p, v in mods.items()})
     arch = arch_from_metadata(metadata)
-    if arch is None and ("text_encoder_2" in parts or any(c == "unet" and p.startswith("add_embedding")
-                                                         for c, p in found)):
-        arch = next(s.id for s in archs.SPECS.values() if len(s.text_encoders) > 1)
-    if arch is None:  # decide SD 1.x / 2.x by widths, with names as SD 1.x/2.x name them
-        names = {kohya.kohya_name("te" if c != "unet" else "unet", p): tuple(v[0].shape)
-                 for (c, p), v in found.items()}
-        arch = detect_arch(names, metadata, names)
+    if arch is None:  # the families with these components (and SDXL's added embedding), then widths and depths
+        added = any(p.startswith("add_embedding") for _, p in found)
+        cands = [s for s in archs.SPECS.values()
+                 if set(parts) <= set(s.components.values()) and (s.micro_conditioning or not added)]
+        shapes = {kohya.kohya_name("unet" if c == "unet" else "te", p): tuple(v[0].shape) for (c, p), v in found.items()}
+        arch = _by_shapes(cands, list(shapes), shapes)
     spec = archs.get(arch or "sd1")
     kcomp = {attr: c for c, attr in spec.components.items()}
     missing = set(json.loads(metadata.get(MISSING_ALPHA, "[]")))
@@ -196,7 +207,9 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
             unknown.append(f"{comp}.{path}")
             continue
         name = kohya.kohya_name(kcomp[comp], path, spec.id)
-        if alpha is None and name not in missing:
+        if name in missing:  # a kohya module without alpha, converted by sdlora: restored as it was
+            alpha = None
+        elif alpha is None:
             alpha = float(down.shape[0])  # the scale diffusers and PEFT load a module without alpha with
             defaulted += 1
         modules[name] = AdapterModule(name, "lora", {"down": down, "up": up}, alpha)
