@@ -136,11 +136,15 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        _quiet_libraries()
+        parser = build_parser()  # imports torch, diffusers, ...: seconds in which a Ctrl-C is likely
+        args = parser.parse_args(argv)
         return args.func(args)
     except SdloraError as e:
         print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # training prints what it saved before this; anywhere else nothing was written (outputs are atomic)
+        print("sdlora: interrupted", file=sys.stderr)
+        return 130
