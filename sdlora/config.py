@@ -112,8 +112,10 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, float) and not math.isfinite(v):
                 bad(name, f"must be a finite number, got {v}")
-        if not 1 <= self.rank <= MAX_RANK:
-            bad("rank", f"must be at least 1 and at most {MAX_RANK}, got {self.rank}")
+        if self.rank < 1:
+            bad("rank", f"must be at least 1, got {self.rank}")
+        if self.rank > MAX_RANK:
+            bad("rank", f"must be at most {MAX_RANK}, got {self.rank} (a file of that rank is mostly redundant)")
         if self.alpha is not None and self.alpha <= 0:
             bad("alpha", f"must be positive, got {self.alpha}")
         for f in ("steps", "batch_size", "grad_accum", "sample_steps"):

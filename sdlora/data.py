@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,7 @@ def decode_caption(raw: bytes, path: Path) -> str:
                 break
             except UnicodeDecodeError:
                 continue
-    bad = [c for c in text if not c.isprintable() and not c.isspace()]
+    bad = [c for c in text if unicodedata.category(c) == "Cc" and not c.isspace()]  # NUL, ESC, C1 controls
     if bad:
         raise SdloraError(f"caption {display_name(path, full=True)}: not text (holds control byte "
                           f"{bad[0].encode('unicode_escape').decode('ascii')}); re-save it as UTF-8 text")

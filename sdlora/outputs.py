@@ -91,6 +91,13 @@ def is_sdlora_adapter(path: Path) -> bool:
     return isinstance(md, dict) and "sdlora_config" in md
 
 
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def _inside(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
@@ -129,8 +136,10 @@ def check_paths(cfg) -> Planned:
     a = plan.adapter
     flag = "--out" if cfg.out else "--output-dir/--name"
     images = Path(cfg.images)
+    # Nothing is written into the images folder itself (where a file would replace or join the training images).
+    # A subfolder of it is fine: images are not searched recursively (`--images .` writes to ./output/).
     for p in [a, plan.checkpoints, plan.loss_curve] + [x for x in (plan.samples, plan.logs) if x]:
-        if _inside(p, images):
+        if _same(p.parent, images) or _same(p, images):
             raise SdloraError(f"{flag} {a} is inside --images {images}: the run would write among the training "
                               "images; write it elsewhere, e.g. --output-dir output")
     if a.is_dir():
@@ -299,7 +308,7 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQU
 
 def _disk_error(e: BaseException) -> bool:
     if isinstance(e, OSError):
-        return e.errno in _DISK_ERRORS or e.errno is None
+        return e.errno in _DISK_ERRORS
     # safetensors reports write failures as its own error type, with the OS message inside
     return type(e).__name__ == "SafetensorError" and any(
         s in str(e) for s in ("No space left", "Read-only file system", "Permission denied", "Disk quota",

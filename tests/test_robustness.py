@@ -120,7 +120,7 @@ def mount_tmpfs(tmp_path):
     (["--min-snr-gamma", "inf"], "--min-snr-gamma must be a finite number"),
     (["--caption-dropout", "1.5"], "--caption-dropout must be in [0, 1)"),
     (["--resolution", "100000"], "--resolution must be at most 4096, got 100000; pass --force-resolution"),
-    (["--rank", "2000"], "--rank must be at least 1 and at most 1024, got 2000"),
+    (["--rank", "2000"], "--rank must be at most 1024, got 2000"),
     (["--steps", "0"], "--steps must be at least 1"),
 ])
 def test_bad_option_values_are_one_line_errors_naming_the_limit(capsys, tmp_path, args, needle):
@@ -189,6 +189,14 @@ def test_output_paths_are_refused_before_anything_loads(capsys, tmp_path, dog, c
         ["dog", "notes.txt"] + (["adapters"] if case == "folder" else [])
         + (["x-checkpoints"] if case == "checkpoints in the way" else []))
     assert time.perf_counter() - t0 < 5  # refused before the model loads
+
+
+def test_a_subfolder_of_the_images_folder_is_a_fine_output_place(tmp_path, dog):
+    from sdlora.outputs import check_paths
+
+    plan = check_paths(make_config(dict(images=str(dog), prompt="x", out=str(dog / "output" / "a.safetensors"))))
+    assert plan.checkpoints == dog / "output" / "a-checkpoints"  # not scanned: images are not searched recursively
+    assert sorted(p.name for p in dog.iterdir()) == sorted(p.name for p in DOG.iterdir())  # nothing created
 
 
 def test_overwrite_replaces_a_foreign_file_and_stale_temps_of_a_killed_save_are_removed(tmp_path):
@@ -440,6 +448,7 @@ def test_images_smaller_than_the_training_size_are_named(capsys, tmp_path):
     (b"\xfe\xff" + "sks dog, café".encode("utf-16-be"), "sks dog, café"),
     ("sks dog, café".encode("latin-1"), "sks dog, café"),
     ("sks dog, 5€ hat".encode("cp1252"), "sks dog, 5€ hat"),
+    ("sks\u00a0dog, soft\u00adhyphen, zero\u200bwidth".encode("utf-8"), "sks dog, soft\u00adhyphen, zero\u200bwidth"),
 ])
 def test_captions_in_any_common_encoding(tmp_path, raw, expected):
     img = tmp_path / "a.png"
