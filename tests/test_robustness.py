@@ -199,24 +199,40 @@ def test_a_subfolder_of_the_images_folder_is_a_fine_output_place(tmp_path, dog):
     assert sorted(p.name for p in dog.iterdir()) == sorted(p.name for p in DOG.iterdir())  # nothing created
 
 
+def _killed_save(target: Path, folder: bool = False) -> Path:
+    """Run sdlora's own atomic writer for `target` in a forked child that is SIGKILLed halfway through the write;
+    returns the temp file/folder it leaves behind."""
+    from sdlora.formats.io import atomic_write, atomic_write_dir
+
+    before = set(target.parent.iterdir()) if target.parent.exists() else set()
+    pid = os.fork()
+    if pid == 0:  # child: start the save, die in the middle of it
+        def die(tmp):
+            (Path(tmp) / "state.safetensors" if folder else Path(tmp)).write_bytes(b"half a save")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        try:
+            (atomic_write_dir if folder else atomic_write)(target, die)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    (left,) = set(target.parent.iterdir()) - before
+    return left
+
+
 def test_overwrite_replaces_a_foreign_file_and_stale_temps_of_a_killed_save_are_removed(tmp_path):
     out = tmp_path / "run" / "notes.safetensors"
     out.parent.mkdir()
     out.write_text("not an adapter")
-    ck = out.parent / "notes-checkpoints"
-    ck.mkdir()
-    # leftovers of a killed save: a temp adapter file and a checkpoint temp folder (old), and a fresh temp file
-    # that may belong to a run saving right now
-    stale_file = out.parent / ".notes.safetensors.ab12cd_3.tmp"
-    stale_file.write_bytes(b"\0" * 100)
-    stale_dir = ck / ".step-000002.zz99yy88"
-    stale_dir.mkdir()
-    (stale_dir / "state.safetensors").write_bytes(b"\0" * 10)
+    # leftovers of saves killed with SIGKILL: the adapter's temp file and a checkpoint's temp folder (an hour
+    # old), and the loss curve's temp file of a save that may still be running (fresh)
+    stale_file = _killed_save(out)
+    stale_dir = _killed_save(out.parent / "notes-checkpoints" / "step-000002", folder=True)
+    young = _killed_save(out.parent / "notes-loss.png")
     old = time.time() - 3600
     for p in (stale_dir / "state.safetensors", stale_dir, stale_file):
         os.utime(p, (old, old))
-    young = out.parent / ".notes-loss.png.qq11ww22.tmp"
-    young.write_bytes(b"x")
     lines = []
     train(make_config(dict(images=str(DOG), prompt="sks dog", model="tiny", steps=1, out=str(out), overwrite=True)),
           log=lines.append)
@@ -463,9 +479,11 @@ def test_a_binary_caption_is_an_error_naming_the_file(tmp_path):
     assert "caption" in str(e.value) and "a.txt" in str(e.value) and "re-save it as UTF-8" in str(e.value)
 
 
-def test_hostile_file_names_and_captions_train_end_to_end_in_a_subprocess(tmp_path):
-    """A file name that is not UTF-8, a latin-1 caption, a 16-bit PNG and a decompression bomb (skipped), in
-    one real `sdlora train` whose output goes to a pipe, as a user's terminal would get it."""
+def test_hostile_files_train_in_a_subprocess_and_the_second_run_hits_the_latent_cache(tmp_path):
+    """A file name that is not UTF-8, a latin-1 caption, a 16-bit PNG and a decompression bomb (skipped), in a real
+    `sdlora train` whose output goes to a pipe, as a user's terminal would get it. Then the same command again in
+    a new process (another hash seed, so diffusers' config sets iterate in another order): every latent comes
+    from the cache."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     raw_name = os.fsdecode(b"0caf\xe9 \x1b[31m.png")  # not UTF-8, with an escape sequence in it
@@ -474,15 +492,22 @@ def test_hostile_file_names_and_captions_train_end_to_end_in_a_subprocess(tmp_pa
     Image.fromarray(np.full((64, 64), 32768, np.uint16)).save(folder / "1grey16.png")
     (folder / "2bomb.png").write_bytes(bomb_png(30000, 30000))
     out = tmp_path / "o.safetensors"
-    p = subprocess.run([*SDLORA, *map(str, train_args(folder, out, "--skip-bad-images", "--steps", "1"))], cwd=ROOT,
-                       capture_output=True, timeout=300, env=ENV)
-    stdout, stderr = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
-    assert p.returncode == 0, stderr
-    assert "Traceback" not in stderr
-    assert "e.g. 0caf\\xe9 \\x1b[31m.png: 'sks dog in a café'" in stdout  # printable, escapes shown
-    assert "2bomb.png (decompression bomb" in stdout
-    assert "\x1b" not in stdout
-    assert load(out)[1]["ss_num_train_images"] == "2"
+    cache = tmp_path / "cache"
+    args = [*SDLORA, *map(str, train_args(folder, out, "--skip-bad-images", "--steps", "1", "--cache-dir", cache))]
+    latents = []
+    for hashseed in ("1", "2"):
+        p = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=300, env=ENV | {"PYTHONHASHSEED": hashseed})
+        stdout, stderr = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
+        assert p.returncode == 0, stderr
+        assert "Traceback" not in stderr
+        assert "e.g. 0caf\\xe9 \\x1b[31m.png: 'sks dog in a café'" in stdout  # printable, escapes shown
+        assert "2bomb.png (decompression bomb" in stdout
+        assert "\x1b" not in stdout
+        assert load(out)[1]["ss_num_train_images"] == "2"
+        latents.append(next(line for line in stdout.splitlines() if line.startswith("latents:")))
+    assert latents[0].startswith("latents: 0 from cache, 4 encoded")
+    assert latents[1].startswith("latents: 4 from cache, 0 encoded")
+    assert len(list((cache / "latents").rglob("*.safetensors"))) == 4
 
 
 def test_display_name_escapes_what_a_terminal_cannot_show():
@@ -509,21 +534,6 @@ def test_cache_key_ignores_private_config_keys_but_not_real_ones(tmp_path):
     changed = AutoencoderKL.from_config({**vae.config, "scaling_factor": 0.5})
     changed.load_state_dict(vae.state_dict())
     assert fingerprint(changed) != key
-
-
-def test_the_second_run_of_the_same_command_hits_the_latent_cache(tmp_path):
-    cache = tmp_path / "cache"
-    images = make_images(tmp_path / "imgs", n=2, size=(64, 64))
-    outs = []
-    for i, hashseed in enumerate(("1", "2")):  # set orders differ between processes, as between two real runs
-        p = subprocess.run([*SDLORA, *map(str, train_args(images, tmp_path / "a.safetensors", "--steps", "1",
-                                                          "--cache-dir", cache))],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV | {"PYTHONHASHSEED": hashseed})
-        assert p.returncode == 0, p.stderr
-        outs.append(next(line for line in p.stdout.splitlines() if line.startswith("latents:")))
-    assert outs[0].startswith("latents: 0 from cache, 4 encoded")
-    assert outs[1].startswith("latents: 4 from cache, 0 encoded")
-    assert len(list((cache / "latents").rglob("*.safetensors"))) == 4
 
 
 # ---------------------------------------------------------------- 7. fuzzing the image loader
