@@ -136,14 +136,14 @@ def check_paths(cfg) -> Planned:
     a = plan.adapter
     flag = "--out" if cfg.out else "--output-dir/--name"
     images = Path(cfg.images)
+    if a.is_dir():
+        raise SdloraError(f"{flag} {a} is a folder; pass a file path such as {a / 'lora.safetensors'}")
     # Nothing is written into the images folder itself (where a file would replace or join the training images).
     # A subfolder of it is fine: images are not searched recursively (`--images .` writes to ./output/).
     for p in [a, plan.checkpoints, plan.loss_curve] + [x for x in (plan.samples, plan.logs) if x]:
         if _same(p.parent, images) or _same(p, images):
             raise SdloraError(f"{flag} {a} is inside --images {images}: the run would write among the training "
                               "images; write it elsewhere, e.g. --output-dir output")
-    if a.is_dir():
-        raise SdloraError(f"{flag} {a} is a folder; pass a file path such as {a / 'lora.safetensors'}")
     if a.exists() and not a.is_file():
         raise SdloraError(f"{flag} {a} exists and is not a regular file; choose another path")
     if a.is_file() and not cfg.overwrite and not is_sdlora_adapter(a):
@@ -159,7 +159,8 @@ def check_paths(cfg) -> Planned:
     for folder, option in plan.folders(flag):
         anc = _existing_ancestor(folder)
         if not anc.is_dir():
-            raise SdloraError(f"cannot create {folder}: {anc} is a file, not a folder; choose another {option}")
+            raise SdloraError(f"cannot create the folder {folder}: {anc} is a file, not a folder; choose another "
+                              f"{option}")
         if anc not in probed:
             probed[anc] = _probe_writable(anc)
         err = probed[anc]
