@@ -43,10 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = make_config(values)
     from sdlora.train.loop import train
 
-    try:
-        train(cfg)
-    except KeyboardInterrupt:
-        return 130
+    train(cfg)  # Ctrl-C: the loop says what it saved, then main() exits 130
     return 0
 
 
@@ -145,6 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # training prints what it saved before this; anywhere else nothing was written (outputs are atomic)
+        # training says what it saved before this; anywhere else nothing was written (outputs are atomic)
         print("sdlora: interrupted", file=sys.stderr)
         return 130

@@ -394,7 +394,7 @@ def test_ctrl_c_during_imports_exits_130_without_a_traceback(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert "sdlora: interrupted" in err or "nothing saved" in out
+    assert "sdlora: interrupted" in err
     assert not (tmp_path / "x.safetensors").exists()
 
 
