@@ -93,8 +93,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     (Pillow's own conversion clips them, so a 16-bit mid-grey would turn white); palettes with transparency and
     grey+alpha keep their alpha; CMYK, YCbCr, LAB and HSV use Pillow's conversions."""
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        arr = np.asarray(im).astype(np.float64)
-        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+        with np.errstate(invalid="ignore"):  # float images may hold NaN/inf: they become black
+            arr = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255):
             arr = arr / 257.0  # 0..65535 -> 0..255
         elif im.mode == "F" and arr.size and 0 <= arr.min() and arr.max() <= 1.0:

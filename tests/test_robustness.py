@@ -27,8 +27,8 @@ from PIL import Image
 
 from sdlora.cli import main
 from sdlora.config import make_config
-from sdlora.data import (PromptRules, build_examples, checked_images, decode_caption, display_name, load_image,
-                         read_caption, scan)
+from sdlora.data import (PromptRules, build_examples, checked_images, decode_caption, display_name, image_size,
+                         load_image, read_caption, scan)
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
 from sdlora.train.loop import train
@@ -128,6 +128,11 @@ def test_bad_option_values_are_one_line_errors_naming_the_limit(capsys, tmp_path
     line = refused(capsys, *train_args(DOG, out), *args)
     assert needle in line
     assert not (tmp_path / "out").exists()
+
+
+def test_limits_can_be_lifted_where_a_flag_says_so():
+    cfg = make_config(dict(images="x", prompt="p", resolution=8192, force_resolution=True, seed=2**32 - 1, rank=1024))
+    assert (cfg.resolution, cfg.seed, cfg.rank) == (8192, 2**32 - 1, 1024)
 
 
 def test_rank_above_the_narrowest_layer_is_refused_after_the_model_loads(capsys, tmp_path):
@@ -567,6 +572,7 @@ def test_fuzzed_image_files_load_or_fail_cleanly(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)
     root = tmp_path_factory.mktemp("fuzz")
     counter = iter(range(10**9))
+    outcomes = {"loaded": 0, "refused by scan": 0, "refused by load": 0}
 
     mutation = st.one_of(
         st.tuples(st.just("truncate"), st.floats(0, 1)),
@@ -599,15 +605,22 @@ def test_fuzzed_image_files_load_or_fail_cleanly(tmp_path_factory, monkeypatch):
         assert res.images == [path] or [p for p, _ in res.bad] == [path]
         if res.images:
             try:
+                w, h = image_size(path)
                 t = load_image(path, (24, 16))
             except SdloraError:
+                outcomes["refused by load"] += 1
                 return
+            assert w > 0 and h > 0
+            outcomes["loaded"] += 1
             assert t.shape == (3, 16, 24) and torch.isfinite(t).all() and t.abs().max() <= 1.0
         else:
             reason = res.bad[0][1]
             assert reason and "\n" not in reason
+            outcomes["refused by scan"] += 1
         shutil.rmtree(folder)
 
     t0 = time.perf_counter()
     check()
+    print(f"fuzz: {outcomes} in {time.perf_counter() - t0:.1f}s")
     assert time.perf_counter() - t0 < 30
+    assert outcomes["loaded"] > 10 and outcomes["refused by scan"] > 10  # both paths exercised
