@@ -48,6 +48,7 @@ class Planned:
     logs: Path | None
     cache: Path | None
     class_folder: Path | None  # only when class images are to be generated
+    class_images_missing: int = 0  # how many the base model will generate
 
     def folders(self, out_flag: str = "--out") -> list[tuple[Path, str]]:
         """(folder, the option that moves it) for every folder the run writes into."""
@@ -65,11 +66,23 @@ def planned(cfg) -> Planned:
 
     a = cfg.output_path
     cache = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    missing_class = cfg.num_class_images - _count_images(cfg.class_folder) if cfg.class_prompt else 0
     return Planned(
         adapter=a, checkpoints=checkpoint_root(a), loss_curve=a.with_name(a.stem + "-loss.png"),
         samples=a.with_name(a.stem + "-samples") if cfg.sample_every else None,
         logs=a.with_name(a.stem + "-logs") if cfg.tensorboard else None,
-        cache=cache, class_folder=cfg.class_folder if cfg.class_prompt and cfg.num_class_images else None)
+        cache=cache, class_folder=cfg.class_folder if missing_class > 0 else None,
+        class_images_missing=max(0, missing_class))
+
+
+def _count_images(folder: Path | None) -> int:
+    """Image files in `folder` by name (a class folder holding enough images is only read, never written)."""
+    from sdlora.data import IMAGE_SUFFIXES
+
+    try:
+        return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    except (OSError, AttributeError):
+        return 0
 
 
 # ---------------------------------------------------------------- paths
@@ -274,7 +287,7 @@ def estimate_bytes(cfg, plan: Planned, n_params: int, n_tensors: int, latent_sha
         flips = 1 if cfg.no_flip else 2
         add(plan.cache, sum(2 * 4 * (w // 8) * (h // 8) * 4 + 1024 for w, h in latent_shapes) * flips)
     if plan.class_folder is not None:
-        add(plan.class_folder, cfg.num_class_images * resolution * resolution * 3 // 2)
+        add(plan.class_folder, plan.class_images_missing * resolution * resolution * 3 // 2)
     return out
 
 

@@ -226,6 +226,19 @@ def _killed_save(target: Path, folder: bool = False) -> Path:
     return left
 
 
+def test_a_read_only_class_folder_is_fine_when_it_holds_enough_images(capsys, mount_tmpfs, tmp_path):
+    from sdlora.outputs import check_paths
+
+    classes = mount_tmpfs("classes", "size=1m")
+    make_images(classes, n=2)
+    subprocess.run(["mount", "-o", "remount,ro", str(classes)], check=True)
+    flags = dict(images=str(DOG), prompt="x", out=str(tmp_path / "a.safetensors"), class_prompt="a dog",
+                 class_images=str(classes))
+    assert check_paths(make_config(flags | {"num_class_images": 2})).class_folder is None  # only read
+    with pytest.raises(SdloraError, match="cannot write to .*Read-only file system.* choose a writable --class-images"):
+        check_paths(make_config(flags | {"num_class_images": 3}))  # one to generate
+
+
 def test_overwrite_replaces_a_foreign_file_and_stale_temps_of_a_killed_save_are_removed(tmp_path):
     out = tmp_path / "run" / "notes.safetensors"
     out.parent.mkdir()
