@@ -25,16 +25,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SDLORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlora")
 
 
-def fingerprint(module: torch.nn.Module) -> str:
-    """sha256 of a module's config and every parameter's bytes: identifies the weights, not the name."""
-    h = hashlib.sha256()
-    cfg = getattr(module, "config", None)
+# Config entries that say where a model came from or which library wrote it, not what it computes. diffusers adds
+# private `_...` keys (`_use_default_values` lists the defaulted keys in set order, which varies per process);
+# transformers adds `_name_or_path` (the folder or hub id), `transformers_version` and attention-backend choices.
+_NOT_RESULT_KEYS = {"transformers_version", "diffusers_version", "torch_dtype", "dtype"}
+
+
+def result_config(cfg) -> dict:
+    """The part of a module's config that changes what it computes: private and provenance keys dropped."""
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})  # transformers config / diffusers FrozenDict
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if not str(k).startswith("_") and k not in _NOT_RESULT_KEYS}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    return clean(cfg)
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of what determines a module's outputs: its config (private/provenance keys dropped) and every
+    parameter's and buffer's name, dtype and bytes. Identifies the weights, not the name or the process."""
+    h = hashlib.sha256()
+    h.update(json.dumps(result_config(getattr(module, "config", None)), sort_keys=True, default=str).encode())
     for name, p in module.state_dict().items():
         if "lora_" in name:
             continue
-        h.update(name.encode())
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
         h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 

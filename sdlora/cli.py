@@ -43,10 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = make_config(values)
     from sdlora.train.loop import train
 
-    try:
-        train(cfg)
-    except KeyboardInterrupt:
-        return 130
+    train(cfg)  # Ctrl-C: the loop says what it saved, then main() exits 130
     return 0
 
 
@@ -136,11 +133,15 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        _quiet_libraries()
+        parser = build_parser()  # imports torch, diffusers, ...: seconds in which a Ctrl-C is likely
+        args = parser.parse_args(argv)
         return args.func(args)
     except SdloraError as e:
         print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # training says what it saved before this; anywhere else nothing was written (outputs are atomic)
+        print("sdlora: interrupted", file=sys.stderr)
+        return 130

@@ -6,6 +6,7 @@ given on the command line override the file. Everything is checked before any mo
 
 from __future__ import annotations
 
+import math
 import tomllib
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -18,6 +19,9 @@ from sdlora.models import DEFAULT_MODEL
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+MAX_RESOLUTION = 4096  # above it only with --force-resolution: latents and memory grow with the square
+MAX_RANK = 1024  # a config bound; after the model loads the rank is also checked against the narrowest layer
+MAX_SEED = 2**32  # numpy's and accelerate's set_seed take [0, 2**32)
 
 
 def _f(default, help: str, **kw):
@@ -81,6 +85,8 @@ class TrainConfig:
     resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")
     save_precision: str = _f("fp32", "dtype of the saved tensors", choices=SAVE_PRECISION)
     skip_bad_images: bool = _f(False, "skip unreadable images with a warning instead of stopping")
+    overwrite: bool = _f(False, "allow --out to replace an existing file that is not a sdlora adapter")
+    force_resolution: bool = _f(False, f"allow --resolution above {MAX_RESOLUTION} (memory and cache grow with its square)")
 
     def __post_init__(self):
         def bad(flag, why):
@@ -101,37 +107,44 @@ class TrainConfig:
         for f in ("images", "prompt"):
             if not getattr(self, f):
                 bad(f, "is required")
+        # every number finite: NaN passes `x > 0`-style checks and inf passes `x >= 0`
+        for name, t in typing.get_type_hints(TrainConfig).items():
+            v = getattr(self, name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(name, f"must be a finite number, got {v}")
         if self.rank < 1:
             bad("rank", f"must be at least 1, got {self.rank}")
+        if self.rank > MAX_RANK:
+            bad("rank", f"must be at most {MAX_RANK}, got {self.rank} (a file of that rank is mostly redundant)")
         if self.alpha is not None and self.alpha <= 0:
             bad("alpha", f"must be positive, got {self.alpha}")
-        for f in ("steps", "batch_size", "grad_accum"):
+        for f in ("steps", "batch_size", "grad_accum", "sample_steps"):
             if getattr(self, f) < 1:
                 bad(f, f"must be at least 1, got {getattr(self, f)}")
         for f in ("lr",) + (("te_lr",) if self.te_lr is not None else ()):
             if not getattr(self, f) > 0:
                 bad(f, f"must be positive, got {getattr(self, f)}")
+        if not 0 <= self.seed < MAX_SEED:
+            bad("seed", f"must be in [0, 2**32) = [0, {MAX_SEED - 1}], got {self.seed}")
         if self.warmup_steps < 0 or (self.epochs is None and self.warmup_steps > self.steps):
             bad("warmup_steps", f"must be between 0 and --steps ({self.steps}), got {self.warmup_steps}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
-        if self.prior_loss_weight < 0:
-            bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
+        if self.resolution is not None and self.resolution > MAX_RESOLUTION and not self.force_resolution:
+            bad("resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}; pass --force-resolution "
+                "to go above (memory and the latent cache grow with its square)")
         if self.class_images and not self.class_prompt:
             raise SdloraError("--class-images needs --class-prompt (the prompt those class images show)")
-        if self.num_class_images < 0:
-            bad("num_class_images", f"must be >= 0, got {self.num_class_images}")
         if self.epochs is not None and self.epochs < 1:
             bad("epochs", f"must be at least 1, got {self.epochs}")
         if self.repeats < 1:
             bad("repeats", f"must be at least 1, got {self.repeats}")
         if not 0 <= self.caption_dropout < 1:
             bad("caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
-        if self.keep_tags < 0:
-            bad("keep_tags", f"must be >= 0, got {self.keep_tags}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             bad("min_snr_gamma", f"must be positive, got {self.min_snr_gamma}")
-        for f in ("sample_every", "save_every", "keep_last", "noise_offset"):
+        for f in ("sample_every", "save_every", "keep_last", "noise_offset", "prior_loss_weight", "num_class_images",
+                  "keep_tags", "weight_decay", "max_grad_norm"):
             if getattr(self, f) < 0:
                 bad(f, f"must be >= 0, got {getattr(self, f)}")
         for f in fields(self):
@@ -174,8 +187,15 @@ def load_toml(path: str | Path) -> dict:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise SdloraError(f"--config {path}: no such file") from e
+    except IsADirectoryError as e:
+        raise SdloraError(f"--config {path}: is a folder; pass a .toml file (presets are in configs/)") from e
+    except UnicodeDecodeError as e:
+        raise SdloraError(f"--config {path}: not a text file (byte {e.start} is not UTF-8); pass a UTF-8 .toml "
+                          "settings file") from e
+    except OSError as e:
+        raise SdloraError(f"--config {path}: cannot read it ({e.strerror or e}); check the path and permissions") from e
     except tomllib.TOMLDecodeError as e:
-        raise SdloraError(f"--config {path}: invalid TOML ({e})") from e
+        raise SdloraError(f"--config {path}: invalid TOML ({e}); fix that line") from e
     known = {f.name for f in fields(TrainConfig)}
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)

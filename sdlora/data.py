@@ -6,14 +6,17 @@ Everything here is pure data handling (no models), so it is tested directly.
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from sdlora.errors import SdloraError
 
@@ -41,10 +44,9 @@ def scan(folder: Path) -> ScanResult:
             ignored.append(p)
             continue
         try:
-            with Image.open(p) as im:
-                im.load()  # decodes every byte: truncated files fail here, not mid-training
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            bad.append((p, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            decode(p)  # decodes every byte and the colour conversion: bad files fail here, not mid-training
+        except SdloraError as e:
+            bad.append((p, e.reason))
             continue
         images.append(p)
     return ScanResult(images, bad, ignored)
@@ -54,24 +56,123 @@ def checked_images(folder: Path, what: str = "--images", skip_bad: bool = False,
     """The images of `folder`, or an SdloraError naming the problem (no images, unreadable files)."""
     res = scan(folder)
     if res.bad and not skip_bad:
-        names = ", ".join(f"{p.name} ({why})" for p, why in res.bad[:3])
+        names = ", ".join(f"{display_name(p)} ({why})" for p, why in res.bad[:3])
         more = f" and {len(res.bad) - 3} more" if len(res.bad) > 3 else ""
-        raise SdloraError(f"{folder}: cannot read {names}{more}; fix or remove them, or pass --skip-bad-images")
+        raise SdloraError(f"{display_name(folder, full=True)}: cannot read {names}{more}; fix or remove them, "
+                          "or pass --skip-bad-images")
     if res.bad:
-        print(f"warning: skipping {len(res.bad)} unreadable image(s) in {folder}: " + ", ".join(p.name for p, _ in res.bad))
+        print(f"warning: skipping {len(res.bad)} unreadable image(s) in {display_name(folder, full=True)}: "
+              + ", ".join(f"{display_name(p)} ({why})" for p, why in res.bad))
     if not res.images and not allow_empty:
         raise SdloraError(f"{folder} ({what}) has no images; add .jpg/.png/.webp files to it")
     return res.images
 
 
+def display_name(path: Path, full: bool = False) -> str:
+    """A file name safe to print on any terminal: bytes that are not UTF-8 (kept by Python as surrogates) and
+    control characters (a newline in a name) are shown as escapes, e.g. `caf\\xe9.png`."""
+    text = str(path) if full else Path(path).name
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class BadImage(SdloraError):
+    """An image that cannot be used; `reason` is the short why, the message names the file and the fix."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{display_name(path, full=True)}: cannot read it ({reason}); fix or remove it, "
+                         "or pass --skip-bad-images")
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, alpha composited onto white. 16-bit and 32-bit greys are scaled to 8 bits
+    (Pillow's own conversion clips them, so a 16-bit mid-grey would turn white); palettes with transparency and
+    grey+alpha keep their alpha; CMYK, YCbCr, LAB and HSV use Pillow's conversions."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        with np.errstate(invalid="ignore"):  # float images may hold NaN/inf: they become black
+            arr = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif im.mode == "F" and arr.size and 0 <= arr.min() and arr.max() <= 1.0:
+            arr = arr * 255.0  # float images in [0, 1]
+        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def decode(path: Path) -> Image.Image:
+    """The image at `path` fully decoded, EXIF-oriented and in 8-bit RGB; any problem (truncated, corrupt, not
+    an image, a decompression bomb, an unsupported mode) is a BadImage naming the file."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: decoding such a file can take gigabytes
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decodes every byte: truncated files fail here, not mid-training
+                im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(im)
+                rgb.load()
+                return rgb
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(path, f"decompression bomb: {_first_line(e)}") from e
+    except MemoryError as e:
+        raise BadImage(path, "too large to decode in memory") from e
+    except Exception as e:  # Pillow raises many types on corrupt data (OSError, ValueError, SyntaxError, struct.error, ...)
+        raise BadImage(path, _first_line(e)) from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+
+
 # ---------------------------------------------------------------- captions and prompts
+
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def decode_caption(raw: bytes, path: Path) -> str:
+    """Caption text in any common encoding: UTF-8 (with or without BOM), UTF-16 with BOM, else Windows-1252 /
+    Latin-1 as older editors write it. Binary content (NUL or control bytes) is an error naming the file."""
+    text = None
+    for bom, enc in _BOMS:
+        if raw.startswith(bom):
+            try:
+                text = raw.decode(enc)
+            except UnicodeDecodeError as e:
+                raise SdloraError(f"caption {display_name(path, full=True)}: invalid {enc} text (byte {e.start}); "
+                                  "re-save it as UTF-8") from e
+            break
+    if text is None:
+        for enc in ("utf-8", "cp1252", "latin-1"):
+            try:
+                text = raw.decode(enc)
+                break
+            except UnicodeDecodeError:
+                continue
+    bad = [c for c in text if unicodedata.category(c) == "Cc" and not c.isspace()]  # NUL, ESC, C1 controls
+    if bad:
+        raise SdloraError(f"caption {display_name(path, full=True)}: not text (holds control byte "
+                          f"{bad[0].encode('unicode_escape').decode('ascii')}); re-save it as UTF-8 text")
+    return text
+
 
 def read_caption(image: Path) -> str | None:
     """The sidecar caption of `image` (`name.txt` or `name.caption`, first found), stripped; None if there is none."""
     for suffix in CAPTION_SUFFIXES:
         side = image.with_suffix(suffix)
         if side.is_file():
-            text = " ".join(side.read_text(encoding="utf-8-sig").split())
+            try:
+                raw = side.read_bytes()
+            except OSError as e:
+                raise SdloraError(f"caption {display_name(side, full=True)}: cannot read it ({e.strerror or e}); "
+                                  "check its permissions") from e
+            text = " ".join(decode_caption(raw, side).split())
             return text or None
     return None
 
@@ -142,9 +243,12 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
 
 def image_size(path: Path) -> tuple[int, int]:
     """Size after EXIF orientation."""
-    with Image.open(path) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception as e:  # a file changed since the scan, or unreadable EXIF
+        raise BadImage(path, _first_line(e)) from e
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -161,16 +265,11 @@ def load_image(path: Path, size: tuple[int, int] | int) -> torch.Tensor:
     `size` is (width, height) or one side of a square. Returns a float tensor [3, H, W] in [-1, 1].
     """
     tw, th = (size, size) if isinstance(size, int) else size
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im.convert("RGBA"))
-        im = im.convert("RGB")
-        nw, nh, left, top = cover_crop(*im.size, tw, th)
-        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
-        im = im.crop((left, top, left + tw, top + th))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    im = decode(path)
+    nw, nh, left, top = cover_crop(*im.size, tw, th)
+    im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+    im = im.crop((left, top, left + tw, top + th))
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -202,7 +301,19 @@ def build_examples(images: list[Path], rules: PromptRules, resolution: int, buck
         size = nearest_bucket(orig, bucket_list) if bucket_list else (resolution, resolution)
         _, _, left, top = cover_crop(*orig, *size)
         out.append(Example(p, caption, size, is_class, orig, (top, left), sidecar is not None))
+    small = small_images(out)
+    if small:
+        names = ", ".join(f"{display_name(e.path)} ({e.orig_size[0]}x{e.orig_size[1]} < {e.size[0]}x{e.size[1]})"
+                          for e in small[:3])
+        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+        print(f"warning: {len(small)} image(s) smaller than the training size are upscaled (softer results): "
+              f"{names}{more}; use larger images or a lower --resolution")
     return out
+
+
+def small_images(examples: list[Example]) -> list[Example]:
+    """Examples whose file is smaller than the size they train at, in either direction (they get upscaled)."""
+    return [e for e in examples if e.orig_size[0] < e.size[0] or e.orig_size[1] < e.size[1]]
 
 
 def epoch_batches(examples: list[Example], batch_size: int, repeats: int, epoch: int, seed: int) -> list[list[int]]:

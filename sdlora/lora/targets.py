@@ -53,3 +53,20 @@ def find_targets(model: torch.nn.Module, component: str, preset: str) -> list[st
         ):
             names.append(name)
     return names
+
+
+def check_rank(models: dict[str, torch.nn.Module], targets: dict[str, list[str]], rank: int, model_name: str) -> None:
+    """A rank above the narrowest adapted layer's width only adds parameters (the delta's rank cannot exceed it);
+    refuse it, naming that layer and the largest useful rank."""
+    from sdlora.errors import SdloraError
+
+    narrowest = None
+    for component, names in targets.items():
+        for name in names:
+            w = models[component].get_submodule(name).weight
+            width = min(w.shape[0], w.shape[1])
+            if narrowest is None or width < narrowest[0]:
+                narrowest = (width, f"{component}.{name}")
+    if narrowest and rank > narrowest[0]:
+        raise SdloraError(f"--rank {rank} is larger than the narrowest adapted layer of {model_name} "
+                          f"({narrowest[1]}, {narrowest[0]} wide); pass --rank {narrowest[0]} or lower")

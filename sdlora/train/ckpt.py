@@ -12,12 +12,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdlora.errors import SdloraError
 from sdlora.formats.io import atomic_write_dir
 
 FORMAT = 1
+MANIFEST_KEYS = ("format", "step", "identity", "data", "position", "optimizer_param_groups", "lr_scheduler",
+                 "python_rng")
 
 # Settings that define a run: a checkpoint made with other values cannot be continued as the same run.
 IDENTITY = ("model", "preset", "rank", "alpha", "no_text_encoder", "resolution", "batch_size", "grad_accum",
@@ -91,7 +94,15 @@ def resolve(resume: str, root: Path) -> Path:
 
 def load(folder: Path, identity: dict, data: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """Manifest and tensors of a checkpoint, refusing one made for other settings or data (saying which)."""
-    manifest = json.loads((folder / "manifest.json").read_text())
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SdloraError(f"{folder}: corrupt checkpoint manifest.json ({_first_line(e)}); resume from another "
+                          "checkpoint (they sit beside it) or start a new run") from e
+    missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(MANIFEST_KEYS)
+    if missing or not isinstance(manifest.get("identity"), dict) or not isinstance(manifest.get("data"), dict):
+        raise SdloraError(f"{folder}: corrupt checkpoint manifest.json (missing or malformed: "
+                          f"{', '.join(missing) or 'identity/data'}); resume from another checkpoint or start a new run")
     if manifest.get("format") != FORMAT:
         raise SdloraError(f"{folder}: checkpoint format {manifest.get('format')} is not {FORMAT}; start a new run")
     diffs = [f"{k}: checkpoint {manifest['identity'].get(k)!r}, now {identity.get(k)!r}"
@@ -104,7 +115,30 @@ def load(folder: Path, identity: dict, data: dict) -> tuple[dict, dict[str, torc
         names = sorted({Path(k).name for k, _ in changed})
         raise SdloraError(f"cannot resume from {folder}: the training images changed ({', '.join(names[:4])}); "
                           "restore them or start a new run")
-    return manifest, load_file(folder / "state.safetensors")
+    try:
+        tensors = load_file(folder / "state.safetensors")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SdloraError(f"{folder}: state.safetensors is truncated or corrupt ({_first_line(e)}); resume from "
+                          "another checkpoint (they sit beside it) or start a new run") from e
+    needed = {"rng/train", "rng/torch"}
+    if not needed <= set(tensors) or not any(k.startswith("lora/") for k in tensors):
+        raise SdloraError(f"{folder}: state.safetensors lacks the LoRA weights or RNG states; resume from another "
+                          "checkpoint or start a new run")
+    return manifest, tensors
+
+
+def check_params(folder: Path, tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Every trainable parameter has its tensor, of its shape, in the checkpoint."""
+    for name, p in params.items():
+        t = tensors.get(f"lora/{name}")
+        if t is None or tuple(t.shape) != tuple(p.shape):
+            raise SdloraError(f"{folder}: checkpoint does not match this model (lora/{name} "
+                              f"{'missing' if t is None else tuple(t.shape)} vs {tuple(p.shape)}); "
+                              "use the same settings or start a new run")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def restore_optimizer(optimizer, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -18,16 +18,17 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from sdlora import outputs
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
 from sdlora.config import TrainConfig
-from sdlora.data import (Example, PromptRules, build_examples, checked_images, epoch_batches, make_buckets,
-                         tag_frequency)
+from sdlora.data import (Example, PromptRules, build_examples, checked_images, display_name, epoch_batches,
+                         make_buckets, tag_frequency)
 from sdlora.errors import SdloraError
 from sdlora.formats import kohya, meta
 from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
 from sdlora.lora.inject import add_lora, collect, format_table, report
-from sdlora.lora.targets import PRESETS, find_targets, preset_component
+from sdlora.lora.targets import PRESETS, check_rank, find_targets, preset_component
 from sdlora.train import SAVE_DTYPES
 from sdlora.models import load_base
 from sdlora.train import ckpt
@@ -107,6 +108,7 @@ class _Schedule:
 def _train(cfg: TrainConfig, log) -> TrainResult:
     started = datetime.now(timezone.utc)
     out_path = cfg.output_path
+    plan = outputs.check_paths(cfg)  # outputs writable and harmless before anything loads (sdlora/outputs.py)
     # ---- 1. data, checked before anything heavy loads: a bad file must not cost a model load
     instance_images = checked_images(Path(cfg.images), "--images", cfg.skip_bad_images)
     class_folder = cfg.class_folder
@@ -123,6 +125,8 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
         raise SdloraError("--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 or no")
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
+    if main:
+        outputs.remove_stale_temps(plan, say)
     set_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
 
     # ---- 2. model
@@ -159,7 +163,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
         + (f", {len(classes)} class images ('{cfg.class_prompt}', loss weight {cfg.prior_loss_weight})" if classes else "")
         + (f", {len(set(e.size for e in instance))} aspect buckets" if bucket_list else f", {resolution}px"))
     for ex in instance[:3]:
-        say(f"  e.g. {ex.path.name}: '{rules.final(ex.caption, random.Random(0))}'")
+        say(f"  e.g. {display_name(ex.path)}: '{rules.final(ex.caption, random.Random(0))}'")
     say(f"steps: {len(instance)} images × {cfg.repeats} repeats / batch {cfg.batch_size}"
         + (f" / {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")
         + f" = {per_epoch} batches per epoch; {steps} steps × {cfg.grad_accum} accumulation = "
@@ -169,8 +173,11 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     train_te = not cfg.no_text_encoder
     adapted = {"unet": unet} | (tes if train_te else {})
     targets = {c: find_targets(m, c, cfg.preset) for c, m in adapted.items()}
+    check_rank(adapted, targets, cfg.rank, base.name)
     for c, m in adapted.items():
         add_lora(m, targets[c], cfg.rank, cfg.network_alpha)
+    if main:  # estimated bytes written vs free space, before latents are cached and steps run
+        outputs.check_space(outputs.estimate_for_run(cfg, plan, adapted, instance + classes, steps, resolution))
     say(f"model {base.name} ({base.arch}, {base.prediction_type}); preset '{cfg.preset}', rank {cfg.rank}, "
         f"alpha {cfg.network_alpha:g} (scale {cfg.network_alpha / cfg.rank:g})")
     say(format_table([report(m, c) for c, m in adapted.items()]))
@@ -222,6 +229,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     if cfg.resume:
         folder = ckpt.resolve(cfg.resume, ckpt_root)
         manifest, tensors = ckpt.load(folder, identity, data_ids)
+        ckpt.check_params(folder, tensors, _lora_params(adapted))
         for n, p in _lora_params(adapted).items():
             p.data.copy_(tensors[f"lora/{n}"])
         ckpt.restore_optimizer(optimizer, manifest, tensors)
@@ -235,6 +243,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
         say(f"resumed from {folder} at step {done}")
         if done >= steps:
             raise SdloraError(f"{folder} is at step {done}, the run has {steps} steps: pass a larger --steps to go on")
+    start_step = done  # the summary counts the steps run in this process
 
     def cond(examples: list[Example], prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
         """UNet conditioning: text hidden states, and SDXL's pooled text + size/crop micro-conditioning."""
@@ -272,11 +281,17 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     samples: list[Path] = []
 
     def save_adapter(path: Path, step: int, log_=say) -> Path:
-        return _save(cfg, base, accelerator, targets, resolution, step, instance, classes, started, path, log_)
+        with outputs.finish_before_interrupt(say, f"adapter {path} ({step} steps)"):
+            return _save(cfg, base, accelerator, targets, resolution, step, instance, classes, started, path, log_)
 
     def checkpoint(step: int) -> None:
         if not main:
             return
+        with outputs.warn_on_disk_error(say, f"checkpoint at step {step}"), \
+                outputs.finish_before_interrupt(say, f"checkpoint {ckpt_root / f'step-{step:06d}'}"):
+            _checkpoint(step)
+
+    def _checkpoint(step: int) -> None:
         folder = ckpt.save(ckpt_root / f"step-{step:06d}", step=step, identity=identity, data=data_ids,
                            position=schedule.position(), params=_lora_params(adapted), optimizer=optimizer,
                            lr_scheduler=lr_scheduler,
@@ -288,7 +303,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     def sample(step: int) -> None:
         if main:
             unet.eval()
-            with accelerator.autocast():
+            with accelerator.autocast(), outputs.warn_on_disk_error(say, f"sample grid at step {step}"):
                 samples.append(monitor.samples(step, base, sample_prompts, resolution, cfg.sample_steps))
             unet.train()
 
@@ -376,11 +391,16 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     for m in tes_p.values():
         m.eval()
     loss_after = eval_loss()
-    say(f"{done} steps in {elapsed:.1f}s ({elapsed / max(done, 1):.3f} s/step); "
+    ran = done - start_step
+    say(f"{ran} steps in {elapsed:.1f}s ({elapsed / max(ran, 1):.3f} s/step)"
+        + (f", steps {start_step + 1}-{done} after resuming" if start_step else "") + "; "
         f"loss on fixed noise {loss_before:.4f} -> {loss_after:.4f}")
     if cfg.sample_every and (not samples or not samples[-1].stem.endswith(f"{done:06d}")):
         sample(done)
-    curve = monitor.close() if monitor else None
+    curve = None
+    if monitor:
+        with outputs.warn_on_disk_error(say, "loss curve"):
+            curve = monitor.close()
     if curve:
         say(f"loss curve {curve}" + (f"; samples in {samples[-1].parent}" if samples else ""))
     accelerator.wait_for_everyone()
@@ -443,7 +463,10 @@ def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes,
     # Check the file as ComfyUI, A1111, kohya and diffusers will read it. It is written either way (a failed check
     # must not lose the training), but a problem fails the run loudly.
     report_ = verify(parse(tensors, md, where=str(out_path)), model=base, path=str(out_path))
-    path = kohya.save(tensors, out_path, md)
+    if out_path == cfg.output_path:  # the run's result: a full disk saves it elsewhere rather than losing it
+        path = outputs.save_or_rescue(lambda p: kohya.save(tensors, p, md), out_path)
+    else:  # inside a checkpoint folder: its writer handles failures
+        path = kohya.save(tensors, out_path, md)
     say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {len(tensors) // 3} modules, {len(tensors)} tensors)")
     for line in report_.lines()[1:-1]:
         say(line)
