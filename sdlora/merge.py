@@ -19,7 +19,7 @@ from sdlora.formats import io, kohya
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
 from sdlora.infer.cli import parse_lora_spec
-from sdlora.models import load_base
+from sdlora.models import checkpoint_keys, detect_checkpoint_arch, load_base
 from sdlora.train import SAVE_DTYPES
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,6 +102,11 @@ def ldm_state_dict(base) -> dict[str, torch.Tensor]:
 # merge
 
 
+def load_base_spec(path: Path):
+    """The family a written single-file checkpoint reads back as (from its tensor names)."""
+    return detect_checkpoint_arch(checkpoint_keys(path))
+
+
 def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None) -> Path:
     """Fuse `loras` [(file, text-encoder strength, unet strength)] into `model` and write `out`: a `.safetensors`
     single file (LDM layout) or a diffusers folder."""
@@ -124,7 +129,14 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
     out = Path(out)
     if out.suffix.lower() == ".safetensors":
         sd = {k: v.to(SAVE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise SdloraError(f"the merged weights hold NaN or Inf (first: {bad[0]}); nothing was written; check the "
+                              "base model and the adapters (`sdlora verify FILE`)")
         io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)})
+        if load_base_spec(out) is not base.spec:  # read back as a checkpoint of the same family
+            raise SdloraError(f"{out} was written but does not read back as a {base.spec.label} checkpoint; this is a "
+                              "bug in sdlora, please report it")
         return out
     pipe = base.pipeline()
     io.atomic_write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
