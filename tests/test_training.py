@@ -31,7 +31,7 @@ from sdlora.tiny import tiny_components
 from sdlora.train import ckpt
 from sdlora.train.loop import train
 from sdlora.archs import get as arch_spec
-from sdlora.train.step import min_snr_weights, sample_noise
+from sdlora.train.step import DiffusionObjective, sample_noise
 from tests.conftest import ROOT, make_images
 
 SDLORA = [sys.executable, "-m", "sdlora"]
@@ -378,25 +378,27 @@ def test_class_images_are_generated_once_and_topped_up(tmp_path):
 # ---------------------------------------------------------------- min-SNR, noise offset, text-encoder LR
 
 def test_min_snr_weights_match_the_reference_formula():
+    from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
     sched = load_base("tiny").noise_scheduler
+    eps = DiffusionObjective(sched)
+    v = DiffusionObjective(DDPMScheduler.from_config(sched.config, prediction_type="v_prediction"))
     t = torch.arange(0, 1000, 7)
     snr = compute_snr(sched, t)  # diffusers' own SNR, as its DreamBooth/LoRA scripts weight by it
     for gamma in (1.0, 5.0, 20.0):
         clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-        torch.testing.assert_close(min_snr_weights(sched.alphas_cumprod, t, gamma, "epsilon"), clipped / snr,
-                                   rtol=1e-5, atol=0)
-        torch.testing.assert_close(min_snr_weights(sched.alphas_cumprod, t, gamma, "v_prediction"),
-                                   clipped / (snr + 1), rtol=1e-5, atol=0)
-    w = min_snr_weights(sched.alphas_cumprod, t, 5.0, "epsilon")
+        torch.testing.assert_close(eps.min_snr_weights(t, gamma), clipped / snr, rtol=1e-5, atol=0)
+        torch.testing.assert_close(v.min_snr_weights(t, gamma), clipped / (snr + 1), rtol=1e-5, atol=0)
+    w = eps.min_snr_weights(t, 5.0)
     assert (w[snr <= 5] == 1).all() and (w[snr > 5] < 1).all() and w[0] < 0.01  # nearly clean steps count little
 
 
 def test_noise_offset_adds_a_per_channel_constant_of_that_scale():
     latents = torch.zeros(512, 4, 4, 4)
-    plain, _ = sample_noise(latents, 1000, torch.Generator().manual_seed(3), 0.0)
-    offset, t = sample_noise(latents, 1000, torch.Generator().manual_seed(3), 0.1)
+    objective = DiffusionObjective(load_base("tiny").noise_scheduler)
+    plain, _ = sample_noise(latents, objective, torch.Generator().manual_seed(3), 0.0)
+    offset, t = sample_noise(latents, objective, torch.Generator().manual_seed(3), 0.1)
     d = offset - plain
     assert d.std(dim=(2, 3)).max() < 1e-6  # constant over each channel's pixels
     assert abs(d[:, :, 0, 0].std().item() - 0.1) < 0.01  # N(0, 0.1²) per (sample, channel)
