@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 
 def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -78,8 +79,7 @@ class DiffusionObjective:
     def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε targets, min(SNR, γ)/(SNR+1) for v;
         the SNR is diffusers' `compute_snr`, as its own DreamBooth/LoRA scripts weight by it."""
-        ac = self.scheduler.alphas_cumprod.to(torch.float32)[timesteps.cpu()]
-        snr = ac / (1 - ac)
+        snr = compute_snr(self.scheduler, timesteps)
         clipped = torch.clamp(snr, max=gamma)
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
