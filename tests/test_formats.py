@@ -226,7 +226,7 @@ def test_verify_catches_each_problem():
 def test_metadata_per_architecture(arch, pred, version, spec, v2):
     from datetime import datetime, timezone
 
-    v = meta.base_model_version(arch, pred)
+    v = arch_spec(arch).kohya_version(pred)
     cfg = make_config(dict(images="x", prompt="ohwx", out="o.safetensors", rank=4, alpha=4, preset="full"))
     md = meta.build(cfg, meta.RunStats(spec=arch_spec(arch), base_model_version=v, model_name="m", targets={},
                                        resolution=1024, steps=10, num_images=3, num_reg_images=0,

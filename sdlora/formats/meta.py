@@ -1,4 +1,5 @@
-"""`ss_*` (kohya) and `modelspec.*` (SAI) metadata, and kohya's `sshs_*` hashes."""
+"""Adapter-file metadata: the `ss_*` (kohya) and `modelspec.*` (SAI) keys of a training run, built from its typed
+config plus a `RunStats`, and kohya's `sshs_*` hashes."""
 
 from __future__ import annotations
 
@@ -18,19 +19,11 @@ from sdlora.archs import ArchSpec
 if TYPE_CHECKING:  # the config module imports models and LoRA targets; the metadata needs only its fields
     from sdlora.config import TrainConfig
 
-ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                "sdxl": "stable-diffusion-xl-v1-base/lora"}  # modelspec.architecture (SAI model spec 1.0)
-# kohya `ss_base_model_version` (library/train_util.py) -> modelspec.architecture (library/sai_model_spec.py)
+# kohya `ss_base_model_version` (library/train_util.py; an ArchSpec's `kohya_versions`) -> modelspec.architecture
+# (SAI model spec 1.0, as kohya's library/sai_model_spec.py writes it)
 VERSION_ARCHITECTURE = {"sd_v1": "stable-diffusion-v1/lora", "sd_v2_512": "stable-diffusion-v2-512/lora",
                         "sd_v2_768_v": "stable-diffusion-v2-768-v/lora",
                         "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora"}
-
-
-def base_model_version(arch: str, prediction_type: str = "epsilon") -> str:
-    """kohya's `ss_base_model_version` of a base model: sd_v1, sd_v2_512 / sd_v2_768_v (v-prediction), sdxl_base_v1-0."""
-    if arch == "sd2":
-        return "sd_v2_768_v" if prediction_type == "v_prediction" else "sd_v2_512"
-    return {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(arch, "sd_v1")
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -101,8 +94,7 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "ss_training_finished_at": str(now.timestamp()),
         "ss_training_comment": f"trigger: {trigger}" if trigger else "",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": VERSION_ARCHITECTURE.get(run.base_model_version,
-                                                           ARCHITECTURE.get(run.spec.id, run.spec.id)),
+        "modelspec.architecture": VERSION_ARCHITECTURE[run.base_model_version],
         # kohya's sai_model_spec: SDXL is Stability's generative-models implementation, SD 1/2 diffusers'
         "modelspec.implementation": run.spec.modelspec_implementation,
         "modelspec.title": output_name,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 
 def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -79,6 +78,8 @@ class DiffusionObjective:
     def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε targets, min(SNR, γ)/(SNR+1) for v;
         the SNR is diffusers' `compute_snr`, as its own DreamBooth/LoRA scripts weight by it."""
+        from diffusers.training_utils import compute_snr  # imports diffusers' models: seconds, so only when used
+
         snr = compute_snr(self.scheduler, timesteps)
         clipped = torch.clamp(snr, max=gamma)
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
