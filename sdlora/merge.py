@@ -20,7 +20,7 @@ from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
 from sdlora.infer.cli import parse_lora_spec
 from sdlora.models import checkpoint_keys, detect_checkpoint_arch, load_base
-from sdlora.train import SAVE_DTYPES
+from sdlora.train import DTYPES
 
 # ----------------------------------------------------------------------------------------------------------
 # diffusers -> LDM state dicts
@@ -112,8 +112,8 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
     single file (LDM layout) or a diffusers folder."""
     if not loras:
         raise SdloraError("merge needs at least one --lora FILE[:STRENGTH]")
-    if dtype not in SAVE_DTYPES:
-        raise SdloraError(f"--dtype {dtype}: use one of {', '.join(SAVE_DTYPES)}")
+    if dtype not in DTYPES:
+        raise SdloraError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     files = [read_adapter(p) for p, _, _ in loras]
     if base is None:
         base = load_base(model)
@@ -128,7 +128,7 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
     blender.set_strengths(strengths)
     out = Path(out)
     if out.suffix.lower() == ".safetensors":
-        sd = {k: v.to(SAVE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
+        sd = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise SdloraError(f"the merged weights hold NaN or Inf (first: {bad[0]}); nothing was written; check the "
