@@ -125,16 +125,22 @@ def detect_checkpoint_arch(keys: list[str]) -> ArchSpec:
                       + "; pass a Stable Diffusion checkpoint (an SDXL refiner or inpainting-only file is not supported)")
 
 
-def detect_arch(denoiser_config, text_encoder_config) -> ArchSpec:
-    """Family of loaded diffusers components: the spec whose public configs agree on the added embedding and the
-    first text encoder's activation (widths differ between fine-tunes and the tiny models, these do not)."""
+def detect_arch(pipe) -> ArchSpec:
+    """Family of a loaded diffusers pipeline: the spec with its pipeline class whose public configs agree on the
+    denoiser's added embedding and the first text encoder's activation (widths differ between fine-tunes and the
+    tiny models, these do not)."""
     for spec in archs.SPECS.values():
-        ref_unet = archs.load_config(spec.id, spec.denoiser)
+        if type(pipe).__name__ != spec.pipeline:
+            continue
+        ref_den = archs.load_config(spec.id, spec.denoiser)
         ref_te = archs.load_config(spec.id, spec.text_encoders[0].attr)
-        if (getattr(denoiser_config, "addition_embed_type", None) == ref_unet.get("addition_embed_type")
-                and getattr(text_encoder_config, "hidden_act", None) == ref_te.get("hidden_act")):
+        den = getattr(pipe, spec.denoiser).config
+        te = getattr(pipe, spec.text_encoders[0].attr).config
+        if (getattr(den, "addition_embed_type", None) == ref_den.get("addition_embed_type")
+                and getattr(te, "hidden_act", None) == ref_te.get("hidden_act")):
             return spec
-    raise SdloraError("the model is not " + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
+    raise SdloraError(f"the model is a {type(pipe).__name__}, not one of "
+                      + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
 
 
 def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
@@ -186,10 +192,7 @@ def _builtin(name: str) -> BaseModel:
 
 def from_pipeline(pipe, name: str) -> BaseModel:
     """Wrap a loaded diffusers pipeline, detecting the family and prediction type."""
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
-        raise SdloraError(f"{name} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/SDXL model")
-    spec = detect_arch(pipe.unet.config, pipe.text_encoder.config)
-    return from_components(name, spec, dict(pipe.components))
+    return from_components(name, detect_arch(pipe), dict(pipe.components))
 
 
 def _first_line(e: BaseException) -> str:
