@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -80,7 +80,7 @@ def load(path: Path) -> tuple[dict, dict[str, str]]:
         if head[:1] == b"\x80" or head == b"PK":
             raise SdloraError(f"{path}: this is a pickle file, not .safetensors; convert it with a trusted tool "
                               "first") from e
-        raise SdloraError(f"{path}: not a valid .safetensors file ({str(e).splitlines()[0][:200]}); "
+        raise SdloraError(f"{path}: not a valid .safetensors file ({cause(e)}); "
                           "the file is truncated or corrupt, re-download or re-save it") from e
     return tensors, metadata
 

@@ -12,7 +12,7 @@ from sdlora.formats import io
 from sdlora.formats.a1111 import format_parameters
 from sdlora.formats.read import read_adapter
 from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings
-from sdlora.models import DEFAULT_MODEL
+from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float, float]:
@@ -59,21 +59,21 @@ def output_paths(out: str, seeds: list[int]) -> list[Path]:
 
 
 def add_generate_args(p) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"base model: hub id, diffusers folder, .safetensors checkpoint or 'tiny' (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_kinds_help())
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="kohya LoRA file, repeatable; FILE:S applies strength S (default 1), "
                         "FILE:TE:UNET separate text-encoder and UNet strengths (A1111 order)")
-    p.add_argument("--prompt", required=True, help="prompt (add the adapters' trigger words yourself)")
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: 0)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--prompt", required=True, metavar="TEXT",
+                   help="required: the prompt (add the adapters' trigger words yourself)")
+    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the first image; image i uses seed+i (default: 0)")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (default: 20)")
+    p.add_argument("--guidance", type=float, default=7.0, metavar="CFG", help="classifier-free guidance scale (default: 7)")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=tuple(SCHEDULERS),
                    help=f"sampler (default: {DEFAULT_SCHEDULER})")
-    p.add_argument("--size", default=None, help="WIDTHxHEIGHT or one number (default: the model's native resolution)")
-    p.add_argument("--num-images", type=int, default=1, help="images to make (default: 1)")
-    p.add_argument("--out", default="output", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
+    p.add_argument("--size", default=None, metavar="WxH", help="WIDTHxHEIGHT or one number (default: the model's native resolution)")
+    p.add_argument("--num-images", type=int, default=1, metavar="N", help="images to make (default: 1)")
+    p.add_argument("--out", default="output", metavar="PATH", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
 
 
 def cmd_generate(args) -> int:

@@ -154,7 +154,7 @@ def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_
 
 
 def add_eval_args(p) -> None:
-    p.add_argument("--adapter", required=True, help="kohya LoRA .safetensors to score")
+    p.add_argument("--adapter", required=True, metavar="FILE", help="required: the LoRA .safetensors to score")
     p.add_argument("--subject", default=None,
                    help="toy model: what the trigger prompt should show, as a toy-world caption, e.g. 'a purple triangle'")
     p.add_argument("--reference-images", default=None,
