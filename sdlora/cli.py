@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import types
 import typing
@@ -40,7 +41,7 @@ METAVARS = {"images": "DIR", "prompt": "TEXT", "trigger": "TEXT", "class_prompt"
 def _with_default(help_: str, default) -> str:
     """`help (default: X)`, once: a help text that already says its default is left alone, and one that ends in
     a parenthesis gets the default inside it ("(ignored when --epochs is set; default: 500)")."""
-    if "default" in help_:
+    if re.search(r"default:|by default", help_):
         return help_
     if help_.endswith(")"):
         return f"{help_[:-1]}; default: {default})"
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Library chatter (deprecations, optional backends) is not the user's problem; errors still show."""
     import os
     import warnings
@@ -188,7 +189,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
