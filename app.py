@@ -36,7 +36,8 @@ from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Setting
 from sdlora.models import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: E402
 
 MAX_ADAPTERS = 8  # adapter rows in the page; files beyond this are refused with a message
-CSS = ".unfit { opacity: 0.45; }"
+# greyed-out rows (Gradio nests a group's classes); small images (toy: 32 px) shown as pixels, not blurred
+CSS = ".unfit { opacity: 0.45; } .unfit .unfit { opacity: 1; } #gallery img { image-rendering: pixelated; }"
 
 
 class Library:
@@ -90,10 +91,12 @@ def describe(r) -> str:
     return " · ".join(parts)
 
 
-def listing(session: Session, library: Library) -> list[dict]:
-    """Every listed file matched to the session's model: name (None when it does not fit), text, fits."""
+def listing(session: Session, library: Library, model: str | None = None) -> list[dict]:
+    """Load `model` (default: keep the loaded one) and match every listed file to it, afresh: per file its name
+    (None when it does not fit), the text of its row, and whether it fits."""
     rows = []
-    for f, r in zip(library.files.values(), session.fit(list(library.files.values()))):
+    files = list(library.files.values())
+    for f, r in zip(files, session.use_model(model or session.base.name, files)):
         if isinstance(r, SdloraError):
             rows.append({"name": None, "fits": False, "label": f.file_name,
                          "text": f"**{f.file_name}** · not for this model: {r}"})
@@ -118,14 +121,12 @@ def load_model(session: Session, library: Library, name: str, offered: list[str]
     check_model(name, offered, allow_any)
     library.scan()
     try:
-        with session.lock:
-            session.use_model(name, [])
+        return listing(session, library, name)
     except SdloraError as e:
         if name in offered:
             raise
         print(f"app: model '{name}' could not be loaded: {e}", file=sys.stderr, flush=True)
         raise SdloraError(f"model '{name}' could not be loaded; the server's log says why") from None
-    return listing(session, library)
 
 
 def build(session: Session, library: Library, outdir: Path, models: list[str], allow_any: bool = False) -> gr.Blocks:

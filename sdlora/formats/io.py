@@ -37,6 +37,16 @@ def _umask() -> int:
     return umask
 
 
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder, and some writers (safetensors' save_file) private files: everything in an
+    output folder gets the usual permissions, 0666/0777 less the umask."""
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def atomic_write_dir(out: Path, fill) -> Path:
     """Call `fill(tmp_folder)` on a temp folder beside `out`, then rename it into place (replacing an old one):
     a crash never leaves half a folder."""
@@ -45,7 +55,7 @@ def atomic_write_dir(out: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         fill(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private folder; outputs get the usual permissions
+        _usual_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

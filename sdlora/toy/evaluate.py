@@ -136,16 +136,20 @@ def class_images(base, prompt: str, folder: str | Path, n: int = 20, seed: int =
     """Generate `n` class images for prior preservation with the base into `folder` (PNG files)."""
     from PIL import Image
 
+    from sdlora.formats.io import save_png
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(generate(base, [prompt], n, seed)[prompt]):
-        Image.fromarray(im).save(folder / f"{i:03d}.png")
+        save_png(Image.fromarray(im), folder / f"{i:03d}.png")
     return folder
 
 
 def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_000_000) -> Path:
     """Render `n` images of a world subject (e.g. "a purple triangle": any background, any position/size)."""
     from PIL import Image
+
+    from sdlora.formats.io import save_png
 
     want = world.parse_caption(subject)
     folder = Path(folder)
@@ -155,7 +159,7 @@ def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_
     for i in range(n):
         bg = want.get("background") or bgs[i % len(bgs)]
         scene = world.place(rng, want["colour"], want["shape"], bg)
-        Image.fromarray(world.render(scene)).save(folder / f"{i:02d}.png")
+        save_png(Image.fromarray(world.render(scene)), folder / f"{i:02d}.png")
     return folder
 
 
