@@ -49,22 +49,6 @@ def help_of(name: str | None) -> str:
     return sub.choices[name].format_help()
 
 
-def options(help_text: str) -> dict[str, str]:
-    """--flag -> its help text (whitespace-normalised), from argparse's --help output."""
-    out, flag = {}, None
-    for line in help_text.splitlines():
-        m = re.match(r"\s{2}(-\w, )?(--[\w-]+)(.*)", line)
-        if m:
-            flag = m.group(2)
-            out[flag] = m.group(3)
-        elif flag and line.startswith(" " * 10):
-            out[flag] += " " + line.strip()
-        else:
-            flag = None
-    return {k: flat(re.sub(r"^\s*(\{[^}]*\}|\S+)?\s*", "", v, count=1) if v.startswith(" ") and not v.startswith("  ")
-                    else v) for k, v in out.items()}
-
-
 def sections(help_text: str) -> dict[str, list[str]]:
     """Group title -> the flags listed under it."""
     out, title = {}, None
