@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdlora.errors import SdloraError
 from sdlora.lora.targets import PRESETS
-from sdlora.models import DEFAULT_MODEL
+from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
@@ -32,7 +32,7 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     images: str = _f(MISSING, "folder of instance (subject) images; .txt/.caption files beside them are captions")
     prompt: str = _f(MISSING, "instance prompt with the trigger word, e.g. 'sks dog' (used for images without a caption)")
-    model: str = _f(DEFAULT_MODEL, "base model: hub id, local diffusers folder, .safetensors checkpoint, or 'tiny'")
+    model: str = _f(DEFAULT_MODEL, model_kinds_help())
     output_dir: str = _f("output", "folder for the adapter file")
     name: str | None = _f(None, "output name (file <output_dir>/<name>.safetensors); default: the images folder's name")
     out: str | None = _f(None, "exact output file path (overrides --output-dir/--name)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sdlora import archs
 from sdlora.archs import ArchSpec
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 from sdlora.formats.io import PICKLE_SUFFIXES
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -23,6 +23,22 @@ BUILTIN_MODELS = {
     "tiny-sdxl": "SDXL module tree at toy widths, random weights (64 px)",
     "toy": "SD 1.x-shaped model pretrained on sdlora's toy world of coloured shapes (32 px)",
 }
+
+
+def builtin_list() -> str:
+    """'tiny, tiny-sd2, tiny-sdxl or toy': every built-in model, for messages."""
+    names = list(BUILTIN_MODELS)
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def model_kinds_help(default: str | None = DEFAULT_MODEL) -> str:
+    """What --model takes, naming every built-in model with its description (for --help texts)."""
+    return (f"base model{f' (default: {default})' if default else ''}: a hub id (owner/name), a local diffusers "
+            "folder, a .safetensors checkpoint, or a built-in offline model: "
+            + "; ".join(f"'{k}', {v}" for k, v in BUILTIN_MODELS.items()))
+
+
+OFFLINE_HINT = f"a built-in offline model (--model {builtin_list()})"
 
 
 @dataclass
@@ -112,7 +128,7 @@ def checkpoint_keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
-        raise SdloraError(f"{path}: not a readable .safetensors file ({_first_line(e)}); re-download or re-export "
+        raise SdloraError(f"{path}: not a readable .safetensors file ({cause(e)}); re-download or re-export "
                           "it") from e
 
 
@@ -158,24 +174,29 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
 
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
-            raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder or a hub id")
+            raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder, "
+                              f"a hub id, or {OFFLINE_HINT}")
         spec = detect_checkpoint_arch(checkpoint_keys(path))
         try:
             pipe = getattr(diffusers, spec.pipeline).from_single_file(str(path), dtype=dtype)
         except Exception as e:  # diffusers raises many types; the user needs one line
-            raise SdloraError(f"{name}: could not load the checkpoint ({_first_line(e)}); check the file is complete, "
-                              "or pass a diffusers folder (diffusers fetches the model config from the hub the first "
-                              "time; offline, convert it once with a connection)") from e
+            if _unreachable(e):
+                raise SdloraError(f"{name}: diffusers needs the model's config from the Hugging Face hub the first "
+                                  "time it reads a single-file checkpoint, and the hub cannot be reached; load it "
+                                  "once with a connection (the config is cached), or pass a diffusers folder") from e
+            raise SdloraError(f"{name}: could not load the checkpoint ({cause(e)}); check the file is complete, "
+                              "or pass a diffusers folder") from e
     else:
         if path.exists() and not (path / "model_index.json").is_file():
-            raise SdloraError(f"{name}: folder has no model_index.json; pass a diffusers model folder, "
-                              "a .safetensors checkpoint, a hub id or 'tiny'")
+            raise SdloraError(f"{name}: the folder has no model_index.json, so it is not a diffusers model; pass a "
+                              f"diffusers model folder, a .safetensors checkpoint or a hub id, or {OFFLINE_HINT}")
+        if not path.exists():
+            _check_hub_id(name)
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(path) if path.exists() else name, dtype=dtype,
                                                                safety_checker=None, requires_safety_checker=False)
         except Exception as e:
-            raise SdloraError(f"could not load model '{name}' ({_first_line(e)}); pass a local diffusers folder, "
-                              "a .safetensors checkpoint, or --model tiny to try sdlora offline") from e
+            raise _load_error(name, path.exists(), e) from e
     return from_pipeline(pipe, name)
 
 
@@ -195,6 +216,63 @@ def from_pipeline(pipe, name: str) -> BaseModel:
     return from_components(name, detect_arch(pipe), dict(pipe.components))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_hub_id(name: str) -> None:
+    """Refuse, before any network access, a name that is neither a built-in model nor a hub id (owner/name)."""
+    import difflib
+
+    if _looks_like_path(name):
+        raise SdloraError(f"{name}: no such folder or file; pass an existing diffusers folder or .safetensors "
+                          f"checkpoint, a hub id (owner/name), or {OFFLINE_HINT}")
+    if "/" not in name:
+        close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
+        guess = f"did you mean '{close[0]}'? " if close else ""
+        raise SdloraError(f"'{name}' is not a built-in model, an existing folder or file, or a hub id (owner/name); "
+                          f"{guess}built-in models: {builtin_list()}; or pass a diffusers folder, a .safetensors "
+                          f"checkpoint or a hub id such as {DEFAULT_MODEL}")
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether loading failed because the hub could not be reached (offline, HF_HUB_OFFLINE, DNS, proxy)."""
+    markers = ("not fully cached locally", "outgoing traffic has been disabled", "couldn't connect",
+               "connection error", "failed to resolve", "name or service not known", "max retries exceeded",
+               "offline mode", "cannot reach", "temporary failure in name resolution")
+    for x in _chain(e):
+        if type(x).__name__ in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "OfflineModeIsEnabled",
+                                "LocalEntryNotFoundError", "ConnectError"):
+            return True
+        if any(m in str(x).lower() for m in markers):
+            return True
+    return False
+
+
+def _load_error(name: str, local: bool, e: BaseException) -> SdloraError:
+    """One line for a failed `from_pretrained`: the cause first (hub unreachable, no such repo, gated), then the fix."""
+    kinds = {type(x).__name__ for x in _chain(e)}
+    if local:
+        return SdloraError(f"{name}: could not load the diffusers folder ({cause(e)}); check that it is complete "
+                           f"(model_index.json and every component folder), or pass {OFFLINE_HINT}")
+    if "GatedRepoError" in kinds:
+        return SdloraError(f"{name}: the model is gated on the Hugging Face hub; accept its license on "
+                           f"huggingface.co and log in with `hf auth login`, or pass {OFFLINE_HINT}")
+    if _unreachable(e):
+        return SdloraError(f"{name}: the Hugging Face hub cannot be reached and the model is not in the local cache; "
+                           "connect once to download it (it is cached for later), or pass a local diffusers folder, a "
+                           f".safetensors checkpoint or {OFFLINE_HINT}")
+    if "RepositoryNotFoundError" in kinds or "is not a valid model identifier" in str(e) or "404" in str(e):
+        return SdloraError(f"{name}: the Hugging Face hub has no such model (or it is private); check the id "
+                           f"(owner/name, e.g. {DEFAULT_MODEL}), log in with `hf auth login` for a private one, "
+                           f"or pass {OFFLINE_HINT}")
+    return SdloraError(f"{name}: could not load the model ({cause(e)}); pass a local diffusers folder, a "
+                       f".safetensors checkpoint or {OFFLINE_HINT}")
