@@ -12,30 +12,12 @@ import torch
 from sdlora.archs import load_config, meta_components
 from sdlora.formats import convert, io, kohya, layouts, meta, verify
 from sdlora.lora.targets import find_targets
+from tests.conftest import kohya_fixture
 
 ARCHS = ("sd1", "sd2", "sdxl")
 VERSION = {"sd1": "sd_v1", "sd2": "sd_v2_768_v", "sdxl": "sdxl_base_v1-0"}
 LOCON = r"lora_unet_.*(resnets_\d+_(conv1|conv2|conv_shortcut|time_emb_proj)|downsamplers_0_conv|upsamplers_0_conv|" \
         r"_\d+_0_(in_layers_2|out_layers_3|skip_connection|emb_layers_1)|_0_op|_\d_conv)"
-
-
-def kohya_fixture(table: dict, pattern: str, rank: int = 2, alpha: float | None = 1.0, seed: int = 0,
-                  dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """A kohya-layout state dict, written as kohya writes it: LoCon convs get a kxk down and a 1x1 up."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, m in sorted(table.items()):
-        if not re.search(pattern, k):
-            continue
-        if m.conv:
-            down, up = torch.randn(rank, m.shape[1], *m.shape[2:], generator=g), torch.randn(m.shape[0], rank, 1, 1, generator=g)
-        else:
-            down, up = torch.randn(rank, m.shape[1], generator=g), torch.randn(m.shape[0], rank, generator=g)
-        sd[f"{k}.lora_down.weight"] = (down * 0.1).to(dtype)
-        sd[f"{k}.lora_up.weight"] = (up * 0.1).to(dtype)
-        if alpha is not None:
-            sd[f"{k}.alpha"] = torch.tensor(alpha, dtype=dtype)
-    return sd
 
 
 def preset_names(arch: str, preset: str) -> set[str]:

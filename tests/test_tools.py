@@ -13,7 +13,7 @@ import torch
 from sdlora.adapter import save
 from sdlora.formats import convert, io, kohya, layouts, verify
 from sdlora.models import load_base
-from tests.test_formats import kohya_fixture
+from tests.conftest import kohya_fixture
 
 PATTERN = r"attn2_to_[qv]$|self_attn_(q|k|v|out)_proj$|resnets_\d+_conv[12]$|downsamplers_0_conv$"
 MD = {"ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": "tiny", "ss_network_dim": "4",
