@@ -3,7 +3,6 @@ single-file conversion, A1111's mapping against LDM names, verify and convert ro
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -274,8 +273,22 @@ def test_diffusers_file_loads_in_diffusers_with_the_alphas(tmp_path):
     assert checked == 32
 
 
-def test_detect_format():
+def test_detect_format(tmp_path):
     assert convert.detect_format(["lora_unet_x.lora_down.weight"]) == "kohya"
+    assert convert.detect_format(["lora_te_x.lora_up.weight", "stray_key"]) == "kohya"  # a stray key: still kohya
     assert convert.detect_format(["unet.down_blocks.0.x.lora_A.weight"]) == "diffusers"
+    assert convert.detect_format(["text_encoder_2.text_model.x.lora_B.weight"]) == "diffusers"
     assert convert.detect_format(["base_model.model.x.lora_A.weight"]) == "peft"
-    assert json.loads(json.dumps(convert.FORMATS)) == ["kohya", "diffusers", "peft"]
+    assert convert.detect_format([]) == convert.detect_format(["model.diffusion_model.x.weight"]) == "unknown"
+    # every format convert writes is recognised as itself when read back
+    table = layouts.kohya_table("sd1")
+    src = tmp_path / "k.safetensors"
+    io.atomic_save(kohya_fixture(table, r"down_blocks_0_attentions_0_.*attn2_to_q$|layers_0_self_attn_q_proj$"), src, {})
+    convert.convert(src, tmp_path / "d.safetensors", "diffusers")
+    convert.convert(src, tmp_path / "peft", "peft")
+    files = {"kohya": [src], "diffusers": [tmp_path / "d.safetensors"],
+             "peft": sorted((tmp_path / "peft").glob("*/adapter_model.safetensors"))}
+    assert set(files) == set(convert.FORMATS) and len(files["peft"]) == 2  # unet/, text_encoder/
+    for fmt, paths in files.items():
+        for f in paths:
+            assert convert.detect_format(io.load(f)[0]) == fmt, f
