@@ -3,6 +3,7 @@ trained adapter. Test modules import helpers from here (`from tests.conftest imp
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +15,12 @@ from PIL import Image
 
 from sdlora.config import make_config
 from sdlora.train.loop import train
+
+# One torch thread everywhere: the test machines have 2 shared cores, the tiny models' ops are too small to split, and
+# two contended OpenMP threads spin-wait for each other (a 6 s run took 59 s with 2 threads). Set here, at import,
+# for this process, and through OMP_NUM_THREADS for every `sdlora` subprocess the tests start (they inherit it).
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 DOG = ROOT / "datasets" / "dog"
