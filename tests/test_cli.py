@@ -99,7 +99,9 @@ def test_empty_folder_and_corrupt_images_are_named(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    assert "has no images" in main_error(capsys, "train", "--images", empty, "--prompt", "x", "--model", "tiny")
+    assert "has no images" in main_error(capsys, "train", "--images", empty, "--prompt", "x", "--model", "tiny",
+                                         "--output-dir", tmp_path / "out")
+    assert [f.name for f in tmp_path.iterdir()] == ["empty"]
 
     folder = make_images(tmp_path / "imgs", n=2)
     good = (folder / "img_0.png").read_bytes()
