@@ -21,14 +21,14 @@ def _flag_type(f):
 
 # --help groups of `sdlora train`, in order; a field may also name its group in its metadata ("group").
 TRAIN_GROUPS = {
-    "data": ("images", "prompt", "trigger", "caption_dropout", "shuffle_tags", "keep_tags", "resolution", "buckets",
-             "no_flip", "repeats", "skip_bad_images", "cache_dir", "no_cache"),
+    "data": ("images", "prompt", "trigger", "caption_dropout", "shuffle_tags", "keep_tags", "resolution",
+             "force_resolution", "buckets", "no_flip", "repeats", "skip_bad_images", "cache_dir", "no_cache"),
     "model": ("model", "mixed_precision", "gradient_checkpointing"),
     "LoRA": ("preset", "rank", "alpha", "no_text_encoder"),
     "training": ("steps", "epochs", "batch_size", "grad_accum", "lr", "te_lr", "lr_scheduler", "warmup_steps",
                  "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "seed"),
     "prior preservation": ("class_prompt", "class_images", "num_class_images", "prior_loss_weight"),
-    "output": ("output_dir", "name", "out", "save_precision"),
+    "output": ("output_dir", "name", "out", "overwrite", "save_precision"),
     "checkpoints": ("save_every", "keep_last", "resume"),
     "monitoring": ("sample_every", "sample_prompts", "sample_steps", "tensorboard"),
 }
