@@ -29,9 +29,8 @@ _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out"
 # every family's diffusers components, longest first: key prefixes are matched in this order
 DIFFUSERS_COMPONENTS = tuple(sorted({a for s in archs.SPECS.values() for a in s.components.values()}, key=len,
                                     reverse=True))
-# LyCORIS / other kinds sdlora does not apply yet: suffix -> what it is (so the report can say so)
-OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon Tucker", ".diff": "full diff",
-               "oft_": "OFT", "boft_": "BOFT", "lora_A.": "", "lora_B.": ""}
+# other kinds sdlora does not apply: key part -> what it is (so the report can say so)
+OTHER_KINDS = {"oft_": "OFT", "boft_": "BOFT", "lora_magnitude_vector": "PEFT DoRA", "lora_A.": "", "lora_B.": ""}
 
 
 def detect_format(keys) -> str:
@@ -108,6 +107,14 @@ def _other_kind(key: str) -> str | None:
     return next((kind for part, kind in OTHER_KINDS.items() if part in key and kind), None)
 
 
+def lora_kind(roles: dict[str, torch.Tensor]) -> str:
+    """A down/up module's kind: "dora" with a magnitude, "locon" for a conv with a kernel or a Tucker core."""
+    if "magnitude" in roles:
+        return "dora"
+    down = roles["down"]
+    return "locon" if "mid" in roles or (down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)) else "lora"
+
+
 def _kohya_modules(tensors, where: str) -> tuple[dict[str, AdapterModule], list[str], list[str]]:
     """kohya tensors -> (modules, unknown keys, notes)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -120,11 +127,13 @@ def _kohya_modules(tensors, where: str) -> tuple[dict[str, AdapterModule], list[
             groups.setdefault(split[0], {})[split[1]] = t
     modules = {}
     for name, parts in groups.items():
-        if kohya.DOWN not in parts or kohya.UP not in parts:
+        kind = kohya.kind_of(parts)
+        if kind is None:
             unknown += [f"{name}.{s}" for s in parts]
             continue
         alpha = parts.get(kohya.ALPHA)
-        modules[name] = AdapterModule(name, "lora", {"down": parts[kohya.DOWN], "up": parts[kohya.UP]},
+        roles = kohya.roles_of(kind, parts)
+        modules[name] = AdapterModule(name, lora_kind(roles) if kind == "lora" else kind, roles,
                                       None if alpha is None else _alpha(alpha, f"{name}.{kohya.ALPHA}", where))
     return modules, unknown, []
 
@@ -227,7 +236,7 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
     metadata = dict(metadata)
     if fmt == "kohya":
         modules, unknown, notes = _kohya_modules(tensors, where)
-        shapes = {n: tuple(m.tensors["down"].shape) for n, m in modules.items()}
+        shapes = {n: tuple(m.shape) for n, m in modules.items()}
         arch = detect_arch(list(modules), metadata, shapes)
     elif fmt in ("diffusers", "peft"):
         configs = dict(configs or {})
@@ -245,8 +254,8 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
     kinds = sorted({k for k in map(_other_kind, unknown) if k})
     if not modules:
         what = f" ({', '.join(kinds)} modules are not supported yet)" if kinds else ""
-        raise SdloraError(f"{where}: no LoRA modules sdlora can apply (kohya lora_down/lora_up, diffusers or PEFT "
-                          f"lora_A/lora_B){what}; pass a LoRA .safetensors or a PEFT folder")
+        raise SdloraError(f"{where}: no LoRA modules sdlora can apply (kohya/LyCORIS lora_down/lora_up, hada_*, "
+                          f"lokr_*, diff; diffusers or PEFT lora_A/lora_B){what}; pass a LoRA .safetensors or a PEFT folder")
     for m in modules.values():
         check_module(m, where)
     if kinds:

@@ -59,7 +59,7 @@ class Blender:
             if hit is None:
                 unmatched.append(name)
                 continue
-            if m.shape != hit.shape:
+            if not m.fits(hit.shape):
                 raise SdloraError(f"{where}: module {name} has shape {list(m.shape)} but the model's is "
                                   f"{list(hit.shape)}; the adapter was trained for a different model (size) than "
                                   f"'{base.name}'")
@@ -106,7 +106,7 @@ class Blender:
                 for name, r in self.adapters.items():
                     s = new[name][1] if key[0] == denoiser else new[name][0]
                     if s != 0.0 and key in r.targets:
-                        w += s * r.targets[key].delta(dev)
+                        w += s * r.targets[key].delta(dev, base=self.backup[key].to(dev))
                 weight.copy_(w.to(weight.dtype))
         self.strengths = new
 

@@ -27,7 +27,7 @@ from sdlora.errors import SdloraError
 from sdlora.formats import kohya, meta
 from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
-from sdlora.lora.inject import add_lora, collect, format_table, report
+from sdlora.lora.inject import add_lora, collect_modules, format_table, network_metadata, network_of, report
 from sdlora.lora.targets import PRESETS, check_rank, find_targets, preset_component
 from sdlora.train import SAVE_DTYPES
 from sdlora.models import load_base
@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     targets = {c: find_targets(m, c, cfg.preset) for c, m in adapted.items()}
     check_rank(adapted, targets, cfg.rank, base.name)
     for c, m in adapted.items():
-        add_lora(m, targets[c], cfg.rank, cfg.network_alpha)
+        add_lora(m, targets[c], cfg.rank, cfg.network_alpha, network_of(cfg))
     if main:  # estimated bytes written vs free space, before latents are cached and steps run
         outputs.check_space(outputs.estimate_for_run(cfg, plan, adapted, instance + classes, steps, resolution))
     say(f"model {base.name} ({base.arch}, {base.prediction_type}); preset '{cfg.preset}', rank {cfg.rank}, "
@@ -456,6 +456,7 @@ def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
         prior_loss_weight=cfg.prior_loss_weight if classes else None, started=started)
+    md |= network_metadata(cfg, md)
     md["ss_min_snr_gamma"] = str(cfg.min_snr_gamma)
     md["ss_noise_offset"] = str(cfg.noise_offset)
     md["ss_enable_bucket"] = str(cfg.buckets)
@@ -477,5 +478,5 @@ def _save(cfg, base, accelerator, targets, resolution, steps, instance, classes,
 
 def _adapter_tensors(base, accelerator, targets, dtype) -> dict[str, torch.Tensor]:
     """The kohya tensors of the trained LoRA layers, cast to `dtype`."""
-    layers = {c: collect(accelerator.unwrap_model(m)) for c, m in base.components.items() if c in targets}
-    return kohya.to_tensors(kohya.from_layers(layers, base.arch), dtype)
+    layers = {c: collect_modules(accelerator.unwrap_model(m)) for c, m in base.components.items() if c in targets}
+    return kohya.to_tensors(kohya.from_trained(layers, base.arch), dtype)
