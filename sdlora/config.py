@@ -43,7 +43,7 @@ class TrainConfig:
     no_text_encoder: bool = _f(False, "train the UNet only (no LoRA on the text encoder)")
     network: str = _f("lora", "adapter kind: lora (kohya), locon (LoRA + the UNet's 3x3 convs), loha (Hadamard), lokr "
                       "(Kronecker); LyCORIS layout, read by ComfyUI and A1111", choices=("lora", "locon", "loha", "lokr"))
-    dora: bool = _f(False, "DoRA (weight-decomposed LoRA, per-input-channel dora_scale) on lora/locon")
+    dora: bool = _f(False, "DoRA (weight-decomposed LoRA, a DoRA scale per input channel) on lora/locon")
     conv_rank: int | None = _f(None, "rank of the 3x3 convs (ResNet blocks, down/up-samplers) locon/loha/lokr adapt "
                                "(default: --rank); with --network lora, adds them")
     conv_alpha: float | None = _f(None, "alpha of those convs (default: --alpha, or --conv-rank when that is given)")

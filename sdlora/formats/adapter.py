@@ -128,6 +128,10 @@ class AdapterModule:
             d = lora_delta(t["down"], t["up"], self.alpha)
         return d
 
+    def bias_delta(self) -> torch.Tensor | None:
+        """A full diff's bias delta (`diff_b`), added to the layer's bias at the same strength; None for others."""
+        return self.tensors.get("diff_b")
+
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 

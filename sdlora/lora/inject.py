@@ -12,7 +12,7 @@ Which implementation per kind, and why (shared/LYCORIS_AND_DIT_FORMATS.md):
   one difference: with both factors full PEFT still scales by alpha/r where every loader uses 1, so that scale is
   folded into W1 when collecting and alpha is written = r (what LyCORIS writes there).
 - dora: PEFT's DoRA keeps one magnitude per *output* channel, which A1111 misapplies and ComfyUI applies with the
-  base weight's norm (spec §4.2); the orientation both read correctly is per *input* channel, dora_scale
+  base weight's norm (spec §4.2); the orientation both read correctly is per *input* channel, DoRA scale
   [1, in(, 1, 1)] (spec §4.4), which only LyCORIS trains: its `LoConModule(weight_decompose=True, wd_on_out=False)`
   (the `lycoris-lora` package, the format's reference implementation) is used for DoRA.
 """
@@ -30,6 +30,7 @@ from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
 
 from sdlora.errors import SdloraError
+from sdlora.formats import kohya
 from sdlora.lora.targets import conv_targets
 
 ADAPTER = "default"
@@ -97,7 +98,7 @@ def _add_dora(model, names, kxk, rank, alpha, conv_rank, conv_alpha) -> None:
     try:
         from lycoris.modules.locon import LoConModule
     except ImportError as e:
-        raise SdloraError("--dora trains with LyCORIS's DoRA (per-input-channel dora_scale, what A1111 and ComfyUI "
+        raise SdloraError("--dora trains with LyCORIS's DoRA (a per-input-channel DoRA scale, what A1111 and ComfyUI "
                           "read): pip install lycoris-lora") from e
     for name in names:
         layer = model.get_submodule(name)
@@ -200,12 +201,10 @@ def collect_modules(model: torch.nn.Module) -> dict[str, tuple[str, dict[str, to
                 t["w1"] = t["w1"] * (alpha / r)
                 alpha = float(r)
             out[name] = ("lokr", t, alpha)
-        else:  # LyCORIS DoRA LoConModule: its own custom_state_dict names (lora_up already times its scalar)
+        else:  # LyCORIS DoRA LoConModule: its kohya-layout state dict (lora_up already times its scalar) by role
             sd = layer.custom_state_dict()
-            t = {"down": sd["lora_down.weight"], "up": sd["lora_up.weight"], "magnitude": sd["dora_scale"]}
-            if "lora_mid.weight" in sd:
-                t["mid"] = sd["lora_mid.weight"]
-            out[name] = ("dora", {k: v.detach().float().clone() for k, v in t.items()}, float(sd["alpha"]))
+            t = {k: v.detach().float().clone() for k, v in kohya.roles_of("dora", sd).items()}
+            out[name] = ("dora", t, float(sd["alpha"]))
     return out
 
 

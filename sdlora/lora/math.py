@@ -94,7 +94,7 @@ def lokr_delta(t: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
     r = lokr_rank(t)
-    return torch.kron(w1, w2) * (1.0 if r is None else lora_scale(alpha, r))
+    return torch.kron(w1.contiguous(), w2.contiguous()) * (1.0 if r is None else lora_scale(alpha, r))
 
 
 def dora_delta(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
