@@ -223,3 +223,51 @@ def test_full_diff_moves_the_bias(base, tmp_path):
     assert torch.allclose(got, b0 + 0.5 * parts["diff_b"], atol=1e-6)
     assert torch.allclose(unet.get_submodule(path).weight.detach().double(), weight(base, path) + 0.5 * parts["diff"],
                           atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files written by LyCORIS's own modules: sdlora's fused layer must give LyCORIS's forward
+
+
+LYCO = [  # (module class, layer, kwargs)
+    ("LoConModule", CONV, dict(use_tucker=True)),
+    ("LoConModule", CONV, {}),
+    ("LohaModule", LIN, {}),
+    ("LohaModule", CONV, {}),
+    ("LohaModule", CONV, dict(use_tucker=True)),
+    ("LokrModule", LIN, dict(factor=4)),
+    ("LokrModule", LIN, dict(decompose_both=True, lora_dim=1)),
+    ("LokrModule", LIN, dict(full_matrix=True)),
+    ("LokrModule", CONV, {}),
+    ("LokrModule", CONV, dict(use_tucker=True, lora_dim=1, factor=4)),
+    ("LoConModule", LIN, dict(weight_decompose=True, wd_on_out=False)),
+    ("LoConModule", CONV, dict(weight_decompose=True, wd_on_out=False)),
+    ("LoConModule", LIN_SQ, dict(weight_decompose=True, wd_on_out=True)),
+    ("LohaModule", LIN, dict(weight_decompose=True, wd_on_out=False)),
+    ("FullModule", CONV1, {}),
+]
+
+
+@pytest.mark.parametrize("cls,path,kw", LYCO, ids=[f"{c}-{p.rsplit('.', 1)[-1]}-{'-'.join(k)}" for c, p, k in LYCO])
+def test_files_written_by_lycoris_fuse_to_its_forward(base, tmp_path, cls, path, kw):
+    lycoris = pytest.importorskip("lycoris.modules")
+    layer = copy.deepcopy(base.components["unet"].get_submodule(path)).double()
+    in_shape = (2, layer.weight.shape[1], *((5, 5) if layer.weight.dim() == 4 else ()))
+    kw = {"lora_dim": 4} | kw
+    m = getattr(lycoris, cls)(kname(path), layer, multiplier=1.0, alpha=2, **kw).double()
+    g = torch.Generator().manual_seed(len(cls) + len(kw))
+    m.apply_to()  # as in training: LyCORIS saves applied modules (a FullModule folds the base weight in here)
+    with torch.no_grad():
+        for n, p in m.named_parameters():  # every factor non-zero (LyCORIS initialises one of them to 0)
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2
+            # a magnitude near ‖W‖ and a full weight near W, as trained ones are
+            p.copy_(p * (1 + noise) if n == "dora_scale" else p + noise if cls == "FullModule" else noise)
+    sd = m.custom_state_dict() if hasattr(m, "custom_state_dict") else m.state_dict()
+    f = tmp_path / "lyco.safetensors"
+    save_file({f"{kname(path)}.{k}": v.detach().float().contiguous() for k, v in sd.items()}, str(f))
+    x = torch.randn(in_shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        want = layer(x)
+        mine = copy.deepcopy(fused(base, read_adapter(f)).components["unet"].get_submodule(path)).double()
+        got = mine(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
