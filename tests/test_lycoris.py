@@ -271,3 +271,115 @@ def test_files_written_by_lycoris_fuse_to_its_forward(base, tmp_path, cls, path,
         mine = copy.deepcopy(fused(base, read_adapter(f)).components["unet"].get_submodule(path)).double()
         got = mine(x)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training: the trained layers' forward is what the written file fuses to
+
+
+NETS = [dict(network="locon"), dict(network="loha"), dict(network="lokr"), dict(network="lokr", rank=1),
+        dict(network="lokr", lokr_factor=2, rank=2), dict(network="lora", dora=True),
+        dict(network="locon", dora=True, conv_rank=2, conv_alpha=1.0)]
+
+
+def _net_id(kw):
+    return "-".join(f"{v}" if k == "network" else f"{k}{'' if v is True else v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("kw", NETS, ids=_net_id)
+def test_trained_layers_forward_equals_the_written_file(base, kw):
+    """Inject the adapter as training does, give every adapter parameter a value, write the file as `train` does,
+    read it back and fuse it: every adapted layer computes what the training-time layer computes."""
+    from sdlora.config import make_config
+    from sdlora.lora.inject import add_lora, collect_modules, network_of
+    from sdlora.lora.targets import find_targets
+
+    cfg = make_config({"images": ".", "prompt": "x", "rank": 4} | kw)
+    rank = cfg.rank
+    trained = copy.deepcopy(base)
+    unet = trained.components["unet"]
+    targets = find_targets(unet, "unet", "default")
+    add_lora(unet, targets, rank, 2.0, network_of(cfg))
+    g = torch.Generator().manual_seed(rank)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g) * 0.2
+                p.copy_(p * (1 + noise) if p.shape[0] == 1 and p.dim() in (2, 4) and "dora" in n else noise)
+    f = kohya.from_trained({"unet": collect_modules(unet)}, base.arch)
+    a = parse(kohya.to_tensors(f), {})
+    kinds = {m.kind for m in a.modules.values()}
+    assert kinds <= {"lora", "locon", "loha", "lokr", "dora"} and kinds - {"lora"}
+    assert any(n.endswith("resnets_0_conv1") for n in a.modules) == network_of(cfg).convs  # 3x3 convs adapted
+    merged = fused(base, a).components["unet"]
+    x_lin = torch.randn(2, 7, 128, generator=g)
+    for name, layer in [(n, m) for n, m in merged.named_modules() if kohya.kohya_name("unet", n) in a.modules]:
+        ref = unet.get_submodule(name)
+        w = layer.weight
+        x = torch.randn(2, w.shape[1], 6, 6, generator=g) if w.dim() == 4 else x_lin[..., :w.shape[1]]
+        with torch.no_grad():
+            want, got = ref(x), layer(x)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (name, (got - want).abs().max())
+
+
+@pytest.fixture(scope="module")
+def trained_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lyco")
+    out = {}
+    for name, kw in [("locon", dict(network="locon", conv_rank=2, conv_alpha=1.0)), ("loha", dict(network="loha")),
+                     ("lokr", dict(network="lokr")), ("dora", dict(network="lora", dora=True))]:
+        out[name] = d / f"{name}.safetensors"
+        train_tiny(out[name], steps=3, lr=1e-2, **kw)
+    return out
+
+
+def test_each_kind_trains_verifies_and_generates(trained_files):
+    from sdlora.infer.session import Session, Settings
+
+    settings = Settings(prompt="sks dog", seed=3, steps=3)
+    plain = np.asarray(Session("tiny").generate(settings, {})[0][0])
+    s = Session("tiny")
+    for name, f in trained_files.items():
+        a = read_adapter(f)
+        assert {m.kind for m in a.modules.values()} - {"lora"} == {"locon" if name == "locon" else name}
+        args = json.loads(a.metadata["ss_network_args"])
+        assert a.metadata["ss_network_module"] == "lycoris.kohya"
+        assert args["algo"] == {"dora": "locon"}.get(name, name)
+        assert not a.unknown
+        rep = verify_file(f)
+        assert rep.ok, rep.problems
+        s.add(f)
+    for name in trained_files:
+        assert np.array_equal(np.asarray(s.generate(settings, {name: 0.0})[0][0]), plain), name
+        assert not np.array_equal(np.asarray(s.generate(settings, {name: 1.0})[0][0]), plain), name
+    assert json.loads(read_adapter(trained_files["locon"]).metadata["ss_network_args"])["conv_dim"] == "2"
+    dora = read_adapter(trained_files["dora"])
+    assert all(m.tensors["magnitude"].shape[0] == 1 for m in dora.modules.values())  # per input: A1111 + ComfyUI
+
+
+def test_other_kinds_are_refused_where_a_layout_cannot_hold_them(trained_files, tmp_path):
+    from sdlora.formats.convert import convert
+    from sdlora.inspect import describe
+    from sdlora.resize import resize
+
+    loha = trained_files["loha"]
+    with pytest.raises(SdloraError, match="loha") as e:
+        resize(loha, tmp_path / "r.safetensors", 2)
+    assert "\n" not in str(e.value) and not (tmp_path / "r.safetensors").exists()
+    for to in ("diffusers", "peft"):
+        with pytest.raises(SdloraError, match="--to kohya"):
+            convert(loha, tmp_path / f"x-{to}", to)
+    convert(loha, tmp_path / "k.safetensors", "kohya")  # the kohya/LyCORIS layout holds it: same tensors
+    a, b = read_adapter(loha), read_adapter(tmp_path / "k.safetensors")
+    assert all(torch.equal(kohya.to_tensors(a)[k], v) for k, v in kohya.to_tensors(b).items())
+    kinds = {r["kind"] for r in describe(loha)["groups"]}
+    assert kinds == {"loha"}
+    resize(trained_files["locon"], tmp_path / "l.safetensors", 1)  # LoCon resizes
+    assert {m.rank for m in read_adapter(tmp_path / "l.safetensors").modules.values()} == {1}
+
+
+def test_dora_needs_a_lora_kind():
+    from sdlora.config import make_config
+
+    with pytest.raises(SdloraError, match="--dora"):
+        make_config({"images": ".", "prompt": "x", "network": "loha", "dora": True})
