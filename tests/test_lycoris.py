@@ -383,3 +383,20 @@ def test_dora_needs_a_lora_kind():
 
     with pytest.raises(SdloraError, match="--dora"):
         make_config({"images": ".", "prompt": "x", "network": "loha", "dora": True})
+
+
+def test_resume_restores_the_new_layers(tmp_path):
+    """A run checkpointed half-way and resumed writes the same adapter as the run without a stop (DoRA on LyCORIS
+    modules and LoHa on PEFT layers: every trainable tensor, optimizer state included, is in the checkpoint)."""
+    from sdlora.train import ckpt
+
+    for kw in (dict(network="locon", dora=True, conv_rank=2), dict(network="loha")):
+        settings = dict(steps=4, save_every=2, keep_last=0, lr=1e-2, **kw)
+        a = train_tiny(tmp_path / f"a-{kw['network']}.safetensors", **settings)
+        ck = ckpt.checkpoint_root(a.path) / "step-000002"
+        b = train_tiny(tmp_path / f"b-{kw['network']}.safetensors", resume=str(ck), **settings)
+        ta, tb = kohya.to_tensors(read_adapter(a.path)), kohya.to_tensors(read_adapter(b.path))
+        assert ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), kw
+        mid = kohya.to_tensors(read_adapter(ck / "adapter.safetensors"))
+        assert not all(torch.equal(ta[k], mid[k]) for k in ta)  # the resumed half trained
