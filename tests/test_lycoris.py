@@ -400,3 +400,32 @@ def test_resume_restores_the_new_layers(tmp_path):
         assert all(torch.equal(ta[k], tb[k]) for k in ta), kw
         mid = kohya.to_tensors(read_adapter(ck / "adapter.safetensors"))
         assert not all(torch.equal(ta[k], mid[k]) for k in ta)  # the resumed half trained
+
+
+def test_peft_dora_files_fuse_to_peft_forward(base, tmp_path):
+    """A PEFT DoRA adapter (`lora_magnitude_vector`, one norm per output channel), written by PEFT itself."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    unet = copy.deepcopy(base.components["unet"])
+    paths = [LIN, LIN_SQ, CONV]
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2.0, use_dora=True, target_modules=paths), unet)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.copy_(p * (1 + 0.2 * torch.randn(p.shape, generator=g)) if "magnitude" in n
+                        else 0.2 * torch.randn(p.shape, generator=g))
+    sd = get_peft_model_state_dict(unet)
+    assert any("magnitude" in k for k in sd)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in sd.items()}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 2.0,
+                                                              "use_dora": True, "target_modules": paths}))
+    a = read_adapter(tmp_path / "adapter_model.safetensors")
+    assert {m.kind for m in a.modules.values()} == {"dora"} and not a.unknown
+    merged = fused(base, a).components["unet"]
+    for path in paths:
+        w = merged.get_submodule(path).weight
+        x = torch.randn(2, w.shape[1], *((6, 6) if w.dim() == 4 else ()), generator=g)
+        with torch.no_grad():
+            want, got = unet.get_submodule(path)(x), merged.get_submodule(path)(x)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (path, (got - want).abs().max())

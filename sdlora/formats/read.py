@@ -25,12 +25,13 @@ from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 ADAPTER_META = "lora_adapter_metadata"  # diffusers' header entry with the PEFT configs per component
 MISSING_ALPHA = "sdlora.kohya_modules_without_alpha"  # kohya modules that had no alpha (restored on the way back)
 PEFT_PREFIX = "base_model.model."
+PEFT_MAGNITUDE = ".lora_magnitude_vector"
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 # every family's diffusers components, longest first: key prefixes are matched in this order
 DIFFUSERS_COMPONENTS = tuple(sorted({a for s in archs.SPECS.values() for a in s.components.values()}, key=len,
                                     reverse=True))
 # other kinds sdlora does not apply: key part -> what it is (so the report can say so)
-OTHER_KINDS = {"oft_": "OFT", "boft_": "BOFT", "lora_magnitude_vector": "PEFT DoRA", "lora_A.": "", "lora_B.": ""}
+OTHER_KINDS = {"oft_": "OFT", "boft_": "BOFT", "lora_A.": "", "lora_B.": ""}
 
 
 def detect_format(keys) -> str:
@@ -152,7 +153,10 @@ def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None
                                                   convert_unet_state_dict_to_peft)
 
     alphas = {k[:-len(".alpha")]: _alpha(v, k, where) for k, v in sub.items() if k.endswith(".alpha")}
-    sub = {k: v for k, v in sub.items() if not k.endswith(".alpha")}
+    # PEFT DoRA: `<path>.lora_magnitude_vector(.weight)`, one norm per output channel ([out] Linear, [1, out, 1, 1]
+    # conv; LYCORIS_AND_DIT_FORMATS.md §4.3), kept as the [out, 1(, 1, 1)] magnitude LyCORIS writes for that axis
+    mags = {k.split(PEFT_MAGNITUDE)[0]: v for k, v in sub.items() if PEFT_MAGNITUDE in k}
+    sub = {k: v for k, v in sub.items() if not k.endswith(".alpha") and PEFT_MAGNITUDE not in k}
     if not any(".lora_A." in k or ".lora_B." in k for k in sub):  # older diffusers spellings
         sub = convert_unet_state_dict_to_peft(sub) if comp == "unet" else \
             convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
@@ -171,7 +175,11 @@ def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None
         alpha = alphas.get(base)
         if alpha is None and config:
             alpha = _alpha_from(config, path)
-        out[path] = (down, up, None if alpha is None else float(alpha))
+        mag = mags.pop(base, None)
+        if mag is not None:
+            mag = mag.reshape(up.shape[0], *[1] * (up.dim() - 1))
+        out[path] = (down, up, None if alpha is None else float(alpha), mag)
+    unknown += [f"{comp}.{k}{PEFT_MAGNITUDE}" for k in mags]
     return out, unknown
 
 
@@ -211,7 +219,7 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
     kcomp = {attr: c for c, attr in spec.components.items()}
     missing = set(json.loads(metadata.get(MISSING_ALPHA, "[]")))
     modules, defaulted = {}, 0
-    for (comp, path), (down, up, alpha) in found.items():
+    for (comp, path), (down, up, alpha, mag) in found.items():
         if comp not in kcomp:
             unknown.append(f"{comp}.{path}")
             continue
@@ -221,7 +229,8 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
         elif alpha is None:
             alpha = float(down.shape[0])  # the scale diffusers and PEFT load a module without alpha with
             defaulted += 1
-        modules[name] = AdapterModule(name, "lora", {"down": down, "up": up}, alpha)
+        roles = {"down": down, "up": up} | ({"magnitude": mag} if mag is not None else {})
+        modules[name] = AdapterModule(name, lora_kind(roles), roles, alpha)
     notes = [f"{defaulted} module(s) carry no alpha: read as alpha = rank, the scale diffusers and PEFT load them "
              "with"] if defaulted else []
     return modules, unknown, notes, arch
