@@ -429,3 +429,34 @@ def test_peft_dora_files_fuse_to_peft_forward(base, tmp_path):
         with torch.no_grad():
             want, got = unet.get_submodule(path)(x), merged.get_submodule(path)(x)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (path, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_lycoris_wrapper_files_fuse_to_the_wrapped_unet(base, tmp_path, algo):
+    """A whole-UNet file saved by LyCORIS's `create_lycoris` wrapper (`lycoris_<diffusers path>` names, as SimpleTuner
+    and ai-toolkit write LyCORIS files): the UNet fused by sdlora computes what LyCORIS's wrapped UNet computes."""
+    pytest.importorskip("lycoris")
+    from lycoris import LycorisNetwork, create_lycoris
+
+    unet = copy.deepcopy(base.components["unet"])
+    LycorisNetwork.apply_preset({"target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D"]})
+    net = create_lycoris(unet, 1.0, linear_dim=2, linear_alpha=1.0, algo=algo, factor=4)
+    net.apply_to()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    net.save_weights(str(tmp_path / "w.safetensors"), torch.float32, None)
+    a = read_adapter(tmp_path / "w.safetensors")
+    assert not a.unknown and {m.kind for m in a.modules.values()} == {algo}
+    assert any("wrapper names" in n for n in a.notes)
+    assert any(n.endswith("resnets_0_conv1") for n in a.modules)
+    merged = fused(base, a).components["unet"]
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10])
+    text = torch.randn(1, 5, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = unet(x, t, text).sample
+        got = merged(x, t, text).sample
+        plain = base.components["unet"](x, t, text).sample
+    assert not torch.allclose(want, plain, atol=1e-3)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()

@@ -26,6 +26,7 @@ ADAPTER_META = "lora_adapter_metadata"  # diffusers' header entry with the PEFT 
 MISSING_ALPHA = "sdlora.kohya_modules_without_alpha"  # kohya modules that had no alpha (restored on the way back)
 PEFT_PREFIX = "base_model.model."
 PEFT_MAGNITUDE = ".lora_magnitude_vector"
+LYCORIS_WRAPPER = "lycoris_"  # LyCORIS `create_lycoris` module-name prefix
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 # every family's diffusers components, longest first: key prefixes are matched in this order
 DIFFUSERS_COMPONENTS = tuple(sorted({a for s in archs.SPECS.values() for a in s.components.values()}, key=len,
@@ -236,11 +237,27 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
     return modules, unknown, notes, arch
 
 
+def _lycoris_wrapper_names(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """LyCORIS's `create_lycoris` wrapper (used by SimpleTuner and ai-toolkit) names modules `lycoris_` + the
+    diffusers path with `.` -> `_`; for the UNet that is kohya's `lora_unet_` name (SDXL's diffusers-style names are
+    aliases, `layouts.aliases`). Other `lycoris_` keys are left as they are (reported unknown)."""
+    roots = tuple(LYCORIS_WRAPPER + r.replace(".", "_") for r in _UNET_ROOTS)
+    if not any(k.startswith(roots) for k in tensors):
+        return tensors, 0
+    out, n = {}, 0
+    for k, v in tensors.items():
+        if k.startswith(roots):
+            k, n = kohya.PREFIX["unet"] + "_" + k[len(LYCORIS_WRAPPER):], n + 1
+        out[k] = v
+    return out, n
+
+
 def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: dict[str, dict] | None = None,
           where: str = "<tensors>") -> AdapterFile:
     """An AdapterFile from a LoRA state dict in any supported layout (pure: no I/O). `configs` are PEFT configs per
     diffusers component (from `adapter_config.json` files). Raises SdloraError for a file with no module sdlora
     can apply, or a damaged module."""
+    tensors, renamed = _lycoris_wrapper_names(tensors)
     fmt = detect_format(tensors)
     metadata = dict(metadata)
     if fmt == "kohya":
@@ -267,6 +284,10 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
                           f"lokr_*, diff; diffusers or PEFT lora_A/lora_B){what}; pass a LoRA .safetensors or a PEFT folder")
     for m in modules.values():
         check_module(m, where)
+    if renamed:
+        notes.append(f"{renamed} key(s) use LyCORIS's wrapper names (`lycoris_<diffusers UNet path>`, SimpleTuner and "
+                     "ai-toolkit LyCORIS files), read as kohya's `lora_unet_` names; `sdlora convert IN OUT --to kohya` "
+                     "writes the names every loader matches")
     if kinds:
         notes.append(f"{', '.join(kinds)} modules are not supported yet: their keys are listed as unknown")
     return AdapterFile(modules=modules, metadata=metadata, source=fmt, arch=arch, unknown=sorted(unknown), notes=notes)
