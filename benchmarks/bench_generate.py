@@ -36,11 +36,11 @@ def write_adapters(base, folder: Path, rank: int) -> list[Path]:
         for component, model in base.components.items():
             for name in find_targets(model, component, "full"):
                 w = model.get_submodule(name).weight
-                down = torch.randn(rank, w.shape[1], generator=g) * 0.01
-                up = torch.randn(w.shape[0], rank, generator=g) * 0.01
-                layers.setdefault(component, {})[name] = (down, up, rank / 2, w.dim() == 4)
+                down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * 0.01  # 1x1 convs: [r, in, 1, 1]
+                up = torch.randn(w.shape[0], rank, *(1,) * (w.dim() - 2), generator=g) * 0.01
+                layers.setdefault(component, {})[name] = ("lora", {"down": down, "up": up}, rank / 2)
         path = folder / f"bench{i}.safetensors"
-        adapter = kohya.from_layers(layers, base.arch)
+        adapter = kohya.from_trained(layers, base.arch)
         kohya.save(kohya.to_tensors(adapter), path, {"ss_base_model_version": base.base_model_version})
         paths.append(path)
     return paths

@@ -41,6 +41,13 @@ class TrainConfig:
     rank: int = _f(4, "LoRA rank r")
     alpha: float | None = _f(None, "LoRA alpha; the delta is scaled by alpha/r (default: alpha = rank, scale 1)")
     no_text_encoder: bool = _f(False, "train the UNet only (no LoRA on the text encoder)")
+    network: str = _f("lora", "adapter kind: lora (kohya), locon (LoRA + the UNet's 3x3 convs), loha (Hadamard), lokr "
+                      "(Kronecker); LyCORIS layout, read by ComfyUI and A1111", choices=("lora", "locon", "loha", "lokr"))
+    dora: bool = _f(False, "DoRA (weight-decomposed LoRA, a DoRA scale per input channel) on lora/locon")
+    conv_rank: int | None = _f(None, "rank of the 3x3 convs (ResNet blocks, down/up-samplers) locon/loha/lokr adapt "
+                               "(default: --rank); with --network lora, adds them")
+    conv_alpha: float | None = _f(None, "alpha of those convs (default: --alpha, or --conv-rank when that is given)")
+    lokr_factor: int = _f(-1, "LoKr: the small Kronecker factor's size, dividing each dimension (-1: the most square split)")
     # captions
     trigger: str | None = _f(None, "replaces {trigger} in captions and is put first in captions lacking it (default: --prompt)")
     caption_dropout: float = _f(0.0, "probability of training a step on the empty prompt")
@@ -116,6 +123,14 @@ class TrainConfig:
             bad("rank", f"must be at least 1, got {self.rank}")
         if self.rank > MAX_RANK:
             bad("rank", f"must be at most {MAX_RANK}, got {self.rank} (a file of that rank is mostly redundant)")
+        if self.dora and self.network not in ("lora", "locon"):
+            bad("dora", f"applies to --network lora or locon, not {self.network}")
+        if self.conv_rank is not None and not 1 <= self.conv_rank <= MAX_RANK:
+            bad("conv_rank", f"must be between 1 and {MAX_RANK}, got {self.conv_rank}")
+        if self.conv_alpha is not None and self.conv_alpha <= 0:
+            bad("conv_alpha", f"must be positive, got {self.conv_alpha}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            bad("lokr_factor", f"must be -1 (most square) or a positive size, got {self.lokr_factor}")
         if self.alpha is not None and self.alpha <= 0:
             bad("alpha", f"must be positive, got {self.alpha}")
         for f in ("steps", "batch_size", "grad_accum", "sample_steps"):

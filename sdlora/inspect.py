@@ -37,13 +37,15 @@ def describe(path) -> dict:
     groups: dict[tuple[str, str], list] = {}
     params = sum(m.numel() for m in adapter.modules.values())
     for where, m in placed.values():
-        groups.setdefault((where.component, module_kind(where.component, where.path)), []).append((m.rank, m.alpha))
+        groups.setdefault((where.component, module_kind(where.component, where.path)), []).append(
+            (m.rank, m.alpha, m.scale, m.kind + ("+tucker" if {"mid", "t1", "t2"} & set(m.tensors) else "")))
     rows = []
     for (comp, kind), items in sorted(groups.items()):
-        ranks = [r for r, _ in items]
-        alphas = [a for _, a in items if a is not None]
-        scales = [(a if a is not None else r) / r for r, a in items]
-        rows.append({"component": comp, "group": kind, "modules": len(items), "rank": _fmt(ranks),
+        ranks = [r for r, _, _, _ in items]
+        alphas = [a for _, a, _, _ in items if a is not None]
+        scales = [s for _, _, s, _ in items]
+        rows.append({"component": comp, "group": kind, "kind": ",".join(sorted({k for *_, k in items})),
+                     "modules": len(items), "rank": _fmt(ranks),
                      "alpha": _fmt(alphas) + ("" if len(alphas) == len(items) else " (some missing: = rank)")
                      if alphas else "missing (= rank)", "scale": _fmt(scales)})
     trigger = metadata.get("modelspec.trigger_phrase", "")
@@ -69,9 +71,9 @@ def format_description(d: dict) -> str:
         lines.append("  top tags      " + ", ".join(f"{t} ({n})" for t, n in d["top_tags"]))
     if d["skipped"] or d["unknown"]:
         lines.append(f"  not LoRA      {len(d['skipped'])} skipped keys, {len(d['unknown'])} unknown modules")
-    lines.append("  targets (component / group: modules, rank, alpha, effective scale alpha/rank)")
+    lines.append("  targets (component / group: kind, modules, rank, alpha, effective scale alpha/rank)")
     for r in d["groups"]:
-        lines.append(f"    {r['component']:4s} {r['group']:32s} {r['modules']:4d}  rank {r['rank']:6s} alpha {r['alpha']:8s} "
+        lines.append(f"    {r['component']:4s} {r['group']:32s} {r['kind']:6s} {r['modules']:4d}  rank {r['rank']:6s} alpha {r['alpha']:8s} "
                      f"scale {r['scale']}")
     lines.append("  metadata")
     for k in sorted(d["metadata"]):

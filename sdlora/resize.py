@@ -38,6 +38,11 @@ def resize(src, out, rank: int) -> tuple[float, float]:
     if rank < 1:
         raise SdloraError(f"--rank must be at least 1, got {rank}")
     adapter = read_adapter(src)
+    other = sorted({m.kind + (" (Tucker)" if "mid" in m.tensors else "") for m in adapter.modules.values()
+                    if m.kind not in ("lora", "locon") or "mid" in m.tensors})
+    if other:
+        raise SdloraError(f"{src}: resize lowers the rank of LoRA/LoCon pairs; this file holds {', '.join(other)} "
+                          "modules, whose rank is not a truncated SVD; retrain at a lower rank instead")
     kept_all = total_all = 0.0
     worst = 1.0
     for name, m in adapter.modules.items():

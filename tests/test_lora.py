@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdlora.lora.inject import add_lora, collect, report
+from sdlora.lora.inject import add_lora, collect_modules, report
 from sdlora.lora.targets import find_targets
 from sdlora.models import load_base
 from tests.conftest import train_tiny
@@ -34,8 +34,8 @@ def test_adapter_at_init_leaves_outputs_bit_identical(preset):
     assert torch.equal(te_before, te_after)
     assert torch.equal(unet_before, unet_after)
     # the adapter really is there: B is zero, A is not
-    for down, up, _, _ in collect(base.unet).values():
-        assert up.abs().sum() == 0 and down.abs().sum() > 0
+    for _, t, _ in collect_modules(base.unet).values():
+        assert t["up"].abs().sum() == 0 and t["down"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("preset,rank", [("default", 4), ("full", 3)])
@@ -58,17 +58,18 @@ def test_trainable_parameters_equal_sum_of_r_times_din_plus_dout(preset, rank):
 def test_merged_weights_give_the_same_unet_output_as_the_unmerged_adapter(trained):
     base = trained.base  # its UNet still carries the trained, unmerged LoRA layers
     ids, latents, t = _inputs(base, seed=1)
-    weights = collect(base.unet)
-    assert any(up.abs().sum() > 0 for _, up, _, _ in weights.values()), "training left B at zero"
+    weights = {n: (t["down"], t["up"], alpha) for n, (_, t, alpha) in collect_modules(base.unet).items()}
+    assert any(up.abs().sum() > 0 for _, up, _ in weights.values()), "training left B at zero"
     with torch.no_grad():
         cond = base.text_encoder(ids)[0].expand(2, -1, -1)
         unmerged = base.unet(latents, t, cond).sample
         fresh = load_base("tiny")
         base_out = fresh.unet(latents, t, cond).sample
         modules = dict(fresh.unet.named_modules())
-        for name, (down, up, alpha, _) in weights.items():
+        for name, (down, up, alpha) in weights.items():
             w = modules[name].weight
-            w += (alpha / down.shape[0]) * (up @ down).reshape(w.shape)  # W0 + (alpha/r)·up·down
+            r = down.shape[0]
+            w += (alpha / r) * (up.reshape(-1, r) @ down.reshape(r, -1)).reshape(w.shape)  # W0 + (alpha/r)·up·down
         merged = fresh.unet(latents, t, cond).sample
     assert (merged - unmerged).abs().max().item() < 1e-5
     # and the adapter does change the output, so the comparison above is not trivially true

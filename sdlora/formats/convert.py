@@ -118,6 +118,11 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
     if not placed:
         raise SdloraError(f"{adapter.path}: none of its modules could be converted ({rep.line()}); is it a LoRA for "
                           + ", ".join(archs.label(a) for a in archs.IDS) + "?")
+    other = sorted({m.kind + (" (Tucker)" if "mid" in m.tensors else "") for _, m in placed.values()
+                    if m.kind not in ("lora", "locon") or "mid" in m.tensors})
+    if to != "kohya" and other:
+        raise SdloraError(f"{adapter.path}: a {to} file holds LoRA pairs only (lora_A/lora_B); this one has "
+                          f"{', '.join(other)} modules; convert --to kohya (the LyCORIS layout ComfyUI and A1111 read)")
     if to == "kohya":
         named = AdapterFile({c: m for c, (_, m) in placed.items()}, adapter.metadata)
         md = {k: v for k, v in adapter.metadata.items() if k not in (MISSING_ALPHA,)}

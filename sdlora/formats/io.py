@@ -86,8 +86,9 @@ def load(path: Path) -> tuple[dict, dict[str, str]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         with open(path, "rb") as fh:
-            head = fh.read(2)
-        if head[:1] == b"\x80" or head == b"PK":
+            head = fh.read(9)
+        # a safetensors header (8-byte length, then JSON "{") whose length's low byte is 0x80 is not a pickle
+        if (head[:1] == b"\x80" or head[:2] == b"PK") and head[8:9] != b"{":
             raise SdloraError(f"{path}: this is a pickle file, not .safetensors; convert it with a trusted tool "
                               "first") from e
         raise SdloraError(f"{path}: not a valid .safetensors file ({cause(e)}); "

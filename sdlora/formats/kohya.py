@@ -28,7 +28,36 @@ from sdlora.formats.adapter import AdapterFile, AdapterModule
 PREFIX = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
 TE_COMPONENTS = ("te", "te1", "te2")
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
-SUFFIXES = (DOWN, UP, ALPHA)
+# key suffix of each role, per kind (LyCORIS's names, LYCORIS_AND_DIT_FORMATS.md §1-5; what A1111 and ComfyUI read)
+_LORA = {"down": DOWN, "up": UP, "mid": "lora_mid.weight", "magnitude": "dora_scale"}
+ROLE_SUFFIX = {
+    "lora": _LORA, "locon": _LORA, "dora": _LORA,
+    "loha": {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1",
+             "t2": "hada_t2", "magnitude": "dora_scale"},
+    "lokr": {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a",
+             "w2b": "lokr_w2_b", "t2": "lokr_t2", "magnitude": "dora_scale"},
+    "full": {"diff": "diff", "diff_b": "diff_b"},
+}
+SUFFIXES = (ALPHA, *sorted({s for roles in ROLE_SUFFIX.values() for s in roles.values()}, key=len, reverse=True))
+
+
+def kind_of(suffixes) -> str | None:
+    """The kind a module's key suffixes make (as A1111 and ComfyUI detect it), None when they mix kinds or make no
+    module: hada_* LoHa, lokr_* LoKr, diff full, lora_down/lora_up LoRA (locon for a conv with a kernel or a Tucker
+    core: the caller decides from shapes; dora with a dora_scale)."""
+    suffixes = set(suffixes) - {ALPHA, "dora_scale"}
+    for kind in ("loha", "lokr", "full"):
+        if suffixes and suffixes <= set(ROLE_SUFFIX[kind].values()):
+            return kind
+    if {DOWN, UP} <= suffixes and suffixes <= set(_LORA.values()):
+        return "lora"
+    return None
+
+
+def roles_of(kind: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} of one module -> {role: tensor}."""
+    back = {v: k for k, v in ROLE_SUFFIX[kind].items()}
+    return {back[k]: v for k, v in parts.items() if k in back}
 _LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 
 
@@ -257,31 +286,28 @@ def group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def to_tensors(adapter: AdapterFile, dtype: torch.dtype | None = None, alpha_if_missing: float | None = None) -> dict[str, torch.Tensor]:
-    """The kohya state dict of an AdapterFile: three tensors per module (alpha omitted where the module has none,
-    unless `alpha_if_missing`), cast to `dtype` when given (alpha too, as kohya does)."""
+    """The kohya/LyCORIS state dict of an AdapterFile: each role under its key (`ROLE_SUFFIX`), plus alpha (omitted
+    where the module has none, unless `alpha_if_missing`; never for a full diff, which has none), cast to `dtype`
+    when given (alpha too, as kohya does)."""
     out = {}
     for name, m in adapter.modules.items():
-        down, up = m.tensors["down"], m.tensors["up"]
-        dt = dtype or down.dtype
-        out[f"{name}.{DOWN}"] = down.detach().to(dt).contiguous()
-        out[f"{name}.{UP}"] = up.detach().to(dt).contiguous()
+        dt = dtype or next(iter(m.tensors.values())).dtype
+        for role, t in m.tensors.items():
+            out[f"{name}.{ROLE_SUFFIX[m.kind][role]}"] = t.detach().to(dt).contiguous()
         alpha = m.alpha if m.alpha is not None else alpha_if_missing
-        if alpha is not None:
+        if alpha is not None and m.kind != "full":
             out[f"{name}.{ALPHA}"] = torch.tensor(float(alpha), dtype=dt)
     return out
 
 
-def from_layers(layers: dict[str, dict[str, tuple]], arch: str) -> AdapterFile:
-    """An AdapterFile of trained LoRA layers: {component: {module path: (down [r, in], up [out, r], alpha, conv)}}
-    (what `sdlora.lora.inject.collect` returns), named as kohya names them for `arch`; 1x1 convs get [.., 1, 1]."""
+def from_trained(layers: dict[str, dict[str, tuple[str, dict[str, torch.Tensor], float]]], arch: str) -> AdapterFile:
+    """An AdapterFile of trained adapters of any kind: {component: {module path: (kind, tensors by role, alpha)}}
+    (what `sdlora.lora.inject.collect_modules` returns, already in the LyCORIS layout), named as kohya names them."""
     modules = {}
     for component, mods in layers.items():
-        for path, (down, up, alpha, conv) in mods.items():
-            if conv:
-                down = down.reshape(*down.shape[:2], 1, 1) if down.dim() == 2 else down
-                up = up.reshape(*up.shape[:2], 1, 1) if up.dim() == 2 else up
+        for path, (kind, tensors, alpha) in mods.items():
             name = kohya_name(component, path, arch)
-            modules[name] = AdapterModule(name, "lora", {"down": down, "up": up}, float(alpha))
+            modules[name] = AdapterModule(name, kind, tensors, float(alpha))
     return AdapterFile(modules=modules, source="sdlora", arch=arch)
 
 

@@ -25,13 +25,14 @@ from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 ADAPTER_META = "lora_adapter_metadata"  # diffusers' header entry with the PEFT configs per component
 MISSING_ALPHA = "sdlora.kohya_modules_without_alpha"  # kohya modules that had no alpha (restored on the way back)
 PEFT_PREFIX = "base_model.model."
+PEFT_MAGNITUDE = ".lora_magnitude_vector"
+LYCORIS_WRAPPER = "lycoris_"  # LyCORIS `create_lycoris` module-name prefix
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 # every family's diffusers components, longest first: key prefixes are matched in this order
 DIFFUSERS_COMPONENTS = tuple(sorted({a for s in archs.SPECS.values() for a in s.components.values()}, key=len,
                                     reverse=True))
-# LyCORIS / other kinds sdlora does not apply yet: suffix -> what it is (so the report can say so)
-OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon Tucker", ".diff": "full diff",
-               "oft_": "OFT", "boft_": "BOFT", "lora_A.": "", "lora_B.": ""}
+# other kinds sdlora does not apply: key part -> what it is (so the report can say so)
+OTHER_KINDS = {"oft_": "OFT", "boft_": "BOFT", "lora_A.": "", "lora_B.": ""}
 
 
 def detect_format(keys) -> str:
@@ -108,6 +109,14 @@ def _other_kind(key: str) -> str | None:
     return next((kind for part, kind in OTHER_KINDS.items() if part in key and kind), None)
 
 
+def lora_kind(roles: dict[str, torch.Tensor]) -> str:
+    """A down/up module's kind: "dora" with a magnitude, "locon" for a conv with a kernel or a Tucker core."""
+    if "magnitude" in roles:
+        return "dora"
+    down = roles["down"]
+    return "locon" if "mid" in roles or (down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)) else "lora"
+
+
 def _kohya_modules(tensors, where: str) -> tuple[dict[str, AdapterModule], list[str], list[str]]:
     """kohya tensors -> (modules, unknown keys, notes)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -120,11 +129,13 @@ def _kohya_modules(tensors, where: str) -> tuple[dict[str, AdapterModule], list[
             groups.setdefault(split[0], {})[split[1]] = t
     modules = {}
     for name, parts in groups.items():
-        if kohya.DOWN not in parts or kohya.UP not in parts:
+        kind = kohya.kind_of(parts)
+        if kind is None:
             unknown += [f"{name}.{s}" for s in parts]
             continue
         alpha = parts.get(kohya.ALPHA)
-        modules[name] = AdapterModule(name, "lora", {"down": parts[kohya.DOWN], "up": parts[kohya.UP]},
+        roles = kohya.roles_of(kind, parts)
+        modules[name] = AdapterModule(name, lora_kind(roles) if kind == "lora" else kind, roles,
                                       None if alpha is None else _alpha(alpha, f"{name}.{kohya.ALPHA}", where))
     return modules, unknown, []
 
@@ -143,7 +154,10 @@ def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None
                                                   convert_unet_state_dict_to_peft)
 
     alphas = {k[:-len(".alpha")]: _alpha(v, k, where) for k, v in sub.items() if k.endswith(".alpha")}
-    sub = {k: v for k, v in sub.items() if not k.endswith(".alpha")}
+    # PEFT DoRA: `<path>.lora_magnitude_vector(.weight)`, one norm per output channel ([out] Linear, [1, out, 1, 1]
+    # conv; LYCORIS_AND_DIT_FORMATS.md §4.3), kept as the [out, 1(, 1, 1)] magnitude LyCORIS writes for that axis
+    mags = {k.split(PEFT_MAGNITUDE)[0]: v for k, v in sub.items() if PEFT_MAGNITUDE in k}
+    sub = {k: v for k, v in sub.items() if not k.endswith(".alpha") and PEFT_MAGNITUDE not in k}
     if not any(".lora_A." in k or ".lora_B." in k for k in sub):  # older diffusers spellings
         sub = convert_unet_state_dict_to_peft(sub) if comp == "unet" else \
             convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
@@ -162,7 +176,11 @@ def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None
         alpha = alphas.get(base)
         if alpha is None and config:
             alpha = _alpha_from(config, path)
-        out[path] = (down, up, None if alpha is None else float(alpha))
+        mag = mags.pop(base, None)
+        if mag is not None:
+            mag = mag.reshape(up.shape[0], *[1] * (up.dim() - 1))
+        out[path] = (down, up, None if alpha is None else float(alpha), mag)
+    unknown += [f"{comp}.{k}{PEFT_MAGNITUDE}" for k in mags]
     return out, unknown
 
 
@@ -202,7 +220,7 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
     kcomp = {attr: c for c, attr in spec.components.items()}
     missing = set(json.loads(metadata.get(MISSING_ALPHA, "[]")))
     modules, defaulted = {}, 0
-    for (comp, path), (down, up, alpha) in found.items():
+    for (comp, path), (down, up, alpha, mag) in found.items():
         if comp not in kcomp:
             unknown.append(f"{comp}.{path}")
             continue
@@ -212,10 +230,26 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
         elif alpha is None:
             alpha = float(down.shape[0])  # the scale diffusers and PEFT load a module without alpha with
             defaulted += 1
-        modules[name] = AdapterModule(name, "lora", {"down": down, "up": up}, alpha)
+        roles = {"down": down, "up": up} | ({"magnitude": mag} if mag is not None else {})
+        modules[name] = AdapterModule(name, lora_kind(roles), roles, alpha)
     notes = [f"{defaulted} module(s) carry no alpha: read as alpha = rank, the scale diffusers and PEFT load them "
              "with"] if defaulted else []
     return modules, unknown, notes, arch
+
+
+def _lycoris_wrapper_names(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """LyCORIS's `create_lycoris` wrapper (used by SimpleTuner and ai-toolkit) names modules `lycoris_` + the
+    diffusers path with `.` -> `_`; for the UNet that is kohya's `lora_unet_` name (SDXL's diffusers-style names are
+    aliases, `layouts.aliases`). Other `lycoris_` keys are left as they are (reported unknown)."""
+    roots = tuple(LYCORIS_WRAPPER + r.replace(".", "_") for r in _UNET_ROOTS)
+    if not any(k.startswith(roots) for k in tensors):
+        return tensors, 0
+    out, n = {}, 0
+    for k, v in tensors.items():
+        if k.startswith(roots):
+            k, n = kohya.PREFIX["unet"] + "_" + k[len(LYCORIS_WRAPPER):], n + 1
+        out[k] = v
+    return out, n
 
 
 def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: dict[str, dict] | None = None,
@@ -223,11 +257,12 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
     """An AdapterFile from a LoRA state dict in any supported layout (pure: no I/O). `configs` are PEFT configs per
     diffusers component (from `adapter_config.json` files). Raises SdloraError for a file with no module sdlora
     can apply, or a damaged module."""
+    tensors, renamed = _lycoris_wrapper_names(tensors)
     fmt = detect_format(tensors)
     metadata = dict(metadata)
     if fmt == "kohya":
         modules, unknown, notes = _kohya_modules(tensors, where)
-        shapes = {n: tuple(m.tensors["down"].shape) for n, m in modules.items()}
+        shapes = {n: tuple(m.shape) for n, m in modules.items()}
         arch = detect_arch(list(modules), metadata, shapes)
     elif fmt in ("diffusers", "peft"):
         configs = dict(configs or {})
@@ -245,10 +280,14 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
     kinds = sorted({k for k in map(_other_kind, unknown) if k})
     if not modules:
         what = f" ({', '.join(kinds)} modules are not supported yet)" if kinds else ""
-        raise SdloraError(f"{where}: no LoRA modules sdlora can apply (kohya lora_down/lora_up, diffusers or PEFT "
-                          f"lora_A/lora_B){what}; pass a LoRA .safetensors or a PEFT folder")
+        raise SdloraError(f"{where}: no LoRA modules sdlora can apply (kohya/LyCORIS lora_down/lora_up, hada_*, "
+                          f"lokr_*, diff; diffusers or PEFT lora_A/lora_B){what}; pass a LoRA .safetensors or a PEFT folder")
     for m in modules.values():
         check_module(m, where)
+    if renamed:
+        notes.append(f"{renamed} key(s) use LyCORIS's wrapper names (`lycoris_<diffusers UNet path>`, SimpleTuner and "
+                     "ai-toolkit LyCORIS files), read as kohya's `lora_unet_` names; `sdlora convert IN OUT --to kohya` "
+                     "writes the names every loader matches")
     if kinds:
         notes.append(f"{', '.join(kinds)} modules are not supported yet: their keys are listed as unknown")
     return AdapterFile(modules=modules, metadata=metadata, source=fmt, arch=arch, unknown=sorted(unknown), notes=notes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import types
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,10 @@ def file_arch(metadata: dict[str, str]) -> str | None:
 
 
 def _shape_problem(m: AdapterModule, want: layouts.Module) -> str | None:
+    if m.kind not in ("lora", "locon", "dora") or "mid" in m.tensors:
+        if m.fits(want.shape):
+            return None
+        return f"{m.kind} delta {list(m.shape)} where the model's weight is {list(want.shape)}"
     down, up, r = m.tensors["down"], m.tensors["up"], m.rank
     got = (list(down.shape), list(up.shape))
     if want.conv:
@@ -63,6 +68,11 @@ def _shape_problem(m: AdapterModule, want: layouts.Module) -> str | None:
         want_down, want_up = [r, want.shape[1]], [want.shape[0], r]
     if got != (want_down, want_up):
         return f"down {got[0]} / up {got[1]} where the model needs {want_down} / {want_up}"
+    if m.dora:
+        mag = list(m.tensors["magnitude"].shape)
+        axes = ([1, want.shape[1], *[1] * (len(want.shape) - 2)], [want.shape[0], 1, *[1] * (len(want.shape) - 2)])
+        if mag not in axes:
+            return f"dora_scale {mag} where the model needs {axes[0]} (per input) or {axes[1]} (per output)"
     return None
 
 
@@ -201,9 +211,26 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
     names = sorted(modules)
     n = len(names)
     rep.tools["kohya"] = f"loads {len(canonical)}/{n} modules"
-    landed, probs = _diffusers_check(adapter, arch, table)
-    rep.problems += probs
-    rep.tools["diffusers"] = (f"load_lora_weights loads {landed}/{n} modules" if not probs or landed
+    # diffusers reads plain LoRA/LoCon pairs only (LYCORIS_AND_DIT_FORMATS.md §5.3): other kinds are a note, not a
+    # problem of the file, and the check runs on what diffusers can read
+    plain = {k: m for k, m in modules.items() if m.kind in ("lora", "locon", "dora") and "mid" not in m.tensors}
+    other = Counter(m.kind if "mid" not in m.tensors else "locon (Tucker)" for k, m in modules.items() if k not in plain)
+    dora = sum(m.dora for m in plain.values())
+    if plain:
+        lora_only = {k: AdapterModule(k, m.kind, {"down": m.tensors["down"], "up": m.tensors["up"]}, m.alpha)
+                     for k, m in plain.items()}
+        landed, probs = _diffusers_check(AdapterFile(lora_only, metadata), arch, table)
+        rep.problems += probs
+    else:
+        landed, probs = 0, []
+    if other:
+        rep.notes.append("diffusers' load_lora_weights rejects " + ", ".join(f"{c} {k}" for k, c in sorted(other.items()))
+                         + " module(s) (ValueError); ComfyUI and A1111 apply them")
+    if dora:
+        rep.notes.append(f"diffusers drops the dora_scale of {dora} DoRA module(s) with a warning and applies them as "
+                         "plain LoRA; ComfyUI and A1111 apply DoRA")
+    rep.tools["diffusers"] = ("rejects the file (LyCORIS kinds)" if not plain else
+                              f"load_lora_weights loads {landed}/{n} modules" if not probs or landed
                               else "load_lora_weights rejects the file")
     comfy = layouts.comfy_keys(arch)
     not_comfy = [m for m in names if m not in comfy]

@@ -39,6 +39,7 @@ class Blender:
         self.table = layouts.model_table(base.components, base.arch)
         self.adapters: dict[str, Resolved] = {}
         self.backup: dict[tuple[str, str], torch.Tensor] = {}  # original weight, CPU fp32, of every touched module
+        self.bias_backup: dict[tuple[str, str], torch.Tensor] = {}  # original bias of modules with a bias delta
         self.strengths: dict[str, tuple[float, float]] = {}  # adapter name -> (text encoder, unet), as fused now
 
     def _module(self, key: tuple[str, str]) -> torch.nn.Module:
@@ -59,7 +60,7 @@ class Blender:
             if hit is None:
                 unmatched.append(name)
                 continue
-            if m.shape != hit.shape:
+            if not m.fits(hit.shape):
                 raise SdloraError(f"{where}: module {name} has shape {list(m.shape)} but the model's is "
                                   f"{list(hit.shape)}; the adapter was trained for a different model (size) than "
                                   f"'{base.name}': use it with the model it was trained on")
@@ -71,9 +72,15 @@ class Blender:
         while name in self.adapters:
             name, n = f"{f.name}-{n}", n + 1
         f.name = name
-        for key in targets:
+        for key, m in targets.items():
             if key not in self.backup:
                 self.backup[key] = self._module(key).weight.detach().to("cpu", torch.float32, copy=True)
+            if m.bias_delta() is not None and key not in self.bias_backup:  # a full diff's diff_b
+                bias = self._module(key).bias
+                if bias is None:
+                    raise SdloraError(f"{where}: module {m.name} carries a bias delta but the model's layer has no "
+                                      "bias; the adapter is for another model")
+                self.bias_backup[key] = bias.detach().to("cpu", torch.float32, copy=True)
         r = Resolved(f, targets, unmatched)
         self.adapters[name] = r
         self.strengths[name] = (0.0, 0.0)
@@ -106,8 +113,17 @@ class Blender:
                 for name, r in self.adapters.items():
                     s = new[name][1] if key[0] == denoiser else new[name][0]
                     if s != 0.0 and key in r.targets:
-                        w += s * r.targets[key].delta(dev)
+                        w += s * r.targets[key].delta(dev, base=self.backup[key].to(dev))
                 weight.copy_(w.to(weight.dtype))
+                if key in self.bias_backup:
+                    bias = self._module(key).bias
+                    b = self.bias_backup[key].to(dev, copy=True)
+                    for name, r in self.adapters.items():
+                        s = new[name][1] if key[0] == denoiser else new[name][0]
+                        d = r.targets[key].bias_delta() if key in r.targets else None
+                        if s != 0.0 and d is not None:
+                            b += s * d.to(dev).float()
+                    bias.copy_(b.to(bias.dtype))
         self.strengths = new
 
     def active(self) -> list[tuple[Resolved, float, float]]:

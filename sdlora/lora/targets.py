@@ -70,3 +70,14 @@ def check_rank(models: dict[str, torch.nn.Module], targets: dict[str, list[str]]
     if narrowest and rank > narrowest[0]:
         raise SdloraError(f"--rank {rank} is larger than the narrowest adapted layer of {model_name} "
                           f"({narrowest[1]}, {narrowest[0]} wide); pass --rank {narrowest[0]} or lower")
+
+
+# The kxk convolutions LyCORIS's `full` preset adds to the attention Linear layers: every conv inside the UNet's
+# ResNet blocks and down/up-samplers (LYCORIS_AND_DIT_FORMATS.md §1.4; ResnetBlock2D, Downsample2D, Upsample2D).
+CONV_PATTERN = re.compile(r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.0\.conv|upsamplers\.0\.conv)")
+
+
+def conv_targets(model: torch.nn.Module) -> list[str]:
+    """Names of the Conv2d modules LoCon/LoHa/LoKr add (none in a text encoder), in model order."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and CONV_PATTERN.fullmatch(name)]

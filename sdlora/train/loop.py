@@ -27,7 +27,7 @@ from sdlora.errors import SdloraError
 from sdlora.formats import kohya, meta
 from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
-from sdlora.lora.inject import add_lora, collect, format_table, report
+from sdlora.lora.inject import add_lora, collect_modules, format_table, network_metadata, network_of, report
 from sdlora.lora.targets import PRESETS, check_rank, find_targets, preset_component
 from sdlora.models import load_base
 from sdlora.train import DTYPES, ckpt
@@ -181,7 +181,7 @@ class _Run:
         self.targets = {c: find_targets(m, c, cfg.preset) for c, m in adapted.items()}
         check_rank(adapted, self.targets, cfg.rank, base.name)
         for c, m in adapted.items():
-            add_lora(m, self.targets[c], cfg.rank, cfg.network_alpha)
+            add_lora(m, self.targets[c], cfg.rank, cfg.network_alpha, network_of(cfg))
         if self.main:  # estimated bytes written vs free space, before latents are cached and steps run
             outputs.check_space(outputs.estimate_for_run(cfg, self.plan, adapted, self.instance + self.classes,
                                                          self.steps, self.resolution))
@@ -416,7 +416,7 @@ class _Run:
         if not self.main:
             return path
         cfg = self.cfg
-        layers = {c: collect(self.accelerator.unwrap_model(m)) for c, m in self.base.components.items()
+        layers = {c: collect_modules(self.accelerator.unwrap_model(m)) for c, m in self.base.components.items()
                   if c in self.targets}
         stats = meta.RunStats(
             spec=self.base.spec, base_model_version=self.base.base_model_version, model_name=self.base.name,
@@ -425,14 +425,17 @@ class _Run:
             num_reg_images=len(self.classes), tag_frequency={Path(cfg.images).name: tag_frequency(
                 [e.caption for e in self.instance])}, started=self.started)
         with outputs.finish_before_interrupt(self.say, f"adapter {path} ({self.done} steps)"):
-            return _write_adapter(layers, DTYPES[cfg.save_precision], meta.build(cfg, stats), self.base, path,
-                                  say or self.say, rescue=path == cfg.output_path)
+            md = meta.build(cfg, stats)
+            md |= network_metadata(cfg, md)
+            return _write_adapter(layers, DTYPES[cfg.save_precision], md, self.base, path, say or self.say,
+                                  rescue=path == cfg.output_path)
 
 
 def _write_adapter(layers: dict, dtype: torch.dtype, md: dict, base, path: Path, say, rescue: bool) -> Path:
-    """Write trained LoRA `layers` ({component: lora.inject.collect(...)}) as a kohya file with metadata `md`, verified
+    """Write trained `layers` ({component: lora.inject.collect_modules(...)}) as a kohya/LyCORIS file with metadata `md`, verified
     as readers will read it. `rescue`: the run's result, which a full disk saves elsewhere rather than losing."""
-    tensors = kohya.to_tensors(kohya.from_layers(layers, base.arch), dtype)
+    adapter = kohya.from_trained(layers, base.arch)
+    tensors = kohya.to_tensors(adapter, dtype)
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise SdloraError("the adapter holds NaN/Inf values; nothing was saved. Lower --lr or use bf16/no precision")
     # Check the file as ComfyUI, A1111, kohya and diffusers will read it. It is written either way (a failed check
@@ -442,7 +445,7 @@ def _write_adapter(layers: dict, dtype: torch.dtype, md: dict, base, path: Path,
         path = outputs.save_or_rescue(lambda p: kohya.save(tensors, p, md), path)
     else:  # inside a checkpoint folder: its writer handles failures
         path = kohya.save(tensors, path, md)
-    say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {len(tensors) // 3} modules, {len(tensors)} tensors)")
+    say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {len(adapter.modules)} modules, {len(tensors)} tensors)")
     for line in report_.lines()[1:-1]:
         say(line)
     if not report_.ok:
