@@ -14,6 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from sdlora.toy import BASE_DIR, TOY_RESOLUTION, evaluate, judge, toy_components, world
