@@ -18,6 +18,7 @@ from sdlora.models import DEFAULT_MODEL
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MAX_RESOLUTION = 4096  # above it only with --force-resolution: latents and memory grow with the square
 MAX_RANK = 1024  # a config bound; after the model loads the rank is also checked against the narrowest layer
@@ -33,6 +34,8 @@ class TrainConfig:
     images: str = _f(MISSING, "folder of instance (subject) images; .txt/.caption files beside them are captions")
     prompt: str = _f(MISSING, "instance prompt with the trigger word, e.g. 'sks dog' (used for images without a caption)")
     model: str = _f(DEFAULT_MODEL, "base model: hub id, local diffusers folder, .safetensors checkpoint, or 'tiny'")
+    prediction_type: str | None = _f(None, "the base model's objective, for single-file SD 2.x checkpoints whose ε/v "
+                                     "guess is wrong (default: detected; see README)", choices=PREDICTION_TYPES)
     output_dir: str = _f("output", "folder for the adapter file")
     name: str | None = _f(None, "output name (file <output_dir>/<name>.safetensors); default: the images folder's name")
     out: str | None = _f(None, "exact output file path (overrides --output-dir/--name)")
@@ -149,7 +152,7 @@ class TrainConfig:
                 bad(f, f"must be >= 0, got {getattr(self, f)}")
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            if choices and getattr(self, f.name) not in choices and getattr(self, f.name) is not None:
                 bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
 
     @property

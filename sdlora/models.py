@@ -137,8 +137,11 @@ def detect_arch(denoiser_config, text_encoder_config) -> ArchSpec:
     raise SdloraError("the model is not " + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
 
 
-def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
-    """Load `name`: a built-in model, a hub id, a local diffusers folder, or a single-file .safetensors checkpoint."""
+def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None = None) -> BaseModel:
+    """Load `name`: a built-in model, a hub id, a local diffusers folder, or a single-file .safetensors checkpoint.
+
+    `prediction_type` ("epsilon" / "v_prediction") overrides what a single-file checkpoint's guess would be (the
+    weights do not say; see sdlora/formats/checkpoint.py); other models carry it in their scheduler config."""
     import torch
 
     if name in BUILTIN_MODELS:
@@ -154,12 +157,11 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
         if not path.is_file():
             raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder or a hub id")
         spec = detect_checkpoint_arch(checkpoint_keys(path))
-        try:
-            pipe = getattr(diffusers, spec.pipeline).from_single_file(str(path), dtype=dtype)
-        except Exception as e:  # diffusers raises many types; the user needs one line
-            raise SdloraError(f"{name}: could not load the checkpoint ({_first_line(e)}); check the file is complete, "
-                              "or pass a diffusers folder (diffusers fetches the model config from the hub the first "
-                              "time; offline, convert it once with a connection)") from e
+        from sdlora.formats.checkpoint import load_single_file
+
+        # configs derived from the file's tensors, tokenizers shipped with sdlora: no network (formats/checkpoint.py)
+        parts, native = load_single_file(path, spec, dtype, prediction_type)
+        return from_components(name, spec, parts, native)
     else:
         if path.exists() and not (path / "model_index.json").is_file():
             raise SdloraError(f"{name}: folder has no model_index.json; pass a diffusers model folder, "
@@ -170,7 +172,7 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
         except Exception as e:
             raise SdloraError(f"could not load model '{name}' ({_first_line(e)}); pass a local diffusers folder, "
                               "a .safetensors checkpoint, or --model tiny to try sdlora offline") from e
-    return from_pipeline(pipe, name)
+    return from_pipeline(pipe, name, prediction_type)
 
 
 def _builtin(name: str) -> BaseModel:
@@ -184,12 +186,15 @@ def _builtin(name: str) -> BaseModel:
     return from_components(name, spec, tiny_components(spec), TINY_RESOLUTION)
 
 
-def from_pipeline(pipe, name: str) -> BaseModel:
-    """Wrap a loaded diffusers pipeline, detecting the family and prediction type."""
+def from_pipeline(pipe, name: str, prediction_type: str | None = None) -> BaseModel:
+    """Wrap a loaded diffusers pipeline, detecting the family and prediction type (unless `prediction_type`)."""
     if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
         raise SdloraError(f"{name} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/SDXL model")
     spec = detect_arch(pipe.unet.config, pipe.text_encoder.config)
-    return from_components(name, spec, dict(pipe.components))
+    parts = dict(pipe.components)
+    if prediction_type:
+        parts["scheduler_config"] = dict(pipe.scheduler.config) | {"prediction_type": prediction_type}
+    return from_components(name, spec, parts)
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,6 +11,6 @@ SPEC = ArchSpec(
     pipeline="StableDiffusionPipeline", pipeline_extra=SD_PIPELINE_EXTRA, native_resolution=512,
     checkpoint_marker="cond_stage_model.transformer.",
     kohya_versions={"epsilon": "sd_v1", "v_prediction": "sd_v1"}, kohya_version_prefix="sd_v1",
-    modelspec_prefix="stable-diffusion-v1",
+    modelspec_prefix="stable-diffusion-v1", unet_heads=8,
     tiny_unet={"block_out_channels": [16, 32, 64, 64], "attention_head_dim": 4, "cross_attention_dim": 32},
 )

@@ -130,7 +130,7 @@ def _train(cfg: TrainConfig, log) -> TrainResult:
     set_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
 
     # ---- 2. model
-    base = load_base(cfg.model)
+    base = load_base(cfg.model, prediction_type=cfg.prediction_type)
     resolution = cfg.resolution or base.native_resolution
     unet, vae = base.unet, base.vae
     tes = {c: te for c, (_, te) in base.text_encoders.items()}  # "te", or "te1" + "te2" for SDXL
