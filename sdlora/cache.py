@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from sdlora.data import Example, load_image
 from sdlora.formats.io import atomic_save
+from sdlora.train.step import encode_text
 
 CACHE_VERSION = "1"
 
@@ -124,6 +125,16 @@ class LatentCache:
         v = self.store.get(self.key(ex, flip), encode)
         return v["mean"], v["std"]
 
+    def sample(self, examples: list[Example], generator: torch.Generator, flips: bool = True) -> torch.Tensor:
+        """A latent drawn from each example's cached distribution (unscaled, stacked), each flipped at random
+        when `flips`; all numbers come from `generator`."""
+        out = []
+        for ex in examples:
+            flip = bool(flips and torch.rand((), generator=generator) < 0.5)
+            mean, std = self.get(ex, flip)
+            out.append(mean + std * torch.randn(mean.shape, generator=generator))
+        return torch.stack(out)
+
 
 class EmbeddingCache:
     """Text conditioning (hidden states, and SDXL's pooled embedding) per (prompt, text encoders), for frozen
@@ -136,8 +147,6 @@ class EmbeddingCache:
 
     @torch.no_grad()
     def get(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from sdlora.train.step import encode_text
-
         def compute(p):
             h, pooled = encode_text(self.spec, self.text_encoders, [p])
             return {"h": h[0].float()} | ({"p": pooled[0].float()} if pooled is not None else {})

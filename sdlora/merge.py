@@ -19,8 +19,8 @@ from sdlora.formats import checkpoint, io, kohya
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
 from sdlora.infer.cli import parse_lora_spec
-from sdlora.models import load_base
-from sdlora.train import SAVE_DTYPES
+from sdlora.models import checkpoint_keys, detect_checkpoint_arch, load_base
+from sdlora.train import DTYPES
 
 # ----------------------------------------------------------------------------------------------------------
 # diffusers -> LDM state dicts
@@ -104,13 +104,18 @@ def ldm_state_dict(base) -> dict[str, torch.Tensor]:
 # merge
 
 
+def load_base_spec(path: Path):
+    """The family a written single-file checkpoint reads back as (from its tensor names)."""
+    return detect_checkpoint_arch(checkpoint_keys(path))
+
+
 def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None) -> Path:
     """Fuse `loras` [(file, text-encoder strength, unet strength)] into `model` and write `out`: a `.safetensors`
     single file (LDM layout) or a diffusers folder."""
     if not loras:
         raise SdloraError("merge needs at least one --lora FILE[:STRENGTH]")
-    if dtype not in SAVE_DTYPES:
-        raise SdloraError(f"--dtype {dtype}: use one of {', '.join(SAVE_DTYPES)}")
+    if dtype not in DTYPES:
+        raise SdloraError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     files = [read_adapter(p) for p, _, _ in loras]
     if base is None:
         base = load_base(model)
@@ -125,9 +130,16 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
     blender.set_strengths(strengths)
     out = Path(out)
     if out.suffix.lower() == ".safetensors":
-        sd = {k: v.to(SAVE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
+        sd = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise SdloraError(f"the merged weights hold NaN or Inf (first: {bad[0]}); nothing was written; check the "
+                              "base model and the adapters (`sdlora verify FILE`)")
         io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)}
                        | checkpoint.ldm_metadata(base))
+        if load_base_spec(out) is not base.spec:  # read back as a checkpoint of the same family
+            raise SdloraError(f"{out} was written but does not read back as a {base.spec.label} checkpoint; this is a "
+                              "bug in sdlora, please report it")
         return out
     pipe = base.pipeline()
     io.atomic_write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))

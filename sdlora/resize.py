@@ -9,6 +9,7 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.formats import kohya
 from sdlora.formats.adapter import AdapterModule
+from sdlora.formats.convert import check_written
 from sdlora.formats.read import read_adapter
 
 
@@ -54,6 +55,7 @@ def resize(src, out, rank: int) -> tuple[float, float]:
         except (KeyError, ValueError):
             pass
     kohya.save(kohya.to_tensors(adapter), Path(out), md)
+    check_written(out, adapter.modules)
     return (kept_all / total_all if total_all else 1.0), worst
 
 

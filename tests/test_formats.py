@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from sdlora.archs import load_config, meta_components
+from sdlora.archs import get as arch_spec, load_config, meta_components
+from sdlora.config import make_config
 from sdlora.errors import SdloraError
 from sdlora.formats import convert, io, kohya, layouts, meta, read, verify
 from sdlora.lora.targets import find_targets
@@ -232,12 +233,11 @@ def test_verify_catches_each_problem():
 def test_metadata_per_architecture(arch, pred, version, spec, v2):
     from datetime import datetime, timezone
 
-    v = meta.base_model_version(arch, pred)
-    md = meta.build(arch=arch, base_model_version=v, model_name="m", output_name="o", rank=4, alpha=4, preset="full",
-                    targets={}, resolution=1024, steps=10, num_images=3, num_reg_images=0, trigger="ohwx",
-                    tag_frequency={"x": {"ohwx": 3}}, lr=1e-4, te_lr=None, seed=0, batch_size=1, grad_accum=1,
-                    mixed_precision="no", lr_scheduler="constant", warmup_steps=0, prior_loss_weight=None,
-                    started=datetime.now(timezone.utc))
+    v = arch_spec(arch).kohya_version(pred)
+    cfg = make_config(dict(images="x", prompt="ohwx", out="o.safetensors", rank=4, alpha=4, preset="full"))
+    md = meta.build(cfg, meta.RunStats(spec=arch_spec(arch), base_model_version=v, model_name="m", targets={},
+                                       resolution=1024, steps=10, num_images=3, num_reg_images=0,
+                                       tag_frequency={"x": {"ohwx": 3}}, started=datetime.now(timezone.utc)))
     assert (v, md["ss_base_model_version"], md["modelspec.architecture"], md["ss_v2"]) == (version, version, spec, v2)
     assert md["modelspec.resolution"] == "1024x1024" and md["modelspec.trigger_phrase"] == "ohwx"
     assert verify.file_arch(md) == arch  # what A1111 files it under

@@ -44,6 +44,32 @@ def test_world_is_deterministic_and_pretraining_never_draws_held_out_subjects():
     assert world.parse_caption("a sks triangle on a gray background") == {"shape": "triangle", "background": "gray"}
 
 
+def test_pretraining_steps_return_diffusers_ema_of_the_weights():
+    """A few steps of the toy pretraining (the 20-minute run itself is not repeated): what comes back is diffusers'
+    EMAModel average of the weights, decay 0 at the first update and min(decay, (1+n)/(10+n)) at update n."""
+    from sdlora.toy import arch
+    from sdlora.toy.pretrain import train_denoiser
+
+    scenes = [world.sample_scene(i) for i in range(4)]
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    tok = arch.build_tokenizer()
+    log: list[str] = []
+
+    def weights(steps, decay):
+        unet, te = train_denoiser(latents, scenes, tok, steps=steps, batch=2, lr=1.0, log=log.append, ema_decay=decay)
+        assert not unet.training and not te.training
+        return [p.detach().clone() for p in (*unet.parameters(), *te.parameters())]
+
+    raw = [weights(n, 0.0) for n in (1, 2, 3)]  # decay 0: the weights after step n themselves
+    ema = weights(3, 0.999)
+    assert log[0].startswith("unet 1/1 loss ") and all(torch.isfinite(p).all() for p in ema)
+    for p1, p2, p3, e in zip(*raw, ema):
+        expected = p1 - (1 - 2 / 11) * (p1 - p2)
+        expected = expected - (1 - 3 / 12) * (expected - p3)
+        torch.testing.assert_close(e, expected, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(e, p3) for p3, e in zip(raw[2], ema))  # an average, not the last weights
+
+
 def test_tokenizer_has_one_token_per_word_and_falls_back_to_characters():
     tok = toy_components()["tokenizer"]
     for w in world.WORDS:

@@ -31,7 +31,7 @@ from sdlora.tiny import tiny_components
 from sdlora.train import ckpt
 from sdlora.train.loop import train
 from sdlora.archs import get as arch_spec
-from sdlora.train.step import min_snr_weights, sample_noise
+from sdlora.train.step import Batch, DiffusionObjective, batch_loss, objective_for, sample_noise, scale_latents
 from tests.conftest import ROOT, make_images
 
 SDLORA = [sys.executable, "-m", "sdlora"]
@@ -378,25 +378,60 @@ def test_class_images_are_generated_once_and_topped_up(tmp_path):
 # ---------------------------------------------------------------- min-SNR, noise offset, text-encoder LR
 
 def test_min_snr_weights_match_the_reference_formula():
+    from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
     sched = load_base("tiny").noise_scheduler
+    eps = DiffusionObjective(sched)
+    v = DiffusionObjective(DDPMScheduler.from_config(sched.config, prediction_type="v_prediction"))
     t = torch.arange(0, 1000, 7)
     snr = compute_snr(sched, t)  # diffusers' own SNR, as its DreamBooth/LoRA scripts weight by it
     for gamma in (1.0, 5.0, 20.0):
         clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-        torch.testing.assert_close(min_snr_weights(sched.alphas_cumprod, t, gamma, "epsilon"), clipped / snr,
-                                   rtol=1e-5, atol=0)
-        torch.testing.assert_close(min_snr_weights(sched.alphas_cumprod, t, gamma, "v_prediction"),
-                                   clipped / (snr + 1), rtol=1e-5, atol=0)
-    w = min_snr_weights(sched.alphas_cumprod, t, 5.0, "epsilon")
+        torch.testing.assert_close(eps.min_snr_weights(t, gamma), clipped / snr, rtol=1e-5, atol=0)
+        torch.testing.assert_close(v.min_snr_weights(t, gamma), clipped / (snr + 1), rtol=1e-5, atol=0)
+    w = eps.min_snr_weights(t, 5.0)
     assert (w[snr <= 5] == 1).all() and (w[snr > 5] < 1).all() and w[0] < 0.01  # nearly clean steps count little
+
+
+def test_batch_loss_is_instance_mean_plus_weighted_class_mean_in_one_forward_or_two():
+    class Zero(torch.nn.Module):  # predicts 0: the per-sample ε loss is the mean squared noise
+        def forward(self, x, t, cond, added_cond_kwargs=None):
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    objective = DiffusionObjective(load_base("tiny").noise_scheduler)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t, cond = torch.tensor([10, 500, 990]), torch.zeros(3, 1, 1)
+    per = noise.pow(2).mean(dim=(1, 2, 3))
+    together = [Batch(latents, cond, None, noise, t, n_instance=2)]
+    apart = [Batch(latents[:2], cond[:2], None, noise[:2], t[:2], n_instance=2),
+             Batch(latents[2:], cond[2:], None, noise[2:], t[2:], n_instance=0)]
+    for batches in (together, apart):
+        torch.testing.assert_close(batch_loss(Zero(), objective, batches, prior_weight=0.5),
+                                   per[:2].mean() + 0.5 * per[2])
+        w = objective.min_snr_weights(t, 5.0)
+        torch.testing.assert_close(batch_loss(Zero(), objective, batches, prior_weight=0.5, min_snr_gamma=5.0),
+                                   (per * w)[:2].mean() + 0.5 * (per * w)[2])
+    assert batch_loss(Zero(), objective, [Batch(latents, cond, None, noise, t, n_instance=3)]) == per.mean()
+    with pytest.raises(ValueError, match="flow"):  # the next objective is a new branch in step.objective_for
+        objective_for(SimpleNamespace(objective="flow"), objective.scheduler)
+
+
+def test_latents_are_shifted_then_scaled_when_the_vae_has_a_shift():
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(scale_latents(SimpleNamespace(scaling_factor=0.18215), x), x * 0.18215, rtol=0, atol=0)
+    torch.testing.assert_close(scale_latents(SimpleNamespace(scaling_factor=0.5, shift_factor=None), x), x * 0.5,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(scale_latents(SimpleNamespace(scaling_factor=1.5, shift_factor=0.1), x),
+                               (x - 0.1) * 1.5, rtol=0, atol=0)
 
 
 def test_noise_offset_adds_a_per_channel_constant_of_that_scale():
     latents = torch.zeros(512, 4, 4, 4)
-    plain, _ = sample_noise(latents, 1000, torch.Generator().manual_seed(3), 0.0)
-    offset, t = sample_noise(latents, 1000, torch.Generator().manual_seed(3), 0.1)
+    objective = DiffusionObjective(load_base("tiny").noise_scheduler)
+    plain, _ = sample_noise(latents, objective, torch.Generator().manual_seed(3), 0.0)
+    offset, t = sample_noise(latents, objective, torch.Generator().manual_seed(3), 0.1)
     d = offset - plain
     assert d.std(dim=(2, 3)).max() < 1e-6  # constant over each channel's pixels
     assert abs(d[:, :, 0, 0].std().item() - 0.1) < 0.01  # N(0, 0.1²) per (sample, channel)

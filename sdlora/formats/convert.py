@@ -141,7 +141,26 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
         io.atomic_write_dir(out, fill)
     else:
         raise SdloraError(f"unknown format '{to}'; use one of: {', '.join(FORMATS)}")
+    check_written(out, {c: m for c, (_, m) in placed.items()})
     return rep
+
+
+def check_written(out, modules: dict[str, AdapterModule]) -> None:
+    """Read `out` back with the one reader and require exactly `modules` (tensors, dtypes and alphas): what training
+    does after every save, for every file sdlora writes."""
+    back = read_adapter(out).modules
+    for name, m in modules.items():
+        b = back.get(name)
+        same = b is not None and b.alpha == m.alpha and b.kind == m.kind and b.tensors.keys() == m.tensors.keys() and all(
+            t.dtype == b.tensors[k].dtype and t.shape == b.tensors[k].shape and bool((t == b.tensors[k]).all())
+            for k, t in m.tensors.items())
+        if not same:
+            raise SdloraError(f"{out} was written but does not read back as written (module {name}); this is a bug in "
+                              "sdlora, please report it with the input file")
+    extra = sorted(set(back) - set(modules))
+    if extra:
+        raise SdloraError(f"{out} was written but reads back with {len(extra)} module(s) too many (first: {extra[0]}); "
+                          "this is a bug in sdlora, please report it with the input file")
 
 
 def convert(src, out, to: str, arch: str | None = None, alpha_if_missing: float | None = None) -> ConvertReport:

@@ -1,30 +1,29 @@
-"""`ss_*` (kohya) and `modelspec.*` (SAI) metadata, and kohya's `sshs_*` hashes."""
+"""Adapter-file metadata: the `ss_*` (kohya) and `modelspec.*` (SAI) keys of a training run, built from its typed
+config plus a `RunStats`, and kohya's `sshs_*` hashes."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save
 
 import sdlora
+from sdlora.archs import ArchSpec
 
-ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                "sdxl": "stable-diffusion-xl-v1-base/lora"}  # modelspec.architecture (SAI model spec 1.0)
-# kohya `ss_base_model_version` (library/train_util.py) -> modelspec.architecture (library/sai_model_spec.py)
+if TYPE_CHECKING:  # the config module imports models and LoRA targets; the metadata needs only its fields
+    from sdlora.config import TrainConfig
+
+# kohya `ss_base_model_version` (library/train_util.py; an ArchSpec's `kohya_versions`) -> modelspec.architecture
+# (SAI model spec 1.0, as kohya's library/sai_model_spec.py writes it)
 VERSION_ARCHITECTURE = {"sd_v1": "stable-diffusion-v1/lora", "sd_v2_512": "stable-diffusion-v2-512/lora",
                         "sd_v2_768_v": "stable-diffusion-v2-768-v/lora",
                         "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora"}
-
-
-def base_model_version(arch: str, prediction_type: str = "epsilon") -> str:
-    """kohya's `ss_base_model_version` of a base model: sd_v1, sd_v2_512 / sd_v2_768_v (v-prediction), sdxl_base_v1-0."""
-    if arch == "sd2":
-        return "sd_v2_768_v" if prediction_type == "v_prediction" else "sd_v2_512"
-    return {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(arch, "sd_v1")
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -40,50 +39,72 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return model_hash, legacy
 
 
-def build(*, arch: str, base_model_version: str, model_name: str, output_name: str, rank: int, alpha: float,
-          preset: str, targets: dict[str, str], resolution: int, steps: int, num_images: int, num_reg_images: int,
-          trigger: str, tag_frequency: dict[str, dict[str, int]], lr: float, te_lr: float | None, seed: int,
-          batch_size: int, grad_accum: int, mixed_precision: str, lr_scheduler: str, warmup_steps: int,
-          prior_loss_weight: float | None, started: datetime, clip_skip: int | None = None) -> dict[str, str]:
-    """The metadata sdlora writes: the `ss_*` keys A1111, kohya's tools and civitai read, plus modelspec."""
+@dataclass
+class RunStats:
+    """What a training run knows beyond its config: the base model, the data and the steps done."""
+
+    spec: ArchSpec  # family of the base model
+    base_model_version: str  # kohya's `ss_base_model_version` (BaseModel.base_model_version)
+    model_name: str  # what the user passed as --model
+    targets: dict[str, str]  # adapted component -> what the preset targets in it
+    resolution: int
+    steps: int
+    num_images: int  # instance images × repeats
+    num_reg_images: int  # class images (prior preservation)
+    tag_frequency: dict[str, dict[str, int]]  # {dataset folder name: {tag: count}}
+    started: datetime
+    clip_skip: int | None = None
+
+
+def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
+    """The metadata sdlora writes: the `ss_*` keys A1111, kohya's tools and civitai read, plus modelspec, plus
+    sdlora's own (the whole config as JSON)."""
     now = datetime.now(timezone.utc)
+    output_name = cfg.output_path.stem
+    trigger = cfg.trigger_text
+    te_lr = (cfg.te_lr or cfg.lr) if len(run.targets) > 1 else None  # only when a text encoder is adapted
+    prior_loss_weight = cfg.prior_loss_weight if run.num_reg_images else None
     md = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(float(alpha)),
-        "ss_network_args": json.dumps({"preset": preset, "targets": targets}),
-        "ss_base_model_version": base_model_version,
-        "ss_v2": str(arch == "sd2"),
-        "ss_sd_model_name": model_name,
+        "ss_network_dim": str(cfg.rank),
+        "ss_network_alpha": str(float(cfg.network_alpha)),
+        "ss_network_args": json.dumps({"preset": cfg.preset, "targets": run.targets}),
+        "ss_base_model_version": run.base_model_version,
+        "ss_v2": str(run.spec.is_v2),
+        "ss_sd_model_name": run.model_name,
         "ss_output_name": output_name,
-        "ss_resolution": f"({resolution}, {resolution})",
-        "ss_steps": str(steps),
-        "ss_max_train_steps": str(steps),
-        "ss_num_train_images": str(num_images),
-        "ss_num_reg_images": str(num_reg_images),
-        "ss_tag_frequency": json.dumps(tag_frequency),
-        "ss_learning_rate": str(lr),
-        "ss_unet_lr": str(lr),
+        "ss_resolution": f"({run.resolution}, {run.resolution})",
+        "ss_steps": str(run.steps),
+        "ss_max_train_steps": str(run.steps),
+        "ss_num_train_images": str(run.num_images),
+        "ss_num_reg_images": str(run.num_reg_images),
+        "ss_tag_frequency": json.dumps(run.tag_frequency),
+        "ss_learning_rate": str(cfg.lr),
+        "ss_unet_lr": str(cfg.lr),
         "ss_text_encoder_lr": str(te_lr) if te_lr is not None else "None",
-        "ss_seed": str(seed),
-        "ss_batch_size_per_device": str(batch_size),
-        "ss_gradient_accumulation_steps": str(grad_accum),
-        "ss_mixed_precision": mixed_precision,
-        "ss_lr_scheduler": lr_scheduler,
-        "ss_lr_warmup_steps": str(warmup_steps),
+        "ss_seed": str(cfg.seed),
+        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(cfg.warmup_steps),
         "ss_prior_loss_weight": str(prior_loss_weight) if prior_loss_weight is not None else "None",
-        "ss_clip_skip": str(clip_skip) if clip_skip else "None",
-        "ss_training_started_at": str(started.timestamp()),
+        "ss_clip_skip": str(run.clip_skip) if run.clip_skip else "None",
+        "ss_training_started_at": str(run.started.timestamp()),
         "ss_training_finished_at": str(now.timestamp()),
         "ss_training_comment": f"trigger: {trigger}" if trigger else "",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": VERSION_ARCHITECTURE.get(base_model_version, ARCHITECTURE.get(arch, arch)),
+        "modelspec.architecture": VERSION_ARCHITECTURE[run.base_model_version],
         # kohya's sai_model_spec: SDXL is Stability's generative-models implementation, SD 1/2 diffusers'
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers",
+        "modelspec.implementation": run.spec.modelspec_implementation,
         "modelspec.title": output_name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.resolution": f"{run.resolution}x{run.resolution}",
         "modelspec.trigger_phrase": trigger,
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
         "sdlora_version": sdlora.__version__,
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_noise_offset": str(cfg.noise_offset),
+        "ss_enable_bucket": str(cfg.buckets),
+        "sdlora_config": json.dumps({k: v for k, v in cfg.to_dict().items() if k != "resume"}, default=str),
     }
     return md

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlora.toy import arch, world
-
-SCHEDULER = "PNDMScheduler"  # what SD 1.5's model_index.json names; training uses DDPM's betas from it
+from sdlora.train.step import DiffusionObjective, per_sample_loss, sample_noise
 
 
 def _to_tensor(imgs: np.ndarray) -> torch.Tensor:
@@ -70,23 +69,30 @@ def encode_dataset(vae, n: int, chunk: int = 256):
 def train_denoiser(latents: torch.Tensor, scenes, tokenizer, steps: int, batch: int, lr: float, log,
                    ema_decay: float = 0.999):
     """Text encoder and UNet from scratch on the epsilon objective (SD 1.5's schedule), with min-SNR-5
-    loss weighting and an EMA of the weights (the EMA is what is saved)."""
+    loss weighting and an EMA of the weights (the EMA is what is saved); one step is the same math as a LoRA
+    training step (`sdlora.train.step`).
+
+    The EMA is diffusers' `EMAModel` with its default warmup: decay min(`ema_decay`, (1+n)/(10+n)) at update n,
+    and 0 at the first update (the average starts from the weights after the first step). The shipped toy base
+    was pretrained with a hand-written EMA that used decay 0.1 at that first update instead: its average kept
+    10% of the random initial weights, times the later decays (a weight below 1e-5 after ten updates, 1e-7 after
+    twenty). A rerun therefore gives slightly different bits (also from rounding: diffusers subtracts
+    (1-d)(ema-p) where the hand-written code used lerp, and min-SNR now comes from diffusers' `compute_snr`),
+    not a different model."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(3)
     unet = UNet2DConditionModel.from_config(arch.unet_config())
     te = CLIPTextModel(CLIPTextConfig(**arch.text_encoder_config(tokenizer)))
-    sched = DDPMScheduler.from_config(arch.load_config("sd15", "scheduler"))
+    objective = DiffusionObjective(DDPMScheduler.from_config(arch.load_config("sd15", "scheduler")))
     params = list(unet.parameters()) + list(te.parameters())
-    ema = [p.detach().clone() for p in params]
+    ema = EMAModel(params, decay=ema_decay, foreach=True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warm = 100
     lrs = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * (1.0 if i < 0.7 * steps else max(0.05, (steps - i) / (0.3 * steps))))
-    alphas = sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
     rng = np.random.default_rng(4)
     g = torch.Generator().manual_seed(5)
     caption_cache: dict[str, torch.Tensor] = {}
@@ -104,26 +110,19 @@ def train_denoiser(latents: torch.Tensor, scenes, tokenizer, steps: int, batch: 
         idx = torch.from_numpy(rng.integers(0, len(scenes), batch))
         x0 = latents[idx]
         caps = [world.training_caption(scenes[j], rng) for j in idx.tolist()]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
-        xt = sched.add_noise(x0, noise, t)
-        pred = unet(xt, t, te(ids(caps))[0]).sample
-        per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per * weight[t]).mean()
+        noise, t = sample_noise(x0, objective, g)
+        per = per_sample_loss(unet, objective, x0, te(ids(caps))[0], noise, t)
+        loss = (per * objective.min_snr_weights(t, 5.0)).mean()  # min-SNR-5
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lrs.step()
-        with torch.no_grad():
-            d = min(ema_decay, (1 + i) / (10 + i))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        ema.step(params)
         avg = per.mean().item() if avg is None else 0.98 * avg + 0.02 * per.mean().item()
         if (i + 1) % 100 == 0 or i == 0:
             log(f"unet {i + 1}/{steps} loss {avg:.4f} lr {lrs.get_last_lr()[0]:.1e} ({time.perf_counter() - t0:.0f}s)")
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+    ema.copy_to(params)
     return unet.eval(), te.eval()
 
 

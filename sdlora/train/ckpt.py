@@ -2,13 +2,16 @@
 and a manifest of the settings and data they belong to. No pickle: tensors in safetensors, the rest in JSON.
 
 A checkpoint folder `step-000100/` holds `state.safetensors`, `manifest.json`, and `adapter.safetensors` — the
-adapter at that step in kohya format, usable on its own.
+adapter at that step in kohya format, usable on its own. `StopFlag` turns Ctrl-C into a stop at a step boundary,
+so that what is saved then is a whole step.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -141,6 +144,27 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
+def restore(folder: Path, identity: dict, data: dict, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler,
+            rng: dict) -> dict:
+    """Load checkpoint `folder` into the LoRA `params`, the optimizer, the LR schedule and the RNGs (`rng`: the
+    training torch.Generator as "train", the random.Random of captions as "python"; torch's global RNG too).
+    Returns the manifest (step, data position). Refuses a checkpoint of other settings or data."""
+    manifest, tensors = load(folder, identity, data)
+    check_params(folder, tensors, params)
+    for n, p in params.items():
+        p.data.copy_(tensors[f"lora/{n}"])
+    restore_optimizer(optimizer, manifest, tensors)
+    lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+    rng["train"].set_state(tensors["rng/train"])
+    torch.set_rng_state(tensors["rng/torch"])
+    rng["python"].setstate(_tuples(manifest["python_rng"]))
+    return manifest
+
+
+def _tuples(x):
+    return tuple(_tuples(i) for i in x) if isinstance(x, list) else x
+
+
 def restore_optimizer(optimizer, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
@@ -148,3 +172,27 @@ def restore_optimizer(optimizer, manifest: dict, tensors: dict[str, torch.Tensor
             _, idx, name = key.split("/", 2)
             state.setdefault(int(idx), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": manifest["optimizer_param_groups"]})
+
+
+class StopFlag:
+    """Ctrl-C at a step boundary: SIGINT sets a flag (the loop stops at the next step boundary, so what is saved is
+    a whole step and a resume continues exactly); a second SIGINT raises KeyboardInterrupt.
+    Only in the main thread (signal handlers cannot be set elsewhere, e.g. inside the app's worker threads)."""
+
+    def __init__(self, notice):
+        self.set = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+            self._notice = notice
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        self._notice()
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None

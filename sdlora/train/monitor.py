@@ -12,8 +12,11 @@ from sdlora.formats.io import atomic_write
 UNRELATED_PROMPT = "a photo of a mountain lake at sunrise"
 
 
-def default_sample_prompts(prompt: str, class_prompt: str | None) -> list[str]:
-    """Trigger prompt (did it learn?), class prompt without trigger (did the class drift?), unrelated (did all drift?)."""
+def sample_prompts(text: str | None, prompt: str, class_prompt: str | None) -> list[str]:
+    """The prompts of the sample grid: those in `text`, separated by ';'; by default the trigger prompt (did it
+    learn?), the class prompt without trigger (did the class drift?) and an unrelated one (did all drift?)."""
+    if text:
+        return [p.strip() for p in text.split(";") if p.strip()]
     return [prompt] + ([class_prompt] if class_prompt else []) + [UNRELATED_PROMPT]
 
 

@@ -1,6 +1,14 @@
-"""The math of one training step: noise, timesteps, epsilon/v target, MSE. No I/O, no optimizer."""
+"""The math of one training step: text conditioning, latent scaling, noise and timesteps, the objective's target,
+and the loss of a batch (prior-preservation weighting, min-SNR). No I/O, no optimizer, no data loading.
+
+What a family trains on comes from its spec (`ArchSpec.objective`): "diffusion" is ε- or v-prediction on the
+model's DDPM noise schedule. Another objective (rectified flow for SD3/FLUX) is one more class beside
+`DiffusionObjective` and one more branch in `objective_for`; the loop and the loss do not change.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,25 +44,56 @@ def added_cond(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict:
     return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}
 
 
-def target_for(noise_scheduler, prediction_type: str, latents, noise, timesteps) -> torch.Tensor:
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+def scale_latents(vae_config, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents as the denoiser sees them: `(latents - shift_factor) * scaling_factor`; VAEs without a
+    `shift_factor` (SD 1.x/2.x/XL: absent or None) are only scaled."""
+    shift = getattr(vae_config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
+    return latents * vae_config.scaling_factor
 
 
-def per_sample_loss(unet, noise_scheduler, prediction_type: str, latents: torch.Tensor, cond: torch.Tensor,
-                    noise: torch.Tensor, timesteps: torch.Tensor, added_cond: dict | None = None) -> torch.Tensor:
-    """MSE between the UNet's prediction and the target, one value per sample."""
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, cond, added_cond_kwargs=added_cond).sample
-    target = target_for(noise_scheduler, prediction_type, latents, noise, timesteps)
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+class DiffusionObjective:
+    """ε- or v-prediction on a DDPM noise schedule (SD 1.x, 2.x, XL): `noise_scheduler` adds noise at integer
+    timesteps; its config's `prediction_type` says what the denoiser predicts."""
+
+    def __init__(self, noise_scheduler):
+        self.scheduler = noise_scheduler
+        self.prediction_type = noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+    def timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """`n` timesteps, uniform over the schedule, drawn from a CPU generator."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(latents, noise, timesteps)
+
+    def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε targets, min(SNR, γ)/(SNR+1) for v;
+        the SNR is diffusers' `compute_snr`, as its own DreamBooth/LoRA scripts weight by it."""
+        from diffusers.training_utils import compute_snr  # imports diffusers' models: seconds, so only when used
+
+        snr = compute_snr(self.scheduler, timesteps)
+        clipped = torch.clamp(snr, max=gamma)
+        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
 
-def sample_noise(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator, offset: float = 0.0):
-    """Gaussian noise and uniform timesteps drawn from a CPU generator (same numbers on any device).
+def objective_for(spec, noise_scheduler) -> DiffusionObjective:
+    """The training objective of family `spec` over its noise schedule."""
+    if spec.objective == "diffusion":
+        return DiffusionObjective(noise_scheduler)
+    raise ValueError(f"unsupported training objective {spec.objective!r}")
+
+
+def sample_noise(latents: torch.Tensor, objective, generator: torch.Generator, offset: float = 0.0):
+    """Gaussian noise and the objective's timesteps, drawn from a CPU generator (same numbers on any device).
 
     `offset` adds per-channel constant noise (the "noise offset" trick), so the model can learn overall brightness.
     """
@@ -62,27 +101,56 @@ def sample_noise(latents: torch.Tensor, num_train_timesteps: int, generator: tor
     if offset:
         noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
     noise = noise.to(latents.device)
-    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    t = objective.timesteps(latents.shape[0], generator).to(latents.device)
     return noise, t
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str):
-    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε targets, min(SNR, γ)/(SNR+1) for v."""
-    ac = alphas_cumprod.to(torch.float32)[timesteps.cpu()]
-    snr = ac / (1 - ac)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+def per_sample_loss(denoiser, objective, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor, added_cond: dict | None = None) -> torch.Tensor:
+    """MSE between the denoiser's prediction and the objective's target, one value per sample."""
+    noisy = objective.noisy(latents, noise, timesteps)
+    pred = denoiser(noisy, timesteps, cond, added_cond_kwargs=added_cond).sample
+    target = objective.target(latents, noise, timesteps)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+
+
+@dataclass
+class Batch:
+    """One forward of the denoiser: scaled latents of instance examples first, then class examples (prior
+    preservation), with their conditioning, noise and timesteps."""
+
+    latents: torch.Tensor
+    cond: torch.Tensor  # text hidden states
+    added_cond: dict | None  # SDXL's pooled text and size/crop numbers
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    n_instance: int  # rows [0, n_instance) are instance examples, the rest class examples
+
+
+def batch_loss(denoiser, objective, batches: list[Batch], prior_weight: float = 1.0,
+               min_snr_gamma: float | None = None) -> torch.Tensor:
+    """The training loss of one micro-step: per forward, the mean loss of its instance examples plus
+    `prior_weight` times the mean loss of its class examples, each sample weighted by min-SNR-γ if set."""
+    loss = torch.zeros((), device=batches[0].latents.device)
+    for b in batches:
+        losses = per_sample_loss(denoiser, objective, b.latents, b.cond, b.noise, b.timesteps, b.added_cond)
+        if min_snr_gamma:
+            losses = losses * objective.min_snr_weights(b.timesteps, min_snr_gamma).to(losses.device)
+        if b.n_instance:
+            loss = loss + losses[:b.n_instance].mean()
+        if b.n_instance < len(losses):
+            loss = loss + prior_weight * losses[b.n_instance:].mean()
+    return loss
 
 
 @torch.no_grad()
-def fixed_loss(unet, noise_scheduler, prediction_type: str, latents: torch.Tensor, cond: torch.Tensor,
-               added_cond: dict | None = None, timesteps=(100, 300, 500, 700, 900), seed: int = 1234) -> float:
+def fixed_loss(denoiser, objective, latents: torch.Tensor, cond: torch.Tensor, added_cond: dict | None = None,
+               timesteps=(100, 300, 500, 700, 900), seed: int = 1234) -> float:
     """Loss on fixed latents, noise and timesteps: comparable across a run, unlike the noisy training loss."""
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=g).to(latents.device)
         ts = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
-        total += per_sample_loss(unet, noise_scheduler, prediction_type, latents, cond, noise, ts,
-                                 added_cond).mean().item()
+        total += per_sample_loss(denoiser, objective, latents, cond, noise, ts, added_cond).mean().item()
     return total / len(timesteps)
