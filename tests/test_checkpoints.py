@@ -171,3 +171,17 @@ def test_incomplete_checkpoint_is_one_line(tmp_path):
     sd.pop(next(k for k in sd if k.startswith("model.diffusion_model.output_blocks.")))
     with pytest.raises(SdloraError, match="UNet") as e:
         load_base(str(_write(base, tmp_path / "cut.safetensors", sd=sd)))
+
+
+def test_training_on_a_single_file_checkpoint_offline(tmp_path, offline):
+    from sdlora.formats.io import load
+    from tests.conftest import train_tiny
+
+    path = _write(load_base("tiny-sd2"), tmp_path / "sd2-v.safetensors")
+    res = train_tiny(tmp_path / "a.safetensors", model=str(path), steps=1, resolution=64, no_cache=True)
+    _, md = load(res.path)
+    assert res.base.prediction_type == "v_prediction" and md["ss_base_model_version"] == "sd_v2_768_v"
+    res = train_tiny(tmp_path / "e.safetensors", model=str(path), steps=1, resolution=64, no_cache=True,
+                     prediction_type="epsilon")
+    assert res.base.prediction_type == "epsilon"
+    assert load(res.path)[1]["ss_base_model_version"] == "sd_v2_512"
