@@ -1,10 +1,13 @@
 """sdlora app: blend LoRA adapters into a base model and generate images in the browser.
 
 A thin Gradio layer over `sdlora.infer.Session`, the same code `sdlora generate` runs, so the same settings give
-the same image here and on the command line. Adapter files are read once (from --adapters DIR or an upload);
-moving a strength slider only changes the weights fused at the next generation, from memory.
+the same image here and on the command line. Every adapter file is read once (from --adapters DIR or an upload);
+the folder is scanned again whenever a model loads, and each listed adapter is matched against that model: the
+ones that fit get a strength slider, the others stay listed, greyed out, with the reason. Moving a slider only
+changes the weights fused at the next generation, from memory. The model picker offers the configured models
+(--model, --models and the built-in ones) only, unless the app is started with --allow-any-model.
 
-    python app.py --model tiny --adapters output/        # offline, CPU
+    python app.py --model toy --adapters output/           # after the README's quick start: offline, CPU
     python app.py --adapters ~/loras --port 7861           # SD 1.5 (downloads it once)
 """
 
@@ -16,75 +19,163 @@ import random
 import sys
 from pathlib import Path
 
+from sdlora.cli import quiet_libraries
+
+quiet_libraries()  # before diffusers/transformers load: the app shows what `sdlora generate` shows, no loader noise
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
 from sdlora.errors import SdloraError  # noqa: E402
 from sdlora.formats.a1111 import format_parameters  # noqa: E402
+from sdlora.formats.adapter import AdapterFile  # noqa: E402
 from sdlora.formats.io import save_png  # noqa: E402
+from sdlora.formats.read import read_adapter  # noqa: E402
 from sdlora.infer.cli import output_paths  # noqa: E402
 from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings  # noqa: E402
 from sdlora.models import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: E402
 
-MAX_ADAPTERS = 8  # adapter rows in the page; uploads beyond this are refused with a message
+MAX_ADAPTERS = 8  # adapter rows in the page; files beyond this are refused with a message
+# greyed-out rows (Gradio nests a group's classes); small images (toy: 32 px) shown as pixels, not blurred
+CSS = ".unfit { opacity: 0.45; } .unfit .unfit { opacity: 1; } #gallery img { image-rendering: pixelated; }"
 
 
-def describe(session: Session, name: str) -> str:
-    r = session.blender.adapters[name]
+class Library:
+    """The adapter files the page lists: those in --adapters (scanned again at every model load: new and changed
+    files are read, each file once) and uploads. Kept in memory, so they need the files no more once read."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.files: dict[str, AdapterFile] = {}  # key (path) -> file, in listing order
+        self.refused: dict[str, str] = {}  # key -> why it could not be read
+        self.stamps: dict[str, tuple[int, int]] = {}
+
+    def scan(self) -> None:
+        if self.folder is None or not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob("*.safetensors")):
+            key = str(path.resolve())
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if self.stamps.get(key) == (st.st_mtime_ns, st.st_size):
+                continue
+            self.stamps[key] = (st.st_mtime_ns, st.st_size)
+            self._read(key, path)
+
+    def upload(self, path: str) -> str | None:
+        """Read an uploaded file; the reason when it cannot be read or listed."""
+        return self._read(f"upload:{Path(path).name}:{len(self.files)}", Path(path))
+
+    def _read(self, key: str, path: Path) -> str | None:
+        if key not in self.files and len(self.files) >= MAX_ADAPTERS:
+            self.refused[key] = f"{path.name}: not listed, the page shows {MAX_ADAPTERS} adapters at most"
+            return self.refused[key]
+        try:
+            self.files[key] = read_adapter(path)
+            self.refused.pop(key, None)
+            return None
+        except SdloraError as e:
+            self.files.pop(key, None)
+            self.refused[key] = str(e)
+            return str(e)
+
+
+def describe(r) -> str:
     f = r.file
-    parts = [f"**{name}**", f"trigger: `{f.trigger}`" if f.trigger else "no trigger words in metadata",
+    parts = [f"**{f.name}**", f"trigger: `{f.trigger}`" if f.trigger else "no trigger words in metadata",
              f"base: `{f.base_version or 'unknown'}`", f"{len(r.targets)} modules"]
     if r.unmatched:
         parts.append(f"{len(r.unmatched)} unmatched keys ignored")
     return " · ".join(parts)
 
 
-def build(session: Session, adapters_dir: Path | None, outdir: Path, models: list[str]) -> gr.Blocks:
-    notes = []
-    for path in sorted(adapters_dir.glob("*.safetensors")) if adapters_dir else []:
-        if len(session.blender.adapters) >= MAX_ADAPTERS:
-            notes.append(f"{path.name}: not loaded, the page shows {MAX_ADAPTERS} adapters at most")
-            continue
-        try:
-            session.add(path)
-        except SdloraError as e:
-            notes.append(str(e))
+def listing(session: Session, library: Library, model: str | None = None) -> list[dict]:
+    """Load `model` (default: keep the loaded one) and match every listed file to it, afresh: per file its name
+    (None when it does not fit), the text of its row, and whether it fits."""
+    rows = []
+    files = list(library.files.values())
+    for f, r in zip(files, session.use_model(model or session.base.name, files)):
+        if isinstance(r, SdloraError):
+            rows.append({"name": None, "fits": False, "label": f.file_name,
+                         "text": f"**{f.file_name}** · not for this model: {r}"})
+        else:
+            rows.append({"name": r.file.name, "fits": True, "label": r.file.name, "text": describe(r)})
+    return rows
+
+
+def check_model(name: str, offered: list[str], allow_any: bool) -> None:
+    """Refuse a model the app does not offer (unless --allow-any-model), saying nothing about the server's files."""
+    if name not in offered and not allow_any:
+        raise SdloraError(f"model '{name}' is not offered by this app; pick one from the list (the app loads other "
+                          "models when started with --allow-any-model)")
+
+
+def load_model(session: Session, library: Library, name: str, offered: list[str], allow_any: bool) -> list[dict]:
+    """Load `name` (a no-op for the loaded one), scan the adapter folder again and match every adapter to the model.
+
+    A model that fails to load keeps the one loaded. For a model that is not configured (typed by a client with
+    --allow-any-model), the page's message says only that it could not be loaded, not why: the reason could tell
+    whether a path exists on the server; the server's log has it."""
+    check_model(name, offered, allow_any)
+    library.scan()
+    try:
+        return listing(session, library, name)
+    except SdloraError as e:
+        if name in offered:
+            raise
+        print(f"app: model '{name}' could not be loaded: {e}", file=sys.stderr, flush=True)
+        raise SdloraError(f"model '{name}' could not be loaded; the server's log says why") from None
+
+
+def build(session: Session, library: Library, outdir: Path, models: list[str], allow_any: bool = False) -> gr.Blocks:
+    rows0 = listing(session, library)
     native = session.base.native_resolution
 
-    def rows(names: list[str]):
-        """Updates for every adapter row: shown with its description for `names`, hidden beyond."""
+    def notes() -> str:
+        return "\n\n".join(f"**Refused:** {m}" for m in library.refused.values())
+
+    def row_updates(rows: list[dict]):
+        """Updates for every adapter row: shown with its text for `rows`, greyed out when the adapter does not fit
+        the model, hidden beyond."""
         out = []
         for i in range(MAX_ADAPTERS):
-            if i < len(names):
-                out += [gr.update(visible=True), gr.update(value=describe(session, names[i])),
-                        gr.update(label=f"enable {names[i]}")]
+            if i < len(rows):
+                r = rows[i]
+                out += [gr.update(visible=True, elem_classes=[] if r["fits"] else ["unfit"]),
+                        gr.update(value=r["text"]),
+                        gr.update(label=f"enable {r['label']}", interactive=r["fits"], value=r["fits"]),
+                        gr.update(interactive=r["fits"])]
             else:
-                out += [gr.update(visible=False), gr.update(value=""), gr.update()]
+                out += [gr.update(visible=False), gr.update(value=""), gr.update(), gr.update()]
         return out
 
     with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
         gr.Markdown("# sdlora: blend LoRA adapters and generate")
-        names_state = gr.State(list(session.blender.adapters))
+        rows_state = gr.State([r["name"] for r in rows0])  # per row: the adapter's name, None when it does not fit
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Dropdown(models, value=session.base.name, label="Base model", allow_custom_value=True,
+                model = gr.Dropdown(models, value=session.base.name, label="Base model", allow_custom_value=allow_any,
                                     elem_id="model")
                 groups, infos, enables, sliders = [], [], [], []
                 for i in range(MAX_ADAPTERS):
-                    names = list(session.blender.adapters)
-                    with gr.Group(visible=i < len(names)) as g:
-                        infos.append(gr.Markdown(describe(session, names[i]) if i < len(names) else "",
-                                                 elem_id=f"lora-{i}-info"))
+                    r = rows0[i] if i < len(rows0) else None
+                    with gr.Group(visible=r is not None, elem_classes=[] if r is None or r["fits"] else ["unfit"],
+                                  elem_id=f"lora-{i}") as g:
+                        infos.append(gr.Markdown(r["text"] if r else "", elem_id=f"lora-{i}-info"))
                         with gr.Row():
-                            enables.append(gr.Checkbox(value=True, label=f"enable {names[i]}" if i < len(names) else "enable",
+                            enables.append(gr.Checkbox(value=bool(r and r["fits"]),
+                                                       label=f"enable {r['label']}" if r else "enable",
+                                                       interactive=bool(r is None or r["fits"]),
                                                        elem_id=f"lora-{i}-enable", scale=0, min_width=120))
                             sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="strength",
+                                                     interactive=bool(r is None or r["fits"]),
                                                      elem_id=f"lora-{i}-strength", scale=3))
                     groups.append(g)
                 upload = gr.File(label="Add adapters (.safetensors)", file_types=[".safetensors"],
                                  file_count="multiple", type="filepath", elem_id="upload")
-                status = gr.Markdown("\n\n".join(f"**Refused:** {n}" for n in notes), elem_id="status")
+                status = gr.Markdown(notes(), elem_id="status")
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
@@ -105,34 +196,33 @@ def build(session: Session, adapters_dir: Path | None, outdir: Path, models: lis
                 params = gr.Textbox(label="Parameters (as saved in each PNG)", lines=3, interactive=False,
                                     elem_id="parameters")
 
-        row_outputs = [c for i in range(MAX_ADAPTERS) for c in (groups[i], infos[i], enables[i])]
+        row_outputs = [c for i in range(MAX_ADAPTERS) for c in (groups[i], infos[i], enables[i], sliders[i])]
 
-        def on_upload(files, names):
+        def on_upload(files):
             messages = []
             for path in files or []:
-                if len(names) >= MAX_ADAPTERS:
-                    messages.append(f"**Refused:** {Path(path).name}: not loaded, the page shows {MAX_ADAPTERS} adapters at most")
-                    continue
-                try:
-                    names = names + [session.add(path).file.name]
-                    messages.append(f"{Path(path).name}: loaded")
-                except SdloraError as e:
-                    messages.append(f"**Refused:** {e}")
-            return [names, "\n\n".join(messages), None] + rows(names)
+                why = library.upload(path)
+                messages.append(f"**Refused:** {why}" if why else f"{Path(path).name}: loaded")
+            rows = listing(session, library)
+            return [[r["name"] for r in rows], "\n\n".join(messages), None] + row_updates(rows)
 
-        def on_model(name, names):
+        def on_model(name):
             try:
-                dropped = session.use_model(name)
+                rows = load_model(session, library, name, models, allow_any)
             except SdloraError as e:
-                return [names, f"**Error:** {e}", gr.update(value=session.base.name), gr.update(), gr.update()] + rows(names)
-            names = [n for n in session.blender.adapters]
+                rows = listing(session, library)
+                return [[r["name"] for r in rows], f"**Error:** {e}", gr.update(value=session.base.name),
+                        gr.update(), gr.update()] + row_updates(rows)
             native = session.base.native_resolution
-            msg = "\n\n".join([f"model {name} loaded"] + [f"**Removed:** {d}" for d in dropped])
-            return [names, msg, gr.update(), gr.update(value=native), gr.update(value=native)] + rows(names)
+            fit = sum(r["fits"] for r in rows)
+            msg = "\n\n".join([f"model {name} loaded; {fit} of {len(rows)} adapters fit it"]
+                              + ([notes()] if library.refused else []))
+            return [[r["name"] for r in rows], msg, gr.update(), gr.update(value=native),
+                    gr.update(value=native)] + row_updates(rows)
 
         def on_generate(names, prompt, negative, seed, steps, guidance, scheduler, width, height, count, *rest):
             en, st = rest[:MAX_ADAPTERS], rest[MAX_ADAPTERS:]
-            strengths = {n: (float(st[i]) if en[i] else 0.0) for i, n in enumerate(names)}
+            strengths = {n: (float(st[i]) if en[i] else 0.0) for i, n in enumerate(names) if n is not None}
             seed = random.randrange(2**32) if seed is None or seed < 0 else int(seed)
             try:
                 settings = Settings(prompt=prompt, negative=negative, seed=seed, steps=int(steps),
@@ -149,37 +239,68 @@ def build(session: Session, adapters_dir: Path | None, outdir: Path, models: lis
                 f"{len(results)} image(s) saved in {outdir}"
 
         heavy = dict(concurrency_id="model", concurrency_limit=1)  # one model: requests run one after another
-        upload.upload(on_upload, [upload, names_state], [names_state, status, upload] + row_outputs, **heavy)
-        model.change(on_model, [model, names_state], [names_state, status, model, width, height] + row_outputs,
-                     **heavy)
+        upload.upload(on_upload, [upload], [rows_state, status, upload] + row_outputs, **heavy)
+        model.change(on_model, [model], [rows_state, status, model, width, height] + row_outputs, **heavy)
         dice.click(lambda: -1, None, seed)
-        inputs = [names_state, prompt, negative, seed, steps, guidance, scheduler, width, height, count]
+        inputs = [rows_state, prompt, negative, seed, steps, guidance, scheduler, width, height, count]
         run.click(on_generate, inputs + enables + sliders, [gallery, params, status], **heavy)
         prompt.submit(on_generate, inputs + enables + sliders, [gallery, params, status], **heavy)
     return demo
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="sdlora app: blend LoRA adapters and generate images.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model to load first (default: {DEFAULT_MODEL}; "
-                   "'tiny' is the built-in offline model)")
-    p.add_argument("--models", nargs="*", default=[], help="more base models offered in the picker")
-    p.add_argument("--adapters", type=Path, help="folder of .safetensors adapters to list")
-    p.add_argument("--outdir", type=Path, default=Path("output/app"), help="where generated PNGs are saved")
+def parser() -> argparse.ArgumentParser:
+    models = ", ".join(BUILTIN_MODELS)
+    p = argparse.ArgumentParser(
+        prog="app.py", description="sdlora app: blend LoRA adapters into a base model and generate images in the "
+        "browser (http://127.0.0.1:7860 by default).",
+        epilog="After the README's quick start: python app.py --model toy --adapters output/")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"base model loaded first (default: {DEFAULT_MODEL}): a hub id, a diffusers folder, a "
+                        f".safetensors checkpoint or a built-in offline model ({models})")
+    p.add_argument("--models", nargs="*", default=[], metavar="MODEL",
+                   help=f"more base models offered in the picker (it always offers --model, {DEFAULT_MODEL} and the "
+                        "built-in ones)")
+    p.add_argument("--allow-any-model", action="store_true",
+                   help="let the picker load any model a visitor types (hub id or server path); off by default, "
+                        "the picker offers the configured models only")
+    p.add_argument("--adapters", type=Path, metavar="DIR",
+                   help="folder of .safetensors adapters to list (scanned again whenever a model loads)")
+    p.add_argument("--outdir", type=Path, default=Path("output/app"), metavar="DIR",
+                   help="where generated PNGs are saved (default: output/app)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    args = p.parse_args(argv)
+    p.add_argument("--port", type=int, default=7860, metavar="N", help="port to listen on (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    models = list(dict.fromkeys([args.model, *args.models, *BUILTIN_MODELS, DEFAULT_MODEL]))
+    library = Library(args.adapters)
     try:
         if args.adapters is not None and not args.adapters.is_dir():
-            raise SdloraError(f"--adapters {args.adapters}: no such folder")
+            raise SdloraError(f"--adapters {args.adapters}: no such folder; pass the folder your adapters are in "
+                              "(e.g. output/ after the quick start)")
+        print(f"app: loading model {args.model}", flush=True)
         session = Session(args.model)
+        library.scan()
     except SdloraError as e:
         print(f"app: error: {e}", file=sys.stderr)
         return 2
-    models = list(dict.fromkeys([args.model, *args.models, *BUILTIN_MODELS, DEFAULT_MODEL]))
-    demo = build(session, args.adapters, args.outdir, models)
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share)
+    demo = build(session, library, args.outdir, models, args.allow_any_model)
+    # quiet: Gradio's own banner tells users to edit launch(); the app says what its flags do instead
+    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                   quiet=True, prevent_thread_lock=True, css=CSS)
+    print(f"app: running on {demo.local_url}", flush=True)
+    if args.share and demo.share_url:
+        print(f"app: public link {demo.share_url}", flush=True)
+    elif not args.share:
+        print("app: to open a public link, start it with --share; to let other machines in, --host 0.0.0.0",
+              flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

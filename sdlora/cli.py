@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import types
 import typing
@@ -18,21 +19,68 @@ def _flag_type(f):
     return t
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+# --help groups of `sdlora train`, in order; a field may also name its group in its metadata ("group").
+TRAIN_GROUPS = {
+    "data": ("images", "prompt", "trigger", "caption_dropout", "shuffle_tags", "keep_tags", "resolution",
+             "force_resolution", "buckets", "no_flip", "repeats", "skip_bad_images", "cache_dir", "no_cache"),
+    "model": ("model", "mixed_precision", "gradient_checkpointing"),
+    "LoRA": ("preset", "rank", "alpha", "no_text_encoder"),
+    "training": ("steps", "epochs", "batch_size", "grad_accum", "lr", "te_lr", "lr_scheduler", "warmup_steps",
+                 "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "seed"),
+    "prior preservation": ("class_prompt", "class_images", "num_class_images", "prior_loss_weight"),
+    "output": ("output_dir", "name", "out", "overwrite", "save_precision"),
+    "checkpoints": ("save_every", "keep_last", "resume"),
+    "monitoring": ("sample_every", "sample_prompts", "sample_steps", "tensorboard"),
+}
+OTHER_GROUP = "other options"
+METAVARS = {"images": "DIR", "prompt": "TEXT", "trigger": "TEXT", "class_prompt": "TEXT", "class_images": "DIR",
+            "cache_dir": "DIR", "output_dir": "DIR", "name": "NAME", "out": "FILE", "resume": "DIR|latest",
+            "sample_prompts": "'P1;P2;..'", "model": "MODEL"}
+
+
+def _with_default(help_: str, default) -> str:
+    """`help (default: X)`, once: a help text that already says its default is left alone, and one that ends in
+    a parenthesis gets the default inside it ("(ignored when --epochs is set; default: 500)")."""
+    if re.search(r"default:|by default", help_):
+        return help_
+    if help_.endswith(")"):
+        return f"{help_[:-1]}; default: {default})"
+    return f"{help_} (default: {default})"
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, groups: dict[str, tuple[str, ...]] | None = None) -> None:
     """One flag per field: `--field-name`; bools are switches. Defaults are suppressed so that only flags the
-    user typed override a --config file."""
+    user typed override a --config file. With `groups` (title -> field names), the flags are listed under those
+    titles in --help; fields with no group go under "other options". Required fields are marked."""
+    where = {n: g for g, names in (groups or {}).items() for n in names}
+    sections: dict[str, argparse._ArgumentGroup] = {}
+
+    def section(title: str):
+        if groups is None:
+            return parser
+        if title not in sections:
+            sections[title] = parser.add_argument_group(title)
+        return sections[title]
+
+    for title in groups or {}:
+        section(title)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         t = _flag_type(f)
         default = f.default if f.default is not MISSING else None
         help_ = f.metadata.get("help", "")
-        if default is not None and t is not bool:
-            help_ += f" (default: {default})"
+        if f.default is MISSING and f.default_factory is MISSING:
+            help_ = f"required (here or in --config): {help_}"
+        elif default is not None and t is not bool:
+            help_ = _with_default(help_, default)
+        g = section(f.metadata.get("group") or where.get(f.name, OTHER_GROUP))
         if t is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
+            g.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
         else:
-            parser.add_argument(flag, type=t, default=argparse.SUPPRESS, help=help_,
-                                choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper())
+            choices = f.metadata.get("choices")
+            g.add_argument(flag, type=t, default=argparse.SUPPRESS, help=help_, choices=choices,
+                           metavar=None if choices else f.metadata.get("metavar") or METAVARS.get(f.name)
+                           or ("N" if t is int else f.name.upper()))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -113,9 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer with kohya-format output.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="DreamBooth-LoRA training from a folder of images",
-                       description="Train a LoRA on a folder of images; writes a kohya-format .safetensors.")
-    p.add_argument("--config", help="TOML file with any of the settings below; flags override it")
-    add_dataclass_args(p, TrainConfig)
+                       usage="sdlora train --images DIR --prompt TEXT [options]",
+                       description="Train a LoRA on a folder of images; writes a kohya-format .safetensors. "
+                                   "--images and --prompt are required (on the command line or in --config).",
+                       epilog="Example (offline, about a minute on a CPU): sdlora train --model toy --images "
+                              "datasets/toy-purple-triangle --prompt 'a sks triangle' --steps 600 --lr 1e-3")
+    p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags "
+                   "without '--'); flags given on the command line override it")
+    add_dataclass_args(p, TrainConfig, TRAIN_GROUPS)
     p.set_defaults(func=_cmd_train)
     for name in SUBCOMMANDS:
         _add_subcommand(sub, name)
@@ -123,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Library chatter (deprecations, optional backends) is not the user's problem; errors still show."""
     import os
     import warnings
@@ -137,7 +190,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        _quiet_libraries()
+        quiet_libraries()
         parser = build_parser()  # imports torch, diffusers, ...: seconds in which a Ctrl-C is likely
         args = parser.parse_args(argv)
         return args.func(args)

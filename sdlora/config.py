@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdlora.errors import SdloraError
 from sdlora.lora.targets import PRESETS
-from sdlora.models import DEFAULT_MODEL
+from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
@@ -35,9 +35,10 @@ class TrainConfig:
                      "kohya-style parent of N_words subfolders (N repeats, 'words' the prompt), e.g. '10_sks dog'")
     prompt: str | None = _f(None, "instance prompt with the trigger word, e.g. 'sks dog' (used for images without a "
                             "caption); optional when --images holds N_words subfolders")
-    model: str = _f(DEFAULT_MODEL, "base model: hub id, local diffusers folder, .safetensors checkpoint, or 'tiny'")
+    model: str = _f(DEFAULT_MODEL, model_kinds_help())
     prediction_type: str | None = _f(None, "the base model's objective, for single-file SD 2.x checkpoints whose ε/v "
-                                     "guess is wrong (default: detected; see README)", choices=PREDICTION_TYPES)
+                                     "guess is wrong (default: detected; see README)", choices=PREDICTION_TYPES,
+                                     group="model")
     output_dir: str = _f("output", "folder for the adapter file")
     name: str | None = _f(None, "output name (file <output_dir>/<name>.safetensors); default: the images folder's name")
     out: str | None = _f(None, "exact output file path (overrides --output-dir/--name)")

@@ -3,6 +3,7 @@ with CLIP-I, CLIP-T and DINO, for the adapter and for the base model at the same
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -31,13 +32,19 @@ def cmd_eval_real(args) -> int:
             print(f"{metric:7s} skipped: {why}")
         print("no metric model is available locally: nothing to score")
         return 0
+    from tqdm import tqdm
+
+    print(f"loading model {args.model}", flush=True)
     session = Session(args.model)
     name = session.add(args.adapter).file.name
     templates = dreambooth_prompts(PROMPTS_FILE, live=args.class_noun in LIVE_CLASSES)
+    print(f"generating {args.num_images} images for each of {len(templates)} DreamBooth prompts, without the adapter, "
+          f"then with it at strength {args.strength:g}; then scoring them", flush=True)
     results = {}
     for label, strength in (("base", 0.0), ("adapter", args.strength)):
         generated = {}
-        for template in templates:
+        for template in tqdm(templates, desc="base model" if label == "base" else "with the adapter", unit="prompt",
+                             file=sys.stderr):
             prompt = template.format(args.token, args.class_noun)
             settings = Settings(prompt=prompt, seed=args.seed, steps=args.steps, num_images=args.num_images)
             clean = " ".join(template.format("", args.class_noun).split())  # CLIP-T: the prompt without the trigger

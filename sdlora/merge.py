@@ -19,7 +19,7 @@ from sdlora.formats import checkpoint, io, kohya
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
 from sdlora.infer.cli import parse_lora_spec
-from sdlora.models import checkpoint_keys, detect_checkpoint_arch, load_base
+from sdlora.models import checkpoint_keys, detect_checkpoint_arch, load_base, model_kinds_help
 from sdlora.train import DTYPES
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,11 +147,10 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
 
 
 def add_merge_args(p) -> None:
-    p.add_argument("--model", required=True, help="base model: 'tiny', a diffusers folder, a .safetensors checkpoint "
-                   "or a hub id")
+    p.add_argument("--model", required=True, help="required: the " + model_kinds_help(None))
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA to bake in, repeatable; FILE:S or FILE:TE:UNET as in `sdlora generate`")
-    p.add_argument("--out", required=True, help="OUT.safetensors (single file, LDM layout for A1111/ComfyUI) or a "
+    p.add_argument("--out", required=True, metavar="PATH", help="required: OUT.safetensors (single file, LDM layout for A1111/ComfyUI) or a "
                    "folder (diffusers)")
     p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"),
                    help="dtype of the single file (default: fp16)")

@@ -112,5 +112,6 @@ class FeatureModels:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:160]
+    from sdlora.errors import cause
+
+    return cause(e, 160)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sdlora import archs
 from sdlora.archs import ArchSpec
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 from sdlora.formats.io import PICKLE_SUFFIXES
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -23,6 +23,22 @@ BUILTIN_MODELS = {
     "tiny-sdxl": "SDXL module tree at toy widths, random weights (64 px)",
     "toy": "SD 1.x-shaped model pretrained on sdlora's toy world of coloured shapes (32 px)",
 }
+
+
+def builtin_list() -> str:
+    """'tiny, tiny-sd2, tiny-sdxl or toy': every built-in model, for messages."""
+    names = list(BUILTIN_MODELS)
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def model_kinds_help(default: str | None = DEFAULT_MODEL) -> str:
+    """What --model takes, naming every built-in model with its description (for --help texts)."""
+    return (f"base model{f' (default: {default})' if default else ''}: a hub id (owner/name), a local diffusers "
+            "folder, a .safetensors checkpoint, or a built-in offline model: "
+            + "; ".join(f"'{k}', {v}" for k, v in BUILTIN_MODELS.items()))
+
+
+OFFLINE_HINT = f"a built-in offline model (--model {builtin_list()})"
 
 
 @dataclass
@@ -112,7 +128,7 @@ def checkpoint_keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
-        raise SdloraError(f"{path}: not a readable .safetensors file ({_first_line(e)}); re-download or re-export "
+        raise SdloraError(f"{path}: not a readable .safetensors file ({cause(e)}); re-download or re-export "
                           "it") from e
 
 
@@ -125,16 +141,22 @@ def detect_checkpoint_arch(keys: list[str]) -> ArchSpec:
                       + "; pass a Stable Diffusion checkpoint (an SDXL refiner or inpainting-only file is not supported)")
 
 
-def detect_arch(denoiser_config, text_encoder_config) -> ArchSpec:
-    """Family of loaded diffusers components: the spec whose public configs agree on the added embedding and the
-    first text encoder's activation (widths differ between fine-tunes and the tiny models, these do not)."""
+def detect_arch(pipe) -> ArchSpec:
+    """Family of a loaded diffusers pipeline: the spec with its pipeline class whose public configs agree on the
+    denoiser's added embedding and the first text encoder's activation (widths differ between fine-tunes and the
+    tiny models, these do not)."""
     for spec in archs.SPECS.values():
-        ref_unet = archs.load_config(spec.id, spec.denoiser)
+        if type(pipe).__name__ != spec.pipeline:
+            continue
+        ref_den = archs.load_config(spec.id, spec.denoiser)
         ref_te = archs.load_config(spec.id, spec.text_encoders[0].attr)
-        if (getattr(denoiser_config, "addition_embed_type", None) == ref_unet.get("addition_embed_type")
-                and getattr(text_encoder_config, "hidden_act", None) == ref_te.get("hidden_act")):
+        den = getattr(pipe, spec.denoiser).config
+        te = getattr(pipe, spec.text_encoders[0].attr).config
+        if (getattr(den, "addition_embed_type", None) == ref_den.get("addition_embed_type")
+                and getattr(te, "hidden_act", None) == ref_te.get("hidden_act")):
             return spec
-    raise SdloraError("the model is not " + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
+    raise SdloraError(f"the model is a {type(pipe).__name__}, not one of "
+                      + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
 
 
 def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None = None) -> BaseModel:
@@ -155,7 +177,8 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None
 
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
-            raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder or a hub id")
+            raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder, "
+                              f"a hub id, or {OFFLINE_HINT}")
         spec = detect_checkpoint_arch(checkpoint_keys(path))
         from sdlora.formats.checkpoint import load_single_file
 
@@ -164,14 +187,15 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None
         return from_components(name, spec, parts, native)
     else:
         if path.exists() and not (path / "model_index.json").is_file():
-            raise SdloraError(f"{name}: folder has no model_index.json; pass a diffusers model folder, "
-                              "a .safetensors checkpoint, a hub id or 'tiny'")
+            raise SdloraError(f"{name}: the folder has no model_index.json, so it is not a diffusers model; pass a "
+                              f"diffusers model folder, a .safetensors checkpoint or a hub id, or {OFFLINE_HINT}")
+        if not path.exists():
+            _check_hub_id(name)
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(path) if path.exists() else name, dtype=dtype,
                                                                safety_checker=None, requires_safety_checker=False)
         except Exception as e:
-            raise SdloraError(f"could not load model '{name}' ({_first_line(e)}); pass a local diffusers folder, "
-                              "a .safetensors checkpoint, or --model tiny to try sdlora offline") from e
+            raise _load_error(name, path.exists(), e) from e
     return from_pipeline(pipe, name, prediction_type)
 
 
@@ -188,15 +212,69 @@ def _builtin(name: str) -> BaseModel:
 
 def from_pipeline(pipe, name: str, prediction_type: str | None = None) -> BaseModel:
     """Wrap a loaded diffusers pipeline, detecting the family and prediction type (unless `prediction_type`)."""
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
-        raise SdloraError(f"{name} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/SDXL model")
-    spec = detect_arch(pipe.unet.config, pipe.text_encoder.config)
     parts = dict(pipe.components)
     if prediction_type:
         parts["scheduler_config"] = dict(pipe.scheduler.config) | {"prediction_type": prediction_type}
-    return from_components(name, spec, parts)
+    return from_components(name, detect_arch(pipe), parts)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_hub_id(name: str) -> None:
+    """Refuse, before any network access, a name that is neither a built-in model nor a hub id (owner/name)."""
+    import difflib
+
+    if _looks_like_path(name):
+        raise SdloraError(f"{name}: no such folder or file; pass an existing diffusers folder or .safetensors "
+                          f"checkpoint, a hub id (owner/name), or {OFFLINE_HINT}")
+    if "/" not in name:
+        close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
+        guess = f"did you mean '{close[0]}'? " if close else ""
+        raise SdloraError(f"'{name}' is not a built-in model, an existing folder or file, or a hub id (owner/name); "
+                          f"{guess}built-in models: {builtin_list()}; or pass a diffusers folder, a .safetensors "
+                          f"checkpoint or a hub id such as {DEFAULT_MODEL}")
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether loading failed because the hub could not be reached (offline, HF_HUB_OFFLINE, DNS, proxy)."""
+    markers = ("not fully cached locally", "outgoing traffic has been disabled", "couldn't connect",
+               "connection error", "failed to resolve", "name or service not known", "max retries exceeded",
+               "offline mode", "cannot reach", "temporary failure in name resolution")
+    for x in _chain(e):
+        if type(x).__name__ in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "OfflineModeIsEnabled",
+                                "LocalEntryNotFoundError", "ConnectError"):
+            return True
+        if any(m in str(x).lower() for m in markers):
+            return True
+    return False
+
+
+def _load_error(name: str, local: bool, e: BaseException) -> SdloraError:
+    """One line for a failed `from_pretrained`: the cause first (hub unreachable, no such repo, gated), then the fix."""
+    kinds = {type(x).__name__ for x in _chain(e)}
+    if local:
+        return SdloraError(f"{name}: could not load the diffusers folder ({cause(e)}); check that it is complete "
+                           f"(model_index.json and every component folder), or pass {OFFLINE_HINT}")
+    if "GatedRepoError" in kinds:
+        return SdloraError(f"{name}: the model is gated on the Hugging Face hub; accept its license on "
+                           f"huggingface.co and log in with `hf auth login`, or pass {OFFLINE_HINT}")
+    if _unreachable(e):
+        return SdloraError(f"{name}: the Hugging Face hub cannot be reached and the model is not in the local cache; "
+                           "connect once to download it (it is cached for later), or pass a local diffusers folder, a "
+                           f".safetensors checkpoint or {OFFLINE_HINT}")
+    if "RepositoryNotFoundError" in kinds or "is not a valid model identifier" in str(e) or "404" in str(e):
+        return SdloraError(f"{name}: the Hugging Face hub has no such model (or it is private); check the id "
+                           f"(owner/name, e.g. {DEFAULT_MODEL}), log in with `hf auth login` for a private one, "
+                           f"or pass {OFFLINE_HINT}")
+    return SdloraError(f"{name}: could not load the model ({cause(e)}); pass a local diffusers folder, a "
+                       f".safetensors checkpoint or {OFFLINE_HINT}")

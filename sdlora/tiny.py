@@ -41,7 +41,7 @@ def _te(arch: str, component: str, tokenizer):
 def tiny_components(spec: ArchSpec | str = "sd1") -> dict:
     """UNet, text encoder(s), tokenizer(s), VAE and scheduler config of the tiny model of family `spec`, identical
     on every call. Block types, layer counts and text-encoder depths are the real ones (so module names are),
-    widths are toy-sized (`spec.tiny_unet`); widths keep the real ratios between blocks (x, 2x, 4x, 4x), so the
+    widths are toy-sized (`spec.tiny_denoiser`); widths keep the real ratios between blocks (x, 2x, 4x, 4x), so the
     same resnets get a conv_shortcut."""
     spec = get(spec)
     arch = spec.id
@@ -49,13 +49,12 @@ def tiny_components(spec: ArchSpec | str = "sd1") -> dict:
         "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8,
         "sample_size": TINY_RESOLUTION,
     }
-    unet_cfg = load_config(arch, spec.denoiser) | {"norm_num_groups": 8, "sample_size": TINY_RESOLUTION // 8}
-    unet_cfg |= spec.tiny_unet
+    denoiser_cfg = load_config(arch, spec.denoiser) | {"sample_size": TINY_RESOLUTION // 8} | spec.tiny_denoiser
     sched_cfg = load_config(arch, "scheduler")
     out = {"scheduler_config": sched_cfg}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
-        out[spec.denoiser] = build(unet_cfg).eval()
+        out[spec.denoiser] = build(denoiser_cfg).eval()
         for t in spec.text_encoders:  # the same order as before the registry: weights are seeded in sequence
             tokenizer = tiny_tokenizer()
             out[t.tokenizer_attr] = tokenizer

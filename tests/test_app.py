@@ -1,8 +1,12 @@
-"""app.py in a real browser (Debian's chromium driven by Playwright) against the real server, on the tiny model.
+"""app.py in a real browser (Debian's chromium driven by Playwright) against the real server, on the `toy` model.
 
-Two adapters are trained with `sdlora train`; the page moves both strength sliders, generates, and the image it
-shows must differ from the base model's and equal, pixel for pixel, what `sdlora generate` makes with the same
-settings. A screenshot is saved under test-artifacts/.
+Adapters are trained with `sdlora train` (two on `toy`, one on `tiny`) into the folder the app lists. The page
+shows the toy adapters with sliders and the tiny one greyed out with the reason; switching the model to `tiny`
+and back scans the folder again (a file added meanwhile appears) and swaps which adapters are usable. The page
+then moves both toy sliders, generates, and the image it shows must differ from the base model's and equal, pixel
+for pixel, what `sdlora generate` makes with the same settings. A screenshot is saved under test-artifacts/; with
+SDLORA_DOCS_SCREENSHOT=1 it is also written to docs/app.png (the README's picture; its adapters then train for
+the quick start's 600 steps, so the picture shows what they learned).
 """
 
 from __future__ import annotations
@@ -22,17 +26,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora.formats.io import load as load_safetensors
+from sdlora.formats import kohya
 from sdlora.formats.a1111 import parse_parameters, read_parameters
-from sdlora.formats.kohya import save as save_adapter
+from sdlora.formats.io import load as load_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-GEN = ["--prompt", "sks dog in the snow", "--negative", "lowres", "--seed", "11", "--steps", "4"]
-STRENGTHS = {"dog": 0.6, "style": -1.35}
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "GRADIO_ANALYTICS_ENABLED": "False"}
+DOCS = os.environ.get("SDLORA_DOCS_SCREENSHOT") == "1"
+PROMPT = "a sks triangle on a white background"
+GEN = ["--prompt", PROMPT, "--negative", "a circle", "--seed", "3", "--steps", "12"]
+STRENGTHS = {"style": 0.4, "triangle": 1.0}  # the order the app lists them in (file names, sorted)
+TOY_STEPS = "600" if DOCS else "60"
 
 if not CHROMIUM.exists():
     if os.environ.get("CI"):
@@ -48,7 +55,7 @@ def sdlora(*args: str) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     return out
 
@@ -73,65 +80,110 @@ def wait_for(url: str, app: subprocess.Popen, log: Path, timeout: float = 180) -
     pytest.fail(f"app.py did not answer at {url} within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def test_app_blends_two_adapters_like_the_cli(tmp_path):
+def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     trained = tmp_path / "trained"
-    jobs = [sdlora("train", "--model", "tiny", "--images", "datasets/dog", "--prompt", prompt, "--steps", "6",
-                   "--lr", "1e-2", "--seed", seed, "--out", str(trained / f"{name}.safetensors"))
-            for name, prompt, seed in (("dog", "sks dog", "1"), ("style", "zwx painting", "2"))]
+    toy = ["--model", "toy", "--images", "datasets/toy-purple-triangle", "--steps", TOY_STEPS, "--lr", "1e-3"]
+    jobs = [sdlora("train", *toy, "--prompt", "a sks triangle", "--seed", "0", "--out", str(trained / "triangle.safetensors")),
+            sdlora("train", *toy, "--prompt", "a zwx triangle", "--seed", "2", "--rank", "2",
+                   "--out", str(trained / "style.safetensors")),
+            sdlora("train", "--model", "tiny", "--images", "datasets/dog", "--prompt", "sks dog", "--steps", "4",
+                   "--seed", "1", "--out", str(trained / "dog.safetensors"))]
     for j in jobs:
         finish(j)
-    # The app gets its own copy of the folder, deleted once the page has loaded: sliders must not need the files.
-    shown = Path(shutil.copytree(trained, tmp_path / "adapters"))
+    # The app gets its own copy of the folder, deleted before generating: sliders must not need the files.
+    shown = tmp_path / "adapters"
+    shown.mkdir()
+    for name in ("dog", "style", "triangle"):
+        shutil.copy(trained / f"{name}.safetensors", shown)
     port, log, outdir = free_port(), tmp_path / "app.log", tmp_path / "app-out"
     with open(log, "w") as fh:
-        app = subprocess.Popen([sys.executable, "app.py", "--model", "tiny", "--adapters", str(shown),
-                                "--port", str(port), "--outdir", str(outdir)],
+        app = subprocess.Popen([sys.executable, "app.py", "--model", "toy", "--models", "tiny", "--adapters",
+                                str(shown), "--port", str(port), "--outdir", str(outdir)],
                                cwd=REPO, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
     try:
-        cli_base = sdlora("generate", "--model", "tiny", *GEN, "--out", str(tmp_path / "base.png"))
-        cli_blend = sdlora("generate", "--model", "tiny", *GEN, "--out", str(tmp_path / "blend.png"),
-                           *[a for n, s in STRENGTHS.items() for a in ("--lora", f"{trained / n}.safetensors:{s}")])
+        cli_base = sdlora("generate", "--model", "toy", *GEN, "--out", str(tmp_path / "base.png"))
+        cli_blend = sdlora("generate", "--model", "toy", *GEN, "--out", str(tmp_path / "blend.png"),
+                           *[a for n, s in STRENGTHS.items() for a in ("--lora", f"{trained / n}.safetensors:{s:g}")])
         url = f"http://127.0.0.1:{port}/"
         wait_for(url, app, log)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
             page = browser.new_page(viewport={"width": 1300, "height": 1000})
             page.goto(url)
-            expect(page.locator("#lora-0-info")).to_contain_text("dog · trigger: sks dog · base: sd_v1")
-            expect(page.locator("#lora-1-info")).to_contain_text("style · trigger: zwx painting")
+
+            def usable(i: int, text: str) -> None:
+                expect(page.locator(f"#lora-{i}-info")).to_contain_text(text, timeout=120_000)
+                expect(page.locator(f"#lora-{i}-info")).not_to_contain_text("not for this model")
+                expect(page.locator(f"#lora-{i}-enable input")).to_be_enabled()
+                expect(page.locator(f"#lora-{i}-enable input")).to_be_checked()
+                expect(page.locator(f"#lora-{i}.unfit")).to_have_count(0)
+
+            def greyed(i: int, name: str, why: str) -> None:
+                info = page.locator(f"#lora-{i}-info")
+                expect(info).to_contain_text(f"{name} · not for this model", timeout=120_000)
+                expect(info).to_contain_text(why)
+                expect(page.locator(f"#lora-{i}-enable input")).to_be_disabled()
+                expect(page.locator(f"#lora-{i}.unfit").first).to_be_visible()  # greyed out (Gradio nests the id)
+
+            # On toy: the toy adapters are usable, the tiny one is listed greyed out with the reason.
+            greyed(0, "dog", "has shape [32, 32] but the model's is")
+            usable(1, "style · trigger: a zwx triangle · base: sd_v1")
+            usable(2, "triangle · trigger: a sks triangle")
+            expect(page.locator("#lora-3")).to_be_hidden()
+
+            # Switching to tiny scans the folder again (a file added since appears) and swaps what is usable...
+            shutil.copy(trained / "dog.safetensors", shown / "late.safetensors")
+            page.locator("#model input").fill("tiny")
+            page.locator("#model input").press("Enter")
+            expect(page.locator("#status")).to_contain_text("model tiny loaded; 2 of 4 adapters fit it",
+                                                            timeout=120_000)
+            usable(0, "dog · trigger: sks dog")
+            greyed(1, "style", "the adapter was trained for a different model")
+            greyed(2, "triangle", "the adapter was trained for a different model")
+            usable(3, "late · trigger: sks dog")
+            # ...and back: the toy adapters return, from memory.
+            page.locator("#model input").fill("toy")
+            page.locator("#model input").press("Enter")
+            expect(page.locator("#status")).to_contain_text("model toy loaded; 2 of 4 adapters fit it",
+                                                            timeout=120_000)
+            usable(1, "style")
+            usable(2, "triangle")
+            greyed(3, "late", "has shape")
             shutil.rmtree(shown)
 
-            page.locator("#prompt textarea").fill("sks dog in the snow")
-            page.locator("#negative textarea").fill("lowres")
-            page.locator("#seed input").fill("11")
-            page.locator("#steps input[type=range]").fill("4")
-            for i, s in enumerate(STRENGTHS.values()):
-                page.locator(f"#lora-{i}-strength input[type=range]").fill(str(s))
-                expect(page.locator(f"#lora-{i}-strength input[type=number]")).to_have_value(str(s))
+            page.locator("#prompt textarea").fill(GEN[1])
+            page.locator("#negative textarea").fill(GEN[3])
+            page.locator("#seed input").fill(GEN[5])
+            page.locator("#steps input[type=range]").fill(GEN[7])
+            for i, s in zip((1, 2), STRENGTHS.values()):
+                page.locator(f"#lora-{i}-strength input[type=range]").fill(f"{s:g}")
+                expect(page.locator(f"#lora-{i}-strength input[type=number]")).to_have_value(f"{s:g}")
 
-            # An adapter for another architecture is refused, with the reason in the page...
+            # An upload for another architecture is listed greyed out with the reason; one that fits gets a row
+            # of its own, and its enable box, unticked, leaves it out of the blend.
             xl = tmp_path / "xl_style.safetensors"
-            tensors, md = load_safetensors(trained / "dog.safetensors")
-            save_adapter(tensors, xl, md | {"ss_base_model_version": "sdxl_base_v1-0"})
-            # An upload that fits gets a row of its own; its enable box, unticked, leaves it out of the blend.
+            tensors, md = load_safetensors(trained / "style.safetensors")
+            kohya.save(tensors, xl, md | {"ss_base_model_version": "sdxl_base_v1-0"})
             extra = Path(shutil.copy(trained / "style.safetensors", tmp_path / "extra.safetensors"))
             page.locator("#upload input[type=file]").set_input_files([str(xl), str(extra)])
-            expect(page.locator("#status")).to_contain_text("xl_style.safetensors: this adapter is for SDXL",
-                                                            timeout=60_000)
-            expect(page.locator("#status")).to_contain_text("extra.safetensors: loaded")
-            expect(page.locator("#lora-2-info")).to_contain_text("extra · trigger: zwx painting")
-            expect(page.locator("#lora-3-info")).to_be_hidden()
-            page.locator("#lora-2-enable input").uncheck()
+            expect(page.locator("#status")).to_contain_text("extra.safetensors: loaded", timeout=60_000)
+            greyed(4, "xl_style", "this adapter is for SDXL")
+            usable(5, "extra · trigger: a zwx triangle")
+            expect(page.locator("#lora-6")).to_be_hidden()
+            page.locator("#lora-5-enable input").uncheck()
 
             page.locator("#generate").click()
             img = page.locator("#gallery img").first
             expect(img).to_be_visible(timeout=120_000)
-            expect(page.locator("#parameters textarea")).to_have_value(re.compile("<lora:dog:0.6> <lora:style:-1.35>"))
+            expect(page.locator("#parameters textarea")).to_have_value(
+                re.compile("<lora:style:0.4> <lora:triangle:1>"))
             shot = REPO / "test-artifacts" / "app.png"
             shot.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
+            if DOCS:
+                shutil.copy(shot, REPO / "docs" / "app.png")
             shown_png = page.request.get(img.get_attribute("src")).body()
             params_text = page.locator("#parameters textarea").input_value()
             browser.close()
@@ -143,8 +195,20 @@ def test_app_blends_two_adapters_like_the_cli(tmp_path):
     in_page = np.asarray(Image.open(io.BytesIO(shown_png)).convert("RGB"))
     blend = np.asarray(Image.open(tmp_path / "blend.png"))
     base = np.asarray(Image.open(tmp_path / "base.png"))
-    assert in_page.shape == (64, 64, 3)
+    assert in_page.shape == (32, 32, 3)
     assert np.array_equal(in_page, blend)
     assert not np.array_equal(in_page, base)
     [saved] = outdir.glob("*.png")
     assert read_parameters(saved) == read_parameters(tmp_path / "blend.png") == parse_parameters(params_text)
+    assert (saved.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    # The log says how to share the app with sdlora's flag, not by editing Gradio's launch(), and has no
+    # loader noise (progress bars of weight loading) from the model switches.
+    text = log.read_text()
+    assert "share=True" not in text and "--share" in text
+    assert "Loading weights" not in text and "Loading pipeline components" not in text
+
+
+def _umask() -> int:
+    u = os.umask(0)
+    os.umask(u)
+    return u

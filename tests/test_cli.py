@@ -1,4 +1,6 @@
-"""The `sdlora` command end to end in subprocesses: odd paths, bad input, Ctrl-C, config files."""
+"""The `sdlora` command end to end: odd paths, bad input, Ctrl-C, config files. Runs that need a real process (the
+console entry point, Ctrl-C, output and exit code as a user sees them) use subprocesses; the many bad-input cases
+call `sdlora.cli.main` in-process (an interpreter start costs seconds), with one subprocess error case kept."""
 
 from __future__ import annotations
 
@@ -24,11 +26,25 @@ def run(*args, **kw) -> subprocess.CompletedProcess:
 
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:
-    assert p.returncode == 2, p.stderr
-    lines = [l for l in p.stderr.strip().splitlines() if l.startswith("sdlora: error:")]
-    assert len(lines) == 1, p.stderr
-    assert "Traceback" not in p.stderr
+    return error_line(p.returncode, p.stderr)
+
+
+def error_line(code: int, stderr: str) -> str:
+    """The one `sdlora: error:` line of a run that failed with exit code 2, without a traceback."""
+    assert code == 2, stderr
+    lines = [l for l in stderr.strip().splitlines() if l.startswith("sdlora: error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
     return lines[0]
+
+
+def main_error(capsys, *args) -> str:
+    """`sdlora ARGS` run in-process through sdlora.cli.main: its one error line."""
+    from sdlora.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return error_line(code, capsys.readouterr().err)
 
 
 def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir):
@@ -71,29 +87,36 @@ def test_prior_preservation_and_options_from_a_toml_config(tmp_path, dog_copy):
     (["--model", "no/such-model-anywhere"], "--model tiny"),
     (["--model", "weights.ckpt"], "pickle"),
 ])
-def test_invalid_options_give_one_line_errors(args, needle, dog_copy, tmp_path):
-    p = run("train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "2",
-            "--out", tmp_path / "x.safetensors", *args)
-    assert needle in one_line_error(p)
-    assert not (tmp_path / "x.safetensors").exists()
+def test_invalid_options_give_one_line_errors(args, needle, dog_copy, odd_dir, tmp_path, capsys):
+    line = main_error(capsys, "train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "2",
+                      "--out", tmp_path / "x.safetensors", *args)
+    assert needle in line
+    assert [p.name for p in tmp_path.iterdir()] == [odd_dir.name]  # no output, no temp file, no loss curve
+    assert sorted(p.name for p in odd_dir.iterdir()) == ["dog pics"]
 
 
-def test_empty_folder_and_corrupt_images_are_named(tmp_path):
+def test_empty_folder_and_corrupt_images_are_named(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    assert "has no images" in one_line_error(run("train", "--images", empty, "--prompt", "x", "--model", "tiny"))
+    assert "has no images" in main_error(capsys, "train", "--images", empty, "--prompt", "x", "--model", "tiny",
+                                         "--output-dir", tmp_path / "out")
+    assert [f.name for f in tmp_path.iterdir()] == ["empty"]
 
     folder = make_images(tmp_path / "imgs", n=2)
     good = (folder / "img_0.png").read_bytes()
     (folder / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated
     (folder / "fake.png").write_bytes(b"this is not a png")
-    line = one_line_error(run("train", "--images", folder, "--prompt", "x", "--model", "tiny", "--steps", "1"))
+    # the console entry point in a real process: exit code 2 and the one line on stderr, nothing written
+    p = run("train", "--images", folder, "--prompt", "x", "--model", "tiny", "--steps", "1", cwd=tmp_path)
+    line = one_line_error(p)
     assert "broken.jpg" in line and "fake.png" in line and "--skip-bad-images" in line
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["empty", "imgs"]
+    from sdlora.cli import main
+
     out = tmp_path / "skip.safetensors"
-    p = run("train", "--images", folder, "--prompt", "x", "--model", "tiny", "--steps", "1", "--skip-bad-images",
-            "--out", out)
-    assert p.returncode == 0, p.stderr
+    assert main(["train", "--images", str(folder), "--prompt", "x", "--model", "tiny", "--steps", "1",
+                 "--skip-bad-images", "--out", str(out)]) == 0
     assert load(out)[1]["ss_num_train_images"] == "2"
 
 
@@ -162,15 +185,19 @@ def test_reading_a_pickle_or_truncated_adapter_is_a_clear_error(tmp_path, conten
         load(tmp_path / "x.ckpt")
 
 
-def test_cache_command_counts_and_clears_the_entries_training_wrote(tmp_path, dog_copy):
+def test_cache_command_counts_and_clears_the_entries_training_wrote(tmp_path, dog_copy, capsys):
+    from sdlora.cli import main
+
     cache = tmp_path / "cache dir"
     p = run("train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "1",
             "--no-text-encoder", "--cache-dir", cache, "--out", tmp_path / "a.safetensors")
     assert p.returncode == 0, p.stderr
     n = len(list(cache.rglob("*.safetensors")))
     assert n == 5 * 2 + 1  # 5 images x (plain, flipped) latents + 1 prompt embedding
-    assert f"{n} entries" in run("cache", "--dir", cache).stdout
-    assert f"cleared {cache}: {n} entries" in run("cache", "--dir", cache, "--clear").stdout
+    assert main(["cache", "--dir", str(cache)]) == 0
+    assert capsys.readouterr().out.startswith(f"{cache}: {n} entries, ")
+    assert main(["cache", "--dir", str(cache), "--clear"]) == 0
+    assert capsys.readouterr().out.startswith(f"cleared {cache}: {n} entries, ")
     assert not cache.exists()
 
 

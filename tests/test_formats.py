@@ -3,7 +3,6 @@ single-file conversion, A1111's mapping against LDM names, verify and convert ro
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -14,30 +13,12 @@ from sdlora.config import make_config
 from sdlora.errors import SdloraError
 from sdlora.formats import convert, io, kohya, layouts, meta, read, verify
 from sdlora.lora.targets import find_targets
+from tests.conftest import kohya_fixture
 
 ARCHS = ("sd1", "sd2", "sdxl")
 VERSION = {"sd1": "sd_v1", "sd2": "sd_v2_768_v", "sdxl": "sdxl_base_v1-0"}
 LOCON = r"lora_unet_.*(resnets_\d+_(conv1|conv2|conv_shortcut|time_emb_proj)|downsamplers_0_conv|upsamplers_0_conv|" \
         r"_\d+_0_(in_layers_2|out_layers_3|skip_connection|emb_layers_1)|_0_op|_\d_conv)"
-
-
-def kohya_fixture(table: dict, pattern: str, rank: int = 2, alpha: float | None = 1.0, seed: int = 0,
-                  dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """A kohya-layout state dict, written as kohya writes it: LoCon convs get a kxk down and a 1x1 up."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, m in sorted(table.items()):
-        if not re.search(pattern, k):
-            continue
-        if m.conv:
-            down, up = torch.randn(rank, m.shape[1], *m.shape[2:], generator=g), torch.randn(m.shape[0], rank, 1, 1, generator=g)
-        else:
-            down, up = torch.randn(rank, m.shape[1], generator=g), torch.randn(m.shape[0], rank, generator=g)
-        sd[f"{k}.lora_down.weight"] = (down * 0.1).to(dtype)
-        sd[f"{k}.lora_up.weight"] = (up * 0.1).to(dtype)
-        if alpha is not None:
-            sd[f"{k}.alpha"] = torch.tensor(alpha, dtype=dtype)
-    return sd
 
 
 def verify_sd(sd: dict, md: dict, arch: str | None = None) -> verify.VerifyReport:
@@ -301,8 +282,22 @@ def test_diffusers_file_loads_in_diffusers_with_the_alphas(tmp_path):
     assert checked == 32
 
 
-def test_detect_format():
+def test_detect_format(tmp_path):
     assert read.detect_format(["lora_unet_x.lora_down.weight"]) == "kohya"
+    assert read.detect_format(["lora_te_x.lora_up.weight", "stray_key"]) == "kohya"  # a stray key: still kohya
     assert read.detect_format(["unet.down_blocks.0.x.lora_A.weight"]) == "diffusers"
+    assert read.detect_format(["text_encoder_2.text_model.x.lora_B.weight"]) == "diffusers"
     assert read.detect_format(["base_model.model.x.lora_A.weight"]) == "peft"
-    assert json.loads(json.dumps(convert.FORMATS)) == ["kohya", "diffusers", "peft"]
+    assert read.detect_format([]) == read.detect_format(["model.diffusion_model.x.weight"]) == "unknown"
+    # every format convert writes is recognised as itself when read back
+    table = layouts.kohya_table("sd1")
+    src = tmp_path / "k.safetensors"
+    io.atomic_save(kohya_fixture(table, r"down_blocks_0_attentions_0_.*attn2_to_q$|layers_0_self_attn_q_proj$"), src, {})
+    convert.convert(src, tmp_path / "d.safetensors", "diffusers")
+    convert.convert(src, tmp_path / "peft", "peft")
+    files = {"kohya": [src], "diffusers": [tmp_path / "d.safetensors"],
+             "peft": sorted((tmp_path / "peft").glob("*/adapter_model.safetensors"))}
+    assert set(files) == set(convert.FORMATS) and len(files["peft"]) == 2  # unet/, text_encoder/
+    for fmt, paths in files.items():
+        for f in paths:
+            assert read.detect_format(io.load(f)[0]) == fmt, f

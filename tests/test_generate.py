@@ -27,15 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(prompt="sks dog on a beach", negative="blurry, text", seed=7, steps=4, guidance=6.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machines are shared: one thread is faster than two contended ones, and results are stable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict[str, Path]:
     """`dog`: trained by sdlora (default preset: UNet attn2 q/v, TE attention); `locon`: a kohya LoCon file with a

@@ -13,9 +13,9 @@ import torch
 from sdlora.formats import convert, io, kohya, layouts, verify
 from sdlora.formats.kohya import save
 from sdlora.formats.read import read_adapter
-from tests import reference
 from sdlora.models import load_base
-from tests.test_formats import kohya_fixture
+from tests import reference
+from tests.conftest import kohya_fixture
 
 PATTERN = r"attn2_to_[qv]$|self_attn_(q|k|v|out)_proj$|resnets_\d+_conv[12]$|downsamplers_0_conv$"
 MD = {"ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": "tiny", "ss_network_dim": "4",
@@ -117,19 +117,26 @@ def _blend_weights(model_files, strengths):
     return b
 
 
-def test_sdlora_loads_diffusers_and_peft_files_like_the_kohya_file(files):
-    """The reader reads the diffusers file and the PEFT folder (and one component's bare PEFT file, whose alpha is in
-    the adapter_config.json beside it) as the same modules, alphas included, as the kohya file."""
+@pytest.mark.parametrize("path,prefix", [
+    ("locon-diffusers.safetensors", "lora_"),
+    ("locon-peft", "lora_"),
+    ("locon-peft/unet/adapter_model.safetensors", "lora_unet_"),
+    ("locon-peft/text_encoder/adapter_model.safetensors", "lora_te_"),
+], ids=["diffusers", "peft-folder", "peft-unet-file", "peft-text_encoder-file"])
+def test_sdlora_loads_diffusers_and_peft_files_like_the_kohya_file(files, path, prefix):
+    """The one reader (what generate, merge and eval read adapters with) gives the diffusers file, the PEFT folder and
+    each of the folder's bare adapter_model.safetensors (alpha from the adapter_config.json beside it) the kohya
+    file's modules (those of that component for a bare file): the same down/up factors and the same alpha, hence the
+    same fused weights."""
     ref = read_adapter(files["locon"])
-    unet_only = files["peft"] / "unet" / "adapter_model.safetensors"
-    for path in (files["diffusers"], files["peft"], unet_only):
-        f = read_adapter(path)
-        want = {n: m for n, m in ref.modules.items() if path != unet_only or n.startswith("lora_unet_")}
-        assert set(f.modules) == set(want) and f.arch == "sd1", path
-        for name, m in want.items():
-            got = f.modules[name]
-            assert torch.equal(m.tensors["down"], got.tensors["down"]) and torch.equal(m.tensors["up"], got.tensors["up"])
-            assert got.alpha == m.alpha == 2.0, (path, name)  # 2, not the rank 4: the config's lora_alpha
+    want = {k: m for k, m in ref.modules.items() if k.startswith(prefix)}
+    assert len(want) > 40 and {m.alpha for m in want.values()} == {2.0}  # alpha 2 != rank 4: a scale of 0.5
+    got = read_adapter(files["dir"] / path)
+    assert sorted(got.modules) == sorted(want) and got.unknown == [] and got.arch == "sd1"
+    for name, m in want.items():
+        g = got.modules[name]
+        assert torch.equal(m.tensors["down"], g.tensors["down"]) and torch.equal(m.tensors["up"], g.tensors["up"])
+        assert g.alpha == m.alpha, name
 
 
 def test_locon_and_no_alpha_files_generate(files, tmp_path):

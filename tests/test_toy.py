@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sdlora.toy import BASE_DIR, TOY_RESOLUTION, evaluate, judge, toy_components, world
 from sdlora.tiny import tiny_components
@@ -24,15 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SUBJECT_DIR = ROOT / "datasets" / "toy-purple-triangle"
 SUBJECT, TRIGGER, CLASS = "a purple triangle", "a sks triangle", "a triangle"
 N = 8  # images per prompt
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared with other work: keep torch to one thread, as the toy model was built.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_world_is_deterministic_and_pretraining_never_draws_held_out_subjects():

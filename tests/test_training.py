@@ -41,16 +41,6 @@ ACCELERATE_2CPU = [sys.executable, "-m", "accelerate.commands.launch", "--multi_
 CONFIGS = ROOT / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model's ops are too small to share, and on a busy machine two OpenMP threads
-    spin-wait for each other (a 6 s run took 59 s with 2 threads on 2 shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch) -> Path:
     """Every test gets its own latent/text cache: no test may pass thanks to another's cache entries."""

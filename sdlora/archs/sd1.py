@@ -10,7 +10,8 @@ SPEC = ArchSpec(
                                    a1111_prefix=""),),
     pipeline="StableDiffusionPipeline", pipeline_extra=SD_PIPELINE_EXTRA, native_resolution=512,
     checkpoint_marker="cond_stage_model.transformer.",
-    kohya_versions={"epsilon": "sd_v1", "v_prediction": "sd_v1"}, kohya_version_prefix="sd_v1",
+    versions={"epsilon": ("sd_v1", "stable-diffusion-v1/lora"), "v_prediction": ("sd_v1", "stable-diffusion-v1/lora")},
+    kohya_version_prefix="sd_v1",
     modelspec_prefix="stable-diffusion-v1", unet_heads=8,
-    tiny_unet={"block_out_channels": [16, 32, 64, 64], "attention_head_dim": 4, "cross_attention_dim": 32},
+    tiny_denoiser={"norm_num_groups": 8, "block_out_channels": [16, 32, 64, 64], "attention_head_dim": 4, "cross_attention_dim": 32},
 )

@@ -48,7 +48,8 @@ class ArchSpec:
     checkpoint_marker: str = ""  # a tensor-name prefix only this family's single-file checkpoints have
     epsilon_resolution: int | None = None  # native resolution of epsilon-prediction variants (SD 2.x base: 512)
     # metadata values (the keys are written by sdlora/formats/meta.py)
-    kohya_versions: dict = field(default_factory=dict)  # prediction type -> `ss_base_model_version`
+    # prediction type -> (kohya's `ss_base_model_version`, SAI `modelspec.architecture` as kohya writes it)
+    versions: dict = field(default_factory=dict)
     kohya_version_prefix: str = ""  # every `ss_base_model_version` of this family starts with it
     modelspec_prefix: str = ""  # every `modelspec.architecture` of this family starts with it
     modelspec_implementation: str = "diffusers"
@@ -58,7 +59,7 @@ class ArchSpec:
     unet_heads: int = 0
     unet_head_channels: int = 64
     ambiguous_prediction: bool = False  # ε and v variants have the same weights layout (SD 2.x): the loader guesses
-    tiny_unet: dict = field(default_factory=dict)  # config overrides of the built-in tiny model (sdlora.tiny)
+    tiny_denoiser: dict = field(default_factory=dict)  # denoiser config overrides of the built-in tiny model (sdlora.tiny)
 
     @property
     def components(self) -> dict[str, str]:
@@ -79,4 +80,8 @@ class ArchSpec:
 
     def kohya_version(self, prediction_type: str) -> str:
         """`ss_base_model_version` of a base model of this family with this prediction type."""
-        return self.kohya_versions.get(prediction_type) or next(iter(self.kohya_versions.values()))
+        return (self.versions.get(prediction_type) or next(iter(self.versions.values())))[0]
+
+    def modelspec_architecture(self, kohya_version: str) -> str:
+        """`modelspec.architecture` of a LoRA for the base model whose `ss_base_model_version` is `kohya_version`."""
+        return next(ms for v, ms in self.versions.values() if v == kohya_version)

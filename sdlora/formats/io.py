@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -37,6 +37,16 @@ def _umask() -> int:
     return umask
 
 
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder, and some writers (safetensors' save_file) private files: everything in an
+    output folder gets the usual permissions, 0666/0777 less the umask."""
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def atomic_write_dir(out: Path, fill) -> Path:
     """Call `fill(tmp_folder)` on a temp folder beside `out`, then rename it into place (replacing an old one):
     a crash never leaves half a folder."""
@@ -45,7 +55,7 @@ def atomic_write_dir(out: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         fill(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private folder; outputs get the usual permissions
+        _usual_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -80,7 +90,7 @@ def load(path: Path) -> tuple[dict, dict[str, str]]:
         if head[:1] == b"\x80" or head == b"PK":
             raise SdloraError(f"{path}: this is a pickle file, not .safetensors; convert it with a trusted tool "
                               "first") from e
-        raise SdloraError(f"{path}: not a valid .safetensors file ({str(e).splitlines()[0][:200]}); "
+        raise SdloraError(f"{path}: not a valid .safetensors file ({cause(e)}); "
                           "the file is truncated or corrupt, re-download or re-save it") from e
     return tensors, metadata
 

@@ -19,13 +19,6 @@ from sdlora.archs import ArchSpec
 if TYPE_CHECKING:  # the config module imports models and LoRA targets; the metadata needs only its fields
     from sdlora.config import TrainConfig
 
-# kohya `ss_base_model_version` (library/train_util.py; an ArchSpec's `kohya_versions`) -> modelspec.architecture
-# (SAI model spec 1.0, as kohya's library/sai_model_spec.py writes it)
-VERSION_ARCHITECTURE = {"sd_v1": "stable-diffusion-v1/lora", "sd_v2_512": "stable-diffusion-v2-512/lora",
-                        "sd_v2_768_v": "stable-diffusion-v2-768-v/lora",
-                        "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora"}
-
-
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """kohya's `sshs_model_hash` and `sshs_legacy_hash` (library/train_util.py precalculate_safetensors_hashes):
     sha256 of the tensor bytes of the file as saved with its `ss_*` metadata, and the 8-hex "addnet" legacy hash
@@ -94,7 +87,7 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "ss_training_finished_at": str(now.timestamp()),
         "ss_training_comment": f"trigger: {trigger}" if trigger else "",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": VERSION_ARCHITECTURE[run.base_model_version],
+        "modelspec.architecture": run.spec.modelspec_architecture(run.base_model_version),
         # kohya's sai_model_spec: SDXL is Stability's generative-models implementation, SD 1/2 diffusers'
         "modelspec.implementation": run.spec.modelspec_implementation,
         "modelspec.title": output_name,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora import archs
+from sdlora.errors import cause
+from sdlora.models import model_kinds_help
 from sdlora.formats import kohya, layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 from sdlora.formats.read import read_adapter
@@ -87,7 +89,7 @@ def _diffusers_check(adapter: AdapterFile, arch: str, table: dict[str, layouts.M
                 parts[comp] = (convert_unet_state_dict_to_peft(sub) if comp == spec.denoiser
                                else convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub)))
     except (ValueError, KeyError) as e:
-        return 0, [f"diffusers: load_lora_weights rejects the file ({str(e).strip().splitlines()[0][:160]})"]
+        return 0, [f"diffusers: load_lora_weights rejects the file ({cause(e, 160)})"]
     known = {(spec.components[m.component], m.path) for m in table.values()}
     landed, missing = 0, []
     for comp, sub in parts.items():
@@ -231,8 +233,8 @@ def verify_file(path, arch: str | None = None, model=None) -> VerifyReport:
 
 def add_verify_args(p) -> None:
     p.add_argument("file", help="LoRA .safetensors (kohya, diffusers, PEFT) or PEFT folder")
-    p.add_argument("--model", default=None, help="check against this loaded model ('tiny', a diffusers folder, a "
-                   ".safetensors checkpoint or a hub id) instead of the architecture built from public configs")
+    p.add_argument("--model", default=None, help="check against this loaded model instead of the architecture "
+                   "built from public configs; " + model_kinds_help(None))
     p.add_argument("--arch", choices=archs.IDS, default=None, help="architecture to check against (default: "
                    "from the metadata and key names)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

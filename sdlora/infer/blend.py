@@ -62,7 +62,7 @@ class Blender:
             if m.shape != hit.shape:
                 raise SdloraError(f"{where}: module {name} has shape {list(m.shape)} but the model's is "
                                   f"{list(hit.shape)}; the adapter was trained for a different model (size) than "
-                                  f"'{base.name}'")
+                                  f"'{base.name}': use it with the model it was trained on")
             targets[(hit.component, hit.module_path)] = m
         if not targets:
             raise SdloraError(f"{where}: none of its {len(f.modules)} modules matches a module of '{base.name}' "

@@ -7,12 +7,13 @@ import re
 import sys
 from pathlib import Path
 
+from sdlora import archs
 from sdlora.errors import SdloraError
 from sdlora.formats import io
 from sdlora.formats.a1111 import format_parameters
 from sdlora.formats.read import read_adapter
 from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings
-from sdlora.models import DEFAULT_MODEL
+from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float, float]:
@@ -59,24 +60,31 @@ def output_paths(out: str, seeds: list[int]) -> list[Path]:
 
 
 def add_generate_args(p) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"base model: hub id, diffusers folder, .safetensors checkpoint or 'tiny' (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_kinds_help())
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="kohya LoRA file, repeatable; FILE:S applies strength S (default 1), "
                         "FILE:TE:UNET separate text-encoder and UNet strengths (A1111 order)")
-    p.add_argument("--prompt", required=True, help="prompt (add the adapters' trigger words yourself)")
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: 0)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--prompt", required=True, metavar="TEXT",
+                   help="required: the prompt (add the adapters' trigger words yourself)")
+    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the first image; image i uses seed+i (default: 0)")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (default: 20)")
+    p.add_argument("--guidance", type=float, default=7.0, metavar="CFG", help="classifier-free guidance scale (default: 7)")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=tuple(SCHEDULERS),
                    help=f"sampler (default: {DEFAULT_SCHEDULER})")
-    p.add_argument("--size", default=None, help="WIDTHxHEIGHT or one number (default: the model's native resolution)")
-    p.add_argument("--num-images", type=int, default=1, help="images to make (default: 1)")
-    p.add_argument("--out", default="output", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
+    p.add_argument("--size", default=None, metavar="WxH", help="WIDTHxHEIGHT or one number (default: the model's native resolution)")
+    p.add_argument("--num-images", type=int, default=1, metavar="N", help="images to make (default: 1)")
+    p.add_argument("--out", default="output", metavar="PATH", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
 
 
 def cmd_generate(args) -> int:
+    def say(msg: str) -> None:  # what it loads and does, on stderr: stdout is the list of written files
+        print(msg, file=sys.stderr, flush=True)
+
     specs = [parse_lora_spec(s) for s in args.lora]
     width, height = parse_size(args.size) if args.size else (None, None)
     settings = Settings(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
@@ -84,14 +92,27 @@ def cmd_generate(args) -> int:
                         num_images=args.num_images)
     settings.check()
     files = [read_adapter(path) for path, _, _ in specs]  # every file is checked before the model loads
+    say(f"loading model {args.model}")
     session = Session(args.model)
+    base = session.base
+    say(f"model {args.model}: {archs.label(base.arch)}, {base.prediction_type}, native size {base.native_resolution} px")
     strengths = {}
     for f, (_, te, unet) in zip(files, specs):
         r = session.blender.add(f)
         if r.unmatched:
-            print(f"sdlora: warning: {f.path.name}: {len(r.unmatched)} of {len(f.modules) + len(f.unknown)} modules "
-                  f"match nothing in the model and are ignored (first: {r.unmatched[0]})", file=sys.stderr)
+            say(f"sdlora: warning: {f.path.name}: {len(r.unmatched)} of {len(f.modules) + len(f.unknown)} modules "
+                f"match nothing in the model and are ignored (first: {r.unmatched[0]})")
         strengths[f.name] = (te, unet)
+        s = _num(te) if te == unet else f"{_num(te)} on the text encoder, {_num(unet)} on the UNet"
+        trigger = f", trigger '{f.trigger}'" if f.trigger else ""
+        say(f"adapter {f.path.name} as <lora:{f.name}>: strength {s}, {len(r.targets)} modules{trigger}")
+    if not files:
+        say("no adapters: the base model alone")
+    w, h = settings.width or base.native_resolution, settings.height or base.native_resolution
+    n = settings.num_images
+    seeds = f"seed {settings.seed}" if n == 1 else f"seeds {settings.seed}-{settings.seed + n - 1}"
+    say(f"generating {n} image{'s' if n > 1 else ''} of {w}x{h} px: {settings.steps} steps, "
+        f"{SCHEDULERS[settings.scheduler][2]}, CFG {_num(settings.guidance)}, {seeds}")
     results = session.generate(settings, strengths, progress=True)
     for path, (image, params) in zip(output_paths(args.out, [p.seed for _, p in results]), results):
         io.save_png(image, path, {"parameters": format_parameters(params)})

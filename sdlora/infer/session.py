@@ -12,6 +12,7 @@ import torch
 import sdlora
 from sdlora.errors import SdloraError
 from sdlora.formats.a1111 import ImageParams, LoraRef
+from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender, Resolved
 from sdlora.models import load_base
@@ -71,23 +72,30 @@ class Session:
         self.blender = Blender(self.base)
         self.lock = threading.RLock()
 
-    def use_model(self, model: str) -> list[str]:
-        """Switch the base model, keeping the adapters that fit it (from memory); returns one line per dropped adapter."""
+    def use_model(self, model: str, files: list[AdapterFile] | None = None) -> list[Resolved | SdloraError]:
+        """Switch the base model (a no-op for the loaded one) and match `files` to it, from memory (default: the
+        adapters added so far). Returns, per file, its match or why it does not fit this model; the ones that fit
+        are the session's adapters now. If the model cannot be loaded, the session keeps the one it had."""
         with self.lock:
-            if model == self.base.name:
-                return []
-            files = [r.file for r in self.blender.adapters.values()]
-            self.blender.set_strengths({})
-            self.base = load_base(model)
+            if files is None:
+                files = [r.file for r in self.blender.adapters.values()]
+            self.blender.set_strengths({})  # the model's own weights again before another blend is matched
+            if model != self.base.name:
+                self.base = load_base(model)
             self.blender = Blender(self.base)
-            dropped = []
+            return self.fit(files)
+
+    def fit(self, files: list[AdapterFile]) -> list[Resolved | SdloraError]:
+        """Add each of `files` that fits the model (under its file name, made unique); the others' reasons."""
+        out = []
+        with self.lock:
             for f in files:
                 f.name = f.file_name
                 try:
-                    self.blender.add(f)
+                    out.append(self.blender.add(f))
                 except SdloraError as e:
-                    dropped.append(str(e))
-            return dropped
+                    out.append(e)
+        return out
 
     def add(self, path) -> Resolved:
         """Read an adapter file (once) and match it to the model; raises SdloraError when it does not fit."""
@@ -97,7 +105,8 @@ class Session:
 
     def generate(self, settings: Settings, strengths: dict[str, float | tuple[float, float]],
                  progress: bool = False):
-        """Images for `settings` with the blend `strengths`: [(PIL image, ImageParams)], image i with seed+i."""
+        """Images for `settings` with the blend `strengths`: [(PIL image, ImageParams)], image i with seed+i.
+        With `progress`, each image's denoising steps show as a bar labelled "image i/N"."""
         settings.check()
         base = self.base
         width = settings.width or base.native_resolution
@@ -106,9 +115,10 @@ class Session:
             self.blender.set_strengths(strengths)
             loras = [LoraRef(r.file.name, te, u, r.file.short_hash) for r, te, u in self.blender.active()]
             pipe = base.pipeline(scheduler=make_scheduler(settings.scheduler, base.scheduler_config))
-            pipe.set_progress_bar_config(disable=not progress)
             out = []
-            for i in range(settings.num_images):
+            n = settings.num_images
+            for i in range(n):
+                pipe.set_progress_bar_config(disable=not progress, desc=f"image {i + 1}/{n}", unit="step")
                 seed = settings.seed + i
                 image = pipe(prompt=settings.prompt, negative_prompt=settings.negative or None,
                              num_inference_steps=settings.steps, guidance_scale=settings.guidance,

@@ -7,6 +7,7 @@ size) and judged by `sdlora.toy.judge`. An image is right for a prompt when ever
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,11 @@ GUIDANCE = 5.0  # classifier-free guidance scale used for all toy measurements
 
 @torch.no_grad()
 def generate(base, prompts: list[str], n: int, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
-             batch: int = 128) -> dict[str, list[np.ndarray]]:
-    """`n` uint8 images [32, 32, 3] per prompt, deterministic for a given base, seed and settings."""
+             batch: int = 128, progress=None) -> dict[str, list[np.ndarray]]:
+    """`n` uint8 images [32, 32, 3] per prompt, deterministic for a given base, seed and settings.
+
+    With `progress` (called with prompts done, total), each batch holds one prompt's images, so that progress
+    can be told in prompts (the images are the same: each has its own generator)."""
     from sdlora.infer.session import make_scheduler
 
     pipe = base.pipeline(scheduler=make_scheduler("dpm++2m", base.scheduler_config))
@@ -30,6 +34,8 @@ def generate(base, prompts: list[str], n: int, seed: int = 0, steps: int = STEPS
     jobs = [(p, i, seed + 1000 * k + i) for k, p in enumerate(prompts) for i in range(n)]
     out: dict[str, list[np.ndarray]] = {p: [] for p in prompts}
     size = base.native_resolution
+    if progress is not None:
+        batch = n
     for s in range(0, len(jobs), batch):
         chunk = jobs[s:s + batch]
         gens = [torch.Generator("cpu").manual_seed(j[2]) for j in chunk]
@@ -37,6 +43,8 @@ def generate(base, prompts: list[str], n: int, seed: int = 0, steps: int = STEPS
                     width=size, height=size, generator=gens, output_type="np").images
         for j, im in zip(chunk, imgs):
             out[j[0]].append(np.clip(np.round(im * 255), 0, 255).astype(np.uint8))
+        if progress is not None:
+            progress((s + len(chunk)) // n, len(prompts))
     return out
 
 
@@ -78,12 +86,13 @@ class AdapterScore:
 
 def score_adapter(base, adapter: str | Path, trigger_prompt: str, subject: str, class_prompt: str | None = None,
                   other_prompts: list[str] | None = None, n: int = 8, strength: float = 1.0, seed: int = 0,
-                  base_cache: dict | None = None) -> AdapterScore:
+                  base_cache: dict | None = None, progress=None) -> AdapterScore:
     """Score an adapter file on `base` (the toy model): subject fidelity of `trigger_prompt` judged against
     `subject` (a world caption such as "a purple triangle"), and judged accuracy on `other_prompts`
     (default: every seen colour × shape, no background) with and without the adapter.
 
-    `base_cache` (a dict) keeps the base's accuracies between calls with the same prompts and settings."""
+    `base_cache` (a dict) keeps the base's accuracies between calls with the same prompts and settings;
+    `progress(label, prompts done, total)` is told how far the base ("base model") and the adapter run are."""
     from sdlora.formats.read import read_adapter
     from sdlora.infer.blend import Blender
 
@@ -97,20 +106,21 @@ def score_adapter(base, adapter: str | Path, trigger_prompt: str, subject: str, 
     cache = base_cache if base_cache is not None else {}
     spec = {trigger_prompt: want, cls: want}
 
-    def run():
-        imgs = generate(base, prompts, n, seed)
+    def run(label):
+        report = None if progress is None else (lambda done, total: progress(label, done, total))
+        imgs = generate(base, prompts, n, seed, progress=report)
         acc = judged({p: imgs[p] for p in prompts[2:]})
         subj = judged({p: imgs[p] for p in prompts[:2]}, spec)
         return subj, acc
 
     if key not in cache:
-        cache[key] = run()
+        cache[key] = run("base model")
     subj0, acc0 = cache[key]
     blender = Blender(base)
     name = blender.add(read_adapter(adapter)).file.name
     blender.set_strengths({name: strength})
     try:
-        subj1, acc1 = run()
+        subj1, acc1 = run("with the adapter")
     finally:
         blender.set_strengths({})
     others = prompts[2:]
@@ -126,16 +136,20 @@ def class_images(base, prompt: str, folder: str | Path, n: int = 20, seed: int =
     """Generate `n` class images for prior preservation with the base into `folder` (PNG files)."""
     from PIL import Image
 
+    from sdlora.formats.io import save_png
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(generate(base, [prompt], n, seed)[prompt]):
-        Image.fromarray(im).save(folder / f"{i:03d}.png")
+        save_png(Image.fromarray(im), folder / f"{i:03d}.png")
     return folder
 
 
 def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_000_000) -> Path:
     """Render `n` images of a world subject (e.g. "a purple triangle": any background, any position/size)."""
     from PIL import Image
+
+    from sdlora.formats.io import save_png
 
     want = world.parse_caption(subject)
     folder = Path(folder)
@@ -145,7 +159,7 @@ def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_
     for i in range(n):
         bg = want.get("background") or bgs[i % len(bgs)]
         scene = world.place(rng, want["colour"], want["shape"], bg)
-        Image.fromarray(world.render(scene)).save(folder / f"{i:02d}.png")
+        save_png(Image.fromarray(world.render(scene)), folder / f"{i:02d}.png")
     return folder
 
 
@@ -154,7 +168,7 @@ def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_
 
 
 def add_eval_args(p) -> None:
-    p.add_argument("--adapter", required=True, help="kohya LoRA .safetensors to score")
+    p.add_argument("--adapter", required=True, metavar="FILE", help="required: the LoRA .safetensors to score")
     p.add_argument("--subject", default=None,
                    help="toy model: what the trigger prompt should show, as a toy-world caption, e.g. 'a purple triangle'")
     p.add_argument("--reference-images", default=None,
@@ -196,9 +210,23 @@ def cmd_eval(args) -> int:
     prompt = args.prompt or f.trigger
     if not prompt:
         raise SdloraError(f"{args.adapter}: its metadata names no trigger; pass --prompt 'a sks triangle'")
+    print("loading the toy base model", flush=True)
     base = load_base("toy")
+    print(f"scoring {args.adapter} at strength {args.strength:g}: {args.num_images} images for each prompt (the "
+          "trigger, the class and every seen colour x shape), without the adapter, then with it", flush=True)
+    bars = {}
+
+    def progress(label, done, n):
+        from tqdm import tqdm
+
+        if label not in bars:
+            bars[label] = tqdm(total=n, desc=label, unit="prompt", file=sys.stderr)
+        bars[label].update(done - bars[label].n)
+        if done == n:
+            bars[label].close()
+
     s = score_adapter(base, args.adapter, prompt, args.subject, args.class_prompt, n=args.num_images,
-                      strength=args.strength, seed=args.seed)
+                      strength=args.strength, seed=args.seed, progress=progress)
     print(f"adapter {args.adapter} at strength {args.strength:g} on the toy base; trigger prompt {prompt!r}, "
           f"subject {args.subject!r}, {args.num_images} images per prompt")
     for line in s.lines():

@@ -133,8 +133,13 @@ def save_base(out: Path, vae, unet, te, tokenizer, info: dict) -> None:
     scheduler = PNDMScheduler.from_config(arch.load_config("sd15", "scheduler"))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    (out / "toy_pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+    from sdlora.formats.io import atomic_write_dir
+
+    def fill(tmp: Path) -> None:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "toy_pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    atomic_write_dir(Path(out), fill)
 
 
 def pretrain(out: Path, vae_steps: int = 1200, vae_batch: int = 32, unet_steps: int = 2000, unet_batch: int = 64,
