@@ -185,3 +185,19 @@ def test_training_on_a_single_file_checkpoint_offline(tmp_path, offline):
                      prediction_type="epsilon")
     assert res.base.prediction_type == "epsilon"
     assert load(res.path)[1]["ss_base_model_version"] == "sd_v2_512"
+
+
+def test_file_variants_as_found_in_the_wild(tmp_path, offline):
+    """fp16 tensors, a CLIP without the `text_model.` level (older files), position ids and schedule buffers."""
+    ref = load_base("tiny")
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in ldm_state_dict(ref).items()}
+    te = ref.spec.text_encoders[0].ldm_prefix
+    sd = {k.replace(te + "text_model.", te): v for k, v in sd.items()}
+    sd[te + "embeddings.position_ids"] = torch.arange(77)[None]
+    sd["alphas_cumprod"] = torch.linspace(1, 0, 1000)
+    got = load_base(str(_write(ref, tmp_path / "wild.safetensors", sd=sd)))
+    assert got.unet.dtype == torch.float32 and got.text_encoder.dtype == torch.float32
+    for attr, module in ref.modules.items():
+        mine, theirs = got.modules[attr].state_dict(), module.state_dict()
+        assert all(torch.equal(mine[k], theirs[k].half().float()) for k in theirs if theirs[k].is_floating_point()), attr
+    assert load_base(str(tmp_path / "wild.safetensors"), dtype=torch.bfloat16).unet.dtype == torch.bfloat16

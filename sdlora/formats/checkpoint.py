@@ -133,7 +133,7 @@ def derive_text_encoder_config(sd: dict, te, known: dict | None = None) -> dict:
             inter = sd[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
             proj = sd[p + "text_projection"].shape[1] if p + "text_projection" in sd else None
         else:
-            q = p + "text_model."
+            q = p + "text_model." if any(k.startswith(p + "text_model.") for k in sd) else p  # older files lack it
             tok, pos = sd[q + "embeddings.token_embedding.weight"].shape, sd[q + "embeddings.position_embedding.weight"].shape
             layers = len(_ids(sd, q + "encoder.layers."))
             inter = sd[q + "encoder.layers.0.mlp.fc1.weight"].shape[0]
@@ -218,8 +218,9 @@ def _tokenizer(vocab_size: int, te):
                       "for it (pass a diffusers folder, which carries its own)")
 
 
-def _load(cls_build, cfg: dict, state: dict, what: str, drop=()):
-    """Build a model from `cfg` without initialising its weights, then load `state` strictly."""
+def _load(cls_build, cfg: dict, state: dict, what: str, drop=(), dtype=None):
+    """Build a model from `cfg` without initialising its weights, then load `state` strictly (floating-point
+    tensors cast to `dtype`: an fp16 file loads as fp32 unless asked otherwise)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on meta, buffers (CLIP's position ids) real
@@ -236,6 +237,8 @@ def _load(cls_build, cfg: dict, state: dict, what: str, drop=()):
                           "unsupported variant")
     # fresh, aligned memory: tensors read from the file are views at arbitrary offsets, on which CPU kernels may
     # take other (last-bit different) paths than on the model they were written from
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     aligned = {k: v if v.is_contiguous() and v.data_ptr() % 64 == 0 else v.contiguous().clone() for k, v in state.items()}
     model.load_state_dict(aligned, strict=True, assign=True)
     return model.eval()
@@ -289,16 +292,13 @@ def load_single_file(path: Path, spec: ArchSpec, dtype=None, requested_predictio
         parts[t.tokenizer_attr] = tok
         cfg |= {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         parts[t.attr] = _load(archs.build, cfg, _te_state(sd, t, cfg), "text encoder",
-                              drop=("text_projection.weight", "logit_scale"))
+                              drop=("text_projection.weight", "logit_scale"), dtype=dtype)
     unet_cfg = configs[spec.denoiser]
     parts[spec.denoiser] = _load(lambda c: diffusers.UNet2DConditionModel.from_config(c), unet_cfg,
-                                 convert_ldm_unet_checkpoint(sd, unet_cfg), "UNet")
+                                 convert_ldm_unet_checkpoint(sd, unet_cfg), "UNet", dtype=dtype)
     vae_cfg = configs["vae"]
     parts["vae"] = _load(lambda c: diffusers.AutoencoderKL.from_config(c), vae_cfg,
-                         convert_ldm_vae_checkpoint(sd, vae_cfg), "VAE")
-    if dtype is not None and dtype != torch.float32:
-        for k in [spec.denoiser, "vae", *(t.attr for t in spec.text_encoders)]:
-            parts[k] = parts[k].to(dtype)
+                         convert_ldm_vae_checkpoint(sd, vae_cfg), "VAE", dtype=dtype)
     prediction = prediction_type(sd, metadata, spec, requested_prediction)
     parts["scheduler_config"] = archs.load_config(spec.id, "scheduler") | {"prediction_type": prediction}
     native = None
