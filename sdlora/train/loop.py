@@ -22,7 +22,7 @@ from sdlora import outputs
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
 from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
-from sdlora.dataset import scan_dataset
+from sdlora.dataset import scan_dataset, scan_folder
 from sdlora.errors import SdloraError
 from sdlora.formats import kohya, meta
 from sdlora.formats.read import parse
@@ -142,8 +142,11 @@ class _Run:
                 ensure_class_images(self.base, cfg.class_prompt, cfg.class_folder, cfg.num_class_images,
                                     self.resolution, seed=cfg.seed, log=self.say)
         self.accelerator.wait_for_everyone()
-        self.dataset = scan_dataset(cfg.images, cfg.class_folder)  # now with the generated class images
-        self.dataset.check(cfg.prompt, cfg.skip_bad_images, log=_quiet)
+        self.dataset.classes = scan_folder(cfg.class_folder, is_class=True)[0]  # now with the generated images
+        self.dataset.check(cfg.prompt, cfg.skip_bad_images, log=_quiet)  # instance images were reported already
+        bad = [p for c in self.dataset.classes for p, _ in c.bad]
+        if bad:
+            self.say(f"warning: skipping {len(bad)} unreadable class image(s): " + ", ".join(map(display_name, bad)))
         self.class_images = self.dataset.class_images
         if not self.class_images:
             raise SdloraError(f"{cfg.class_folder} (--class-images) has no images; add .jpg/.png/.webp files to it")
