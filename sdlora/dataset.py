@@ -61,15 +61,19 @@ class Dataset:
         return [b for c in self.concepts + self.classes for b in c.bad]
 
     def problems(self) -> list[str]:
-        """Everything training would warn about or refuse, one line each (images checked at any size)."""
+        """What training would refuse or warn about (unreadable files, empty folders), one line each."""
         out = [f"{display_name(p, full=True)}: cannot read it ({why})" for p, why in self.bad]
-        out += [f"{display_name(c.folder, full=True)}: no images" for c in self.concepts + self.classes
-                if not c.images and not c.bad]
-        out += [f"{display_name(p, full=True)}: ignored (not a folder named N_words, e.g. '10_sks dog')"
-                for p in self.skipped_folders]
-        out += [f"{display_name(p, full=True)}: ignored (not an image or a caption)"
-                for c in self.concepts + self.classes for p in c.ignored]
-        return out
+        return out + [f"{display_name(c.folder, full=True)}: no images" for c in self.concepts + self.classes
+                      if not c.images and not c.bad]
+
+    def ignored(self) -> list[str]:
+        """What training does not read: subfolders not named `N_words`, files that are neither images nor captions,
+        captions of no image."""
+        out = [f"{display_name(p, full=True)}: not a folder named N_words (e.g. '10_sks dog')"
+               for p in self.skipped_folders]
+        return out + [f"{display_name(p, full=True)}: "
+                      + ("a caption of no image" if p.suffix.lower() in CAPTION_SUFFIXES else "not an image or a caption")
+                      for c in self.concepts + self.classes for p in c.ignored]
 
     def check(self, prompt: str | None, skip_bad: bool = False, log=print) -> None:
         """Refuse (one line) what training cannot use: unreadable images (unless `skip_bad`), no images, images with
@@ -131,7 +135,9 @@ def is_concept_parent(folder: Path) -> bool:
 
 def _concept(folder: Path, repeats: int, prompt: str | None, is_class: bool) -> Concept:
     res = scan(folder)
-    ignored = [p for p in res.ignored if p.suffix.lower() not in CAPTION_SUFFIXES]
+    stems = {p.stem for p in res.images} | {p.stem for p, _ in res.bad}
+    # neither images nor captions, and captions of no image (a renamed or deleted picture)
+    ignored = [p for p in res.ignored if p.suffix.lower() not in CAPTION_SUFFIXES or p.stem not in stems]
     return Concept(folder, repeats, prompt, res.images, res.bad, ignored, is_class)
 
 
@@ -203,6 +209,10 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
                                 f"{e.size[0]}x{e.size[1]} (upscaled, softer)" for e in small_images(instance + classes)]
     if any(c.prompt is None for c in ds.concepts) and not prompt:
         problems.append("images without caption files need --prompt (or kohya-style N_words folders)")
+    ignored = ds.ignored()
+    if ignored:
+        lines.append(f"ignored ({len(ignored)}):")
+        lines += [f"  {p}" for p in ignored]
     lines.append(f"{len(problems)} problem(s)" + (":" if problems else ""))
     lines += [f"  {p}" for p in problems]
     return lines

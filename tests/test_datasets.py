@@ -30,6 +30,7 @@ def kohya_tree(root):
     (dog / "img_0.txt").write_text("sks dog, on grass, sunny\n")
     (root / "train" / "misc").mkdir()
     (dog / "notes.md").write_text("not an image")
+    (dog / "gone.txt").write_text("sks dog, deleted")
     reg = make_images(root / "reg" / "1_dog", 2, seed=3)
     (reg / "img_1.txt").write_text("a dog, indoors")
     return root / "train", root / "reg", dog, cat, reg
@@ -42,8 +43,10 @@ def test_kohya_parent_folders_are_concepts_with_repeats_and_prompts(tmp_path):
     assert [(c.name, c.repeats, c.prompt, len(c.images)) for c in ds.concepts] == [
         ("10_sks dog", 10, "sks dog", 3), ("3_zwx cat", 3, "zwx cat", 2)]
     assert [(c.name, c.repeats, c.prompt, len(c.images)) for c in ds.classes] == [("1_dog", 1, "dog", 2)]
-    problems = ds.problems()
-    assert any("misc" in p and "N_words" in p for p in problems) and any("notes.md" in p for p in problems)
+    assert ds.problems() == []
+    ignored = ds.ignored()
+    assert any("misc: not a folder named N_words" in p for p in ignored) and any("notes.md" in p for p in ignored)
+    assert any("gone.txt: a caption of no image" in p for p in ignored)
     ds.check(prompt=None)  # no --prompt needed: the folders name their prompts
     inst, cls = ds.examples(PromptRules("", ""), 64, None)
     captions = {(e.path.parent.name, e.path.name): e.caption for e in inst + cls}
@@ -108,7 +111,8 @@ def test_scan_prints_what_training_sees_and_exits_1_when_training_would_stop(tmp
     assert "instance 3_zwx cat: 2 image(s) × 3 repeats" in out and "class 1_dog: 2 image(s) × 1 repeats" in out
     assert "img_0.png  80x64 -> " in out and "'sks dog, on grass, sunny'" in out
     assert "training sees 36 instance images per epoch (5 files), 2 class images" in out
-    assert "misc: ignored" in out and "notes.md: ignored" in out
+    assert "misc: not a folder named N_words" in out and "notes.md: not an image or a caption" in out
+    assert out.rstrip().endswith("0 problem(s)")
     p = scan_cli(tiny.parent, "--resolution", "64")
     assert p.returncode == 0 and "8x8 is smaller than 64x64" in p.stdout
     (cat / "img_1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
