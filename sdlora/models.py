@@ -1,7 +1,9 @@
 """Load a base model: a built-in one (`tiny`, `tiny-sd2`, `tiny-sdxl`, `toy`), a hub id, a local diffusers folder
 or a single-file checkpoint.
 
-The architecture (an `sdlora.archs` spec) and prediction type are detected from what is loaded, never asked for.
+The architecture (an `sdlora.archs` spec) and prediction type are detected from what is loaded; only a
+single-file SD 2.x checkpoint's ε/v may need `prediction_type` (its weights do not say, formats/checkpoint.py).
+Single files load offline: their configs are derived from their tensors.
 Importing this module imports neither torch nor diffusers (they load when a model does).
 """
 
