@@ -111,6 +111,9 @@ SUBCOMMANDS = {
               "Fuse LoRA adapters at given strengths into a model and save it."),
     "resize": ("sdlora.resize", "reduce a LoRA's rank by SVD",
                "Lower the rank of every module by truncated SVD; prints the energy kept."),
+    "scan": ("sdlora.dataset", "show what training would see in an image folder, without loading a model",
+             "List concepts (kohya N_words folders) and repeats, every image with its size, bucket and caption, and "
+             "the problems training would warn about or stop on. Exits 1 when training would stop."),
     "eval": ("sdlora.toy.evaluate", "score an adapter: toy-world judge, or CLIP-I/CLIP-T/DINO on real models",
              "Generate with and without the adapter and score the images (subject fidelity, prompt fidelity)."),
 }

@@ -18,6 +18,7 @@ from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MAX_RESOLUTION = 4096  # above it only with --force-resolution: latents and memory grow with the square
 MAX_RANK = 1024  # a config bound; after the model loads the rank is also checked against the narrowest layer
@@ -30,9 +31,14 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class TrainConfig:
-    images: str = _f(MISSING, "folder of instance (subject) images; .txt/.caption files beside them are captions")
-    prompt: str = _f(MISSING, "instance prompt with the trigger word, e.g. 'sks dog' (used for images without a caption)")
+    images: str = _f(MISSING, "folder of instance (subject) images, .txt/.caption files beside them are captions; or a "
+                     "kohya-style parent of N_words subfolders (N repeats, 'words' the prompt), e.g. '10_sks dog'")
+    prompt: str | None = _f(None, "instance prompt with the trigger word, e.g. 'sks dog' (used for images without a "
+                            "caption); optional when --images holds N_words subfolders")
     model: str = _f(DEFAULT_MODEL, model_kinds_help())
+    prediction_type: str | None = _f(None, "the base model's objective, for single-file SD 2.x checkpoints whose ε/v "
+                                     "guess is wrong (default: detected; see README)", choices=PREDICTION_TYPES,
+                                     group="model")
     output_dir: str = _f("output", "folder for the adapter file")
     name: str | None = _f(None, "output name (file <output_dir>/<name>.safetensors); default: the images folder's name")
     out: str | None = _f(None, "exact output file path (overrides --output-dir/--name)")
@@ -111,9 +117,13 @@ class TrainConfig:
             elif not isinstance(v, t) or (t is int and isinstance(v, bool)):
                 what = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}[t]
                 bad(name, f"must be {what}, got {v!r}")
-        for f in ("images", "prompt"):
-            if not getattr(self, f):
-                bad(f, "is required")
+        if not self.images:
+            bad("images", "is required")
+        from sdlora.dataset import is_concept_parent  # the folders name their prompts: kohya's N_words
+
+        if not self.prompt and not is_concept_parent(Path(self.images)):
+            bad("prompt", "is required (the prompt of images without a caption file), unless --images is a parent "
+                "of kohya-style N_words subfolders, e.g. '10_sks dog'")
         # every number finite: NaN passes `x > 0`-style checks and inf passes `x >= 0`
         for name, t in typing.get_type_hints(TrainConfig).items():
             v = getattr(self, name)
@@ -148,7 +158,7 @@ class TrainConfig:
         if self.resolution is not None and self.resolution > MAX_RESOLUTION and not self.force_resolution:
             bad("resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}; pass --force-resolution "
                 "to go above (memory and the latent cache grow with its square)")
-        if self.class_images and not self.class_prompt:
+        if self.class_images and not self.class_prompt and not is_concept_parent(Path(self.class_images)):
             raise SdloraError("--class-images needs --class-prompt (the prompt those class images show)")
         if self.epochs is not None and self.epochs < 1:
             bad("epochs", f"must be at least 1, got {self.epochs}")
@@ -164,7 +174,7 @@ class TrainConfig:
                 bad(f, f"must be >= 0, got {getattr(self, f)}")
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            if choices and getattr(self, f.name) not in choices and getattr(self, f.name) is not None:
                 bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
 
     @property
@@ -173,14 +183,14 @@ class TrainConfig:
 
     @property
     def trigger_text(self) -> str:
-        return self.trigger or self.prompt
+        return self.trigger or self.prompt or ""
 
     @property
     def class_folder(self) -> Path | None:
+        if self.class_images:  # a kohya-style parent needs no --class-prompt
+            return Path(self.class_images)
         if not self.class_prompt:
             return None
-        if self.class_images:
-            return Path(self.class_images)
         from sdlora.train.prior import slug
 
         return Path(self.output_dir) / "class_images" / slug(self.class_prompt)

@@ -284,6 +284,7 @@ class Example:
     orig_size: tuple[int, int] = (0, 0)  # (width, height) of the file, after EXIF orientation
     crop_top_left: tuple[int, int] = (0, 0)  # where the centre crop starts in the resized image
     has_caption: bool = False  # a .txt/.caption sidecar was found
+    repeats: int = 1  # times per epoch (times the run's --repeats): its concept folder's N (kohya `N_words`)
 
     def sdxl_time_ids(self) -> list[int]:
         """SDXL's size/crop micro-conditioning: original (h, w), crop (top, left), target (h, w)."""
@@ -291,7 +292,8 @@ class Example:
 
 
 def build_examples(images: list[Path], rules: PromptRules, resolution: int, bucket_list: list[tuple[int, int]] | None,
-                   fixed_caption: str | None = None, is_class: bool = False) -> list[Example]:
+                   fixed_caption: str | None = None, is_class: bool = False, repeats: int = 1,
+                   warn: bool = True) -> list[Example]:
     """One Example per image: its caption (sidecar, or the prompt) and its training size (bucket or square)."""
     out = []
     for p in images:
@@ -300,9 +302,9 @@ def build_examples(images: list[Path], rules: PromptRules, resolution: int, buck
         orig = image_size(p)
         size = nearest_bucket(orig, bucket_list) if bucket_list else (resolution, resolution)
         _, _, left, top = cover_crop(*orig, *size)
-        out.append(Example(p, caption, size, is_class, orig, (top, left), sidecar is not None))
+        out.append(Example(p, caption, size, is_class, orig, (top, left), sidecar is not None, repeats))
     small = small_images(out)
-    if small:
+    if small and warn:
         names = ", ".join(f"{display_name(e.path)} ({e.orig_size[0]}x{e.orig_size[1]} < {e.size[0]}x{e.size[1]})"
                           for e in small[:3])
         more = f" and {len(small) - 3} more" if len(small) > 3 else ""
@@ -317,12 +319,13 @@ def small_images(examples: list[Example]) -> list[Example]:
 
 
 def epoch_batches(examples: list[Example], batch_size: int, repeats: int, epoch: int, seed: int) -> list[list[int]]:
-    """The batches of one epoch: each example `repeats` times, shuffled by (seed, epoch), grouped so that a batch
-    holds one size only; the last, short batch of a size is kept. Deterministic, so a resumed run replays it."""
+    """The batches of one epoch: each example `repeats` × its own `repeats` times, shuffled by (seed, epoch), grouped
+    so that a batch holds one size only; the last, short batch of a size is kept. Deterministic, so a resumed run
+    replays it."""
     rng = random.Random(seed * 100_003 + epoch)
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, ex in enumerate(examples):
-        by_size.setdefault(ex.size, []).extend([i] * repeats)
+        by_size.setdefault(ex.size, []).extend([i] * (repeats * ex.repeats))
     batches = []
     for size in sorted(by_size):
         idx = by_size[size]

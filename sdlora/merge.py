@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.formats import io, kohya
+from sdlora.formats import checkpoint, io, kohya
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
 from sdlora.infer.cli import parse_lora_spec
@@ -95,6 +95,8 @@ def ldm_state_dict(base) -> dict[str, torch.Tensor]:
     for t in base.spec.text_encoders:
         layout = openclip_to_ldm_state if t.ldm_layout == "openclip" else clip_to_ldm_state
         out |= layout(base.modules[t.attr], t.ldm_prefix)
+    if base.prediction_type == "v_prediction":  # ComfyUI's marker: the weights do not say ε or v
+        out[checkpoint.V_PRED_MARKER] = torch.tensor([])
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
@@ -133,7 +135,8 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
         if bad:
             raise SdloraError(f"the merged weights hold NaN or Inf (first: {bad[0]}); nothing was written; check the "
                               "base model and the adapters (`sdlora verify FILE`)")
-        io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)})
+        io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)}
+                       | checkpoint.ldm_metadata(base))
         if load_base_spec(out) is not base.spec:  # read back as a checkpoint of the same family
             raise SdloraError(f"{out} was written but does not read back as a {base.spec.label} checkpoint; this is a "
                               "bug in sdlora, please report it")

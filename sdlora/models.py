@@ -1,7 +1,9 @@
 """Load a base model: a built-in one (`tiny`, `tiny-sd2`, `tiny-sdxl`, `toy`), a hub id, a local diffusers folder
 or a single-file checkpoint.
 
-The architecture (an `sdlora.archs` spec) and prediction type are detected from what is loaded, never asked for.
+The architecture (an `sdlora.archs` spec) and prediction type are detected from what is loaded; only a
+single-file SD 2.x checkpoint's ε/v may need `prediction_type` (its weights do not say, formats/checkpoint.py).
+Single files load offline: their configs are derived from their tensors.
 Importing this module imports neither torch nor diffusers (they load when a model does).
 """
 
@@ -159,8 +161,11 @@ def detect_arch(pipe) -> ArchSpec:
                       + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
 
 
-def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
-    """Load `name`: a built-in model, a hub id, a local diffusers folder, or a single-file .safetensors checkpoint."""
+def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None = None) -> BaseModel:
+    """Load `name`: a built-in model, a hub id, a local diffusers folder, or a single-file .safetensors checkpoint.
+
+    `prediction_type` ("epsilon" / "v_prediction") overrides what a single-file checkpoint's guess would be (the
+    weights do not say; see sdlora/formats/checkpoint.py); other models carry it in their scheduler config."""
     import torch
 
     if name in BUILTIN_MODELS:
@@ -177,15 +182,11 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
             raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder, "
                               f"a hub id, or {OFFLINE_HINT}")
         spec = detect_checkpoint_arch(checkpoint_keys(path))
-        try:
-            pipe = getattr(diffusers, spec.pipeline).from_single_file(str(path), dtype=dtype)
-        except Exception as e:  # diffusers raises many types; the user needs one line
-            if _unreachable(e):
-                raise SdloraError(f"{name}: diffusers needs the model's config from the Hugging Face hub the first "
-                                  "time it reads a single-file checkpoint, and the hub cannot be reached; load it "
-                                  "once with a connection (the config is cached), or pass a diffusers folder") from e
-            raise SdloraError(f"{name}: could not load the checkpoint ({cause(e)}); check the file is complete, "
-                              "or pass a diffusers folder") from e
+        from sdlora.formats.checkpoint import load_single_file
+
+        # configs derived from the file's tensors, tokenizers shipped with sdlora: no network (formats/checkpoint.py)
+        parts, native = load_single_file(path, spec, dtype, prediction_type)
+        return from_components(name, spec, parts, native)
     else:
         if path.exists() and not (path / "model_index.json").is_file():
             raise SdloraError(f"{name}: the folder has no model_index.json, so it is not a diffusers model; pass a "
@@ -197,7 +198,7 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None) -> BaseModel:
                                                                safety_checker=None, requires_safety_checker=False)
         except Exception as e:
             raise _load_error(name, path.exists(), e) from e
-    return from_pipeline(pipe, name)
+    return from_pipeline(pipe, name, prediction_type)
 
 
 def _builtin(name: str) -> BaseModel:
@@ -211,9 +212,12 @@ def _builtin(name: str) -> BaseModel:
     return from_components(name, spec, tiny_components(spec), TINY_RESOLUTION)
 
 
-def from_pipeline(pipe, name: str) -> BaseModel:
-    """Wrap a loaded diffusers pipeline, detecting the family and prediction type."""
-    return from_components(name, detect_arch(pipe), dict(pipe.components))
+def from_pipeline(pipe, name: str, prediction_type: str | None = None) -> BaseModel:
+    """Wrap a loaded diffusers pipeline, detecting the family and prediction type (unless `prediction_type`)."""
+    parts = dict(pipe.components)
+    if prediction_type:
+        parts["scheduler_config"] = dict(pipe.scheduler.config) | {"prediction_type": prediction_type}
+    return from_components(name, detect_arch(pipe), parts)
 
 
 def _looks_like_path(name: str) -> bool:

@@ -12,6 +12,6 @@ SPEC = ArchSpec(
     checkpoint_marker="cond_stage_model.transformer.",
     versions={"epsilon": ("sd_v1", "stable-diffusion-v1/lora"), "v_prediction": ("sd_v1", "stable-diffusion-v1/lora")},
     kohya_version_prefix="sd_v1",
-    modelspec_prefix="stable-diffusion-v1",
+    modelspec_prefix="stable-diffusion-v1", unet_heads=8,
     tiny_denoiser={"norm_num_groups": 8, "block_out_channels": [16, 32, 64, 64], "attention_head_dim": 4, "cross_attention_dim": 32},
 )

@@ -9,7 +9,7 @@ SPEC = ArchSpec(
         TextEncoderSpec("te1", "text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", "clip",
                         a1111_prefix="0_", hidden="penultimate"),
         TextEncoderSpec("te2", "text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", "openclip",
-                        a1111_prefix="1_", hidden="penultimate", pooled=True),
+                        a1111_prefix="1_", hidden="penultimate", pooled=True, pad_token="!"),
     ),
     pipeline="StableDiffusionXLPipeline", native_resolution=1024, denoiser_names="ldm", micro_conditioning=True,
     checkpoint_marker="conditioner.embedders.1.",

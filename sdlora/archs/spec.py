@@ -24,6 +24,10 @@ class TextEncoderSpec:
     a1111_prefix: str = ""  # A1111's network-layer name prefix of this encoder ("", "0_", "1_")
     hidden: str = "final"  # conditioning from the "final" (after the final layer norm) or "penultimate" layer
     pooled: bool = False  # its projected pooled output conditions the denoiser (SDXL's bigG)
+    pad_token: str = "<|endoftext|>"  # its tokenizer's padding token (OpenCLIP's is "!")
+    head_channels: int = 64  # channels per attention head (not in the weights; CLIP-L, OpenCLIP-H and bigG: 64)
+    ldm_extra_layer: bool = False  # original files hold one more layer than diffusers' encoder (SD 2.x: OpenCLIP-H's
+    # 24th, which the penultimate-layer conditioning never runs)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class ArchSpec:
     modelspec_prefix: str = ""  # every `modelspec.architecture` of this family starts with it
     modelspec_implementation: str = "diffusers"
     is_v2: bool = False  # kohya's `ss_v2`
+    # attention heads of the denoiser's transformer blocks, which the weights do not show (ComfyUI's model
+    # detection uses the same rules): a fixed count per block (SD 1.x: 8), else one head per `unet_head_channels`
+    unet_heads: int = 0
+    unet_head_channels: int = 64
+    ambiguous_prediction: bool = False  # ε and v variants have the same weights layout (SD 2.x): the loader guesses
     tiny_denoiser: dict = field(default_factory=dict)  # denoiser config overrides of the built-in tiny model (sdlora.tiny)
 
     @property

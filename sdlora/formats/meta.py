@@ -101,3 +101,37 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "sdlora_config": json.dumps({k: v for k, v in cfg.to_dict().items() if k != "resume"}, default=str),
     }
     return md
+
+
+def dataset_metadata(dataset, repeats: int, instance: list, classes: list, trigger: str = "") -> dict[str, str]:
+    """kohya's dataset keys (library/train_util.py, DreamBooth datasets): `ss_dataset_dirs` and `ss_reg_dataset_dirs`
+    ({folder name: {"n_repeats", "img_count"}}), `ss_num_train_images` / `ss_num_reg_images` counting repeats, and
+    `ss_tag_frequency` per folder (instance and class). `dataset` is an `sdlora.dataset.Dataset`, `repeats` the run's
+    --repeats (it multiplies each folder's N), `instance`/`classes` the examples trained on (their final captions).
+    Without a `trigger` (--trigger/--prompt), the trigger phrase is the concept folders' words."""
+    captions: dict = {}
+    for e in list(instance) + list(classes):
+        captions.setdefault(e.path.parent, []).append(e.caption)
+
+    def dirs(concepts) -> dict:
+        return {c.name: {"n_repeats": c.repeats * repeats, "img_count": len(c.images)} for c in concepts}
+
+    def counted(concepts) -> int:
+        return sum(c.repeats * repeats * len(c.images) for c in concepts)
+
+    freq = {}
+    for c in list(dataset.concepts) + list(dataset.classes):
+        tags: dict[str, int] = {}
+        for cap in captions.get(c.folder, []):
+            for tag in (t.strip() for t in cap.split(",")):
+                if tag:
+                    tags[tag] = tags.get(tag, 0) + 1
+        freq[c.name] = tags
+    md = {"ss_dataset_dirs": json.dumps(dirs(dataset.concepts)), "ss_reg_dataset_dirs": json.dumps(dirs(dataset.classes)),
+          "ss_num_train_images": str(counted(dataset.concepts)), "ss_num_reg_images": str(counted(dataset.classes)),
+          "ss_tag_frequency": json.dumps(freq)}
+    words = [c.prompt for c in dataset.concepts if c.prompt]
+    if words and not trigger:
+        md["modelspec.trigger_phrase"] = ", ".join(words)
+        md["ss_training_comment"] = "trigger: " + ", ".join(words)
+    return md

@@ -26,7 +26,8 @@ MANIFEST_KEYS = ("format", "step", "identity", "data", "position", "optimizer_pa
                  "python_rng")
 
 # Settings that define a run: a checkpoint made with other values cannot be continued as the same run.
-IDENTITY = ("model", "preset", "rank", "alpha", "no_text_encoder", "resolution", "batch_size", "grad_accum",
+IDENTITY = ("model", "prediction_type", "preset", "rank", "alpha", "no_text_encoder", "resolution", "batch_size",
+            "grad_accum",
             "repeats", "lr", "te_lr", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
             "mixed_precision", "seed", "prompt", "trigger", "class_prompt", "prior_loss_weight", "no_flip",
             "buckets", "caption_dropout", "shuffle_tags", "keep_tags", "min_snr_gamma", "noise_offset", "network", "dora",

@@ -1,0 +1,247 @@
+"""Datasets as users keep them, and `sdlora scan DIR`: what training would see, from one function both use.
+
+`--images` (and `--class-images`) is either a plain folder of images, or a kohya-style parent folder whose
+subfolders are named `N_words`: each is a concept trained N times per epoch, "words" being the prompt of its
+images without a caption file (`10_sks dog/`, `3_zwx cat/`; class folders the same, `1_dog/`). `scan_dataset`
+reads either kind, decoding every image (data.scan), and lists every problem; training calls it before any model
+loads, `sdlora scan` prints it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sdlora.data import (CAPTION_SUFFIXES, IMAGE_SUFFIXES, Example, PromptRules, build_examples, display_name,
+                         make_buckets, scan, small_images)
+from sdlora.errors import SdloraError
+
+CONCEPT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's `N_words`
+
+
+@dataclass
+class Concept:
+    """One folder of images: a kohya `N_words` subfolder, or the plain folder itself."""
+
+    folder: Path
+    repeats: int  # kohya's N (1 for a plain folder); the run's --repeats multiplies it
+    prompt: str | None  # kohya's words; None for a plain folder (the --prompt / --class-prompt applies)
+    images: list[Path] = field(default_factory=list)
+    bad: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
+    ignored: list[Path] = field(default_factory=list)  # files that are neither images nor captions
+    is_class: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+@dataclass
+class Dataset:
+    """The instance and class concepts of a run, and what is wrong with them."""
+
+    images: Path
+    concepts: list[Concept]
+    classes: list[Concept]
+    class_folder: Path | None = None
+    skipped_folders: list[Path] = field(default_factory=list)  # subfolders of a parent that are not `N_words`
+    class_parent: bool = False  # --class-images is a kohya-style parent (its folders name their prompts)
+
+    @property
+    def instance_images(self) -> list[Path]:
+        return [p for c in self.concepts for p in c.images]
+
+    @property
+    def class_images(self) -> list[Path]:
+        return [p for c in self.classes for p in c.images]
+
+    @property
+    def bad(self) -> list[tuple[Path, str]]:
+        return [b for c in self.concepts + self.classes for b in c.bad]
+
+    def problems(self) -> list[str]:
+        """What training would refuse or warn about (unreadable files, empty folders), one line each."""
+        out = [f"{display_name(p, full=True)}: cannot read it ({why})" for p, why in self.bad]
+        return out + [f"{display_name(c.folder, full=True)}: no images" for c in self.concepts + self.classes
+                      if not c.images and not c.bad]
+
+    def ignored(self) -> list[str]:
+        """What training does not read: subfolders not named `N_words`, files that are neither images nor captions,
+        captions of no image."""
+        out = [f"{display_name(p, full=True)}: not a folder named N_words (e.g. '10_sks dog')"
+               for p in self.skipped_folders]
+        return out + [f"{display_name(p, full=True)}: "
+                      + ("a caption of no image" if p.suffix.lower() in CAPTION_SUFFIXES else "not an image or a caption")
+                      for c in self.concepts + self.classes for p in c.ignored]
+
+    def check(self, prompt: str | None, skip_bad: bool = False, log=print) -> None:
+        """Refuse (one line) what training cannot use: unreadable images (unless `skip_bad`), no images, images with
+        no prompt at all."""
+        if self.bad and not skip_bad:
+            names = ", ".join(f"{display_name(p)} ({why})" for p, why in self.bad[:3])
+            more = f" and {len(self.bad) - 3} more" if len(self.bad) > 3 else ""
+            raise SdloraError(f"{display_name(self.bad[0][0].parent, full=True)}: cannot read {names}{more}; fix or "
+                              "remove them, or pass --skip-bad-images")
+        if self.bad:
+            log(f"warning: skipping {len(self.bad)} unreadable image(s) in {display_name(self.images, full=True)}: "
+                + ", ".join(f"{display_name(p)} ({why})" for p, why in self.bad))
+        if not self.instance_images:
+            raise SdloraError(f"{self.images} (--images) has no images; add .jpg/.png/.webp files to it"
+                              + (" or to its N_words subfolders" if self.concepts and self.concepts[0].prompt else ""))
+        if not prompt and any(c.prompt is None for c in self.concepts):
+            raise SdloraError("--prompt is required (the prompt of images without a caption file), unless --images "
+                              "is a parent of kohya-style N_words subfolders, e.g. '10_sks dog'")
+
+    def examples(self, rules: PromptRules, resolution: int, buckets, trigger: str | None = None,
+                 class_prompt: str | None = None, warn: bool = True) -> tuple[list[Example], list[Example]]:
+        """(instance, class) examples. A concept's words are the prompt of its images without a caption and, unless
+        --trigger is given, the trigger put first in captions lacking it; class images without a caption take
+        their folder's words (a kohya class parent) or --class-prompt."""
+        instance, classes = [], []
+        for c in self.concepts:
+            prompt = c.prompt or rules.prompt
+            r = replace(rules, prompt=prompt, trigger=trigger or prompt)
+            instance += build_examples(c.images, r, resolution, buckets, repeats=c.repeats, warn=False)
+        for c in self.classes:
+            if c.prompt is None:
+                classes += build_examples(c.images, rules, resolution, buckets, fixed_caption=class_prompt,
+                                          is_class=True, repeats=c.repeats, warn=False)
+            else:
+                r = PromptRules(prompt=c.prompt, trigger="")
+                classes += build_examples(c.images, r, resolution, buckets, is_class=True, repeats=c.repeats,
+                                          warn=False)
+        small = small_images(instance + classes)
+        if small and warn:
+            names = ", ".join(f"{display_name(e.path)} ({e.orig_size[0]}x{e.orig_size[1]} < {e.size[0]}x{e.size[1]})"
+                              for e in small[:3])
+            more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+            print(f"warning: {len(small)} image(s) smaller than the training size are upscaled (softer results): "
+                  f"{names}{more}; use larger images or a lower --resolution")
+        return instance, classes
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def is_concept_parent(folder: Path) -> bool:
+    """Is `folder` a kohya-style parent: no images of its own, subfolders named `N_words`?"""
+    folder = Path(folder)
+    if not folder.is_dir() or _has_images(folder):
+        return False
+    return any(p.is_dir() and CONCEPT_FOLDER.match(p.name) for p in folder.iterdir())
+
+
+def _concept(folder: Path, repeats: int, prompt: str | None, is_class: bool) -> Concept:
+    res = scan(folder)
+    stems = {p.stem for p in res.images} | {p.stem for p, _ in res.bad}
+    # neither images nor captions, and captions of no image (a renamed or deleted picture)
+    ignored = [p for p in res.ignored if p.suffix.lower() not in CAPTION_SUFFIXES or p.stem not in stems]
+    return Concept(folder, repeats, prompt, res.images, res.bad, ignored, is_class)
+
+
+def scan_folder(folder: Path, is_class: bool = False) -> tuple[list[Concept], list[Path]]:
+    """The concepts of `folder` (a plain folder: one; a kohya-style parent: one per `N_words` subfolder, sorted by
+    name) and the subfolders skipped."""
+    folder = Path(folder)
+    what = "--class-images" if is_class else "--images"
+    if not folder.is_dir():
+        raise SdloraError(f"{display_name(folder, full=True)} ({what}): no such folder; pass a folder of images or of "
+                          "N_words subfolders")
+    if not is_concept_parent(folder):
+        return [_concept(folder, 1, None, is_class)], []
+    concepts, skipped = [], []
+    for sub in sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name):
+        m = CONCEPT_FOLDER.match(sub.name)
+        words = " ".join(m[2].split()) if m else ""
+        if not m or int(m[1]) < 1 or not words:
+            skipped.append(sub)
+            continue
+        concepts.append(_concept(sub, int(m[1]), words, is_class))
+    return concepts, skipped
+
+
+def scan_dataset(images, class_images=None) -> Dataset:
+    """Scan the instance folder and the class folder (if any, and if it exists yet): concepts, repeats, every image
+    decoded. What `sdlora scan` prints and what training checks first."""
+    concepts, skipped = scan_folder(Path(images))
+    classes, class_parent = [], False
+    if class_images is not None and Path(class_images).is_dir():
+        class_parent = is_concept_parent(Path(class_images))
+        classes, skipped_cls = scan_folder(Path(class_images), is_class=True)
+        skipped += skipped_cls
+    return Dataset(Path(images), concepts, classes, Path(class_images) if class_images else None, skipped, class_parent)
+
+
+# ---------------------------------------------------------------- `sdlora scan`
+
+
+def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repeats: int = 1,
+           class_prompt: str | None = None, trigger: str | None = None) -> list[str]:
+    """The lines `sdlora scan` prints: concepts and repeats, every image with its size, bucket and caption, the
+    epoch arithmetic, and the problems."""
+    from collections import Counter
+
+    bucket_list = make_buckets(resolution, max(8, resolution // 8)) if buckets else None
+    rules = PromptRules(prompt or "", trigger or prompt or "")
+    instance, classes = ds.examples(rules, resolution, bucket_list, trigger, class_prompt, warn=False)
+    lines = [f"{display_name(ds.images, full=True)}: "
+             + (f"{len(ds.concepts)} concept folder(s) (kohya N_words)" if ds.concepts and ds.concepts[0].prompt
+                else "a folder of images")]
+    by_path = {e.path: e for e in instance + classes}
+    for c in ds.concepts + ds.classes:
+        exs = [by_path[p] for p in c.images]
+        kind = "class" if c.is_class else "instance"
+        prompt_of = c.prompt or (class_prompt if c.is_class else prompt) or "(none: pass --prompt)"
+        lines.append(f"{kind} {display_name(c.folder)}: {len(c.images)} image(s) × {c.repeats * repeats} repeats, "
+                     f"{sum(e.has_caption for e in exs)} with caption files, prompt '{prompt_of}'")
+        for e in exs:
+            lines.append(f"  {display_name(e.path)}  {e.orig_size[0]}x{e.orig_size[1]} -> {e.size[0]}x{e.size[1]}"
+                         f"{'' if e.has_caption else ' (no caption)'}  '{e.caption}'")
+    per_epoch = sum(e.repeats for e in instance) * repeats
+    sizes = Counter(e.size for e in instance)
+    lines.append(f"training sees {per_epoch} instance images per epoch ({len(instance)} files), "
+                 f"{len(classes)} class images; "
+                 + (f"{len(sizes)} bucket(s): " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items()))
+                    if bucket_list else f"{resolution}x{resolution}"))
+    problems = ds.problems() + [f"{display_name(e.path, full=True)}: {e.orig_size[0]}x{e.orig_size[1]} is smaller than "
+                                f"{e.size[0]}x{e.size[1]} (upscaled, softer)" for e in small_images(instance + classes)]
+    if any(c.prompt is None for c in ds.concepts) and not prompt:
+        problems.append("images without caption files need --prompt (or kohya-style N_words folders)")
+    ignored = ds.ignored()
+    if ignored:
+        lines.append(f"ignored ({len(ignored)}):")
+        lines += [f"  {p}" for p in ignored]
+    lines.append(f"{len(problems)} problem(s)" + (":" if problems else ""))
+    lines += [f"  {p}" for p in problems]
+    return lines
+
+
+def add_scan_args(p) -> None:
+    p.add_argument("dir", help="the --images folder: images (with .txt/.caption captions) or N_words subfolders")
+    p.add_argument("--class-images", help="the class (regularisation) folder, same conventions")
+    p.add_argument("--prompt", help="prompt of images without a caption (as `sdlora train --prompt`)")
+    p.add_argument("--class-prompt", help="prompt of class images without a caption in a plain class folder")
+    p.add_argument("--trigger", help="as `sdlora train --trigger` (default: the prompt, or each folder's words)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution (default: 512; the model's "
+                   "native size in training)")
+    p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets, as `sdlora train --buckets`")
+    p.add_argument("--repeats", type=int, default=1, help="as `sdlora train --repeats` (multiplies each folder's N)")
+
+
+def cmd_scan(args) -> int:
+    """Exit 0 when training would start on the folder as it is (warnings allowed), 1 when it would stop."""
+    if args.resolution < 8 or args.resolution % 8:
+        raise SdloraError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.repeats < 1:
+        raise SdloraError(f"--repeats must be at least 1, got {args.repeats}")
+    ds = scan_dataset(args.dir, args.class_images)
+    lines = report(ds, args.resolution, args.buckets, args.prompt, args.repeats, args.class_prompt, args.trigger)
+    print("\n".join(lines))
+    try:
+        ds.check(args.prompt, log=lambda *_: None)
+    except SdloraError as e:
+        print(f"training would stop: {e}")
+        return 1
+    return 0
