@@ -262,6 +262,8 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
     metadata = dict(metadata)
     if fmt == "kohya":
         modules, unknown, notes = _kohya_modules(tensors, where)
+        for m in modules.values():  # before anything reads their shapes
+            check_module(m, where)
         shapes = {n: tuple(m.shape) for n, m in modules.items()}
         arch = detect_arch(list(modules), metadata, shapes)
     elif fmt in ("diffusers", "peft"):
