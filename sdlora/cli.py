@@ -26,11 +26,11 @@ TRAIN_GROUPS = {
     "model": ("model", "mixed_precision", "gradient_checkpointing"),
     "LoRA": ("preset", "rank", "alpha", "no_text_encoder"),
     "training": ("steps", "epochs", "batch_size", "grad_accum", "lr", "te_lr", "lr_scheduler", "warmup_steps",
-                 "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "seed"),
+                 "optimizer", "optimizer_args", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "seed"),
     "prior preservation": ("class_prompt", "class_images", "num_class_images", "prior_loss_weight"),
     "output": ("output_dir", "name", "out", "overwrite", "save_precision"),
     "checkpoints": ("save_every", "keep_last", "resume"),
-    "monitoring": ("sample_every", "sample_prompts", "sample_steps", "tensorboard"),
+    "monitoring": ("no_eval_loss", "sample_every", "sample_prompts", "sample_steps", "tensorboard"),
 }
 OTHER_GROUP = "other options"
 METAVARS = {"images": "DIR", "prompt": "TEXT", "trigger": "TEXT", "class_prompt": "TEXT", "class_images": "DIR",
@@ -89,6 +89,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     values = load_toml(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func")})
     cfg = make_config(values)
+    from pathlib import Path
+
+    if not Path(cfg.images).is_dir():  # a typo in the path is reported before torch loads (the loop checks the rest)
+        raise SdloraError(f"{cfg.images}: no such folder; pass a folder of training images (--images)")
     from sdlora.train.loop import train
 
     train(cfg)  # Ctrl-C: the loop says what it saved, then main() exits 130
@@ -96,7 +100,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # name -> (module, help, description). Each module has add_<name>_args(parser) and cmd_<name>(args) -> exit code;
-# modules are imported only when the parser is built, so `sdlora --help` stays quick to write.
+# `main` imports only the module of the command given (most import torch), so `sdlora --help` and `sdlora train`'s
+# option errors come in a fraction of a second.
 SUBCOMMANDS = {
     "generate": ("sdlora.infer.cli", "generate images with LoRA adapters blended into a base model",
                  "Generate PNGs (with A1111 'parameters') from a base model and kohya LoRA files."),
@@ -119,14 +124,17 @@ SUBCOMMANDS = {
 }
 
 
-def _add_subcommand(sub, name: str) -> None:
+def _add_subcommand(sub, name: str, full: bool = True) -> None:
+    """`full`: with its options (imports its module); otherwise only its name and help line, for `sdlora --help`
+    and for commands other than the one being run."""
     import importlib
 
     module, help_, description = SUBCOMMANDS[name]
-    mod = importlib.import_module(module)
     p = sub.add_parser(name, help=help_, description=description)
-    getattr(mod, f"add_{name}_args")(p)
-    p.set_defaults(func=getattr(mod, f"cmd_{name}"))
+    if full:
+        mod = importlib.import_module(module)
+        getattr(mod, f"add_{name}_args")(p)
+        p.set_defaults(func=getattr(mod, f"cmd_{name}"))
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -155,7 +163,9 @@ def _add_cache(sub) -> None:
     p.set_defaults(func=_cmd_cache)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole `sdlora` parser; with `command`, only that subcommand gets its options (the others, whose modules
+    import torch, are listed by name)."""
     from sdlora.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer with kohya-format output.")
@@ -171,16 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, TrainConfig, TRAIN_GROUPS)
     p.set_defaults(func=_cmd_train)
     for name in SUBCOMMANDS:
-        _add_subcommand(sub, name)
+        _add_subcommand(sub, name, full=command in (None, name))
     _add_cache(sub)
     return parser
 
 
 def quiet_libraries() -> None:
     """Library chatter (deprecations, optional backends) is not the user's problem; errors still show."""
+    import logging
     import os
     import warnings
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "failed to load CPU kernels" when it is installed
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-file "Loading weights" bars; ours stay
@@ -191,7 +203,9 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
-        parser = build_parser()  # imports torch, diffusers, ...: seconds in which a Ctrl-C is likely
+        given = sys.argv[1:] if argv is None else argv
+        command = next((a for a in given if not a.startswith("-")), "")  # the top level has no options but -h
+        parser = build_parser(command)  # the module of `command` only: most import torch
         args = parser.parse_args(argv)
         return args.func(args)
     except SdloraError as e:

@@ -15,6 +15,7 @@ from pathlib import Path
 from sdlora.errors import SdloraError
 from sdlora.lora.targets import PRESETS
 from sdlora.models import DEFAULT_MODEL, model_kinds_help
+from sdlora.train import optim
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
@@ -74,16 +75,23 @@ class TrainConfig:
     epochs: int | None = _f(None, "train for this many epochs instead of --steps")
     batch_size: int = _f(1, "instance images per step and device (class images are added on top)")
     grad_accum: int = _f(1, "gradient accumulation steps per optimizer step")
-    lr: float = _f(1e-4, "UNet learning rate (AdamW)")
+    lr: float = _f(1e-4, "UNet learning rate (prodigy: 1.0, it finds the rate itself)")
     te_lr: float | None = _f(None, "text-encoder learning rate (default: --lr)")
     lr_scheduler: str = _f("constant", "learning-rate schedule after warmup", choices=LR_SCHEDULERS)
     warmup_steps: int = _f(0, "linear warmup steps")
-    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    weight_decay: float = _f(1e-2, "weight decay (decoupled, as AdamW's)")
+    optimizer: str = _f("adamw", "optimizer: " + "; ".join(f"{k}: {v[1]}" for k, v in optim.OPTIMIZERS.items()),
+                        choices=optim.NAMES)
+    optimizer_args: str | None = _f(None, "optimizer settings as key=value pairs, e.g. 'betas=(0.9,0.99), "
+                                    "d_coef=2'; unknown keys are refused, naming the ones the optimizer takes",
+                                    metavar="'K=V, ..'")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     min_snr_gamma: float | None = _f(None, "min-SNR-γ loss weighting (5 is the paper's value); off by default")
     noise_offset: float = _f(0.0, "noise offset (e.g. 0.05) for darker darks and brighter brights")
     mixed_precision: str = _f("no", "mixed precision for the frozen base", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet and text encoder")
+    no_eval_loss: bool = _f(False, "skip the loss on fixed noise printed at the end (2 images × 2 timesteps: 4 "
+                            "denoiser forwards before and 4 after training)")
     seed: int = _f(0, "random seed: same seed, data and flags give the same adapter on CPU")
     # caching
     cache_dir: str | None = _f(None, "latent/text-embedding cache folder (default: ~/.cache/sdlora or $SDLORA_CACHE)")
@@ -172,6 +180,7 @@ class TrainConfig:
                   "keep_tags", "weight_decay", "max_grad_norm"):
             if getattr(self, f) < 0:
                 bad(f, f"must be >= 0, got {getattr(self, f)}")
+        optim.parse_args(self.optimizer, self.optimizer_args)  # typed and known keys, refused in one line if not
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices and getattr(self, f.name) is not None:
@@ -180,6 +189,10 @@ class TrainConfig:
     @property
     def network_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def optimizer_kwargs(self) -> dict:
+        return optim.parse_args(self.optimizer, self.optimizer_args)
 
     @property
     def trigger_text(self) -> str:

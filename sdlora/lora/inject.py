@@ -23,11 +23,24 @@ import json
 import re
 from dataclasses import dataclass
 
+import sys
+
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
-from peft.tuners.loha import LoHaLayer
-from peft.tuners.lokr import LoKrLayer
-from peft.tuners.lora import LoraLayer
+
+# peft imports bitsandbytes whenever it is installed (for quantised base layers, which sdlora does not use): ~1-2 s
+# more per start and a warning about missing CPU kernels. Hidden while peft loads (peft caches "not available");
+# `--optimizer adamw8bit` imports it afterwards as usual.
+_HIDE_BNB = "bitsandbytes" not in sys.modules and "peft" not in sys.modules
+if _HIDE_BNB:
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # Python's own "not importable" mark
+try:
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
+    from peft.tuners.lora import LoraLayer
+finally:
+    if _HIDE_BNB:
+        del sys.modules["bitsandbytes"]
 
 from sdlora.errors import SdloraError
 from sdlora.formats import kohya

@@ -7,8 +7,10 @@ same modules on the tiny model and on real SD 1.5.
 from __future__ import annotations
 
 import re
+import typing
 
-import torch
+if typing.TYPE_CHECKING:  # torch is imported where a model is searched: `sdlora --help` reads PRESETS
+    import torch
 
 # preset -> component -> (what it adapts, in words; regex fullmatched against module names)
 PRESETS: dict[str, dict[str, tuple[str, str]]] = {
@@ -43,6 +45,8 @@ def find_targets(model: torch.nn.Module, component: str, preset: str) -> list[st
     "te1", "te2"), in model order."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}")
+    import torch
+
     pattern = re.compile(PRESETS[preset][preset_component(component)][1])
     names = []
     for name, module in model.named_modules():

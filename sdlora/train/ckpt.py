@@ -27,11 +27,10 @@ MANIFEST_KEYS = ("format", "step", "identity", "data", "position", "optimizer_pa
 
 # Settings that define a run: a checkpoint made with other values cannot be continued as the same run.
 IDENTITY = ("model", "prediction_type", "preset", "rank", "alpha", "no_text_encoder", "resolution", "batch_size",
-            "grad_accum",
-            "repeats", "lr", "te_lr", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
+            "grad_accum", "repeats", "lr", "te_lr", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
             "mixed_precision", "seed", "prompt", "trigger", "class_prompt", "prior_loss_weight", "no_flip",
             "buckets", "caption_dropout", "shuffle_tags", "keep_tags", "min_snr_gamma", "noise_offset", "network", "dora",
-            "conv_rank", "conv_alpha", "lokr_factor")
+            "conv_rank", "conv_alpha", "lokr_factor", "optimizer", "optimizer_args")
 
 
 def checkpoint_root(output_path: Path) -> Path:
@@ -50,22 +49,38 @@ def save(folder: Path, *, step: int, identity: dict, data: dict, position: dict,
     def fill(tmp: Path) -> None:
         tensors = {f"lora/{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in params.items()}
         osd = optimizer.state_dict()
+        values: dict[str, object] = {}  # the optimizer's non-tensor state (step counts of some), JSON
         for idx, st in osd["state"].items():
-            for name, v in st.items():
-                tensors[f"optim/{idx}/{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
+            _split_state(f"{idx}", st, tensors, values)
         tensors["rng/train"] = rng["train"].contiguous()
         tensors["rng/torch"] = torch.get_rng_state().contiguous()
         save_file(tensors, tmp / "state.safetensors")
         manifest = {
             "format": FORMAT, "step": step, "identity": identity, "data": data, "position": position,
             "optimizer_param_groups": osd["param_groups"], "lr_scheduler": lr_scheduler.state_dict(),
-            "python_rng": rng["python"],
+            "python_rng": rng["python"], "optimizer_values": values,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))
         adapter_writer(tmp / "adapter.safetensors")
 
     atomic_write_dir(folder, fill)
     return folder
+
+
+def _split_state(prefix: str, st: dict, tensors: dict, values: dict) -> None:
+    """An optimizer's per-parameter state: tensors to `tensors` as optim/<prefix>/<name> (nested dicts, e.g.
+    bitsandbytes' quantisation state, as optim/<prefix>/<name>/<key>), everything else to `values` (JSON)."""
+    for name, v in st.items():
+        key = f"{prefix}/{name}"
+        if isinstance(v, torch.Tensor):
+            tensors[f"optim/{key}"] = v.detach().cpu().clone().contiguous()  # bitsandbytes shares its qmaps
+        elif isinstance(v, dict):
+            _split_state(key, v, tensors, values)
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            values[key] = v
+        else:
+            raise SdloraError(f"optimizer state {key} is a {type(v).__name__}, which a checkpoint cannot hold "
+                              "without pickle; use another --optimizer or --save-every 0")
 
 
 def _jsonable(o):
@@ -169,10 +184,13 @@ def _tuples(x):
 
 def restore_optimizer(optimizer, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
     state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = v
+    found = [(k[len("optim/"):], v) for k, v in tensors.items() if k.startswith("optim/")]
+    for key, v in found + list(manifest.get("optimizer_values", {}).items()):
+        idx, *path = key.split("/")
+        d = state.setdefault(int(idx), {})
+        for p in path[:-1]:
+            d = d.setdefault(p, {})
+        d[path[-1]] = v
     optimizer.load_state_dict({"state": state, "param_groups": manifest["optimizer_param_groups"]})
 
 

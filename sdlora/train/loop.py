@@ -30,7 +30,7 @@ from sdlora.formats.verify import verify
 from sdlora.lora.inject import add_lora, collect_modules, format_table, network_metadata, network_of, report
 from sdlora.lora.targets import PRESETS, check_rank, find_targets, preset_component
 from sdlora.models import load_base
-from sdlora.train import DTYPES, ckpt
+from sdlora.train import DTYPES, ckpt, memory, optim
 from sdlora.train import step as S
 from sdlora.train.monitor import Monitor, sample_prompts
 from sdlora.train.prior import ensure_class_images
@@ -42,8 +42,8 @@ class TrainResult:
     base: object  # the BaseModel, its UNet/text encoder still carrying the trained (unmerged) LoRA layers
     steps: int
     seconds: float  # wall time of the training steps alone
-    loss_before: float  # loss on fixed noise and timesteps, before and after training
-    loss_after: float
+    loss_before: float | None  # loss on fixed noise and timesteps, before and after training (None: --no-eval-loss)
+    loss_after: float | None
     loss_curve: Path | None = None
     samples: list[Path] | None = None
 
@@ -97,6 +97,7 @@ class _Run:
     def check_data(self) -> None:
         cfg = self.cfg
         self.plan = outputs.check_paths(cfg)  # outputs writable and harmless before anything loads (outputs.py)
+        optim.load_package(cfg.optimizer)  # a missing optimizer package fails before the model loads
         # the same scan `sdlora scan` prints: concepts (kohya N_words folders) and repeats, every image decoded
         self.dataset = scan_dataset(cfg.images, cfg.class_folder)
         self.dataset.check(cfg.prompt, cfg.skip_bad_images)
@@ -223,6 +224,8 @@ class _Run:
             st = self.latent_cache.store
             self.say(f"latents: {st.hits} from cache, {st.misses} encoded" + (f" ({cache_dir})" if cache_dir else ""))
         self.accelerator.wait_for_everyone()
+        # latents are cached: the VAE leaves the GPU until a sample grid needs it (a cache miss encodes on the CPU)
+        self.vae_offloaded = memory.offload(self.vae, self.accelerator.device)
 
     # ---- 7. optimizer, learning-rate schedule, accelerate
     def prepare_optimizer(self) -> None:
@@ -232,7 +235,8 @@ class _Run:
             params.append({"params": [p for m in self.tes.values() for p in m.parameters() if p.requires_grad],
                            "lr": cfg.te_lr or cfg.lr})
         self.trainable = [p for g in params for p in g["params"]]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = optim.build(cfg.optimizer, cfg.optimizer_kwargs, params, cfg.lr, cfg.weight_decay)
+        optim.check_runs(optimizer, acc.device)
         # accelerate steps a prepared scheduler once per process, so its horizon is scaled the same way.
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * acc.num_processes,
                                      num_training_steps=self.steps * acc.num_processes)
@@ -240,6 +244,8 @@ class _Run:
         # a module without trainable parameters must not be DDP-wrapped
         self.tes_p = {c: acc.prepare(m) if self.train_te else m for c, m in self.tes.items()}
         self.text_encoders_p = [(tok, self.tes_p[c]) for c, (tok, _) in self.base.text_encoders.items()]
+        on_device = [m for m in self.base.modules.values() if next(m.parameters()).device == acc.device]
+        self.say(memory.estimate(on_device, self.trainable, memory.STATE_BYTES[cfg.optimizer]))
 
     # ---- 8. resume
     def resume(self) -> None:
@@ -283,15 +289,19 @@ class _Run:
         hidden, added = self.cond(examples, prompts)
         return S.Batch(latents, hidden, added, noise, t, n_instance=sum(not e.is_class for e in examples))
 
-    def eval_loss(self) -> float:
-        """Mean loss of the first instance examples on fixed noise and timesteps."""
-        examples = self.instance[:4]
-        with torch.no_grad(), self.accelerator.autocast():
+    def eval_loss(self) -> float | None:
+        """Mean loss of the first two instance examples on fixed noise at two timesteps (4 forwards: less than a
+        few training steps); None with --no-eval-loss."""
+        if self.cfg.no_eval_loss:
+            return None
+        examples = self.instance[:2]
+        with torch.no_grad(), self.accelerator.autocast(), optim.eval_weights(self.optimizer):
             total = 0.0
             for ex in examples:
                 mean = self.latent_cache.get(ex, False)[0][None].to(self.accelerator.device)
                 lat = S.scale_latents(self.vae.config, mean)
-                total += S.fixed_loss(self.denoiser_p, self.objective, lat, *self.cond([ex], [ex.caption]))
+                total += S.fixed_loss(self.denoiser_p, self.objective, lat, *self.cond([ex], [ex.caption]),
+                                      timesteps=(300, 700))
             return total / len(examples)
 
     # ---- 9. the loop
@@ -355,6 +365,7 @@ class _Run:
         return loss
 
     def set_train(self, mode: bool) -> None:
+        optim.set_mode(self.optimizer, mode)  # schedule-free: training weights (y) vs evaluation weights (x)
         self.denoiser_p.train(mode)
         for m in self.tes_p.values():
             m.train(mode and self.train_te)
@@ -372,14 +383,20 @@ class _Run:
                            position=self.schedule.position(), params=_lora_params(self.adapted),
                            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                            rng={"train": self.g.get_state(), "python": self.prng.getstate()},
-                           adapter_writer=lambda p: self.save_adapter(p, _quiet))
+                           adapter_writer=self._checkpoint_adapter)
         ckpt.prune(self.ckpt_root, self.cfg.keep_last)
         self.say(f"checkpoint {folder}")
+
+    def _checkpoint_adapter(self, path: Path) -> None:
+        with optim.eval_weights(self.optimizer):
+            self.save_adapter(path, _quiet)
 
     def sample(self) -> None:
         if self.main:
             self.denoiser.eval()
-            with self.accelerator.autocast(), outputs.warn_on_disk_error(self.say, f"sample grid at step {self.done}"):
+            with self.accelerator.autocast(), outputs.warn_on_disk_error(self.say, f"sample grid at step {self.done}"), \
+                    optim.eval_weights(self.optimizer), \
+                    memory.on_device(self.vae, self.accelerator.device, self.vae_offloaded):
                 self.samples.append(self.monitor.samples(self.done, self.base, self.sample_prompts, self.resolution,
                                                          self.cfg.sample_steps))
             self.denoiser.train()
@@ -392,7 +409,8 @@ class _Run:
             raise KeyboardInterrupt
         say(f"interrupted: saving the {self.done} steps trained so far")
         self.checkpoint()
-        self.save_adapter(self.cfg.output_path)
+        with optim.eval_weights(self.optimizer):
+            self.save_adapter(self.cfg.output_path)
         say("continue with: --resume latest (same settings)")
         if self.monitor:
             self.monitor.close()
@@ -405,8 +423,8 @@ class _Run:
         loss_after = self.eval_loss()
         ran = done - self.start_step
         say(f"{ran} steps in {elapsed:.1f}s ({elapsed / max(ran, 1):.3f} s/step)"
-            + (f", steps {self.start_step + 1}-{done} after resuming" if self.start_step else "") + "; "
-            f"loss on fixed noise {loss_before:.4f} -> {loss_after:.4f}")
+            + (f", steps {self.start_step + 1}-{done} after resuming" if self.start_step else "")
+            + (f"; loss on fixed noise {loss_before:.4f} -> {loss_after:.4f}" if loss_after is not None else ""))
         samples = self.samples
         if cfg.sample_every and (not samples or not samples[-1].stem.endswith(f"{done:06d}")):
             self.sample()
@@ -418,6 +436,9 @@ class _Run:
             say(f"loss curve {curve}" + (f"; samples in {samples[-1].parent}" if samples else ""))
         self.accelerator.wait_for_everyone()
         path = self.save_adapter(cfg.output_path)
+        say(memory.peak(self.accelerator.device))
+        if self.vae_offloaded:  # the caller gets the model whole, on the training device
+            self.vae.to(self.accelerator.device)
         return TrainResult(path, self.base, done, elapsed, loss_before, loss_after, curve, samples)
 
     def save_adapter(self, path: Path, say=None) -> Path:
