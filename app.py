@@ -137,13 +137,15 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
     with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
         gr.Markdown("# sdlora: blend LoRA adapters and generate")
         rows_state = gr.State(rows0)  # the listed adapters (listing()), one row each, re-rendered when it changes
+        prefs_state = gr.State({})  # adapter key -> (advanced, strength, te, unet) as last set, kept across re-renders
         with gr.Row():
             with gr.Column(scale=1):
                 model = gr.Dropdown(models, value=session.base.name, label="Base model", allow_custom_value=allow_any,
+                                    interactive=True,
                                     elem_id="model")
                 adapters = gr.Column()  # the rows, rendered below once the other components exist
                 upload = gr.File(label="Add adapters (.safetensors)", file_types=[".safetensors"],
-                                 file_count="multiple", type="filepath", elem_id="upload")
+                                 file_count="multiple", type="filepath", interactive=True, elem_id="upload")
                 status = gr.Markdown(notes(), elem_id="status")
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", lines=2, interactive=True, elem_id="prompt")
@@ -157,8 +159,7 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                                          elem_id="guidance")
                 with gr.Row():
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler",
-                                            interactive=True,
-                                            elem_id="scheduler")
+                                            interactive=True, elem_id="scheduler")
                     width = gr.Slider(8, 1536, value=native, step=8, label="Width", interactive=True, elem_id="width")
                     height = gr.Slider(8, 1536, value=native, step=8, label="Height", interactive=True,
                                        elem_id="height")
@@ -169,8 +170,8 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                                     elem_id="parameters")
 
         heavy = dict(concurrency_id="model", concurrency_limit=1)  # one model: requests run one after another
-        # the generation's inputs (interactive=True above: their only listener is attached in the render below,
-        # which Gradio does not see when it decides which components take input)
+        # the generation's inputs (interactive=True above, as for the model and the upload: their listeners are
+        # attached in the render below, which Gradio does not see when it decides which components take input)
         settings_inputs = [prompt, negative, seed, steps, guidance, scheduler, width, height, count]
 
         def on_generate(names, prompt, negative, seed, steps, guidance, scheduler, width, height, count, *rows):
@@ -195,36 +196,50 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
             return [(str(p), f"seed {r.seed}") for p, (_, r) in zip(paths, results)], texts[0], \
                 f"{len(results)} image(s) saved in {outdir}"
 
+        def on_upload(files):
+            messages = []
+            for path in files or []:
+                why = library.upload(path)
+                messages.append(f"**Refused:** {why}" if why else f"{Path(path).name}: loaded")
+            return [listing(session, library), "\n\n".join(messages), None]
+
+        def on_model(name):
+            try:
+                rows = load_model(session, library, name, models, allow_any)
+            except SdloraError as e:
+                return [listing(session, library), f"**Error:** {e}", gr.update(value=session.base.name),
+                        gr.update(), gr.update()]
+            native = session.base.native_resolution
+            fit = sum(r["fits"] for r in rows)
+            msg = "\n\n".join([f"model {name} loaded; {fit} of {len(rows)} adapters fit it"]
+                              + ([notes()] if library.refused else []))
+            return [rows, msg, gr.update(), gr.update(value=native), gr.update(value=native)]
+
         with adapters:
-            @gr.render(inputs=rows_state)
-            def adapter_rows(rows):
+            @gr.render(inputs=[rows_state, prefs_state], triggers=[rows_state.change, demo.load])
+            def adapter_rows(rows, prefs):
                 """One row per listed adapter, however many: a linked strength slider, or (advanced) separate
-                text-encoder and UNet sliders, as A1111's <lora:name:te:unet>. The sliders and the advanced box are
-                keyed by the adapter, so what the user set survives a model switch or an upload (the enable box
-                is reset to whether the adapter fits). Adapters that do not fit are greyed out with the reason."""
-                names, controls = [], []
+                text-encoder and UNet sliders, as A1111's <lora:name:te:unet>. Adapters that do not fit are greyed
+                out with the reason. The rows are built again when the list changes (an upload, a model load): the
+                events that change it also save what the user set per adapter (`prefs`: advanced, strength, te,
+                unet) for the new rows to start from; the enable box starts as whether the adapter fits."""
+                names, controls, settable = [], [], []
                 for i, r in enumerate(rows):
-                    fits, key = r["fits"], r["key"]
-                    keep = ["value", "visible"]
+                    fits, (adv, s, te_s, unet_s) = r["fits"], prefs.get(r["key"], (False, 1.0, 1.0, 1.0))
                     with gr.Group(elem_classes=[] if fits else ["unfit"], elem_id=f"lora-{i}"):
                         gr.Markdown(r["text"], elem_id=f"lora-{i}-info")
                         with gr.Row():
                             enable = gr.Checkbox(value=fits, label=f"enable {r['label']}", interactive=fits,
-                                                 elem_id=f"lora-{i}-enable", scale=0, min_width=120,
-                                                 preserved_by_key=None)
-                            advanced = gr.Checkbox(value=False, label="TE / UNet", interactive=fits,
-                                                   elem_id=f"lora-{i}-advanced", scale=0, min_width=100,
-                                                   key=f"{key}|advanced")
-                            linked = gr.Slider(-2, 2, value=1.0, step=0.05, label="strength", interactive=fits,
-                                               elem_id=f"lora-{i}-strength", scale=3, key=f"{key}|strength",
-                                               preserved_by_key=keep)
+                                                 elem_id=f"lora-{i}-enable", scale=0, min_width=120)
+                            advanced = gr.Checkbox(value=adv, label="TE / UNet", interactive=fits,
+                                                   elem_id=f"lora-{i}-advanced", scale=0, min_width=100)
+                            linked = gr.Slider(-2, 2, value=s, step=0.05, label="strength", interactive=fits,
+                                               visible=not adv, elem_id=f"lora-{i}-strength", scale=3)
                         with gr.Row():
-                            te = gr.Slider(-2, 2, value=1.0, step=0.05, label="text encoder", interactive=fits,
-                                           visible=False, elem_id=f"lora-{i}-te", key=f"{key}|te",
-                                           preserved_by_key=keep)
-                            unet = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet", interactive=fits,
-                                             visible=False, elem_id=f"lora-{i}-unet", key=f"{key}|unet",
-                                             preserved_by_key=keep)
+                            te = gr.Slider(-2, 2, value=te_s, step=0.05, label="text encoder", interactive=fits,
+                                           visible=adv, elem_id=f"lora-{i}-te")
+                            unet = gr.Slider(-2, 2, value=unet_s, step=0.05, label="UNet", interactive=fits,
+                                             visible=adv, elem_id=f"lora-{i}-unet")
 
                     def split(on, s):
                         # advanced on: both sliders start from the linked strength; off: the linked one again
@@ -234,35 +249,27 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                         return gr.update(visible=True), gr.update(visible=False), gr.update(visible=False)
 
                     advanced.input(split, [advanced, linked], [linked, te, unet], queue=False)
+                    settable += [advanced, linked, te, unet]
                     if fits:
                         names.append(r["name"])
                         controls += [enable, advanced, linked, te, unet]
+
+                def keeping(fn):
+                    """`fn`'s outputs, then the prefs updated with what the rows show now."""
+                    def run_it(arg, prefs, *values):
+                        now = {r["key"]: tuple(values[4 * i:4 * i + 4]) for i, r in enumerate(rows)}
+                        return [*fn(arg), prefs | now]
+                    return run_it
+
                 names_state = gr.State(names)
                 inputs = [names_state, *settings_inputs, *controls]
                 run.click(on_generate, inputs, [gallery, params, status], **heavy)
                 prompt.submit(on_generate, inputs, [gallery, params, status], **heavy)
+                upload.upload(keeping(on_upload), [upload, prefs_state, *settable],
+                              [rows_state, status, upload, prefs_state], **heavy)
+                model.change(keeping(on_model), [model, prefs_state, *settable],
+                             [rows_state, status, model, width, height, prefs_state], **heavy)
 
-        def on_upload(files):
-            messages = []
-            for path in files or []:
-                why = library.upload(path)
-                messages.append(f"**Refused:** {why}" if why else f"{Path(path).name}: loaded")
-            return listing(session, library), "\n\n".join(messages), None
-
-        def on_model(name):
-            try:
-                rows = load_model(session, library, name, models, allow_any)
-            except SdloraError as e:
-                return listing(session, library), f"**Error:** {e}", gr.update(value=session.base.name), \
-                    gr.update(), gr.update()
-            native = session.base.native_resolution
-            fit = sum(r["fits"] for r in rows)
-            msg = "\n\n".join([f"model {name} loaded; {fit} of {len(rows)} adapters fit it"]
-                              + ([notes()] if library.refused else []))
-            return rows, msg, gr.update(), gr.update(value=native), gr.update(value=native)
-
-        upload.upload(on_upload, [upload], [rows_state, status, upload], **heavy)
-        model.change(on_model, [model], [rows_state, status, model, width, height], **heavy)
         dice.click(lambda: -1, None, seed)
     return demo
 

@@ -3,8 +3,10 @@
 Adapters are trained with `sdlora train` (two on `toy`, one on `tiny`) into the folder the app lists. The page
 shows the toy adapters with sliders and the tiny one greyed out with the reason; switching the model to `tiny`
 and back scans the folder again (a file added meanwhile appears) and swaps which adapters are usable. The page
-then moves both toy sliders, generates, and the image it shows must differ from the base model's and equal, pixel
-for pixel, what `sdlora generate` makes with the same settings. A screenshot is saved under test-artifacts/; with
+then moves one toy adapter's slider and splits the other's into text-encoder and UNet sliders set apart; uploads
+make ten rows (more than a fixed page would hold) and keep what the sliders were set to. It generates, and the
+image it shows must differ from the base model's and equal, pixel for pixel, what `sdlora generate --lora
+FILE:TE:UNET` makes with the same settings; the PNG says <lora:triangle:1.5:0.5> and names the model without a path. A screenshot is saved under test-artifacts/; with
 SDLORA_DOCS_SCREENSHOT=1 it is also written to docs/app.png (the README's picture; its adapters then train for
 the quick start's 600 steps, so the picture shows what they learned).
 """
