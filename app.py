@@ -3,9 +3,11 @@
 A thin Gradio layer over `sdlora.infer.Session`, the same code `sdlora generate` runs, so the same settings give
 the same image here and on the command line. Every adapter file is read once (from --adapters DIR or an upload);
 the folder is scanned again whenever a model loads, and each listed adapter is matched against that model: the
-ones that fit get a strength slider, the others stay listed, greyed out, with the reason. Moving a slider only
-changes the weights fused at the next generation, from memory. The model picker offers the configured models
-(--model, --models and the built-in ones) only, unless the app is started with --allow-any-model.
+ones that fit get a strength slider (or, with the row's "TE / UNet" box, separate text-encoder and UNet sliders:
+A1111's <lora:name:te:unet>), the others stay listed, greyed out, with the reason; there is a row for every adapter,
+however many. Moving a slider only changes the weights fused at the next generation, from memory. The model
+picker offers the configured models (--model, --models and the built-in ones) only, unless the app is started with
+--allow-any-model.
 
     python app.py --model toy --adapters output/           # after the README's quick start: offline, CPU
     python app.py --adapters ~/loras --port 7861           # SD 1.5 (downloads it once)
@@ -35,7 +37,6 @@ from sdlora.infer.cli import output_paths  # noqa: E402
 from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings  # noqa: E402
 from sdlora.models import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: E402
 
-MAX_ADAPTERS = 8  # adapter rows in the page; files beyond this are refused with a message
 # greyed-out rows (Gradio nests a group's classes); small images (toy: 32 px) shown as pixels, not blurred
 CSS = ".unfit { opacity: 0.45; } .unfit .unfit { opacity: 1; } #gallery img { image-rendering: pixelated; }"
 
@@ -69,9 +70,6 @@ class Library:
         return self._read(f"upload:{Path(path).name}:{len(self.files)}", Path(path))
 
     def _read(self, key: str, path: Path) -> str | None:
-        if key not in self.files and len(self.files) >= MAX_ADAPTERS:
-            self.refused[key] = f"{path.name}: not listed, the page shows {MAX_ADAPTERS} adapters at most"
-            return self.refused[key]
         try:
             self.files[key] = read_adapter(path)
             self.refused.pop(key, None)
@@ -92,16 +90,16 @@ def describe(r) -> str:
 
 
 def listing(session: Session, library: Library, model: str | None = None) -> list[dict]:
-    """Load `model` (default: keep the loaded one) and match every listed file to it, afresh: per file its name
-    (None when it does not fit), the text of its row, and whether it fits."""
+    """Load `model` (default: keep the loaded one) and match every listed file to it, afresh: per file its library
+    key, its name (None when it does not fit), the text of its row, and whether it fits."""
     rows = []
-    files = list(library.files.values())
-    for f, r in zip(files, session.use_model(model or session.base.name, files)):
+    keys, files = list(library.files), list(library.files.values())
+    for key, f, r in zip(keys, files, session.use_model(model or session.base.name, files)):
         if isinstance(r, SdloraError):
-            rows.append({"name": None, "fits": False, "label": f.file_name,
+            rows.append({"key": key, "name": None, "fits": False, "label": f.file_name,
                          "text": f"**{f.file_name}** · not for this model: {r}"})
         else:
-            rows.append({"name": r.file.name, "fits": True, "label": r.file.name, "text": describe(r)})
+            rows.append({"key": key, "name": r.file.name, "fits": True, "label": r.file.name, "text": describe(r)})
     return rows
 
 
@@ -136,93 +134,53 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
     def notes() -> str:
         return "\n\n".join(f"**Refused:** {m}" for m in library.refused.values())
 
-    def row_updates(rows: list[dict]):
-        """Updates for every adapter row: shown with its text for `rows`, greyed out when the adapter does not fit
-        the model, hidden beyond."""
-        out = []
-        for i in range(MAX_ADAPTERS):
-            if i < len(rows):
-                r = rows[i]
-                out += [gr.update(visible=True, elem_classes=[] if r["fits"] else ["unfit"]),
-                        gr.update(value=r["text"]),
-                        gr.update(label=f"enable {r['label']}", interactive=r["fits"], value=r["fits"]),
-                        gr.update(interactive=r["fits"])]
-            else:
-                out += [gr.update(visible=False), gr.update(value=""), gr.update(), gr.update()]
-        return out
-
     with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
         gr.Markdown("# sdlora: blend LoRA adapters and generate")
-        rows_state = gr.State([r["name"] for r in rows0])  # per row: the adapter's name, None when it does not fit
+        rows_state = gr.State(rows0)  # the listed adapters (listing()), one row each, re-rendered when it changes
+        prefs_state = gr.State({})  # adapter key -> (advanced, strength, te, unet) as last set, kept across re-renders
         with gr.Row():
             with gr.Column(scale=1):
                 model = gr.Dropdown(models, value=session.base.name, label="Base model", allow_custom_value=allow_any,
+                                    interactive=True,
                                     elem_id="model")
-                groups, infos, enables, sliders = [], [], [], []
-                for i in range(MAX_ADAPTERS):
-                    r = rows0[i] if i < len(rows0) else None
-                    with gr.Group(visible=r is not None, elem_classes=[] if r is None or r["fits"] else ["unfit"],
-                                  elem_id=f"lora-{i}") as g:
-                        infos.append(gr.Markdown(r["text"] if r else "", elem_id=f"lora-{i}-info"))
-                        with gr.Row():
-                            enables.append(gr.Checkbox(value=bool(r and r["fits"]),
-                                                       label=f"enable {r['label']}" if r else "enable",
-                                                       interactive=bool(r is None or r["fits"]),
-                                                       elem_id=f"lora-{i}-enable", scale=0, min_width=120))
-                            sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="strength",
-                                                     interactive=bool(r is None or r["fits"]),
-                                                     elem_id=f"lora-{i}-strength", scale=3))
-                    groups.append(g)
+                adapters = gr.Column()  # the rows, rendered below once the other components exist
                 upload = gr.File(label="Add adapters (.safetensors)", file_types=[".safetensors"],
-                                 file_count="multiple", type="filepath", elem_id="upload")
+                                 file_count="multiple", type="filepath", interactive=True, elem_id="upload")
                 status = gr.Markdown(notes(), elem_id="status")
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                prompt = gr.Textbox(label="Prompt", lines=2, interactive=True, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1, interactive=True, elem_id="negative")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed (-1: random)", elem_id="seed")
+                    seed = gr.Number(value=0, precision=0, label="Seed (-1: random)", interactive=True, elem_id="seed")
                     dice = gr.Button("Random seed", scale=0, elem_id="random-seed")
                 with gr.Row():
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)", elem_id="guidance")
+                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", interactive=True, elem_id="steps")
+                    guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)", interactive=True,
+                                         elem_id="guidance")
                 with gr.Row():
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler",
-                                            elem_id="scheduler")
-                    width = gr.Slider(8, 1536, value=native, step=8, label="Width", elem_id="width")
-                    height = gr.Slider(8, 1536, value=native, step=8, label="Height", elem_id="height")
-                    count = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="num-images")
+                                            interactive=True, elem_id="scheduler")
+                    width = gr.Slider(8, 1536, value=native, step=8, label="Width", interactive=True, elem_id="width")
+                    height = gr.Slider(8, 1536, value=native, step=8, label="Height", interactive=True,
+                                       elem_id="height")
+                    count = gr.Slider(1, 8, value=1, step=1, label="Images", interactive=True, elem_id="num-images")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Results", format="png", columns=2, height="auto", elem_id="gallery")
                 params = gr.Textbox(label="Parameters (as saved in each PNG)", lines=3, interactive=False,
                                     elem_id="parameters")
 
-        row_outputs = [c for i in range(MAX_ADAPTERS) for c in (groups[i], infos[i], enables[i], sliders[i])]
+        heavy = dict(concurrency_id="model", concurrency_limit=1)  # one model: requests run one after another
+        # the generation's inputs (interactive=True above, as for the model and the upload: their listeners are
+        # attached in the render below, which Gradio does not see when it decides which components take input)
+        settings_inputs = [prompt, negative, seed, steps, guidance, scheduler, width, height, count]
 
-        def on_upload(files):
-            messages = []
-            for path in files or []:
-                why = library.upload(path)
-                messages.append(f"**Refused:** {why}" if why else f"{Path(path).name}: loaded")
-            rows = listing(session, library)
-            return [[r["name"] for r in rows], "\n\n".join(messages), None] + row_updates(rows)
-
-        def on_model(name):
-            try:
-                rows = load_model(session, library, name, models, allow_any)
-            except SdloraError as e:
-                rows = listing(session, library)
-                return [[r["name"] for r in rows], f"**Error:** {e}", gr.update(value=session.base.name),
-                        gr.update(), gr.update()] + row_updates(rows)
-            native = session.base.native_resolution
-            fit = sum(r["fits"] for r in rows)
-            msg = "\n\n".join([f"model {name} loaded; {fit} of {len(rows)} adapters fit it"]
-                              + ([notes()] if library.refused else []))
-            return [[r["name"] for r in rows], msg, gr.update(), gr.update(value=native),
-                    gr.update(value=native)] + row_updates(rows)
-
-        def on_generate(names, prompt, negative, seed, steps, guidance, scheduler, width, height, count, *rest):
-            en, st = rest[:MAX_ADAPTERS], rest[MAX_ADAPTERS:]
-            strengths = {n: (float(st[i]) if en[i] else 0.0) for i, n in enumerate(names) if n is not None}
+        def on_generate(names, prompt, negative, seed, steps, guidance, scheduler, width, height, count, *rows):
+            # per listed adapter that fits: enabled, advanced, linked strength, text-encoder and UNet strengths
+            strengths = {}
+            for i, n in enumerate(names):
+                on, advanced, linked, te, unet = rows[5 * i:5 * i + 5]
+                te, unet = (float(te), float(unet)) if advanced else (float(linked), float(linked))
+                strengths[n] = (te, unet) if on else (0.0, 0.0)
             seed = random.randrange(2**32) if seed is None or seed < 0 else int(seed)
             try:
                 settings = Settings(prompt=prompt, negative=negative, seed=seed, steps=int(steps),
@@ -238,13 +196,81 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
             return [(str(p), f"seed {r.seed}") for p, (_, r) in zip(paths, results)], texts[0], \
                 f"{len(results)} image(s) saved in {outdir}"
 
-        heavy = dict(concurrency_id="model", concurrency_limit=1)  # one model: requests run one after another
-        upload.upload(on_upload, [upload], [rows_state, status, upload] + row_outputs, **heavy)
-        model.change(on_model, [model], [rows_state, status, model, width, height] + row_outputs, **heavy)
+        def on_upload(files):
+            messages = []
+            for path in files or []:
+                why = library.upload(path)
+                messages.append(f"**Refused:** {why}" if why else f"{Path(path).name}: loaded")
+            return [listing(session, library), "\n\n".join(messages), None]
+
+        def on_model(name):
+            try:
+                rows = load_model(session, library, name, models, allow_any)
+            except SdloraError as e:
+                return [listing(session, library), f"**Error:** {e}", gr.update(value=session.base.name),
+                        gr.update(), gr.update()]
+            native = session.base.native_resolution
+            fit = sum(r["fits"] for r in rows)
+            msg = "\n\n".join([f"model {name} loaded; {fit} of {len(rows)} adapters fit it"]
+                              + ([notes()] if library.refused else []))
+            return [rows, msg, gr.update(), gr.update(value=native), gr.update(value=native)]
+
+        with adapters:
+            @gr.render(inputs=[rows_state, prefs_state], triggers=[rows_state.change, demo.load])
+            def adapter_rows(rows, prefs):
+                """One row per listed adapter, however many: a linked strength slider, or (advanced) separate
+                text-encoder and UNet sliders, as A1111's <lora:name:te:unet>. Adapters that do not fit are greyed
+                out with the reason. The rows are built again when the list changes (an upload, a model load): the
+                events that change it also save what the user set per adapter (`prefs`: advanced, strength, te,
+                unet) for the new rows to start from; the enable box starts as whether the adapter fits."""
+                names, controls, settable = [], [], []
+                for i, r in enumerate(rows):
+                    fits, (adv, s, te_s, unet_s) = r["fits"], prefs.get(r["key"], (False, 1.0, 1.0, 1.0))
+                    with gr.Group(elem_classes=[] if fits else ["unfit"], elem_id=f"lora-{i}"):
+                        gr.Markdown(r["text"], elem_id=f"lora-{i}-info")
+                        with gr.Row():
+                            enable = gr.Checkbox(value=fits, label=f"enable {r['label']}", interactive=fits,
+                                                 elem_id=f"lora-{i}-enable", scale=0, min_width=120)
+                            advanced = gr.Checkbox(value=adv, label="TE / UNet", interactive=fits,
+                                                   elem_id=f"lora-{i}-advanced", scale=0, min_width=100)
+                            linked = gr.Slider(-2, 2, value=s, step=0.05, label="strength", interactive=fits,
+                                               visible=not adv, elem_id=f"lora-{i}-strength", scale=3)
+                        with gr.Row():
+                            te = gr.Slider(-2, 2, value=te_s, step=0.05, label="text encoder", interactive=fits,
+                                           visible=adv, elem_id=f"lora-{i}-te")
+                            unet = gr.Slider(-2, 2, value=unet_s, step=0.05, label="UNet", interactive=fits,
+                                             visible=adv, elem_id=f"lora-{i}-unet")
+
+                    def split(on, s):
+                        # advanced on: both sliders start from the linked strength; off: the linked one again
+                        if on:
+                            return gr.update(visible=False), gr.update(visible=True, value=s), \
+                                gr.update(visible=True, value=s)
+                        return gr.update(visible=True), gr.update(visible=False), gr.update(visible=False)
+
+                    advanced.input(split, [advanced, linked], [linked, te, unet], queue=False)
+                    settable += [advanced, linked, te, unet]
+                    if fits:
+                        names.append(r["name"])
+                        controls += [enable, advanced, linked, te, unet]
+
+                def keeping(fn):
+                    """`fn`'s outputs, then the prefs updated with what the rows show now."""
+                    def run_it(arg, prefs, *values):
+                        now = {r["key"]: tuple(values[4 * i:4 * i + 4]) for i, r in enumerate(rows)}
+                        return [*fn(arg), prefs | now]
+                    return run_it
+
+                names_state = gr.State(names)
+                inputs = [names_state, *settings_inputs, *controls]
+                run.click(on_generate, inputs, [gallery, params, status], **heavy)
+                prompt.submit(on_generate, inputs, [gallery, params, status], **heavy)
+                upload.upload(keeping(on_upload), [upload, prefs_state, *settable],
+                              [rows_state, status, upload, prefs_state], **heavy)
+                model.change(keeping(on_model), [model, prefs_state, *settable],
+                             [rows_state, status, model, width, height, prefs_state], **heavy)
+
         dice.click(lambda: -1, None, seed)
-        inputs = [rows_state, prompt, negative, seed, steps, guidance, scheduler, width, height, count]
-        run.click(on_generate, inputs + enables + sliders, [gallery, params, status], **heavy)
-        prompt.submit(on_generate, inputs + enables + sliders, [gallery, params, status], **heavy)
     return demo
 
 

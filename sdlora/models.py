@@ -122,6 +122,28 @@ def from_components(name: str, spec: ArchSpec, parts: dict, native_resolution: i
                      native_resolution=native_resolution or spec.resolution_for(prediction))
 
 
+def model_identity(name: str) -> tuple[str, str | None]:
+    """What A1111 writes as `Model:` and `Model hash:` for `name` (what the user passed as --model), never a local path.
+
+    A single-file checkpoint: its file stem (A1111's `name_for_extra`, e.g. v1-5-pruned-emaonly) and the first 10
+    hex digits of the sha256 of the whole file (A1111's `shorthash`, modules/sd_models.py), so A1111, civitai and
+    other readers match it to the same file. A diffusers folder or hub id: its last path component and no hash
+    (A1111 has no hash for a folder; a hash of its weight files would match nothing any other tool computes, so
+    none is written). A built-in model: its name, no hash. Reads the whole file: call it once per model load."""
+    import hashlib
+
+    if name in BUILTIN_MODELS:
+        return name, None
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return path.stem, h.hexdigest()[:10]
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or name, None
+
+
 def checkpoint_keys(path: Path) -> list[str]:
     """Tensor names of a .safetensors file (safetensors reads the header alone)."""
     from safetensors import SafetensorError, safe_open

@@ -3,8 +3,10 @@
 Adapters are trained with `sdlora train` (two on `toy`, one on `tiny`) into the folder the app lists. The page
 shows the toy adapters with sliders and the tiny one greyed out with the reason; switching the model to `tiny`
 and back scans the folder again (a file added meanwhile appears) and swaps which adapters are usable. The page
-then moves both toy sliders, generates, and the image it shows must differ from the base model's and equal, pixel
-for pixel, what `sdlora generate` makes with the same settings. A screenshot is saved under test-artifacts/; with
+then moves one toy adapter's slider and splits the other's into text-encoder and UNet sliders set apart; uploads
+make ten rows (more than a fixed page would hold) and keep what the sliders were set to. It generates, and the
+image it shows must differ from the base model's and equal, pixel for pixel, what `sdlora generate --lora
+FILE:TE:UNET` makes with the same settings; the PNG says <lora:triangle:1.5:0.5> and names the model without a path. A screenshot is saved under test-artifacts/; with
 SDLORA_DOCS_SCREENSHOT=1 it is also written to docs/app.png (the README's picture; its adapters then train for
 the quick start's 600 steps, so the picture shows what they learned).
 """
@@ -38,7 +40,9 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "GRADI
 DOCS = os.environ.get("SDLORA_DOCS_SCREENSHOT") == "1"
 PROMPT = "a sks triangle on a white background"
 GEN = ["--prompt", PROMPT, "--negative", "a circle", "--seed", "3", "--steps", "12"]
-STRENGTHS = {"style": 0.4, "triangle": 1.0}  # the order the app lists them in (file names, sorted)
+# (text encoder, UNet) per adapter, in the order the app lists them (file names, sorted): style on the linked
+# slider, triangle split with its "TE / UNet" box (A1111's <lora:name:te:unet>)
+STRENGTHS = {"style": (0.4, 0.4), "triangle": (1.5, 0.5)}
 TOY_STEPS = "600" if DOCS else "60"
 
 if not CHROMIUM.exists():
@@ -105,7 +109,8 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
     try:
         cli_base = sdlora("generate", "--model", "toy", *GEN, "--out", str(tmp_path / "base.png"))
         cli_blend = sdlora("generate", "--model", "toy", *GEN, "--out", str(tmp_path / "blend.png"),
-                           *[a for n, s in STRENGTHS.items() for a in ("--lora", f"{trained / n}.safetensors:{s:g}")])
+                           *[a for n, (te, u) in STRENGTHS.items()
+                             for a in ("--lora", f"{trained / n}.safetensors:{te:g}:{u:g}")])
         url = f"http://127.0.0.1:{port}/"
         wait_for(url, app, log)
         with sync_playwright() as p:
@@ -157,9 +162,15 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
             page.locator("#negative textarea").fill(GEN[3])
             page.locator("#seed input").fill(GEN[5])
             page.locator("#steps input[type=range]").fill(GEN[7])
-            for i, s in zip((1, 2), STRENGTHS.values()):
-                page.locator(f"#lora-{i}-strength input[type=range]").fill(f"{s:g}")
-                expect(page.locator(f"#lora-{i}-strength input[type=number]")).to_have_value(f"{s:g}")
+            (s, _), (te, unet) = STRENGTHS.values()
+            page.locator("#lora-1-strength input[type=range]").fill(f"{s:g}")
+            expect(page.locator("#lora-1-strength input[type=number]")).to_have_value(f"{s:g}")
+            expect(page.locator("#lora-2-te")).to_be_hidden()
+            page.locator("#lora-2-advanced input").check()  # the linked slider splits into TE and UNet ones
+            expect(page.locator("#lora-2-strength")).to_be_hidden()
+            for part, v in (("te", te), ("unet", unet)):
+                page.locator(f"#lora-2-{part} input[type=range]").fill(f"{v:g}")
+                expect(page.locator(f"#lora-2-{part} input[type=number]")).to_have_value(f"{v:g}")
 
             # An upload for another architecture is listed greyed out with the reason; one that fits gets a row
             # of its own, and its enable box, unticked, leaves it out of the blend.
@@ -167,18 +178,25 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
             tensors, md = load_safetensors(trained / "style.safetensors")
             kohya.save(tensors, xl, md | {"ss_base_model_version": "sdxl_base_v1-0"})
             extra = Path(shutil.copy(trained / "style.safetensors", tmp_path / "extra.safetensors"))
-            page.locator("#upload input[type=file]").set_input_files([str(xl), str(extra)])
-            expect(page.locator("#status")).to_contain_text("extra.safetensors: loaded", timeout=60_000)
+            # Any number of adapters gets a row: four more (for tiny, so greyed out here) make ten.
+            more = [Path(shutil.copy(trained / "dog.safetensors", tmp_path / f"more{k}.safetensors")) for k in range(4)]
+            page.locator("#upload input[type=file]").set_input_files([str(xl), str(extra), *map(str, more)])
+            expect(page.locator("#status")).to_contain_text("more3.safetensors: loaded", timeout=60_000)
             greyed(4, "xl_style", "this adapter is for SDXL")
             usable(5, "extra · trigger: a zwx triangle")
-            expect(page.locator("#lora-6")).to_be_hidden()
+            greyed(9, "more3", "has shape")
+            expect(page.locator("#lora-10")).to_have_count(0)
+            # the upload re-rendered the rows: what was set on the sliders is kept
+            expect(page.locator("#lora-1-strength input[type=number]")).to_have_value(f"{s:g}")
+            expect(page.locator("#lora-2-unet input[type=number]")).to_have_value(f"{unet:g}")
+            expect(page.locator("#lora-2-strength")).to_be_hidden()
             page.locator("#lora-5-enable input").uncheck()
 
             page.locator("#generate").click()
             img = page.locator("#gallery img").first
             expect(img).to_be_visible(timeout=120_000)
             expect(page.locator("#parameters textarea")).to_have_value(
-                re.compile("<lora:style:0.4> <lora:triangle:1>"))
+                re.compile("<lora:style:0.4> <lora:triangle:1.5:0.5>"))
             shot = REPO / "test-artifacts" / "app.png"
             shot.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
@@ -200,6 +218,8 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
     assert not np.array_equal(in_page, base)
     [saved] = outdir.glob("*.png")
     assert read_parameters(saved) == read_parameters(tmp_path / "blend.png") == parse_parameters(params_text)
+    model_field = re.search(r"Model: ([^,]*)", params_text).group(1)
+    assert model_field == "toy" and "/" not in model_field and "\\" not in model_field
     assert (saved.stat().st_mode & 0o777) == 0o666 & ~_umask()
     # The log says how to share the app with sdlora's flag, not by editing Gradio's launch(), and has no
     # loader noise (progress bars of weight loading) from the model switches.

@@ -67,10 +67,13 @@ def format_parameters(p: ImageParams) -> str:
     """The A1111 `parameters` text: prompt with <lora:..> tags, 'Negative prompt:' line, 'Key: value, ...' line."""
     prompt = " ".join([p.prompt] + [l.tag() for l in p.loras]) if p.loras else p.prompt
     fields = {"Steps": str(p.steps), "Sampler": p.sampler, "CFG scale": _num(p.cfg), "Seed": str(p.seed),
-              "Size": f"{p.width}x{p.height}", "Model": p.model}
+              "Size": f"{p.width}x{p.height}"}
+    if "Model hash" in p.extra:  # A1111's order: Model hash, then Model
+        fields["Model hash"] = p.extra["Model hash"]
+    fields["Model"] = p.model
     if p.loras:
         fields["Lora hashes"] = ", ".join(f"{l.name}: {l.hash}" for l in p.loras)
-    fields.update(p.extra)
+    fields.update({k: v for k, v in p.extra.items() if k not in fields})
     lines = [prompt]
     if p.negative:
         lines.append(f"Negative prompt: {p.negative}")

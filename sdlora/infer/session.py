@@ -15,7 +15,7 @@ from sdlora.formats.a1111 import ImageParams, LoraRef
 from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender, Resolved
-from sdlora.models import load_base
+from sdlora.models import load_base, model_identity
 
 # --scheduler value -> (diffusers class, extra config, A1111 sampler name written into the PNG)
 SCHEDULERS = {
@@ -71,6 +71,7 @@ class Session:
         self.base = base if base is not None else load_base(model)
         self.blender = Blender(self.base)
         self.lock = threading.RLock()
+        self.identity = model_identity(self.base.name)  # (Model, Model hash) for the PNGs: hashed once per load
 
     def use_model(self, model: str, files: list[AdapterFile] | None = None) -> list[Resolved | SdloraError]:
         """Switch the base model (a no-op for the loaded one) and match `files` to it, from memory (default: the
@@ -82,6 +83,7 @@ class Session:
             self.blender.set_strengths({})  # the model's own weights again before another blend is matched
             if model != self.base.name:
                 self.base = load_base(model)
+                self.identity = model_identity(self.base.name)
             self.blender = Blender(self.base)
             return self.fit(files)
 
@@ -113,6 +115,8 @@ class Session:
         height = settings.height or base.native_resolution
         with self.lock:
             self.blender.set_strengths(strengths)
+            model_name, model_hash = self.identity
+            extra = ({"Model hash": model_hash} if model_hash else {}) | {"Version": f"sdlora {sdlora.__version__}"}
             loras = [LoraRef(r.file.name, te, u, r.file.short_hash) for r, te, u in self.blender.active()]
             pipe = base.pipeline(scheduler=make_scheduler(settings.scheduler, base.scheduler_config))
             out = []
@@ -126,7 +130,7 @@ class Session:
                              output_type="pil").images[0]
                 params = ImageParams(prompt=settings.prompt, negative=settings.negative, steps=settings.steps,
                                      sampler=SCHEDULERS[settings.scheduler][2], cfg=settings.guidance, seed=seed,
-                                     width=width, height=height, model=base.name, loras=loras,
-                                     extra={"Version": f"sdlora {sdlora.__version__}"})
+                                     width=width, height=height, model=model_name, loras=loras,
+                                     extra=dict(extra))
                 out.append((image, params))
             return out
