@@ -47,6 +47,7 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "telr": (["--te-lr", "1e-4"], "`--te-lr 1e-4`"),
     "notext-lr2e-3": (["--no-text-encoder", "--lr", "2e-3"], "`--no-text-encoder --lr 2e-3`"),
     "telr-900": (["--te-lr", "1e-4", "--steps", "900"], "`--te-lr 1e-4 --steps 900`"),
+    "telr-r8": (["--te-lr", "1e-4", "--rank", "8"], "`--te-lr 1e-4 --rank 8`"),
     "notext-1200": (["--no-text-encoder", "--steps", "1200"], "`--no-text-encoder --steps 1200`"),
     "noflip": (["--no-flip"], "`--no-flip`"),
     "prior2": (["--prior-loss-weight", "2"], "`--prior-loss-weight 2`"),
@@ -87,11 +88,15 @@ def table(results: dict, names: list[str], seeds: list[int]) -> str:
         rs = [results[n][s] for s in seeds if s in results[n]]
         if not rs:
             continue
-        col = lambda k: [r[k] for r in rs]  # noqa: E731
-        f, c, d = col("fidelity"), col("leak"), col("drift")
-        rows.append(f"| {CONFIGS[n][1]} | {rs[0]['params']:,} | {pct(statistics.mean(f))} ({'/'.join(map(pct, f))}) "
-                    f"| {pct(statistics.mean(c))} ({'/'.join(map(pct, c))}) "
-                    f"| {statistics.mean(d):+.1f}; {statistics.median(d):+.1f} ({'/'.join(f'{x:+.1f}' for x in d)}) |")
+        def cell(k: str, fmt) -> str:  # mean (and median for drift), then every seed ("–": not run yet)
+            v = [r[k] for r in rs]
+            per = "/".join(fmt(results[n][s][k]) if s in results[n] else "–" for s in seeds)
+            mid = f"; {fmt(statistics.median(v))}" if k == "drift" else ""
+            return f"{fmt(statistics.mean(v))}{mid} ({per})"
+
+        sign = lambda x: f"{x:+.1f}"  # noqa: E731
+        rows.append(f"| {CONFIGS[n][1]} | {rs[0]['params']:,} | {cell('fidelity', pct)} | {cell('leak', pct)} "
+                    f"| {cell('drift', sign)} |")
     return "\n".join(rows)
 
 
