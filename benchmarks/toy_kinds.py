@@ -46,6 +46,7 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "notext": (["--no-text-encoder"], "`--no-text-encoder`"),
     "telr": (["--te-lr", "1e-4"], "`--te-lr 1e-4`"),
     "notext-lr2e-3": (["--no-text-encoder", "--lr", "2e-3"], "`--no-text-encoder --lr 2e-3`"),
+    "telr2e-4": (["--te-lr", "2e-4"], "`--te-lr 2e-4`"),
     "telr-900": (["--te-lr", "1e-4", "--steps", "900"], "`--te-lr 1e-4 --steps 900`"),
     "telr-r8": (["--te-lr", "1e-4", "--rank", "8"], "`--te-lr 1e-4 --rank 8`"),
     "notext-1200": (["--no-text-encoder", "--steps", "1200"], "`--no-text-encoder --steps 1200`"),
