@@ -12,13 +12,16 @@ import re
 import unicodedata
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from sdlora.errors import SdloraError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -269,6 +272,8 @@ def load_image(path: Path, size: tuple[int, int] | int) -> torch.Tensor:
     nw, nh, left, top = cover_crop(*im.size, tw, th)
     im = im.resize((nw, nh), Image.Resampling.LANCZOS)
     im = im.crop((left, top, left + tw, top + th))
+    import torch  # here, not at the top: option checks read this module and must not wait for torch
+
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

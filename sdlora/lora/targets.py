@@ -83,5 +83,7 @@ CONV_PATTERN = re.compile(r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsam
 
 def conv_targets(model: torch.nn.Module) -> list[str]:
     """Names of the Conv2d modules LoCon/LoHa/LoKr add (none in a text encoder), in model order."""
+    import torch
+
     return [name for name, m in model.named_modules()
             if isinstance(m, torch.nn.Conv2d) and CONV_PATTERN.fullmatch(name)]
