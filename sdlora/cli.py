@@ -173,7 +173,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="DreamBooth-LoRA training from a folder of images",
                        usage="sdlora train --images DIR --prompt TEXT [options]",
                        description="Train a LoRA on a folder of images; writes a kohya-format .safetensors. "
-                                   "--images and --prompt are required (on the command line or in --config).",
+                                   "--images is required (on the command line or in --config), and --prompt unless --images "
+                                   "holds kohya-style N_words concept folders.",
                        epilog="Example (offline, about a minute on a CPU): sdlora train --model toy --images "
                               "datasets/toy-purple-triangle --prompt 'a sks triangle' --steps 600 --lr 1e-3")
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags "

@@ -78,8 +78,10 @@ def test_train_help_is_grouped_marks_required_options_lists_every_builtin_model_
     # required options: in the usage line and marked in their help
     assert text.startswith("usage: sdlora train --images DIR --prompt TEXT")
     body = flat(text)
-    for flag in ("--images DIR required (here or in --config):", "--prompt TEXT required (here or in --config):"):
-        assert flag in body
+    assert "--images DIR required (here or in --config):" in body
+    # --prompt is required unless the folder names its concepts (kohya's N_words subfolders): said where it is listed
+    assert "--prompt TEXT instance prompt" in body and "optional when --images holds N_words subfolders" in body
+    assert "--images is required (on the command line or in --config), and --prompt unless" in body
     # every built-in model, with what it is
     model_help = body[body.index("--model MODEL"):body.index("--mixed-precision")]
     for name, what in BUILTIN_MODELS.items():
