@@ -55,17 +55,33 @@ def scan(folder: Path) -> ScanResult:
     return ScanResult(images, bad, ignored)
 
 
+def refuse_or_skip_bad(folder: Path, bad: list[tuple[Path, str]], skip_bad: bool, log=print) -> None:
+    """Unreadable images: a one-line SdloraError naming them (and the fix), or with `skip_bad` a warning."""
+    if bad and not skip_bad:
+        names = ", ".join(f"{display_name(p)} ({why})" for p, why in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise SdloraError(f"{display_name(folder, full=True)}: cannot read {names}{more}; fix or remove them, "
+                          "or pass --skip-bad-images")
+    if bad:
+        log(f"warning: skipping {len(bad)} unreadable image(s) in {display_name(folder, full=True)}: "
+            + ", ".join(f"{display_name(p)} ({why})" for p, why in bad))
+
+
+def warn_small(examples: list["Example"], log=print) -> None:
+    """Warn, naming them, about images smaller than the size they train at (they are upscaled)."""
+    small = small_images(examples)
+    if small:
+        names = ", ".join(f"{display_name(e.path)} ({e.orig_size[0]}x{e.orig_size[1]} < {e.size[0]}x{e.size[1]})"
+                          for e in small[:3])
+        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+        log(f"warning: {len(small)} image(s) smaller than the training size are upscaled (softer results): "
+            f"{names}{more}; use larger images or a lower --resolution")
+
+
 def checked_images(folder: Path, what: str = "--images", skip_bad: bool = False, allow_empty: bool = False) -> list[Path]:
     """The images of `folder`, or an SdloraError naming the problem (no images, unreadable files)."""
     res = scan(folder)
-    if res.bad and not skip_bad:
-        names = ", ".join(f"{display_name(p)} ({why})" for p, why in res.bad[:3])
-        more = f" and {len(res.bad) - 3} more" if len(res.bad) > 3 else ""
-        raise SdloraError(f"{display_name(folder, full=True)}: cannot read {names}{more}; fix or remove them, "
-                          "or pass --skip-bad-images")
-    if res.bad:
-        print(f"warning: skipping {len(res.bad)} unreadable image(s) in {display_name(folder, full=True)}: "
-              + ", ".join(f"{display_name(p)} ({why})" for p, why in res.bad))
+    refuse_or_skip_bad(folder, res.bad, skip_bad)
     if not res.images and not allow_empty:
         raise SdloraError(f"{folder} ({what}) has no images; add .jpg/.png/.webp files to it")
     return res.images
@@ -308,13 +324,8 @@ def build_examples(images: list[Path], rules: PromptRules, resolution: int, buck
         size = nearest_bucket(orig, bucket_list) if bucket_list else (resolution, resolution)
         _, _, left, top = cover_crop(*orig, *size)
         out.append(Example(p, caption, size, is_class, orig, (top, left), sidecar is not None, repeats))
-    small = small_images(out)
-    if small and warn:
-        names = ", ".join(f"{display_name(e.path)} ({e.orig_size[0]}x{e.orig_size[1]} < {e.size[0]}x{e.size[1]})"
-                          for e in small[:3])
-        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
-        print(f"warning: {len(small)} image(s) smaller than the training size are upscaled (softer results): "
-              f"{names}{more}; use larger images or a lower --resolution")
+    if warn:
+        warn_small(out)
     return out
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdlora.data import (CAPTION_SUFFIXES, IMAGE_SUFFIXES, Example, PromptRules, build_examples, display_name,
-                         make_buckets, scan, small_images)
+                         make_buckets, refuse_or_skip_bad, scan, small_images, warn_small)
 from sdlora.errors import SdloraError
 
 CONCEPT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's `N_words`
@@ -78,14 +78,8 @@ class Dataset:
     def check(self, prompt: str | None, skip_bad: bool = False, log=print) -> None:
         """Refuse (one line) what training cannot use: unreadable images (unless `skip_bad`), no images, images with
         no prompt at all."""
-        if self.bad and not skip_bad:
-            names = ", ".join(f"{display_name(p)} ({why})" for p, why in self.bad[:3])
-            more = f" and {len(self.bad) - 3} more" if len(self.bad) > 3 else ""
-            raise SdloraError(f"{display_name(self.bad[0][0].parent, full=True)}: cannot read {names}{more}; fix or "
-                              "remove them, or pass --skip-bad-images")
         if self.bad:
-            log(f"warning: skipping {len(self.bad)} unreadable image(s) in {display_name(self.images, full=True)}: "
-                + ", ".join(f"{display_name(p)} ({why})" for p, why in self.bad))
+            refuse_or_skip_bad(self.bad[0][0].parent if not skip_bad else self.images, self.bad, skip_bad, log)
         if not self.instance_images:
             raise SdloraError(f"{self.images} (--images) has no images; add .jpg/.png/.webp files to it"
                               + (" or to its N_words subfolders" if self.concepts and self.concepts[0].prompt else ""))
@@ -111,13 +105,8 @@ class Dataset:
                 r = PromptRules(prompt=c.prompt, trigger="")
                 classes += build_examples(c.images, r, resolution, buckets, is_class=True, repeats=c.repeats,
                                           warn=False)
-        small = small_images(instance + classes)
-        if small and warn:
-            names = ", ".join(f"{display_name(e.path)} ({e.orig_size[0]}x{e.orig_size[1]} < {e.size[0]}x{e.size[1]})"
-                              for e in small[:3])
-            more = f" and {len(small) - 3} more" if len(small) > 3 else ""
-            print(f"warning: {len(small)} image(s) smaller than the training size are upscaled (softer results): "
-                  f"{names}{more}; use larger images or a lower --resolution")
+        if warn:
+            warn_small(instance + classes)
         return instance, classes
 
 
