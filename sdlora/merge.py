@@ -104,11 +104,6 @@ def ldm_state_dict(base) -> dict[str, torch.Tensor]:
 # merge
 
 
-def load_base_spec(path: Path):
-    """The family a written single-file checkpoint reads back as (from its tensor names)."""
-    return detect_checkpoint_arch(checkpoint_keys(path))
-
-
 def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None) -> Path:
     """Fuse `loras` [(file, text-encoder strength, unet strength)] into `model` and write `out`: a `.safetensors`
     single file (LDM layout) or a diffusers folder."""
@@ -137,7 +132,7 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
                               "base model and the adapters (`sdlora verify FILE`)")
         io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)}
                        | checkpoint.ldm_metadata(base))
-        if load_base_spec(out) is not base.spec:  # read back as a checkpoint of the same family
+        if detect_checkpoint_arch(checkpoint_keys(out)) is not base.spec:  # reads back as the same family
             raise SdloraError(f"{out} was written but does not read back as a {base.spec.label} checkpoint; this is a "
                               "bug in sdlora, please report it")
         return out

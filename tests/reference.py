@@ -15,3 +15,16 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha) -> torch.Tensor:
     if down.dim() == 4:
         return scale * torch.einsum("or,riyx->oiyx", u, down.double())
     return scale * torch.einsum("or,ri->oi", u, down.double())
+
+
+def group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A kohya state dict by module, split here by its key suffixes: {module: {"lora_down.weight": .., ...}}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+            if key.endswith("." + suffix):
+                out.setdefault(key[: -len(suffix) - 1], {})[suffix] = t
+                break
+        else:
+            out.setdefault("", {})[key] = t
+    return out

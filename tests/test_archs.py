@@ -86,7 +86,7 @@ def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(tmp_path):
     blended = session.generate(settings, {"xl": 0.7})[0][0]
     merged = load_base("tiny-sdxl")
     table = {kohya.kohya_name(c, n, "sdxl"): m for c, model in merged.components.items() for n, m in model.named_modules()}
-    groups = kohya.group(state)
+    groups = reference.group(state)
     with torch.no_grad():
         for mod, t in groups.items():
             w = table[mod].weight

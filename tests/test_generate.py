@@ -64,7 +64,7 @@ def merged_base(blend: list[tuple[Path, float, float]]):
     with torch.no_grad():
         for path, te, unet in blend:
             tensors, _ = io.load(path)
-            for mod, parts in kohya.group(tensors).items():
+            for mod, parts in reference.group(tensors).items():
                 where = table[mod]
                 w = base.components[where.component].get_submodule(where.module_path).weight
                 w += ((unet if where.component == "unet" else te) * reference.lora_delta(

@@ -216,7 +216,7 @@ def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path):
     # same rank: the delta is unchanged
     frac, _ = resize(files["locon"], tmp_path / "r4.safetensors", 4)
     a, b = io.load(files["locon"])[0], io.load(tmp_path / "r4.safetensors")[0]
-    ga, gb = kohya.group(a), kohya.group(b)
+    ga, gb = reference.group(a), reference.group(b)
     for m in ga:
         da = reference.lora_delta(ga[m]["lora_down.weight"], ga[m]["lora_up.weight"], ga[m]["alpha"].item())
         db = reference.lora_delta(gb[m]["lora_down.weight"], gb[m]["lora_up.weight"], gb[m]["alpha"].item())
@@ -225,7 +225,7 @@ def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path):
     # rank 2: the best rank-2 approximation; energy fraction from singular values computed here
     r = sdlora("resize", files["locon"], "--rank", "2", "--out", tmp_path / "r2.safetensors")
     assert r.returncode == 0, r.stderr
-    c = kohya.group(io.load(tmp_path / "r2.safetensors")[0])
+    c = reference.group(io.load(tmp_path / "r2.safetensors")[0])
     kept = total = 0.0
     for m in ga:
         d = reference.lora_delta(ga[m]["lora_down.weight"], ga[m]["lora_up.weight"], ga[m]["alpha"].item())

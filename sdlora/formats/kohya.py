@@ -272,19 +272,6 @@ def module_of_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Group a kohya state dict by module: {kohya module name: {"lora_down.weight": .., "lora_up.weight": .., "alpha": ..}}.
-
-    Keys that are not kohya LoRA keys are returned under the module name "" so callers can report them.
-    """
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in state.items():
-        split = module_of_key(key)
-        mod, suffix = split if split else ("", key)
-        out.setdefault(mod, {})[suffix] = t
-    return out
-
-
 def to_tensors(adapter: AdapterFile, dtype: torch.dtype | None = None, alpha_if_missing: float | None = None) -> dict[str, torch.Tensor]:
     """The kohya/LyCORIS state dict of an AdapterFile: each role under its key (`ROLE_SUFFIX`), plus alpha (omitted
     where the module has none, unless `alpha_if_missing`; never for a full diff, which has none), cast to `dtype`
