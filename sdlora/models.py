@@ -23,6 +23,8 @@ BUILTIN_MODELS = {
     "tiny": "SD 1.x module tree at toy widths, random weights (64 px)",
     "tiny-sd2": "SD 2.x (v-prediction) module tree at toy widths, random weights (64 px)",
     "tiny-sdxl": "SDXL module tree at toy widths, random weights (64 px)",
+    "tiny-sd3": "SD 3.5 Medium module tree (MMDiT, CLIP-L + bigG + T5) at toy widths, random weights (64 px)",
+    "tiny-flux": "FLUX.1-dev module tree (double/single blocks, CLIP-L + T5) at toy widths, random weights (64 px)",
     "toy": "SD 1.x-shaped model pretrained on sdlora's toy world of coloured shapes (32 px)",
 }
 
@@ -54,7 +56,7 @@ class BaseModel:
 
     name: str  # what the user passed as --model
     spec: ArchSpec
-    prediction_type: str  # "epsilon" or "v_prediction"
+    prediction_type: str  # "epsilon" or "v_prediction"; "flow" for rectified-flow families (SD3, FLUX)
     modules: dict
     tokenizers: dict
     noise_scheduler: object  # the training noise schedule
@@ -88,8 +90,17 @@ class BaseModel:
         return {t.component: (self.tokenizers[t.tokenizer_attr], self.modules[t.attr]) for t in self.spec.text_encoders}
 
     @property
+    def variant(self) -> str:
+        """Key of the spec's `versions`: the prediction type, or the DiT variant its config shows ("dev", "5-large")."""
+        return self.spec.variant(self.denoiser.config, self.prediction_type)
+
+    @property
     def base_model_version(self) -> str:
-        return self.spec.kohya_version(self.prediction_type)
+        return self.spec.kohya_version(self.variant)
+
+    @property
+    def modelspec_architecture(self) -> str:
+        return self.spec.modelspec_architecture(self.base_model_version, self.variant)
 
     def to(self, dtype) -> "BaseModel":
         for m in self.modules.values():
@@ -101,20 +112,21 @@ class BaseModel:
         import diffusers
 
         if scheduler is None:
-            scheduler = diffusers.DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+            scheduler = getattr(diffusers, self.spec.sampler).from_config(self.noise_scheduler.config)
         cls = getattr(diffusers, self.spec.pipeline)
         return cls(**self.modules, **self.tokenizers, scheduler=scheduler, **self.spec.pipeline_extra)
 
 
 def from_components(name: str, spec: ArchSpec, parts: dict, native_resolution: int | None = None) -> BaseModel:
     """A BaseModel from a dict of diffusers components (modules, tokenizers, `scheduler` or `noise_scheduler`)."""
-    from diffusers import DDPMScheduler
+    import diffusers
 
     sched_cfg = dict(parts.get("scheduler_config") or parts["scheduler"].config)
     sched_cfg = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
-    # Training needs the model's noise schedule (betas, prediction type) with DDPM's forward process.
-    noise_scheduler = parts.get("noise_scheduler") or DDPMScheduler.from_config(sched_cfg)
-    prediction = noise_scheduler.config.prediction_type
+    # Training needs the model's noise schedule (betas, prediction type) with DDPM's forward process; flow
+    # families their flow-matching schedule (shift) as the spec says.
+    noise_scheduler = parts.get("noise_scheduler") or getattr(diffusers, spec.scheduler).from_config(sched_cfg)
+    prediction = getattr(noise_scheduler.config, "prediction_type", None) or spec.objective
     modules = {a: parts[a] for a in ("vae", *spec.components.values())}
     tokenizers = {t.tokenizer_attr: parts[t.tokenizer_attr] for t in spec.text_encoders}
     return BaseModel(name=name, spec=spec, prediction_type=prediction, modules=modules, tokenizers=tokenizers,

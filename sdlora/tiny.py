@@ -1,5 +1,5 @@
-"""The built-in offline models `tiny` (SD 1.x), `tiny-sd2` (SD 2.x, v-prediction) and `tiny-sdxl` (SDXL): the real
-module trees at toy widths, built from code, deterministically.
+"""The built-in offline models `tiny` (SD 1.x), `tiny-sd2` (SD 2.x, v-prediction), `tiny-sdxl` (SDXL), `tiny-sd3`
+(SD 3.5 Medium) and `tiny-flux` (FLUX.1-dev): the real module trees at toy widths, built from code, deterministically.
 
 They exist for smoke runs and tests on machines that cannot download real weights. Every module name of their
 UNets and text encoders is the same as SD 1.5's / SD 2.1's / SDXL's (same block types, layers per block,
@@ -27,12 +27,18 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-TINY_MODELS = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+TINY_MODELS = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+
+# toy widths of each text-encoder kind; layer counts stay the real ones
+_TINY_TE = {
+    "clip": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "projection_dim": 32},
+    # T5-XXL: the tokenizer is the tiny CLIP one (any tokenizer that gives ids below the vocabulary size works)
+    "t5": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4},
+}
 
 
-def _te(arch: str, component: str, tokenizer):
-    return build(load_config(arch, component) | {
-        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "projection_dim": 32,
+def _te(arch: str, component: str, tokenizer, kind: str = "clip"):
+    return build(load_config(arch, component) | _TINY_TE[kind] | {
         "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
     })
@@ -49,7 +55,10 @@ def tiny_components(spec: ArchSpec | str = "sd1") -> dict:
         "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8,
         "sample_size": TINY_RESOLUTION,
     }
-    denoiser_cfg = load_config(arch, spec.denoiser) | {"sample_size": TINY_RESOLUTION // 8} | spec.tiny_denoiser
+    denoiser_cfg = load_config(arch, spec.denoiser)
+    if "sample_size" in denoiser_cfg:  # UNets and SD3's transformer: the latent size
+        denoiser_cfg["sample_size"] = TINY_RESOLUTION // 8
+    denoiser_cfg |= spec.tiny_denoiser
     sched_cfg = load_config(arch, "scheduler")
     out = {"scheduler_config": sched_cfg}
     with torch.random.fork_rng(devices=[]):
@@ -58,6 +67,6 @@ def tiny_components(spec: ArchSpec | str = "sd1") -> dict:
         for t in spec.text_encoders:  # the same order as before the registry: weights are seeded in sequence
             tokenizer = tiny_tokenizer()
             out[t.tokenizer_attr] = tokenizer
-            out[t.attr] = _te(arch, t.attr, tokenizer).eval()
+            out[t.attr] = _te(arch, t.attr, tokenizer, t.kind).eval()
         out["vae"] = build(vae_cfg).eval()
     return out

@@ -404,8 +404,8 @@ def test_batch_loss_is_instance_mean_plus_weighted_class_mean_in_one_forward_or_
         torch.testing.assert_close(batch_loss(Zero(), objective, batches, prior_weight=0.5, min_snr_gamma=5.0),
                                    (per * w)[:2].mean() + 0.5 * (per * w)[2])
     assert batch_loss(Zero(), objective, [Batch(latents, cond, None, noise, t, n_instance=3)]) == per.mean()
-    with pytest.raises(ValueError, match="flow"):  # the next objective is a new branch in step.objective_for
-        objective_for(SimpleNamespace(objective="flow"), objective.scheduler)
+    with pytest.raises(ValueError, match="consistency"):  # an objective nobody implements is refused by name
+        objective_for(SimpleNamespace(objective="consistency"), objective.scheduler)
 
 
 def test_latents_are_shifted_then_scaled_when_the_vae_has_a_shift():

@@ -1,7 +1,8 @@
 """The architecture registry: one `ArchSpec` per model family, and the public configs of the real models.
 
-`get("sdxl")` is the spec; `SPECS` lists them all. Folders `sd15` (SD 1.5), `sd21` (SD 2.1, 768-v) and `sdxl`
-(SDXL base 1.0) hold the diffusers configs of the UNet, text encoder(s), VAE and scheduler exactly as the public
+`get("sdxl")` is the spec; `SPECS` lists them all. Folders `sd15` (SD 1.5), `sd21` (SD 2.1, 768-v), `sdxl`
+(SDXL base 1.0), `sd35` (SD 3.5 Medium; `transformer_large.json`: 3.5 Large) and `flux1` (FLUX.1-dev;
+`*_schnell.json`: schnell) hold the diffusers configs of the UNet, text encoder(s), VAE and scheduler exactly as the public
 repositories ship them (see their README), used to build the real models on the meta device and to scale down
 the tiny ones.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdlora.archs import sd1, sd2, sdxl
+from sdlora.archs import flux, sd1, sd2, sd3, sdxl
 from sdlora.archs.spec import ArchSpec, TextEncoderSpec
 from sdlora.errors import SdloraError
 
@@ -22,7 +23,7 @@ __all__ = ["ArchSpec", "TextEncoderSpec", "SPECS", "IDS", "get", "label", "fits"
 
 _HERE = Path(__file__).parent
 
-SPECS: dict[str, ArchSpec] = {s.id: s for s in (sd1.SPEC, sd2.SPEC, sdxl.SPEC)}
+SPECS: dict[str, ArchSpec] = {s.id: s for s in (sd1.SPEC, sd2.SPEC, sdxl.SPEC, sd3.SPEC, flux.SPEC)}
 IDS = tuple(SPECS)
 
 
@@ -51,8 +52,9 @@ def _dir(arch: str) -> str:
 
 
 def load_config(arch: str, component: str) -> dict:
-    """The public config of `component` ("unet", "text_encoder", "text_encoder_2", "vae", "scheduler") of `arch`
-    ("sd1"/"sd15", "sd2"/"sd21", "sdxl")."""
+    """The public config of `component` ("unet", "transformer", "text_encoder", "text_encoder_2", "vae",
+    "scheduler", or a variant's file such as "transformer_large") of `arch` ("sd1"/"sd15", "sd2"/"sd21", "sdxl",
+    "sd3"/"sd35", "flux"/"flux1")."""
     return json.loads((_HERE / _dir(arch) / f"{component}.json").read_text())
 
 
@@ -68,17 +70,17 @@ def build(cfg: dict):
     return cls(transformers.AutoConfig.for_model(**cfg))
 
 
-def meta_model(arch: str, component: str):
+def meta_model(arch: str, component: str, variant: str = ""):
     """Build the real-size `component` of `arch` on the meta device: real module names and shapes, no memory.
 
     `component` is a diffusers component ("unet", "text_encoder", "text_encoder_2", "vae") or a kohya one
-    ("te", "te1", "te2")."""
+    ("te", "te1", "te2"); `variant` picks another config file of it ("large": `transformer_large.json`)."""
     import torch
 
     spec = SPECS.get(arch) or next(s for s in SPECS.values() if s.config_dir == arch)
     component = spec.components.get(component, component)
     with torch.device("meta"):
-        return build(load_config(spec.id, component))
+        return build(load_config(spec.id, component + (f"_{variant}" if variant else "")))
 
 
 def meta_components(arch: str) -> dict:

@@ -10,20 +10,29 @@ Importing this module imports neither torch nor diffusers (the CLI's --help must
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+DENOISER = "unet"  # the kohya component of every family's denoiser (`lora_unet_...`, a UNet or a transformer)
 
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder of a family, by role."""
 
-    component: str  # sdlora/kohya component name: "te" (the only one), "te1", "te2"
+    component: str  # sdlora/kohya component name: "te" (the only one), "te1", "te2", "te3" (T5-XXL)
     attr: str  # diffusers pipeline attribute and config file name: "text_encoder", "text_encoder_2"
     tokenizer_attr: str  # "tokenizer", "tokenizer_2"
     ldm_prefix: str  # where its weights live in an original (LDM/SGM) single-file checkpoint
     ldm_layout: str  # "clip" (HF CLIP names under `transformer.`) or "openclip" (OpenCLIP `resblocks`, fused qkv)
     a1111_prefix: str = ""  # A1111's network-layer name prefix of this encoder ("", "0_", "1_")
-    hidden: str = "final"  # conditioning from the "final" (after the final layer norm) or "penultimate" layer
-    pooled: bool = False  # its projected pooled output conditions the denoiser (SDXL's bigG)
+    hidden: str | None = "final"  # conditioning from the "final" (after the final layer norm) or "penultimate"
+    # layer; None: only its pooled output is used (FLUX's CLIP-L)
+    pooled: bool = False  # its pooled output conditions the denoiser (SDXL's bigG; SD3's CLIP-L and bigG; FLUX's CLIP-L)
+    pooled_from: str = "text_embeds"  # which output is pooled: the projected "text_embeds" or the "pooler_output"
+    kind: str = "clip"  # "clip" (LoRA-trainable; kohya names it `..._text_model_...`) or "t5" (frozen, cached)
+    max_length: int | None = None  # tokens per prompt when not the tokenizer's own limit (T5: 256 for SD3, 512 FLUX)
+    sequence_join: bool = False  # its hidden states follow the others' along the sequence, which are zero-padded to
+    # its width first (SD3: [CLIP-L | bigG | 0] then T5 tokens); otherwise encoders go side by side on features
     pad_token: str = "<|endoftext|>"  # its tokenizer's padding token (OpenCLIP's is "!")
     head_channels: int = 64  # channels per attention head (not in the weights; CLIP-L, OpenCLIP-H and bigG: 64)
     ldm_extra_layer: bool = False  # original files hold one more layer than diffusers' encoder (SD 2.x: OpenCLIP-H's
@@ -41,16 +50,29 @@ class ArchSpec:
     pipeline: str  # diffusers pipeline class for generation
     native_resolution: int  # what the base model was trained at (per prediction type: `resolution_for`)
     denoiser: str = "unet"  # component name (and pipeline attribute) of the denoiser
-    denoiser_names: str = "diffusers"  # kohya names denoiser modules by their "diffusers" path or "ldm" path
+    denoiser_names: str = "diffusers"  # kohya names denoiser modules by their "diffusers" path, "ldm" path, or the
+    # "original" model's module path with q/k/v fused (SD 3.x: SAI's MMDiT; FLUX.1: BFL's; sdlora/formats/dit.py)
+    a1111: bool = True  # AUTOMATIC1111 runs this family (not SD 3.x / FLUX.1: ComfyUI and Forge do)
+    diffusers_reads_kohya: bool = True  # diffusers' load_lora_weights converts kohya files of it (not SD 3.x)
     micro_conditioning: bool = False  # SDXL: original size, crop and target size condition the denoiser
-    objective: str = "diffusion"  # "diffusion" (epsilon / v from the scheduler config); room for "flow"
+    objective: str = "diffusion"  # "diffusion" (epsilon / v from the scheduler config) or "flow" (rectified flow)
+    scheduler: str = "DDPMScheduler"  # diffusers class of the training noise schedule (built from its config)
+    sampler: str = "DPMSolverMultistepScheduler"  # diffusers scheduler sample grids and `generate` use by default
+    packed_latents: bool = False  # FLUX: the transformer sees 2x2 latent patches as tokens, with position ids
+    train_guidance: float = 1.0  # guidance-distilled models (FLUX.1-dev): the guidance input during training
+    sample_guidance: float = 7.5  # classifier-free (or distilled) guidance scale of generation by default
+    sample_steps: int = 30
+    negative_prompt: bool = True  # the pipeline takes a negative prompt (FLUX.1's does not)
+    preset_columns: tuple[str, str] = ("unet", "te")  # which columns of lora.targets.PRESETS this family uses
+    network_kinds: tuple[str, ...] | None = None  # adapter kinds it can train (None: all; fused qkv: LoRA only)
+    variant_of: Callable[[dict], str] | None = None  # denoiser config -> key of `versions` (DiT families)
     pipeline_extra: dict = field(default_factory=dict)  # constructor arguments the pipeline needs beyond modules
     checkpoint_marker: str = ""  # a tensor-name prefix only this family's single-file checkpoints have
     epsilon_resolution: int | None = None  # native resolution of epsilon-prediction variants (SD 2.x base: 512)
     # metadata values (the keys are written by sdlora/formats/meta.py)
     # prediction type -> (kohya's `ss_base_model_version`, SAI `modelspec.architecture` as kohya writes it)
     versions: dict = field(default_factory=dict)
-    kohya_version_prefix: str = ""  # every `ss_base_model_version` of this family starts with it
+    kohya_version_prefix: str | tuple[str, ...] = ""  # every `ss_base_model_version` of this family starts with it
     modelspec_prefix: str = ""  # every `modelspec.architecture` of this family starts with it
     modelspec_implementation: str = "diffusers"
     is_v2: bool = False  # kohya's `ss_v2`
@@ -64,11 +86,20 @@ class ArchSpec:
     @property
     def components(self) -> dict[str, str]:
         """kohya component -> diffusers component (pipeline attribute / config file)."""
-        return {self.denoiser: self.denoiser} | {t.component: t.attr for t in self.text_encoders}
+        return {DENOISER: self.denoiser} | {t.component: t.attr for t in self.text_encoders}
 
     @property
     def te_components(self) -> tuple[str, ...]:
         return tuple(t.component for t in self.text_encoders)
+
+    @property
+    def trainable_te_components(self) -> tuple[str, ...]:
+        """Text encoders LoRA may train (CLIP; T5-XXL stays frozen and cached)."""
+        return tuple(t.component for t in self.text_encoders if t.kind == "clip")
+
+    def variant(self, denoiser_config: dict, prediction_type: str) -> str:
+        """Key of `versions` for a base model: its prediction type, or what its denoiser config says (DiT)."""
+        return self.variant_of(dict(denoiser_config)) if self.variant_of else prediction_type
 
     def text_encoder(self, component: str) -> TextEncoderSpec:
         return next(t for t in self.text_encoders if t.component == component)
@@ -82,6 +113,9 @@ class ArchSpec:
         """`ss_base_model_version` of a base model of this family with this prediction type."""
         return (self.versions.get(prediction_type) or next(iter(self.versions.values())))[0]
 
-    def modelspec_architecture(self, kohya_version: str) -> str:
-        """`modelspec.architecture` of a LoRA for the base model whose `ss_base_model_version` is `kohya_version`."""
+    def modelspec_architecture(self, kohya_version: str, variant: str | None = None) -> str:
+        """`modelspec.architecture` of a LoRA for the base model whose `ss_base_model_version` is `kohya_version`
+        (`variant`, a key of `versions`, decides where versions share a value: FLUX.1-dev and -schnell)."""
+        if variant in self.versions:
+            return self.versions[variant][1]
         return next(ms for v, ms in self.versions.values() if v == kohya_version)

@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from sdlora import archs
 from sdlora.errors import SdloraError
 from sdlora.formats import io, kohya, layouts
@@ -91,13 +93,47 @@ def _carry(adapter: AdapterFile) -> dict[str, str]:
     return md
 
 
+def split_parts(where: layouts.Module, m: AdapterModule) -> dict[str, AdapterModule]:
+    """An original-model module (fused q/k/v: SD 3.x, FLUX.1) as LoRAs of its diffusers modules: each part's rows
+    of lora_up, with lora_down shared, keeping only the rank columns that reach those rows (a block-diagonal
+    fused LoRA splits back into its blocks; a dense one stays whole: the delta is the same either way), alpha
+    scaled so each part keeps the fused module's alpha/rank. Exact: ΔW_part = the fused ΔW's rows of the part."""
+    up, down = m.tensors["up"], m.tensors["down"]
+    rows: dict[str, list] = {}
+    i = 0
+    for p, a, b in where.parts:
+        rows.setdefault(p, []).append((a, up[i:i + b - a]))
+        i += b - a
+    out = {}
+    for p, pieces in rows.items():
+        u = torch.cat([t for _, t in sorted(pieces, key=lambda x: x[0])])
+        cols = u.abs().sum(0) != 0
+        if not bool(cols.any()):
+            continue  # a part that was not trained
+        r = int(cols.sum())
+        out[p] = AdapterModule(p, "lora", {"down": down[cols].contiguous(), "up": u[:, cols].contiguous()},
+                               m.scale * r)
+    return out
+
+
 def to_diffusers(placed, adapter: AdapterFile, arch: str) -> tuple[dict, dict[str, str]]:
-    """diffusers `save_lora_weights` tensors and header of placed modules."""
-    denoiser = archs.get(arch).denoiser
+    """diffusers `save_lora_weights` tensors and header of placed modules. SD 3.x / FLUX.1 modules are split onto
+    diffusers' separate q/k/v (`split_parts`); T5-XXL modules are left out (diffusers' SD3/FLUX loaders have no T5
+    LoRA support)."""
+    spec = archs.get(arch)
+    by_comp: dict[str, dict[str, AdapterModule]] = {}
+    for where, m in placed.values():
+        if where.component == "te3":
+            continue
+        comp = spec.components[where.component]
+        if where.parts:
+            by_comp.setdefault(comp, {}).update(split_parts(where, m))
+        else:
+            by_comp.setdefault(comp, {})[where.path] = m
     tensors, adapter_meta = {}, {}
-    for comp, mods in _by_component(placed, arch).items():
+    for comp, mods in by_comp.items():
         for path, m in mods.items():
-            key = f"{comp}.{'text_model.' if comp != denoiser else ''}{path}"
+            key = f"{comp}.{'text_model.' if comp != spec.denoiser else ''}{path}"
             tensors[f"{key}.lora_A.weight"] = m.tensors["down"].contiguous()
             tensors[f"{key}.lora_B.weight"] = m.tensors["up"].contiguous()
         for k, v in _peft_config(mods).items():
@@ -123,6 +159,9 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
     if to != "kohya" and other:
         raise SdloraError(f"{adapter.path}: a {to} file holds LoRA pairs only (lora_A/lora_B); this one has "
                           f"{', '.join(other)} modules; convert --to kohya (the LyCORIS layout ComfyUI and A1111 read)")
+    if to == "peft" and archs.get(arch).denoiser_names == "original":
+        raise SdloraError(f"{adapter.path}: --to peft is not available for {archs.label(arch)}; use --to diffusers "
+                          "(what diffusers' load_lora_weights reads) or --to kohya")
     if to == "kohya":
         named = AdapterFile({c: m for c, (_, m) in placed.items()}, adapter.metadata)
         md = {k: v for k, v in adapter.metadata.items() if k not in (MISSING_ALPHA,)}
@@ -146,7 +185,13 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
         io.atomic_write_dir(out, fill)
     else:
         raise SdloraError(f"unknown format '{to}'; use one of: {', '.join(FORMATS)}")
-    check_written(out, {c: m for c, (_, m) in placed.items()})
+    if archs.get(arch).denoiser_names == "original" and to != "kohya":
+        # the reader names files by kohya's fused modules; split q/k/v read back as parts (split_parts is exact)
+        rep.notes.append("q/k/v split onto diffusers' modules" + (
+            "; T5-XXL modules left out (diffusers cannot load them)" if any(
+                w.component == "te3" for w, _ in placed.values()) else ""))
+    else:
+        check_written(out, {c: m for c, (_, m) in placed.items()})
     return rep
 
 

@@ -25,8 +25,8 @@ from sdlora.formats import io, meta
 from sdlora.formats.adapter import AdapterFile, AdapterModule
 
 # component -> key prefix. SD 1.x/2.x have a single text encoder: `lora_te`, never `lora_te1` (kohya rejects it).
-PREFIX = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
-TE_COMPONENTS = ("te", "te1", "te2")
+PREFIX = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2", "te3": "lora_te3"}
+TE_COMPONENTS = ("te", "te1", "te2", "te3")
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 # key suffix of each role, per kind (LyCORIS's names, LYCORIS_AND_DIT_FORMATS.md §1-5; what A1111 and ComfyUI read)
 _LORA = {"down": DOWN, "up": UP, "mid": "lora_mid.weight", "magnitude": "dora_scale"}
@@ -92,9 +92,13 @@ def kohya_name(component: str, module_name: str, arch: str = "sd1") -> str:
 
     transformers 5.x's CLIPTextModel has no `text_model` submodule; the canonical names every loader matches
     keep it (`lora_te_text_model_encoder_layers_0_...`), so it is added here when missing. SDXL UNet names are
-    the SGM/LDM ones kohya trains on (`unet_to_ldm`).
+    the SGM/LDM ones kohya trains on (`unet_to_ldm`). T5-XXL (`te3`) keeps its HF path
+    (`lora_te3_encoder_block_0_layer_0_SelfAttention_q`). SD 3.x / FLUX.1 denoiser modules are passed by their
+    original paths already (formats/dit.py, `layouts.table_of`).
     """
-    if component in TE_COMPONENTS and module_name != "text_projection":
+    if component == "te3":
+        pass
+    elif component in TE_COMPONENTS and module_name != "text_projection":
         module_name = "text_model." + te_path(module_name)
     elif component == "unet" and archs.get(arch).denoiser_names == "ldm":
         module_name = unet_to_ldm(module_name, arch)
@@ -287,10 +291,55 @@ def to_tensors(adapter: AdapterFile, dtype: torch.dtype | None = None, alpha_if_
     return out
 
 
-def from_trained(layers: dict[str, dict[str, tuple[str, dict[str, torch.Tensor], float]]], arch: str) -> AdapterFile:
+def fuse(mods: dict[str, tuple[str, dict[str, torch.Tensor], float]],
+         originals: dict[str, tuple[tuple[str, int, int], ...]]) -> dict[str, tuple[str, dict[str, torch.Tensor], float]]:
+    """Trained LoRAs on diffusers module paths -> LoRAs on the original model's modules (kohya's SD 3.x / FLUX.1
+    layout; `originals` is `dit.original_modules`: original path -> (diffusers path, row start, row stop) parts).
+
+    The LoRAs of the k diffusers modules that make one original module (to_q, to_k, to_v -> qkv) become one: downs
+    stacked [k·r, in], ups placed block-diagonally at their rows [out, k·r] (zero rows where a part is not
+    trained), alpha·k, so that the alpha/rank every loader computes is the trained alpha/r: exactly the trained
+    ΔW, and not kohya's `split_qkv` pitfall (§7.1: alpha kept, 3-4x too weak). A part listed at permuted rows
+    (a swapped shift/scale) has its up rows permuted the same way."""
+    owner = {}
+    for orig, parts in originals.items():
+        for p, _, _ in parts:
+            owner.setdefault(p, orig)
+    groups: dict[str, dict] = {}
+    for path, v in mods.items():
+        if path not in owner:
+            raise ValueError(f"{path} is no part of an original module")
+        groups.setdefault(owner[path], {})[path] = v
+    out = {}
+    for orig, trained in groups.items():
+        if {k for k, _, _ in trained.values()} != {"lora"} or len({a for _, _, a in trained.values()}) != 1:
+            raise ValueError(f"{orig}: only plain LoRAs of one alpha fuse")
+        parts = originals[orig]
+        order = list(dict.fromkeys(p for p, _, _ in parts if p in trained))
+        downs = [trained[p][1]["down"] for p in order]
+        r = downs[0].shape[0]
+        up0 = trained[order[0]][1]["up"]
+        up = up0.new_zeros(sum(b - a for _, a, b in parts), r * len(order))
+        i = 0
+        for p, a, b in parts:
+            if p in trained:
+                j = order.index(p)
+                up[i:i + b - a, j * r:(j + 1) * r] = trained[p][1]["up"][a:b]
+            i += b - a
+        alpha = next(iter(trained.values()))[2]
+        out[orig] = ("lora", {"down": torch.cat(downs), "up": up}, alpha * len(order))
+    return out
+
+
+def from_trained(layers: dict[str, dict[str, tuple[str, dict[str, torch.Tensor], float]]], arch: str,
+                 originals: dict | None = None) -> AdapterFile:
     """An AdapterFile of trained adapters of any kind: {component: {module path: (kind, tensors by role, alpha)}}
-    (what `sdlora.lora.inject.collect_modules` returns, already in the LyCORIS layout), named as kohya names them."""
+    (what `sdlora.lora.inject.collect_modules` returns, already in the LyCORIS layout), named as kohya names them.
+    `originals` (`dit.original_modules` of the denoiser) for the families kohya names by original modules: the
+    denoiser's LoRAs are fused onto them (`fuse`)."""
     modules = {}
+    if archs.get(arch).denoiser_names == "original" and "unet" in layers:
+        layers = layers | {"unet": fuse(layers["unet"], originals)}
     for component, mods in layers.items():
         for path, (kind, tensors, alpha) in mods.items():
             name = kohya_name(component, path, arch)

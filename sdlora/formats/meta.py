@@ -47,6 +47,7 @@ class RunStats:
     tag_frequency: dict[str, dict[str, int]]  # {dataset folder name: {tag: count}}
     started: datetime
     clip_skip: int | None = None
+    variant: str | None = None  # BaseModel.variant: decides `modelspec.architecture` where versions share a value
 
 
 def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
@@ -87,7 +88,7 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "ss_training_finished_at": str(now.timestamp()),
         "ss_training_comment": f"trigger: {trigger}" if trigger else "",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": run.spec.modelspec_architecture(run.base_model_version),
+        "modelspec.architecture": run.spec.modelspec_architecture(run.base_model_version, run.variant),
         # kohya's sai_model_spec: SDXL is Stability's generative-models implementation, SD 1/2 diffusers'
         "modelspec.implementation": run.spec.modelspec_implementation,
         "modelspec.title": output_name,

@@ -84,6 +84,8 @@ def _diffusers_check(adapter: AdapterFile, arch: str, table: dict[str, layouts.M
                                                   convert_unet_state_dict_to_peft)
 
     spec = archs.get(arch)
+    if spec.denoiser_names == "original":
+        return _diffusers_dit_check(adapter, arch, table)
     sd = kohya.to_tensors(adapter)
     if not all(kohya.component_of(k) for k in sd):
         return 0, ["diffusers: keys without a kohya component prefix: load_lora_weights does not read it as kohya"]
@@ -116,6 +118,48 @@ def _diffusers_check(adapter: AdapterFile, arch: str, table: dict[str, layouts.M
     if missing:
         problems.append(f"diffusers: {len(missing)} module(s) convert to names the model lacks "
                         f"(peft 'unexpected keys'; first: {missing[0]})")
+    return landed, problems
+
+
+def _diffusers_dit_check(adapter: AdapterFile, arch: str, table: dict[str, layouts.Module]) -> tuple[int, list[str]]:
+    """SD 3.x / FLUX.1: diffusers' SD3 loader has no kohya reader and its FLUX one hard-codes FLUX.1's real widths,
+    so what is checked is the file's `sdlora convert --to diffusers` form, through diffusers' public
+    `lora_state_dict`: every module must arrive on the diffusers modules its parts name (T5-XXL modules aside:
+    diffusers loads no T5 LoRA)."""
+    import diffusers
+
+    from sdlora.formats.convert import to_diffusers
+
+    spec = archs.get(arch)
+    placed = {n: (table[n], m) for n, m in adapter.modules.items() if n in table and table[n].component != "te3"}
+    tensors, _ = to_diffusers(placed, adapter, arch)
+    try:
+        new = getattr(diffusers, spec.pipeline).lora_state_dict(dict(tensors))
+        new = new[0] if isinstance(new, tuple) else new
+    except (ValueError, KeyError, AssertionError) as e:
+        return 0, [f"diffusers: load_lora_weights rejects the converted file ({cause(e, 160)})"]
+    got = {k.split(".lora_A.")[0] for k in new if ".lora_A." in k}
+    comps = spec.components
+    known = set()
+    for m in table.values():
+        comp = comps[m.component]
+        prefix = comp + "." + ("" if comp == spec.denoiser else "text_model.")
+        known |= {prefix + p for p, _, _ in m.parts} if m.parts else {prefix + m.path}
+    landed, missing = 0, []
+    for name, (where, m) in placed.items():
+        comp = comps[where.component]
+        prefix = comp + "." + ("" if comp == spec.denoiser else "text_model.")
+        want = {prefix + p for p, _, _ in where.parts} if where.parts else {prefix + where.path}
+        if want & got and (want & got) <= known:
+            landed += 1
+        else:
+            missing.append(name)
+    problems = []
+    stray = sorted(got - known)
+    if stray:
+        problems.append(f"diffusers: {len(stray)} converted module(s) name no module of the model (first: {stray[0]})")
+    if missing:
+        problems.append(f"diffusers: {len(missing)} module(s) do not arrive (first: {missing[0]})")
     return landed, problems
 
 
@@ -237,6 +281,9 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
     if not_comfy:
         rep.problems.append(f"ComfyUI: {len(not_comfy)} module(s) give 'lora key not loaded' (first: {not_comfy[0]})")
     rep.tools["ComfyUI"] = f"loads {n - len(not_comfy)}/{n} modules; lists every file in models/loras"
+    if not archs.get(arch).a1111:
+        rep.tools["A1111"] = f"does not run {archs.label(arch)}; ComfyUI and Forge do"
+        return rep
     hit, probs = _a1111_check(names, arch)
     rep.problems += probs
     listed = file_arch(metadata)

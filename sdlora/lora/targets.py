@@ -12,42 +12,61 @@ import typing
 if typing.TYPE_CHECKING:  # torch is imported where a model is searched: `sdlora --help` reads PRESETS
     import torch
 
-# preset -> component -> (what it adapts, in words; regex fullmatched against module names)
+# preset -> column -> (what it adapts, in words; regex fullmatched against module names). A family uses the
+# columns its spec names (`ArchSpec.preset_columns`): UNet families "unet" + "te", the diffusion transformers
+# (SD 3.x, FLUX.1) "transformer" + "transformer_te"; a preset without a family's text-encoder column leaves its
+# text encoders alone.
+_DIT_ATTN = r"(single_)?transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_DIT_ALL = (r"(single_)?transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+            r"to_add_out)|ff(_context)?\.net\.(0\.proj|2)|norm1(_context)?\.linear|norm\.linear|proj_mlp|proj_out)")
 PRESETS: dict[str, dict[str, tuple[str, str]]] = {
     # The DreamBooth-LoRA default: the UNet's cross-attention query/value (where text meets image) and the
     # text encoder's four attention projections. q/k/v/out rather than q/v for the text encoder, because
     # diffusers' kohya loader rejects a text-encoder part with only q/v (see shared/KOHYA_FORMAT.md §6).
+    # SD 3.x / FLUX.1: the joint (and single-stream) attention's q, k, v and out projections of both streams, as
+    # diffusers' SD3/FLUX DreamBooth-LoRA scripts default to; no text encoder.
     "default": {
         "unet": ("cross-attention q, v", r".*\.attn2\.to_(q|v)"),
         "te": ("self-attention q, k, v, out", r".*\.self_attn\.(q|k|v|out)_proj"),
+        "transformer": ("joint/single attention q, k, v, out", _DIT_ATTN),
     },
-    # Every attention projection, self- and cross-attention.
+    # Every attention projection, self- and cross-attention (SD 3.x / FLUX.1: plus the CLIP text encoders).
     "attn": {
         "unet": ("attention q, k, v, out", r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"),
         "te": ("self-attention q, k, v, out", r".*\.self_attn\.(q|k|v|out)_proj"),
+        "transformer": ("joint/single attention q, k, v, out", _DIT_ATTN),
+        "transformer_te": ("CLIP self-attention q, k, v, out", r".*\.self_attn\.(q|k|v|out)_proj"),
     },
     # kohya's own default (LoRA-LierLa): every Linear and 1x1 conv inside the UNet's transformer blocks, and
-    # the text encoder's attention and MLP. The widest preset that every loader maps.
+    # the text encoder's attention and MLP. The widest preset that every loader maps. SD 3.x / FLUX.1: every
+    # Linear of the transformer blocks (attention, MLPs, modulation), as kohya's lora_sd3/lora_flux train, and CLIP.
     "full": {
         "unet": ("all Linear/1x1 conv in transformer blocks", r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"),
         "te": ("attention q, k, v, out and MLP fc1, fc2", r".*\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"),
+        "transformer": ("all Linear in joint/single blocks (attention, MLP, modulation)", _DIT_ALL),
+        "transformer_te": ("CLIP attention q, k, v, out and MLP fc1, fc2", r".*\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"),
     },
 }
 
 
-def preset_component(component: str) -> str:
-    """Text encoders share the text-encoder patterns ("te1", "te2" -> "te")."""
-    return "te" if component.startswith("te") else component
-
-
-def find_targets(model: torch.nn.Module, component: str, preset: str) -> list[str]:
-    """Names of the modules of `model` that `preset` adapts for `component` ("unet", or a text encoder: "te",
-    "te1", "te2"), in model order."""
+def preset_targets(preset: str, component: str, spec=None) -> tuple[str, str] | None:
+    """(words, regex) of what `preset` adapts in `component` ("unet", or a text encoder "te", "te1", ...) of a
+    family `spec` (None: a UNet family); None when the preset leaves that component alone."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}")
+    den, te = spec.preset_columns if spec is not None else ("unet", "te")
+    return PRESETS[preset].get(te if component.startswith("te") else den)
+
+
+def find_targets(model: torch.nn.Module, component: str, preset: str, spec=None) -> list[str]:
+    """Names of the modules of `model` that `preset` adapts for `component` ("unet", or a text encoder: "te",
+    "te1", "te2") of family `spec` (None: a UNet family), in model order."""
     import torch
 
-    pattern = re.compile(PRESETS[preset][preset_component(component)][1])
+    found = preset_targets(preset, component, spec)
+    if found is None:
+        return []
+    pattern = re.compile(found[1])
     names = []
     for name, module in model.named_modules():
         if not pattern.fullmatch(name):

@@ -24,11 +24,12 @@ from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
 from sdlora.dataset import scan_dataset, scan_folder
 from sdlora.errors import SdloraError
-from sdlora.formats import kohya, meta
+from sdlora.formats import kohya, layouts, meta
 from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
 from sdlora.lora.inject import add_lora, collect_modules, format_table, network_metadata, network_of, report
-from sdlora.lora.targets import PRESETS, check_rank, find_targets, preset_component
+from sdlora.archs.spec import DENOISER
+from sdlora.lora.targets import check_rank, find_targets, preset_targets
 from sdlora.models import load_base
 from sdlora.train import DTYPES, ckpt, memory, optim
 from sdlora.train import step as S
@@ -54,6 +55,21 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         return _Run(cfg, log).run()
     finally:
         _reset_accelerate()
+
+
+def check_family(cfg: TrainConfig, base) -> None:
+    """Refuse options the base model's family cannot train, before any work: one line naming the fix."""
+    spec = base.spec
+    if spec.network_kinds and cfg.network not in spec.network_kinds:
+        raise SdloraError(f"--network {cfg.network} is not available for {spec.label} (kohya files fuse its q/k/v "
+                          f"projections, which only a plain LoRA can be written for); use --network lora")
+    if cfg.dora and spec.network_kinds:
+        raise SdloraError(f"--dora is not available for {spec.label} (fused q/k/v projections); drop --dora")
+    if spec.objective == "flow" and cfg.min_snr_gamma:
+        raise SdloraError(f"--min-snr-gamma is for ε/v-prediction models; {spec.label} trains with rectified flow: "
+                          "drop --min-snr-gamma")
+    if spec.objective == "flow" and cfg.prediction_type:
+        raise SdloraError(f"--prediction-type does not apply to {spec.label} (rectified flow); drop it")
 
 
 def _reset_accelerate() -> None:
@@ -124,7 +140,8 @@ class _Run:
     def load_model(self) -> None:
         base = self.base = load_base(self.cfg.model, prediction_type=self.cfg.prediction_type)
         self.resolution = self.cfg.resolution or base.native_resolution
-        self.objective = S.objective_for(base.spec, base.noise_scheduler)
+        self.objective = S.objective_for(base.spec, base.noise_scheduler, base.denoiser.config)
+        check_family(self.cfg, base)
         self.denoiser, self.vae = base.denoiser, base.vae
         self.tes = {c: te for c, (_, te) in base.text_encoders.items()}  # "te", or "te1" + "te2" for SDXL
         for m in base.modules.values():
@@ -186,9 +203,12 @@ class _Run:
     # ---- 5. LoRA
     def add_lora(self) -> None:
         cfg, base = self.cfg, self.base
-        self.train_te = not cfg.no_text_encoder
-        adapted = self.adapted = {base.spec.denoiser: self.denoiser} | (self.tes if self.train_te else {})
-        self.targets = {c: find_targets(m, c, cfg.preset) for c, m in adapted.items()}
+        # the text encoders this preset trains in this family (CLIP only: T5-XXL stays frozen, its output cached)
+        trained_tes = {c: self.tes[c] for c in base.spec.trainable_te_components
+                       if not cfg.no_text_encoder and preset_targets(cfg.preset, c, base.spec)}
+        self.train_te = bool(trained_tes)
+        adapted = self.adapted = {DENOISER: self.denoiser} | trained_tes
+        self.targets = {c: find_targets(m, c, cfg.preset, base.spec) for c, m in adapted.items()}
         check_rank(adapted, self.targets, cfg.rank, base.name)
         for c, m in adapted.items():
             add_lora(m, self.targets[c], cfg.rank, cfg.network_alpha, network_of(cfg))
@@ -200,7 +220,7 @@ class _Run:
         self.say(format_table([report(m, c) for c, m in adapted.items()]))
         # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
         self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
-        for m in (self.denoiser, *self.tes.values()):
+        for m in (self.denoiser, *self.tes.values()):  # T5-XXL too: frozen, in the compute dtype
             for p in m.parameters():
                 p.data = p.data.to(torch.float32 if p.requires_grad else self.weight_dtype)
         if cfg.gradient_checkpointing:
@@ -242,7 +262,7 @@ class _Run:
                                      num_training_steps=self.steps * acc.num_processes)
         self.denoiser_p, self.optimizer, self.lr_scheduler = acc.prepare(self.denoiser, optimizer, lr_scheduler)
         # a module without trainable parameters must not be DDP-wrapped
-        self.tes_p = {c: acc.prepare(m) if self.train_te else m for c, m in self.tes.items()}
+        self.tes_p = {c: acc.prepare(m) if c in self.adapted else m for c, m in self.tes.items()}
         self.text_encoders_p = [(tok, self.tes_p[c]) for c, (tok, _) in self.base.text_encoders.items()]
         on_device = [m for m in self.base.modules.values() if next(m.parameters()).device == acc.device]
         self.say(memory.estimate(on_device, self.trainable, memory.STATE_BYTES[cfg.optimizer]))
@@ -277,8 +297,9 @@ class _Run:
             pooled = pooled.to(self.accelerator.device, self.weight_dtype) if pooled is not None else None
         else:
             hidden, pooled = S.encode_text(self.base.spec, self.text_encoders_p, prompts)
-        if not self.base.spec.micro_conditioning:
-            return hidden, None
+        if self.base.spec.micro_conditioning:
+            return hidden, S.added_cond(pooled, torch.tensor([e.sdxl_time_ids() for e in examples]))
+        return hidden, ({"pooled": pooled} if pooled is not None else None)  # SD3/FLUX: pooled text only
         return hidden, S.added_cond(pooled, torch.tensor([e.sdxl_time_ids() for e in examples]))
 
     def batch(self, examples: list[Example]) -> S.Batch:
@@ -368,7 +389,7 @@ class _Run:
         optim.set_mode(self.optimizer, mode)  # schedule-free: training weights (y) vs evaluation weights (x)
         self.denoiser_p.train(mode)
         for m in self.tes_p.values():
-            m.train(mode and self.train_te)
+            m.train(mode and m in self.adapted.values())
 
     def checkpoint(self) -> None:
         if not self.main:
@@ -449,8 +470,9 @@ class _Run:
         layers = {c: collect_modules(self.accelerator.unwrap_model(m)) for c, m in self.base.components.items()
                   if c in self.targets}
         stats = meta.RunStats(
-            spec=self.base.spec, base_model_version=self.base.base_model_version, model_name=self.base.name,
-            targets={c: PRESETS[cfg.preset][preset_component(c)][0] for c in self.targets},
+            spec=self.base.spec, base_model_version=self.base.base_model_version, variant=self.base.variant,
+            model_name=self.base.name,
+            targets={c: preset_targets(cfg.preset, c, self.base.spec)[0] for c in self.targets},
             resolution=self.resolution, steps=self.done, num_images=len(self.instance) * cfg.repeats,
             num_reg_images=len(self.classes), tag_frequency={Path(cfg.images).name: tag_frequency(
                 [e.caption for e in self.instance])}, started=self.started)
@@ -465,7 +487,7 @@ class _Run:
 def _write_adapter(layers: dict, dtype: torch.dtype, md: dict, base, path: Path, say, rescue: bool) -> Path:
     """Write trained `layers` ({component: lora.inject.collect_modules(...)}) as a kohya/LyCORIS file with metadata `md`, verified
     as readers will read it. `rescue`: the run's result, which a full disk saves elsewhere rather than losing."""
-    adapter = kohya.from_trained(layers, base.arch)
+    adapter = kohya.from_trained(layers, base.arch, layouts.originals(base))
     tensors = kohya.to_tensors(adapter, dtype)
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise SdloraError("the adapter holds NaN/Inf values; nothing was saved. Lower --lr or use bf16/no precision")

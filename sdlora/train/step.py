@@ -2,8 +2,9 @@
 and the loss of a batch (prior-preservation weighting, min-SNR). No I/O, no optimizer, no data loading.
 
 What a family trains on comes from its spec (`ArchSpec.objective`): "diffusion" is ε- or v-prediction on the
-model's DDPM noise schedule. Another objective (rectified flow for SD3/FLUX) is one more class beside
-`DiffusionObjective` and one more branch in `objective_for`; the loop and the loss do not change.
+model's DDPM noise schedule (`DiffusionObjective`, SD 1.x/2.x/XL); "flow" is rectified flow (`FlowObjective`,
+SD 3.x and FLUX.1). An objective draws timesteps, noises latents, names the target and calls its denoiser; the
+loop and the loss do not know which one they run.
 """
 
 from __future__ import annotations
@@ -14,29 +15,48 @@ import torch
 import torch.nn.functional as F
 
 
-def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def _ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    n = min(max_length or tokenizer.model_max_length, tokenizer.model_max_length)
+    return tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+
+
+def text_length(spec, tokenizers: list) -> int | None:
+    """Tokens of the sequence-joined (T5) prompt, as training encodes it: what generation passes as
+    `max_sequence_length`; None for families without one."""
+    for t, tok in zip(spec.text_encoders, tokenizers):
+        if t.sequence_join:
+            return min(t.max_length or tok.model_max_length, tok.model_max_length)
+    return None
 
 
 def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], prompts: list[str]):
     """What the denoiser is conditioned on, as family `spec` says: (hidden states, pooled embedding or None).
 
-    Each text encoder gives its final hidden states (after the final layer norm: SD 1.x/2.x) or its penultimate
-    layer (SDXL); several are put side by side; the one marked `pooled` also gives its projected pooled output.
+    Each CLIP encoder gives its final hidden states (after the final layer norm: SD 1.x/2.x) or its penultimate
+    layer (SDXL, SD3), or none (FLUX's CLIP-L); these are put side by side. A `sequence_join` encoder (T5-XXL)
+    follows them along the sequence, after they are zero-padded to its width (SD3), or alone (FLUX). The pooled
+    outputs of the encoders marked `pooled` are put side by side (SDXL: bigG's; SD3: CLIP-L's and bigG's).
+    The same computation as the diffusers pipelines' `encode_prompt` (tests/test_dit.py checks it against them).
     """
-    hidden, pooled = [], None
+    side, seq, pooled = [], [], []
     for t, (tok, te) in zip(spec.text_encoders, text_encoders):
-        ids = _ids(tok, prompts).to(next(te.parameters()).device)
+        ids = _ids(tok, prompts, t.max_length).to(next(te.parameters()).device)
+        if t.kind == "t5":
+            seq.append(te(ids)[0])
+            continue
+        out = te(ids, output_hidden_states=t.hidden == "penultimate")
         if t.hidden == "final":
-            out = te(ids)
-            hidden.append(out[0])
-        else:
-            out = te(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
+            side.append(out[0])
+        elif t.hidden == "penultimate":
+            side.append(out.hidden_states[-2])
         if t.pooled:
-            pooled = out[0]
-    return (hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)), pooled
+            pooled.append(getattr(out, t.pooled_from))
+    hidden = torch.cat(side, dim=-1) if len(side) > 1 else (side[0] if side else None)
+    if seq:
+        if hidden is not None:
+            hidden = F.pad(hidden, (0, seq[0].shape[-1] - hidden.shape[-1]))
+        hidden = torch.cat(([hidden] if hidden is not None else []) + seq, dim=-2)
+    return hidden, (torch.cat(pooled, dim=-1) if len(pooled) > 1 else (pooled[0] if pooled else None))
 
 
 def added_cond(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict:
@@ -63,9 +83,17 @@ class DiffusionObjective:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
 
-    def timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """`n` timesteps, uniform over the schedule, drawn from a CPU generator."""
-        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+    def timesteps(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """One timestep per sample of latents of `shape`, uniform over the schedule, drawn from a CPU generator."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+
+    def fixed_timesteps(self, t: int, n: int, device) -> torch.Tensor:
+        """`n` copies of timestep `t` of 1000 (the fixed-noise evaluation)."""
+        return torch.full((n,), t, dtype=torch.long, device=device)
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                added_cond: dict | None) -> torch.Tensor:
+        return denoiser(noisy, timesteps, cond, added_cond_kwargs=added_cond).sample
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, timesteps)
@@ -85,10 +113,82 @@ class DiffusionObjective:
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
 
-def objective_for(spec, noise_scheduler) -> DiffusionObjective:
+class FlowObjective:
+    """Rectified flow (SD 3.x, FLUX.1): x_σ = (1 - σ)·x0 + σ·ε and the transformer predicts the velocity ε - x0.
+
+    σ is drawn as the models were trained: a logit-normal density (SD3 paper §5.1; diffusers'
+    `compute_density_for_timestep_sampling`, as its SD3/FLUX DreamBooth scripts draw it) shifted towards noise,
+    σ' = s·σ / (1 + (s - 1)·σ), with s the schedule's `shift` (SD 3.x: 3), or, where the schedule shifts
+    dynamically (FLUX.1-dev), s = exp(μ) with μ linear in the number of image tokens (diffusers' `calculate_shift`,
+    what FluxPipeline samples with). The transformer sees σ·1000 (SD3) or σ (FLUX, which scales it itself); FLUX
+    takes 2x2 latent patches as tokens with position ids, and dev a distilled guidance value (`train_guidance`).
+    """
+
+    prediction_type = "flow"
+
+    def __init__(self, noise_scheduler, spec, denoiser_config):
+        self.scheduler = noise_scheduler
+        self.config = noise_scheduler.config
+        self.packed = spec.packed_latents
+        self.guidance = spec.train_guidance if getattr(denoiser_config, "guidance_embeds", False) else None
+
+    def shift(self, shape: torch.Size) -> float:
+        import math
+
+        if not self.config.get("use_dynamic_shifting"):
+            return float(self.config.shift)
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        tokens = (shape[-2] // 2) * (shape[-1] // 2)
+        c = self.config
+        return math.exp(calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift))
+
+    def timesteps(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """σ in (0, 1), one per sample of latents of `shape`, from a CPU generator."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling("logit_normal", shape[0], logit_mean=0.0, logit_std=1.0,
+                                                  generator=generator)
+        s = self.shift(shape)
+        return s * u / (1 + (s - 1) * u)
+
+    def fixed_timesteps(self, t: int, n: int, device) -> torch.Tensor:
+        return torch.full((n,), t / 1000, dtype=torch.float32, device=device)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
+        return (1 - s) * latents + s * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        raise ValueError("min-SNR weighting is for ε/v-prediction models, not rectified flow")
+
+    def predict(self, denoiser, noisy: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
+                added_cond: dict | None) -> torch.Tensor:
+        pooled = added_cond["pooled"] if added_cond else None
+        if not self.packed:
+            return denoiser(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=cond,
+                            pooled_projections=pooled).sample
+        from diffusers import FluxPipeline  # its static pack/unpack helpers: the token layout FLUX was trained on
+
+        b, c, h, w = noisy.shape
+        tokens = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        txt_ids = torch.zeros(cond.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=noisy.device)
+        out = denoiser(hidden_states=tokens, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
+                       encoder_hidden_states=cond, txt_ids=txt_ids, img_ids=img_ids).sample
+        return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+
+
+def objective_for(spec, noise_scheduler, denoiser_config=None):
     """The training objective of family `spec` over its noise schedule."""
     if spec.objective == "diffusion":
         return DiffusionObjective(noise_scheduler)
+    if spec.objective == "flow":
+        return FlowObjective(noise_scheduler, spec, denoiser_config)
     raise ValueError(f"unsupported training objective {spec.objective!r}")
 
 
@@ -101,7 +201,7 @@ def sample_noise(latents: torch.Tensor, objective, generator: torch.Generator, o
     if offset:
         noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
     noise = noise.to(latents.device)
-    t = objective.timesteps(latents.shape[0], generator).to(latents.device)
+    t = objective.timesteps(latents.shape, generator).to(latents.device)
     return noise, t
 
 
@@ -109,7 +209,7 @@ def per_sample_loss(denoiser, objective, latents: torch.Tensor, cond: torch.Tens
                     timesteps: torch.Tensor, added_cond: dict | None = None) -> torch.Tensor:
     """MSE between the denoiser's prediction and the objective's target, one value per sample."""
     noisy = objective.noisy(latents, noise, timesteps)
-    pred = denoiser(noisy, timesteps, cond, added_cond_kwargs=added_cond).sample
+    pred = objective.predict(denoiser, noisy, timesteps, cond, added_cond)
     target = objective.target(latents, noise, timesteps)
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
 
@@ -121,7 +221,7 @@ class Batch:
 
     latents: torch.Tensor
     cond: torch.Tensor  # text hidden states
-    added_cond: dict | None  # SDXL's pooled text and size/crop numbers
+    added_cond: dict | None  # SDXL's pooled text and size/crop numbers; SD3/FLUX's pooled text ("pooled")
     noise: torch.Tensor
     timesteps: torch.Tensor
     n_instance: int  # rows [0, n_instance) are instance examples, the rest class examples
@@ -151,6 +251,6 @@ def fixed_loss(denoiser, objective, latents: torch.Tensor, cond: torch.Tensor, a
     total = 0.0
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        ts = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+        ts = objective.fixed_timesteps(t, latents.shape[0], latents.device)
         total += per_sample_loss(denoiser, objective, latents, cond, noise, ts, added_cond).mean().item()
     return total / len(timesteps)
