@@ -114,6 +114,9 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
     files = [read_adapter(p) for p, _, _ in loras]
     if base is None:
         base = load_base(model)
+    if Path(out).suffix.lower() == ".safetensors" and base.spec.denoiser_names == "original":
+        raise SdloraError(f"--out {out}: a single-file checkpoint is written for SD 1.x/2.x/XL only; for "
+                          f"{base.spec.label} pass a folder (--out FOLDER: a diffusers model ComfyUI and diffusers load)")
     blender = Blender(base)
     strengths = {}
     for f, (_, te, unet) in zip(files, loras):

@@ -51,8 +51,15 @@ class ConvertReport:
 
 def resolve(adapter: AdapterFile, arch: str) -> tuple[dict[str, tuple[layouts.Module, AdapterModule]], list[str]]:
     """Place every module on the real architecture: {canonical kohya name: (layouts.Module, module)} and the names
-    that place nowhere (SDXL diffusers-style names are aliases of their canonical names)."""
-    table = layouts.kohya_table(arch)
+    that place nowhere (SDXL diffusers-style names are aliases of their canonical names). A file made for a
+    built-in model (`ss_sd_model_name` tiny-flux, ...) is placed on that model: its fused modules' rows are its own."""
+    from sdlora.models import BUILTIN_MODELS, load_base
+
+    own = adapter.metadata.get("ss_sd_model_name")
+    if archs.get(arch).denoiser_names == "original" and own in BUILTIN_MODELS:
+        table = layouts.table_of(load_base(own).components, arch)
+    else:
+        table = layouts.kohya_table(arch)
     alias = layouts.aliases(table, arch)
     out, unknown = {}, []
     for name, m in adapter.modules.items():
@@ -128,8 +135,8 @@ def to_diffusers(placed, adapter: AdapterFile, arch: str) -> tuple[dict, dict[st
         comp = spec.components[where.component]
         if where.parts:
             by_comp.setdefault(comp, {}).update(split_parts(where, m))
-        else:
-            by_comp.setdefault(comp, {})[where.path] = m
+        else:  # a denoiser named by original paths: its diffusers path is the module's own
+            by_comp.setdefault(comp, {})[where.module_path if comp == spec.denoiser else where.path] = m
     tensors, adapter_meta = {}, {}
     for comp, mods in by_comp.items():
         for path, m in mods.items():

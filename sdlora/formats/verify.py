@@ -121,6 +121,10 @@ def _diffusers_check(adapter: AdapterFile, arch: str, table: dict[str, layouts.M
     return landed, problems
 
 
+def _diffusers_path(m: layouts.Module, comp: str, spec) -> str:
+    return m.module_path if comp == spec.denoiser else m.path
+
+
 def _diffusers_dit_check(adapter: AdapterFile, arch: str, table: dict[str, layouts.Module]) -> tuple[int, list[str]]:
     """SD 3.x / FLUX.1: diffusers' SD3 loader has no kohya reader and its FLUX one hard-codes FLUX.1's real widths,
     so what is checked is the file's `sdlora convert --to diffusers` form, through diffusers' public
@@ -144,12 +148,12 @@ def _diffusers_dit_check(adapter: AdapterFile, arch: str, table: dict[str, layou
     for m in table.values():
         comp = comps[m.component]
         prefix = comp + "." + ("" if comp == spec.denoiser else "text_model.")
-        known |= {prefix + p for p, _, _ in m.parts} if m.parts else {prefix + m.path}
+        known |= {prefix + p for p, _, _ in m.parts} if m.parts else {prefix + _diffusers_path(m, comp, spec)}
     landed, missing = 0, []
     for name, (where, m) in placed.items():
         comp = comps[where.component]
         prefix = comp + "." + ("" if comp == spec.denoiser else "text_model.")
-        want = {prefix + p for p, _, _ in where.parts} if where.parts else {prefix + where.path}
+        want = {prefix + p for p, _, _ in where.parts} if where.parts else {prefix + _diffusers_path(where, comp, spec)}
         if want & got and (want & got) <= known:
             landed += 1
         else:

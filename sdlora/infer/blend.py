@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlora import archs
+from sdlora.archs.spec import DENOISER
 from sdlora.errors import SdloraError
 from sdlora.formats import layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule
@@ -41,9 +42,14 @@ class Blender:
         self.backup: dict[tuple[str, str], torch.Tensor] = {}  # original weight, CPU fp32, of every touched module
         self.bias_backup: dict[tuple[str, str], torch.Tensor] = {}  # original bias of modules with a bias delta
         self.strengths: dict[str, tuple[float, float]] = {}  # adapter name -> (text encoder, unet), as fused now
+        self.entries: dict[tuple[str, str], layouts.Module] = {}  # key -> where its weight is in the model
 
     def _module(self, key: tuple[str, str]) -> torch.nn.Module:
         return self.base.components[key[0]].get_submodule(key[1])
+
+    def _weight(self, key: tuple[str, str]) -> torch.Tensor:
+        """The weight a file module of `key` adapts (SD 3.x / FLUX.1 fused q/k/v: its parts' rows together)."""
+        return layouts.weight_of(self.base.components[key[0]], self.entries[key])
 
     def add(self, f: AdapterFile) -> Resolved:
         """Match `f` to the model (refusing another family, a file matching nothing, or wrong shapes); strength 0."""
@@ -64,7 +70,9 @@ class Blender:
                 raise SdloraError(f"{where}: module {name} has shape {list(m.shape)} but the model's is "
                                   f"{list(hit.shape)}; the adapter was trained for a different model (size) than "
                                   f"'{base.name}': use it with the model it was trained on")
-            targets[(hit.component, hit.module_path)] = m
+            key = (hit.component, hit.module_path or hit.path)  # a fused module: its original path
+            self.entries[key] = hit
+            targets[key] = m
         if not targets:
             raise SdloraError(f"{where}: none of its {len(f.modules)} modules matches a module of '{base.name}' "
                               f"({archs.label(base.arch)}); it is not a LoRA for this model")
@@ -74,7 +82,7 @@ class Blender:
         f.name = name
         for key, m in targets.items():
             if key not in self.backup:
-                self.backup[key] = self._module(key).weight.detach().to("cpu", torch.float32, copy=True)
+                self.backup[key] = self._weight(key).detach().to("cpu", torch.float32, copy=True)
             if m.bias_delta() is not None and key not in self.bias_backup:  # a full diff's diff_b
                 bias = self._module(key).bias
                 if bias is None:
@@ -104,22 +112,20 @@ class Blender:
                     raise SdloraError(f"strength of {name} must be a finite number, got {v}")
         changed = [n for n in self.adapters if new[n] != self.strengths[n]]
         dirty = {k for n in changed for k in self.adapters[n].targets}
-        denoiser = self.base.spec.denoiser
         with torch.no_grad():
             for key in dirty:
-                weight = self._module(key).weight
-                dev = weight.device  # fp32 arithmetic where the weight lives (the GPU, when there is one)
+                dev = self._weight(key).device  # fp32 arithmetic where the weight lives (the GPU, when there is one)
                 w = self.backup[key].to(dev, copy=True)
                 for name, r in self.adapters.items():
-                    s = new[name][1] if key[0] == denoiser else new[name][0]
+                    s = new[name][1] if key[0] == DENOISER else new[name][0]
                     if s != 0.0 and key in r.targets:
                         w += s * r.targets[key].delta(dev, base=self.backup[key].to(dev))
-                weight.copy_(w.to(weight.dtype))
+                layouts.set_weight(self.base.components[key[0]], self.entries[key], w)
                 if key in self.bias_backup:
                     bias = self._module(key).bias
                     b = self.bias_backup[key].to(dev, copy=True)
                     for name, r in self.adapters.items():
-                        s = new[name][1] if key[0] == denoiser else new[name][0]
+                        s = new[name][1] if key[0] == DENOISER else new[name][0]
                         d = r.targets[key].bias_delta() if key in r.targets else None
                         if s != 0.0 and d is not None:
                             b += s * d.to(dev).float()

@@ -12,7 +12,7 @@ from sdlora.errors import SdloraError
 from sdlora.formats import io
 from sdlora.formats.a1111 import format_parameters
 from sdlora.formats.read import read_adapter
-from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings
+from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings, sampler_for
 from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 
@@ -69,9 +69,10 @@ def add_generate_args(p) -> None:
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the first image; image i uses seed+i (default: 0)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (default: 20)")
-    p.add_argument("--guidance", type=float, default=7.0, metavar="CFG", help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--guidance", type=float, default=None, metavar="CFG",
+                   help="guidance scale (default: 7; FLUX.1: 3.5, its distilled guidance)")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=tuple(SCHEDULERS),
-                   help=f"sampler (default: {DEFAULT_SCHEDULER})")
+                   help=f"sampler (default: {DEFAULT_SCHEDULER}; SD 3.x and FLUX.1 always use flow-euler)")
     p.add_argument("--size", default=None, metavar="WxH", help="WIDTHxHEIGHT or one number (default: the model's native resolution)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images to make (default: 1)")
     p.add_argument("--out", default="output", metavar="PATH", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
@@ -88,7 +89,7 @@ def cmd_generate(args) -> int:
     specs = [parse_lora_spec(s) for s in args.lora]
     width, height = parse_size(args.size) if args.size else (None, None)
     settings = Settings(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
-                        guidance=args.guidance, scheduler=args.scheduler, width=width, height=height,
+                        guidance=7.0 if args.guidance is None else args.guidance, scheduler=args.scheduler, width=width, height=height,
                         num_images=args.num_images)
     settings.check()
     files = [read_adapter(path) for path, _, _ in specs]  # every file is checked before the model loads
@@ -96,6 +97,8 @@ def cmd_generate(args) -> int:
     session = Session(args.model)
     base = session.base
     say(f"model {args.model}: {archs.label(base.arch)}, {base.prediction_type}, native size {base.native_resolution} px")
+    if args.guidance is None:
+        settings.guidance = base.spec.sample_guidance
     strengths = {}
     for f, (_, te, unet) in zip(files, specs):
         r = session.blender.add(f)
@@ -112,7 +115,7 @@ def cmd_generate(args) -> int:
     n = settings.num_images
     seeds = f"seed {settings.seed}" if n == 1 else f"seeds {settings.seed}-{settings.seed + n - 1}"
     say(f"generating {n} image{'s' if n > 1 else ''} of {w}x{h} px: {settings.steps} steps, "
-        f"{SCHEDULERS[settings.scheduler][2]}, CFG {_num(settings.guidance)}, {seeds}")
+        f"{SCHEDULERS[sampler_for(base.spec, settings.scheduler)][2]}, CFG {_num(settings.guidance)}, {seeds}")
     results = session.generate(settings, strengths, progress=True)
     for path, (image, params) in zip(output_paths(args.out, [p.seed for _, p in results]), results):
         io.save_png(image, path, {"parameters": format_parameters(params)})

@@ -16,6 +16,7 @@ from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender, Resolved
 from sdlora.models import load_base, model_identity
+from sdlora.train.step import text_length
 
 # --scheduler value -> (diffusers class, extra config, A1111 sampler name written into the PNG)
 SCHEDULERS = {
@@ -25,6 +26,8 @@ SCHEDULERS = {
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    # rectified-flow models (SD 3.x, FLUX.1) sample with their own flow-matching Euler, whatever is chosen
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
 }
 DEFAULT_SCHEDULER = "dpm++2m"
 
@@ -55,6 +58,16 @@ class Settings:
                 raise SdloraError(f"image size must be a positive multiple of 8, got {v}")
         if not 0 <= self.seed < 2**63:
             raise SdloraError(f"seed must be between 0 and 2^63-1, got {self.seed}")
+
+
+def sampler_for(spec, name: str) -> str:
+    """The --scheduler value a family samples with: `name`, except that rectified-flow families (SD 3.x, FLUX.1)
+    always use their flow-matching Euler sampler (the others are ε/v samplers)."""
+    if spec.objective == "flow":
+        return next(k for k, (cls, _, _) in SCHEDULERS.items() if cls == spec.sampler)
+    if SCHEDULERS[name][0] == "FlowMatchEulerDiscreteScheduler":
+        raise SdloraError(f"--scheduler {name} is for SD 3.x / FLUX.1 models; pick another for {spec.label}")
+    return name
 
 
 def make_scheduler(name: str, config: dict):
@@ -118,18 +131,22 @@ class Session:
             model_name, model_hash = self.identity
             extra = ({"Model hash": model_hash} if model_hash else {}) | {"Version": f"sdlora {sdlora.__version__}"}
             loras = [LoraRef(r.file.name, te, u, r.file.short_hash) for r, te, u in self.blender.active()]
-            pipe = base.pipeline(scheduler=make_scheduler(settings.scheduler, base.scheduler_config))
+            sampler = sampler_for(base.spec, settings.scheduler)
+            pipe = base.pipeline(scheduler=make_scheduler(sampler, base.scheduler_config))
+            call = {"negative_prompt": settings.negative or None} if base.spec.negative_prompt else {}
+            seq = text_length(base.spec, list(base.tokenizers.values()))
+            if seq:
+                call["max_sequence_length"] = seq  # T5 tokens: as many as training encodes
             out = []
             n = settings.num_images
             for i in range(n):
                 pipe.set_progress_bar_config(disable=not progress, desc=f"image {i + 1}/{n}", unit="step")
                 seed = settings.seed + i
-                image = pipe(prompt=settings.prompt, negative_prompt=settings.negative or None,
-                             num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                image = pipe(prompt=settings.prompt, **call, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                              width=width, height=height, generator=torch.Generator("cpu").manual_seed(seed),
                              output_type="pil").images[0]
                 params = ImageParams(prompt=settings.prompt, negative=settings.negative, steps=settings.steps,
-                                     sampler=SCHEDULERS[settings.scheduler][2], cfg=settings.guidance, seed=seed,
+                                     sampler=SCHEDULERS[sampler][2], cfg=settings.guidance, seed=seed,
                                      width=width, height=height, model=model_name, loras=loras,
                                      extra=dict(extra))
                 out.append((image, params))
