@@ -15,7 +15,11 @@ from sdlora.formats.read import read_adapter
 def module_kind(component: str, path: str) -> str:
     """A module's group: its path with block/layer indices folded (`attn2.to_q`, `resnets.conv1`, `self_attn.q_proj`)."""
     if component in kohya.TE_COMPONENTS:
-        return re.sub(r"^encoder\.layers\.\d+\.", "", path)
+        return re.sub(r"^encoder\.(layers|block)\.\d+\.", "", path)
+    # SD 3.x / FLUX.1 original paths: `joint_blocks.3.x_block.attn.qkv` -> `x_block.attn.qkv`,
+    # `double_blocks.0.img_attn.qkv` -> `double.img_attn.qkv`, `single_blocks.7.linear1` -> `single.linear1`
+    path = re.sub(r"^joint_blocks\.\d+\.", "", path)
+    path = re.sub(r"^(double|single)_blocks\.\d+\.", r"\1.", path)
     path = re.sub(r"^(down_blocks|up_blocks)\.\d+\.|^mid_block\.", "", path)
     path = re.sub(r"^(attentions|resnets|downsamplers|upsamplers)\.\d+\.", r"\1.", path)
     return re.sub(r"transformer_blocks\.\d+\.", "", path)

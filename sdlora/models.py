@@ -107,6 +107,14 @@ class BaseModel:
             m.to(dtype)
         return self
 
+    def generation_kwargs(self) -> dict:
+        """Pipeline-call arguments that keep generation conditioned as training is: T5's prompt length (SD3/FLUX)."""
+        for t in self.spec.text_encoders:
+            if t.sequence_join:
+                tok = self.tokenizers[t.tokenizer_attr]
+                return {"max_sequence_length": min(t.max_length or tok.model_max_length, tok.model_max_length)}
+        return {}
+
     def pipeline(self, scheduler=None):
         """A diffusers pipeline over these very modules (no copy)."""
         import diffusers
@@ -173,6 +181,9 @@ def detect_checkpoint_arch(keys: list[str]) -> ArchSpec:
     for spec in archs.SPECS.values():
         if spec.checkpoint_marker and any(k.startswith(spec.checkpoint_marker) for k in keys):
             return spec
+    for spec in archs.SPECS.values():  # SD3 / FLUX files: the transformer's blocks, with or without a prefix
+        if spec.denoiser_names == "original" and any(spec.checkpoint_marker in k for k in keys):
+            return spec
     raise SdloraError("the checkpoint has no text-encoder weights of " + ", ".join(archs.label(a) for a in archs.IDS)
                       + "; pass a Stable Diffusion checkpoint (an SDXL refiner or inpainting-only file is not supported)")
 
@@ -216,6 +227,9 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None
             raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder, "
                               f"a hub id, or {OFFLINE_HINT}")
         spec = detect_checkpoint_arch(checkpoint_keys(path))
+        if spec.denoiser_names == "original":
+            raise SdloraError(f"{name}: a single-file {spec.label} checkpoint; sdlora loads {spec.label} from its diffusers "
+                              "folder or hub id (e.g. black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium)")
         from sdlora.formats.checkpoint import load_single_file
 
         # configs derived from the file's tensors, tokenizers shipped with sdlora: no network (formats/checkpoint.py)

@@ -23,11 +23,12 @@ SPEC = ArchSpec(
         TextEncoderSpec("te3", "text_encoder_3", "tokenizer_3", "text_encoders.t5xxl.transformer.", "t5",
                         kind="t5", max_length=256, sequence_join=True),
     ),
-    pipeline="StableDiffusion3Pipeline", native_resolution=1024, denoiser="transformer", denoiser_names="original", a1111=False, diffusers_reads_kohya=False,
+    pipeline="StableDiffusion3Pipeline", native_resolution=1024, denoiser="transformer",
+    denoiser_names="original", a1111=False, diffusers_reads_kohya=False,
     objective="flow", scheduler="FlowMatchEulerDiscreteScheduler", sampler="FlowMatchEulerDiscreteScheduler",
-    sample_guidance=7.0, sample_steps=28,
+    sample_guidance=7.0, class_guidance=7.0,
     preset_columns=("transformer", "transformer_te"), network_kinds=("lora",), variant_of=_variant,
-    checkpoint_marker="model.diffusion_model.joint_blocks.",
+    checkpoint_marker="joint_blocks.0.x_block.",  # any prefix (models.detect_checkpoint_arch)
     # kohya's `ss_base_model_version` is the MMDiT model type (these do not start with "sd3"), K sd3_utils.py
     versions={"5-medium": ("5-medium", "stable-diffusion-3-5-medium/lora"),
               "5-large": ("5-large", "stable-diffusion-3-5-large/lora"),

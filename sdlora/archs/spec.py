@@ -60,8 +60,8 @@ class ArchSpec:
     sampler: str = "DPMSolverMultistepScheduler"  # diffusers scheduler sample grids and `generate` use by default
     packed_latents: bool = False  # FLUX: the transformer sees 2x2 latent patches as tokens, with position ids
     train_guidance: float = 1.0  # guidance-distilled models (FLUX.1-dev): the guidance input during training
-    sample_guidance: float = 7.5  # classifier-free (or distilled) guidance scale of generation by default
-    sample_steps: int = 30
+    sample_guidance: float = 7.0  # classifier-free (or distilled) guidance scale of generation by default
+    class_guidance: float = 7.5  # the guidance class images for prior preservation are generated with
     negative_prompt: bool = True  # the pipeline takes a negative prompt (FLUX.1's does not)
     preset_columns: tuple[str, str] = ("unet", "te")  # which columns of lora.targets.PRESETS this family uses
     network_kinds: tuple[str, ...] | None = None  # adapter kinds it can train (None: all; fused qkv: LoRA only)

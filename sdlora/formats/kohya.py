@@ -300,7 +300,8 @@ def fuse(mods: dict[str, tuple[str, dict[str, torch.Tensor], float]],
     stacked [k·r, in], ups placed block-diagonally at their rows [out, k·r] (zero rows where a part is not
     trained), alpha·k, so that the alpha/rank every loader computes is the trained alpha/r: exactly the trained
     ΔW, and not kohya's `split_qkv` pitfall (§7.1: alpha kept, 3-4x too weak). A part listed at permuted rows
-    (a swapped shift/scale) has its up rows permuted the same way."""
+    (a swapped shift/scale) has its up rows permuted the same way. Parts of different ranks or alphas (another
+    trainer's file) have their scale alpha/r folded into their ups, and the fused alpha is its rank (scale 1)."""
     owner = {}
     for orig, parts in originals.items():
         for p, _, _ in parts:
@@ -312,22 +313,24 @@ def fuse(mods: dict[str, tuple[str, dict[str, torch.Tensor], float]],
         groups.setdefault(owner[path], {})[path] = v
     out = {}
     for orig, trained in groups.items():
-        if {k for k, _, _ in trained.values()} != {"lora"} or len({a for _, _, a in trained.values()}) != 1:
-            raise ValueError(f"{orig}: only plain LoRAs of one alpha fuse")
+        if {k for k, _, _ in trained.values()} != {"lora"}:
+            raise ValueError(f"{orig}: only plain LoRAs fuse")
         parts = originals[orig]
         order = list(dict.fromkeys(p for p, _, _ in parts if p in trained))
-        downs = [trained[p][1]["down"] for p in order]
-        r = downs[0].shape[0]
-        up0 = trained[order[0]][1]["up"]
-        up = up0.new_zeros(sum(b - a for _, a, b in parts), r * len(order))
+        ranks = [trained[p][1]["down"].shape[0] for p in order]
+        same = len(set(ranks)) == 1 and len({trained[p][2] for p in order}) == 1
+        ups = {p: trained[p][1]["up"] * (1.0 if same else trained[p][2] / trained[p][1]["down"].shape[0])
+               for p in order}
+        cols = [sum(ranks[:j]) for j in range(len(order))]
+        up = ups[order[0]].new_zeros(sum(b - a for _, a, b in parts), sum(ranks))
         i = 0
         for p, a, b in parts:
             if p in trained:
                 j = order.index(p)
-                up[i:i + b - a, j * r:(j + 1) * r] = trained[p][1]["up"][a:b]
+                up[i:i + b - a, cols[j]:cols[j] + ranks[j]] = ups[p][a:b]
             i += b - a
-        alpha = next(iter(trained.values()))[2]
-        out[orig] = ("lora", {"down": torch.cat(downs), "up": up}, alpha * len(order))
+        alpha = trained[order[0]][2] * len(order) if same else float(sum(ranks))
+        out[orig] = ("lora", {"down": torch.cat([trained[p][1]["down"] for p in order]), "up": up}, alpha)
     return out
 
 

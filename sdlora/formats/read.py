@@ -219,6 +219,9 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
     spec = archs.get(arch or "sd1")
     kcomp = {attr: c for c, attr in spec.components.items()}
     missing = set(json.loads(metadata.get(MISSING_ALPHA, "[]")))
+    if spec.denoiser_names == "original":  # SD 3.x / FLUX.1: q/k/v LoRAs fused onto the original modules
+        found, fused_unknown = _fuse_original(spec, found)
+        unknown += fused_unknown
     modules, defaulted = {}, 0
     for (comp, path), (down, up, alpha, mag) in found.items():
         if comp not in kcomp:
@@ -235,6 +238,35 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
     notes = [f"{defaulted} module(s) carry no alpha: read as alpha = rank, the scale diffusers and PEFT load them "
              "with"] if defaulted else []
     return modules, unknown, notes, arch
+
+
+def _fuse_original(spec, found: dict) -> tuple[dict, list[str]]:
+    """diffusers-named LoRAs of an SD 3.x / FLUX.1 transformer (ai-toolkit, diffusers, SimpleTuner files) -> LoRAs
+    on the original model's modules kohya names (`kohya.fuse`: exact, the same ΔW). The row ranges of fused parts
+    come from the real architecture, scaled to the file's widths (a smaller model keeps the ratios)."""
+    from sdlora.archs.spec import DENOISER
+    from sdlora.formats import layouts
+
+    den = {p: v for (c, p), v in found.items() if c == spec.denoiser}
+    if not den:
+        return found, []
+    originals = {m.path: m.parts or ((m.module_path, 0, m.shape[0]),)
+                 for m in layouts.kohya_table(spec.id).values() if m.component == DENOISER}
+    owner = {p: o for o, parts in originals.items() for p, _, _ in parts}
+    unknown = [f"{spec.denoiser}.{p}" for p in den if p not in owner]
+    mods = {p: v for p, v in den.items() if p in owner}
+    scaled = {}
+    for o in {owner[p] for p in mods}:
+        parts = originals[o]
+        full = {p: max(b for q, _, b in parts if q == p) for p, _, _ in parts}
+        f = next(mods[p][1].shape[0] / full[p] for p, _, _ in parts if p in mods)
+        scaled[o] = tuple((p, round(a * f), round(b * f)) for p, a, b in parts)
+    trained = {p: ("lora", {"down": d, "up": u}, a if a is not None else float(d.shape[0]))
+               for p, (d, u, a, mag) in mods.items()}
+    out = {(c, p): v for (c, p), v in found.items() if c != spec.denoiser}
+    for o, (_, t, alpha) in kohya.fuse(trained, scaled).items():
+        out[(spec.denoiser, o)] = (t["down"], t["up"], alpha, None)
+    return out, unknown
 
 
 def _lycoris_wrapper_names(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:

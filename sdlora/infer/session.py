@@ -16,7 +16,6 @@ from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender, Resolved
 from sdlora.models import load_base, model_identity
-from sdlora.train.step import text_length
 
 # --scheduler value -> (diffusers class, extra config, A1111 sampler name written into the PNG)
 SCHEDULERS = {
@@ -134,9 +133,7 @@ class Session:
             sampler = sampler_for(base.spec, settings.scheduler)
             pipe = base.pipeline(scheduler=make_scheduler(sampler, base.scheduler_config))
             call = {"negative_prompt": settings.negative or None} if base.spec.negative_prompt else {}
-            seq = text_length(base.spec, list(base.tokenizers.values()))
-            if seq:
-                call["max_sequence_length"] = seq  # T5 tokens: as many as training encodes
+            call |= base.generation_kwargs()  # T5 tokens: as many as training encodes
             out = []
             n = settings.num_images
             for i in range(n):

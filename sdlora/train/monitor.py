@@ -38,7 +38,7 @@ def sample_grid(base, prompts: list[str], resolution: int, seeds=(1, 2), steps: 
         y = label_h + r * (cell + label_h)
         draw.text((2, y + 1), prompt[:60], fill="black")
         for c, seed in enumerate(seeds):
-            img = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+            img = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps, **base.generation_kwargs(),
                        generator=torch.Generator().manual_seed(seed), output_type="pil").images[0]
             grid.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label_h))
     return grid

@@ -22,7 +22,7 @@ def slug(text: str, n: int = 40) -> str:
 
 @torch.no_grad()
 def ensure_class_images(base, prompt: str, folder: Path, count: int, resolution: int, seed: int,
-                        steps: int = 25, guidance: float = 7.5, log=print) -> list[Path]:
+                        steps: int = 25, guidance: float | None = None, log=print) -> list[Path]:
     """Make sure `folder` holds at least `count` images, generating the missing ones from `prompt` with `base`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,8 @@ def ensure_class_images(base, prompt: str, folder: Path, count: int, resolution:
     start = len(have)
     for i in tqdm(range(start, count), desc="class images", unit="img"):
         g = torch.Generator().manual_seed(seed + i)
-        image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance,
-                     generator=g, output_type="pil").images[0]
+        image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                     guidance_scale=base.spec.class_guidance if guidance is None else guidance,
+                     **base.generation_kwargs(), generator=g, output_type="pil").images[0]
         atomic_write(folder / f"{i:05d}-{slug(prompt)}.png", lambda tmp: image.save(tmp, format="PNG"))
     return checked_images(folder, "--class-images")

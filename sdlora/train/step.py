@@ -20,15 +20,6 @@ def _ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.
     return tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
 
 
-def text_length(spec, tokenizers: list) -> int | None:
-    """Tokens of the sequence-joined (T5) prompt, as training encodes it: what generation passes as
-    `max_sequence_length`; None for families without one."""
-    for t, tok in zip(spec.text_encoders, tokenizers):
-        if t.sequence_join:
-            return min(t.max_length or tok.model_max_length, tok.model_max_length)
-    return None
-
-
 def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], prompts: list[str]):
     """What the denoiser is conditioned on, as family `spec` says: (hidden states, pooled embedding or None).
 
