@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 
 ARCHS = ("sd3", "flux")
+# the block roots of each original tree: a kohya name `lora_unet_<root>...` says the family by itself
+BLOCK_ROOTS = {"sd3": ("joint_blocks_",), "flux": ("double_blocks_", "single_blocks_")}
 
 # (diffusers path regex, original path template, slot in the fused original, swapped halves)
 # Templates use \1 for the block index. Slots order the parts of a fused original module.

@@ -73,11 +73,16 @@ def detect_arch(names, metadata: dict[str, str], shapes: dict[str, tuple] | None
     arch = arch_from_metadata(metadata)
     if arch:
         return arch
+    from sdlora.formats import dit
+
     names = list(names)
+    for arch_id, roots in dit.BLOCK_ROOTS.items():  # SD 3.x / FLUX.1 original block names
+        if any(n.startswith(tuple(kohya.PREFIX["unet"] + "_" + r for r in roots)) for n in names):
+            return arch_id
     used = {kohya.component_of(n) for n in names} - {None}
     ldm = any(kohya.is_ldm_unet_name(n) for n in names)
-    cands = [s for s in archs.SPECS.values()
-             if used <= set(s.components) and (not ldm or s.denoiser_names == "ldm")]
+    cands = [s for s in archs.SPECS.values() if s.denoiser_names != "original"
+             and used <= set(s.components) and (not ldm or s.denoiser_names == "ldm")]
     return _by_shapes(cands, names, shapes or {})
 
 
@@ -86,7 +91,7 @@ def _by_shapes(cands: list, names, shapes: dict[str, tuple]) -> str | None:
     text-encoder layer a module names."""
     if len(cands) > 1:
         widths = {shape[1] for n, shape in shapes.items() if kohya.is_cross_attention_kv(n) and len(shape) == 2}
-        cands = [s for s in cands if archs.load_config(s.id, s.denoiser)["cross_attention_dim"] in widths] or cands
+        cands = [s for s in cands if archs.load_config(s.id, s.denoiser).get("cross_attention_dim") in widths] or cands
     if len(cands) > 1:
         deepest = max((kohya.te_layer(n) for n in names if kohya.te_layer(n) is not None), default=-1)
         cands = [s for s in cands
@@ -214,6 +219,9 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
         added = any(p.startswith("add_embedding") for _, p in found)
         cands = [s for s in archs.SPECS.values()
                  if set(parts) <= set(s.components.values()) and (s.micro_conditioning or not added)]
+        if any(s.denoiser_names == "original" for s in cands):  # a transformer: FLUX.1 has single-stream blocks
+            single = any(p.startswith("single_transformer_blocks.") for _, p in found)
+            cands = [s for s in cands if s.packed_latents == single] or cands
         shapes = {kohya.kohya_name("unet" if c == "unet" else "te", p): tuple(v[0].shape) for (c, p), v in found.items()}
         arch = _by_shapes(cands, list(shapes), shapes)
     spec = archs.get(arch or "sd1")
