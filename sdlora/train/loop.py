@@ -226,7 +226,7 @@ class _Run:
         if cfg.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
             for c, m in adapted.items():
-                if c != base.spec.denoiser:
+                if c != DENOISER:
                     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen
