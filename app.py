@@ -155,7 +155,8 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                     dice = gr.Button("Random seed", scale=0, elem_id="random-seed")
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=20, step=1, label="Steps", interactive=True, elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)", interactive=True,
+                    guidance = gr.Slider(0, 20, value=session.base.spec.sample_guidance, step=0.5,
+                                         label="Guidance (CFG; FLUX.1: distilled guidance)", interactive=True,
                                          elem_id="guidance")
                 with gr.Row():
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler",
@@ -208,12 +209,14 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                 rows = load_model(session, library, name, models, allow_any)
             except SdloraError as e:
                 return [listing(session, library), f"**Error:** {e}", gr.update(value=session.base.name),
-                        gr.update(), gr.update()]
+                        gr.update(), gr.update(), gr.update()]
             native = session.base.native_resolution
             fit = sum(r["fits"] for r in rows)
             msg = "\n\n".join([f"model {name} loaded; {fit} of {len(rows)} adapters fit it"]
                               + ([notes()] if library.refused else []))
-            return [rows, msg, gr.update(), gr.update(value=native), gr.update(value=native)]
+            # each family's own default guidance (FLUX.1-dev: 3.5, its distilled guidance)
+            return [rows, msg, gr.update(), gr.update(value=native), gr.update(value=native),
+                    gr.update(value=session.base.spec.sample_guidance)]
 
         with adapters:
             @gr.render(inputs=[rows_state, prefs_state], triggers=[rows_state.change, demo.load])
@@ -268,7 +271,7 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                 upload.upload(keeping(on_upload), [upload, prefs_state, *settable],
                               [rows_state, status, upload, prefs_state], **heavy)
                 model.change(keeping(on_model), [model, prefs_state, *settable],
-                             [rows_state, status, model, width, height, prefs_state], **heavy)
+                             [rows_state, status, model, width, height, guidance, prefs_state], **heavy)
 
         dice.click(lambda: -1, None, seed)
     return demo

@@ -349,3 +349,25 @@ def test_flux_resume_with_bf16_and_gradient_checkpointing_equals_the_uninterrupt
     assert final_a.keys() == final_b.keys()
     assert [k for k in final_a if not torch.equal(final_a[k], final_b[k])] == []
     assert all(final_a[k].abs().sum() > 0 for k in final_a if "lora_up" in k and "single" not in k)
+
+
+def test_the_app_lists_a_flux_adapter_as_fitting_only_the_flux_model(trained, tmp_path):
+    """The app's listing (what its page shows after a model load) for a folder with an SD3 and a FLUX adapter:
+    on tiny-flux only the FLUX one fits, and the other says why; the same after switching to tiny-sd3."""
+    import shutil
+
+    import app
+    from sdlora.infer.session import Session
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for f in trained.values():
+        shutil.copy(f, folder / f.name)
+    session, library = Session("tiny-flux"), app.Library(folder)
+    library.scan()
+    rows = app.listing(session, library)
+    fits = {r["label"]: r["fits"] for r in rows}
+    assert fits == {"tiny-flux": True, "tiny-sd3": False}
+    assert "this adapter is for SD 3.x" in next(r["text"] for r in rows if not r["fits"])
+    rows = app.listing(session, library, "tiny-sd3")
+    assert {r["label"]: r["fits"] for r in rows} == {"tiny-flux": False, "tiny-sd3": True}
