@@ -371,3 +371,27 @@ def test_the_app_lists_a_flux_adapter_as_fitting_only_the_flux_model(trained, tm
     assert "this adapter is for SD 3.x" in next(r["text"] for r in rows if not r["fits"])
     rows = app.listing(session, library, "tiny-sd3")
     assert {r["label"]: r["fits"] for r in rows} == {"tiny-flux": False, "tiny-sd3": True}
+
+
+def test_verify_names_kohyas_split_qkv_alpha_pitfall(tmp_path):
+    """A kohya FLUX file trained with split_qkv=True: block-diagonal q/k/v saved fused with the per-part alpha
+    (kohya-ss/sd-scripts#2204). verify says so, with the fix; sdlora's own fused files (alpha x parts) do not."""
+    from sdlora.formats.io import atomic_save
+
+    base = load_base("tiny-flux")
+    table = layouts.table_of(base.components, "flux")
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    rows, cols = table[name].shape
+    r = 4
+    down = torch.randn(3 * r, cols)
+    up = torch.block_diag(*[torch.randn(rows // 3, r) for _ in range(3)])
+    tensors = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(4.0)}
+    md = {"ss_network_args": '{"split_qkv": "True"}', "ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+    atomic_save(tensors, tmp_path / "split.safetensors", md)
+    p = subprocess.run([*SDLORA, "verify", str(tmp_path / "split.safetensors"), "--model", "tiny-flux"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "split_qkv" in p.stdout and "multiply their alpha by 3" in p.stdout
+    atomic_save(tensors | {f"{name}.alpha": torch.tensor(12.0)}, tmp_path / "fixed.safetensors", md)
+    p = subprocess.run([*SDLORA, "verify", str(tmp_path / "fixed.safetensors"), "--model", "tiny-flux"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "split_qkv" not in p.stdout

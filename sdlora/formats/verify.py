@@ -121,6 +121,24 @@ def _diffusers_check(adapter: AdapterFile, arch: str, table: dict[str, layouts.M
     return landed, problems
 
 
+def _split_qkv_pitfall(metadata: dict[str, str], modules: dict[str, AdapterModule], table) -> int:
+    """How many fused modules a kohya `split_qkv` file holds with the alpha kohya forgot to scale (§7.6): the file
+    says split_qkv in its network args and the module's alpha equals a single part's rank, not the fused rank."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        return 0
+    if not isinstance(args, dict) or str(args.get("split_qkv", "")).lower() != "true":
+        return 0
+    n = 0
+    for name, m in modules.items():
+        parts = {p for p, _, _ in table[name].parts} if name in table else set()
+        if len(parts) > 1 and m.kind == "lora" and m.alpha is not None and m.rank % len(parts) == 0 \
+                and m.alpha <= m.rank // len(parts):
+            n += 1
+    return n
+
+
 def _diffusers_path(m: layouts.Module, comp: str, spec) -> str:
     return m.module_path if comp == spec.denoiser else m.path
 
@@ -255,6 +273,11 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
                             "no effect (train longer or with a higher learning rate)")
     elif zero:
         rep.notes.append(f"{len(zero)} of {len(modules)} modules have a zero delta")
+    split = _split_qkv_pitfall(metadata, modules, table)
+    if split:
+        rep.notes.append(f"written by kohya with split_qkv: the alpha of {split} fused q/k/v module(s) was not scaled "
+                         "by the number of parts, so every loader (and sdlora) applies them 3-4x weaker than trained "
+                         "(kohya-ss/sd-scripts#2204); multiply their alpha by 3 (qkv) or 4 (linear1) to fix it")
 
     names = sorted(modules)
     n = len(names)
