@@ -3,6 +3,8 @@ weights converted, tokenizers built from the shipped BPE file (sdlora/formats/ch
 
 from __future__ import annotations
 
+import re
+
 import socket
 
 import pytest
@@ -99,7 +101,11 @@ def _same(a, b) -> bool:
     return norm(a) == norm(b)
 
 
-@pytest.mark.parametrize("arch", archs.IDS)
+# single-file checkpoints are read for the UNet families (SD 3.x / FLUX.1 load from diffusers folders: refused below)
+LDM_ARCHS = [s.id for s in archs.SPECS.values() if s.denoiser_names != "original"]
+
+
+@pytest.mark.parametrize("arch", LDM_ARCHS)
 def test_derived_configs_of_the_real_architectures_equal_their_public_configs(arch):
     spec = archs.get(arch)
     sd = _meta_ldm(arch, extra_te_layer=any(t.ldm_extra_layer for t in spec.text_encoders))
@@ -112,6 +118,15 @@ def test_derived_configs_of_the_real_architectures_equal_their_public_configs(ar
                 assert _same(v, public[k]), (attr, k, v, public[k])
     # and the values that came from the tensors, not from the public config, are the interesting ones
     assert derived[spec.denoiser]["block_out_channels"] == list(archs.load_config(arch, "unet")["block_out_channels"])
+
+
+@pytest.mark.parametrize("key,label", [("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "SD 3.x"),
+                                       ("double_blocks.0.img_attn.qkv.weight", "FLUX.1")])
+def test_single_file_transformer_checkpoints_are_refused_with_the_fix(tmp_path, key, label):
+    save_file({key: torch.zeros(3, 2)}, str(tmp_path / "dit.safetensors"))
+    with pytest.raises(SdloraError, match=f"single-file {re.escape(label)} checkpoint.*diffusers folder or hub id") as e:
+        load_base(str(tmp_path / "dit.safetensors"))
+    assert "\n" not in str(e.value)
 
 
 def test_tiny_widths_without_metadata_are_refused_with_one_line(tmp_path):
