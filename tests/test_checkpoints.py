@@ -4,7 +4,6 @@ weights converted, tokenizers built from the shipped BPE file (sdlora/formats/ch
 from __future__ import annotations
 
 import re
-
 import socket
 
 import pytest
