@@ -111,7 +111,8 @@ def random_images(folder: Path, n: int, size: int, seed: int) -> Path:
 
 
 def random_base(shape: str, device):
-    """A BaseModel of `shape` (sd15/sdxl) with random weights, built on `device` from sdlora's public configs."""
+    """A BaseModel of `shape` (sd15/sdxl) with random weights from sdlora's public configs, built (initialised) on
+    `device`, fast on a GPU, then handed over on the CPU in fp32, as `load_base` hands over a model read from disk."""
     import torch
 
     from sdlora import archs
@@ -128,6 +129,9 @@ def random_base(shape: str, device):
         for t in spec.text_encoders:
             parts[t.attr] = archs.build(archs.load_config(spec.id, t.attr)).eval()
             parts[t.tokenizer_attr] = clip_tokenizer(t.pad_token)
+    for k, v in parts.items():
+        if isinstance(v, torch.nn.Module):
+            v.to("cpu")
     return from_components(f"random-{shape}", spec, parts, res)
 
 
@@ -145,11 +149,11 @@ def run_row(row: Row, data: Path, device: str, quick: bool) -> dict:
         values |= {"class_prompt": "a photo of a dog", "class_images": str(data / f"class-{res or 'native'}"),
                    "num_class_images": 2}
     cuda = device == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     base = random_base(row.shape, device) if row.shape in SHAPES else None
+    if cuda:  # the peak of the run alone: the random model is on the CPU by now, as a loaded one would be
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     r = train(make_config(values), log=lambda *a, **k: None, base=base)
     total = time.perf_counter() - t0
     warm_steps = r.steps - 1
