@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import: the loop's bars, one line per row instead
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree")
 # shape -> (arch config folder in sdlora/archs, native resolution); quick mode uses sdlora's built-in tiny models
@@ -53,17 +54,22 @@ class Row:
     result: dict = field(default_factory=dict)
 
 
-def plan(quick: bool, steps: int) -> list[Row]:
+def plan(quick: bool, steps: int, resolution: int | None = None) -> list[Row]:
     shapes = QUICK_SHAPES if quick else SHAPES
     common = {"mixed_precision": "no" if quick else "bf16", "steps": steps}
+    if resolution:
+        common["resolution"] = resolution
     rows = []
     for shape, (_, res) in shapes.items():
+        res = resolution or res
         for bs in (1, 4):
             for gc_ in (False, True):
                 rows.append(Row(f"{shape} {res}px b{bs}{' gc' if gc_ else ''}", shape,
                                 common | {"batch_size": bs, "gradient_checkpointing": gc_}))
     for path in sorted((ROOT / "configs").glob("*.toml")):
         rows.append(preset_row(path, steps, quick))
+        if resolution:
+            rows[-1].values["resolution"] = resolution
     optimizer_rows = {shape: [Row(f"{shape} b1 {opt}", shape, common | {"optimizer": opt,
                                                                          "lr": 1.0 if opt == "prodigy" else 1e-4})
                               for opt in OPTIMIZERS[1:]] for shape in shapes}
@@ -186,11 +192,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--quick", action="store_true", help="the tiny built-in models at 64 px (for CPU)")
     ap.add_argument("--only", default=None, help="run only rows whose label contains this text")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="train every row at this size instead of the native one (e.g. a CPU trial of the real shapes)")
     ap.add_argument("--dry-run", action="store_true", help="list the rows; train nothing")
     args = ap.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the loop's progress bars: one line per row is printed instead
     steps = args.steps or (2 if args.quick else 8)
-    rows = plan(args.quick, steps)
+    rows = plan(args.quick, steps, args.resolution)
     if args.only:
         rows = [r for r in rows if args.only in r.what]
     if args.dry_run:
@@ -212,8 +219,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdlora-gpu-check-") as d:
         data = Path(d)
         for _, res in (QUICK_SHAPES if args.quick else SHAPES).values():
-            random_images(data / f"inst-{res}", 4, res, seed=0)
-            random_images(data / f"class-{res}", 2, res, seed=1)
+            random_images(data / f"inst-{res}", 4, args.resolution or res, seed=0)
+            random_images(data / f"class-{res}", 2, args.resolution or res, seed=1)
         random_images(data / "inst-native", 4, 64, seed=0)  # the built-in tiny/toy presets
         random_images(data / "class-native", 2, 64, seed=1)
         for row in rows:
