@@ -185,3 +185,34 @@ def test_gpu_check_on_a_machine_without_cuda_says_so_and_measures_nothing(tmp_pa
     assert p.returncode == 0, p.stderr[-2000:]
     assert "no CUDA GPU here" in p.stdout and "--device cpu --quick" in p.stdout
     assert not out.exists()
+
+
+AVERAGE_SCRIPT = '''
+import torch
+from accelerate import Accelerator
+from sdlora.train.scale import average_gradients
+
+rank = Accelerator().process_index  # as the loop sets processes up (reads ACCELERATE_USE_CPU)
+params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))]
+params[0].grad = torch.full((3,), float(rank))
+params[1].grad = torch.arange(4.0).view(2, 2) * (rank + 1)
+average_gradients(params)  # params[2] has no gradient: skipped
+assert torch.equal(params[0].grad, torch.full((3,), 0.5)), params[0].grad
+assert torch.equal(params[1].grad, torch.arange(4.0).view(2, 2) * 1.5), params[1].grad
+assert params[2].grad is None
+print("averaged on rank", rank)
+'''
+
+
+def test_the_whole_lora_weights_gradients_are_averaged_across_real_processes(tmp_path, cache_dir):
+    # under FSDP the LoRA weights are not sharded, so FSDP does not reduce their gradients: scale.average_gradients
+    # does, in one all-reduce (here two CPU processes over gloo)
+    script = tmp_path / "average.py"
+    script.write_text(AVERAGE_SCRIPT, encoding="utf-8")
+    p = subprocess.run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                        "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script)],
+                       cwd=ROOT, env=sub_env(cache_dir, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert sorted(line for line in p.stdout.splitlines() if line.startswith("averaged")) == \
+        ["averaged on rank 0", "averaged on rank 1"]
