@@ -96,7 +96,7 @@ class TrainConfig:
     attention: str = _f("sdpa", "attention of the denoiser: " + "; ".join(f"{k}: {v}" for k, v in ATTENTION.items()),
                         choices=tuple(ATTENTION))
     channels_last: bool = _f(False, "keep the UNet's conv weights channels-last (NHWC): helps fp16/bf16 on tensor-core "
-                             "GPUs, usually slows CPU training (benchmarks/bench_speed.py)")
+                             "GPUs, usually slows CPU training (benchmarks/bench_train.py)")
     no_eval_loss: bool = _f(False, "skip the loss on fixed noise printed at the end (2 images × 2 timesteps: 4 "
                             "denoiser forwards before and 4 after training)")
     seed: int = _f(0, "random seed: same seed, data and flags give the same adapter on CPU")

@@ -1,5 +1,5 @@
 """Speed options of the denoiser: torch.compile (through accelerate's dynamo plugin), the attention kernel, and
-channels-last memory format. All off by default; `benchmarks/bench_speed.py` measures them. Imports no torch at
+channels-last memory format. All off by default; `benchmarks/bench_train.py` measures them. Imports no torch at
 module level: config.py (and so `sdlora train --help`) reads ATTENTION.
 
 Attention: diffusers 0.42's `ModelMixin.set_attention_backend` (attention_dispatch) only reaches processors that
@@ -99,7 +99,7 @@ def _kernel_processor(name: str):
 
 def channels_last(denoiser) -> None:
     """The denoiser's 4-D weights in channels-last (NHWC) layout: faster convolutions on tensor-core GPUs with
-    fp16/bf16; usually slower on CPU (benchmarks/bench_speed.py)."""
+    fp16/bf16; usually slower on CPU (benchmarks/bench_train.py)."""
     import torch
 
     denoiser.to(memory_format=torch.channels_last)
