@@ -91,8 +91,9 @@ class TrainConfig:
     noise_offset: float = _f(0.0, "noise offset (e.g. 0.05) for darker darks and brighter brights")
     mixed_precision: str = _f("no", "mixed precision for the frozen base", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet and text encoder")
-    compile: bool = _f(False, "torch.compile the denoiser (accelerate's dynamo plugin, inductor): slower first steps "
-                       "while it compiles, then faster ones; on CPU it needs a C++ compiler (g++)")
+    compile: bool = _f(False, "torch.compile the denoiser (and the text encoders when they train) with accelerate's "
+                       "dynamo plugin, inductor: a slow first step while it compiles, then faster ones; on CPU it "
+                       "needs a C++ compiler (g++)")
     attention: str = _f("sdpa", "attention of the denoiser: " + "; ".join(f"{k}: {v}" for k, v in ATTENTION.items()),
                         choices=tuple(ATTENTION))
     channels_last: bool = _f(False, "keep the UNet's conv weights channels-last (NHWC): helps fp16/bf16 on tensor-core "
