@@ -14,7 +14,7 @@ from sdlora.errors import SdloraError
 
 # --attention NAME -> what it is (for --help); "sdpa" is what diffusers uses when nothing is set
 ATTENTION = {
-    "sdpa": "PyTorch scaled_dot_product_attention, kernel picked by PyTorch (the default)",
+    "sdpa": "PyTorch scaled_dot_product_attention, kernel picked by PyTorch",
     "flash": "SDPA restricted to its FlashAttention kernel (CUDA fp16/bf16, or CPU)",
     "efficient": "SDPA restricted to its memory-efficient kernel (CUDA)",
     "cudnn": "SDPA restricted to its cuDNN kernel (CUDA)",
