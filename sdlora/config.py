@@ -16,6 +16,7 @@ from sdlora.errors import SdloraError
 from sdlora.lora.targets import PRESETS
 from sdlora.models import DEFAULT_MODEL, model_kinds_help
 from sdlora.train import optim
+from sdlora.train.speed import ATTENTION
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
@@ -90,6 +91,13 @@ class TrainConfig:
     noise_offset: float = _f(0.0, "noise offset (e.g. 0.05) for darker darks and brighter brights")
     mixed_precision: str = _f("no", "mixed precision for the frozen base", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet and text encoder")
+    compile: bool = _f(False, "torch.compile the denoiser (and the text encoders when they train) with accelerate's "
+                       "dynamo plugin, inductor: a slow first step while it compiles, then faster ones; on CPU it "
+                       "needs a C++ compiler (g++)")
+    attention: str = _f("sdpa", "attention of the denoiser (default: sdpa): " + "; ".join(f"{k}: {v}" for k, v in ATTENTION.items()),
+                        choices=tuple(ATTENTION))
+    channels_last: bool = _f(False, "keep the UNet's conv weights channels-last (NHWC): helps fp16/bf16 on tensor-core "
+                             "GPUs, usually slows CPU training (benchmarks/bench_train.py)")
     no_eval_loss: bool = _f(False, "skip the loss on fixed noise printed at the end (2 images × 2 timesteps: 4 "
                             "denoiser forwards before and 4 after training)")
     seed: int = _f(0, "random seed: same seed, data and flags give the same adapter on CPU")

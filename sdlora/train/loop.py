@@ -31,7 +31,7 @@ from sdlora.lora.inject import add_lora, collect_modules, format_table, network_
 from sdlora.archs.spec import DENOISER
 from sdlora.lora.targets import check_rank, find_targets, preset_targets
 from sdlora.models import load_base
-from sdlora.train import DTYPES, ckpt, memory, optim
+from sdlora.train import DTYPES, ckpt, memory, optim, scale, speed
 from sdlora.train import step as S
 from sdlora.train.monitor import Monitor, sample_prompts
 from sdlora.train.prior import ensure_class_images
@@ -47,12 +47,15 @@ class TrainResult:
     loss_after: float | None
     loss_curve: Path | None = None
     samples: list[Path] | None = None
+    steady_seconds: float | None = None  # wall time of the steps after the first one (which pays for warm-up)
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Train a LoRA as `cfg` says and write it to `cfg.output_path`."""
+def train(cfg: TrainConfig, log=print, base=None) -> TrainResult:
+    """Train a LoRA as `cfg` says and write it to `cfg.output_path`. `base`: an already built BaseModel (from
+    `models.from_components`) to train instead of loading `cfg.model`, e.g. benchmarks/gpu_check.py's random-weight
+    SD 1.5/SDXL; it comes back carrying the LoRA layers."""
     try:
-        return _Run(cfg, log).run()
+        return _Run(cfg, log, base).run()
     finally:
         _reset_accelerate()
 
@@ -85,6 +88,9 @@ def _reset_accelerate() -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
+LOG_EVERY = 10  # steps between reads of the loss from the device (progress bar, loss curve, NaN check)
+
+
 def _quiet(*_a, **_k) -> None:
     pass
 
@@ -92,8 +98,8 @@ def _quiet(*_a, **_k) -> None:
 class _Run:
     """One training run: its phases, in the order `run` calls them, and what they share."""
 
-    def __init__(self, cfg: TrainConfig, log):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: TrainConfig, log, base=None):
+        self.cfg, self.log, self.given_base = cfg, log, base
         self.started = datetime.now(timezone.utc)
         self.samples: list[Path] = []
 
@@ -126,10 +132,16 @@ class _Run:
         cfg = self.cfg
         # No DDP buffer broadcast: the only buffers are frozen (CLIP's position ids), and with buckets + prior
         # preservation processes may run different numbers of forwards per step, which per-forward broadcasts deadlock.
+        # --compile: accelerate's dynamo plugin compiles what `prepare` wraps (without it, `accelerate launch
+        # --dynamo_backend` still applies).
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                                       **({"dynamo_backend": "inductor"} if cfg.compile else {}))
         if cfg.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise SdloraError("--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 or no")
+        if cfg.compile:
+            speed.check_compile(self.accelerator.device)
+        self.fsdp = scale.check_fsdp(self.accelerator, cfg)
         self.main = self.accelerator.is_main_process
         self.say = self.log if self.main else _quiet
         if self.main:
@@ -138,7 +150,7 @@ class _Run:
 
     # ---- 2. model
     def load_model(self) -> None:
-        base = self.base = load_base(self.cfg.model, prediction_type=self.cfg.prediction_type)
+        base = self.base = self.given_base or load_base(self.cfg.model, prediction_type=self.cfg.prediction_type)
         self.resolution = self.cfg.resolution or base.native_resolution
         self.objective = S.objective_for(base.spec, base.noise_scheduler, base.denoiser.config)
         check_family(self.cfg, base)
@@ -146,7 +158,9 @@ class _Run:
         self.tes = {c: te for c, (_, te) in base.text_encoders.items()}  # "te", or "te1" + "te2" for SDXL
         for m in base.modules.values():
             m.requires_grad_(False)
-            m.to(self.accelerator.device)
+        # The UNet and text encoders go to the device in add_lora, once their frozen weights are in the compute
+        # dtype: moved now, in fp32, an SDXL base alone would take 12.9 GiB of the GPU (6.6 GiB in bf16).
+        self.vae.to(self.accelerator.device)
         if self.vae.dtype != torch.float32:  # the VAE only encodes; fp16 VAEs are the usual source of NaN latents
             self.vae.to(torch.float32)
 
@@ -156,6 +170,8 @@ class _Run:
         if not cfg.class_prompt or len(self.class_images) >= cfg.num_class_images or self.dataset.class_parent:
             return
         if self.main:
+            for m in self.base.modules.values():  # generating needs the whole model on the device (fp32 here)
+                m.to(self.accelerator.device)
             with self.accelerator.autocast():
                 ensure_class_images(self.base, cfg.class_prompt, cfg.class_folder, cfg.num_class_images,
                                     self.resolution, seed=cfg.seed, log=self.say)
@@ -194,6 +210,10 @@ class _Run:
             + (f" / {acc.num_processes} processes" if acc.num_processes > 1 else "")
             + f" = {per_epoch} batches per epoch; {self.steps} steps × {cfg.grad_accum} accumulation = "
             f"{self.steps * cfg.grad_accum / per_epoch:.1f} epochs")
+        say(f"effective batch: {cfg.batch_size} × {cfg.grad_accum} accumulation × {acc.num_processes} processes = "
+            f"{cfg.batch_size * cfg.grad_accum * acc.num_processes} instance images per optimizer step"
+            + (" (+ as many class images)" if classes else "")
+            + f"; lr {cfg.lr:g} as given, not scaled with the batch or process count")
 
     def new_schedule(self, position: dict | None = None) -> Schedule:
         cfg, acc = self.cfg, self.accelerator
@@ -223,6 +243,10 @@ class _Run:
         for m in (self.denoiser, *self.tes.values()):  # T5-XXL too: frozen, in the compute dtype
             for p in m.parameters():
                 p.data = p.data.to(torch.float32 if p.requires_grad else self.weight_dtype)
+            m.to(self.accelerator.device)  # after the cast: never the fp32 base on the device
+        speed.set_attention(self.denoiser, cfg.attention, self.accelerator.device)
+        if cfg.channels_last:
+            speed.channels_last(self.denoiser)
         if cfg.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
             for c, m in adapted.items():
@@ -255,6 +279,8 @@ class _Run:
             params.append({"params": [p for m in self.tes.values() for p in m.parameters() if p.requires_grad],
                            "lr": cfg.te_lr or cfg.lr})
         self.trainable = [p for g in params for p in g["params"]]
+        if self.fsdp:  # the frozen base is sharded, the LoRA weights stay whole on every process
+            scale.keep_whole(acc, self.denoiser)
         optimizer = optim.build(cfg.optimizer, cfg.optimizer_kwargs, params, cfg.lr, cfg.weight_decay)
         optim.check_runs(optimizer, acc.device)
         # accelerate steps a prepared scheduler once per process, so its horizon is scaled the same way.
@@ -332,10 +358,10 @@ class _Run:
         self.sample_prompts = sample_prompts(cfg.sample_prompts, cfg.prompt, cfg.class_prompt)
         loss_before = self.eval_loss()
         self.set_train(True)
-        t0 = time.perf_counter()
+        t0 = t_first = time.perf_counter()
         bar = tqdm(total=self.steps, initial=self.done, desc="training", unit="step", disable=not self.main,
                    dynamic_ncols=True)
-        ema = None
+        self.ema, self.pending = None, []
         # Ctrl-C finishes the step under way, so that what is saved (adapter and checkpoint) is a whole step and a
         # resume continues exactly; a second Ctrl-C stops at once.
         stop = ckpt.StopFlag(lambda: say("\nCtrl-C: finishing this step, then saving (press again to abort)"))
@@ -344,40 +370,65 @@ class _Run:
                 for _ in range(cfg.grad_accum):
                     loss = self.micro_step()
                 self.done += 1
-                lv = loss.item()
-                ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-                lr_now = self.lr_scheduler.get_last_lr()[0]
-                if self.monitor:
-                    self.monitor.step(self.done, lv, lr_now)
-                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_now:.2e}", refresh=False)
+                self.pending.append((self.done, loss.detach(), self.lr_scheduler.get_last_lr()[0]))
                 bar.update(1)
-                if cfg.save_every and self.done % cfg.save_every == 0 and self.done < self.steps:
+                saving = cfg.save_every and self.done % cfg.save_every == 0 and self.done < self.steps
+                sampling = cfg.sample_every and self.done % cfg.sample_every == 0
+                first = self.done == self.start_step + 1
+                if first or saving or sampling or self.done % LOG_EVERY == 0 or self.done >= self.steps or stop.set:
+                    self.read_losses(bar)
+                if first:
+                    t_first = time.perf_counter()
+                if saving:
                     self.checkpoint()
-                if cfg.sample_every and self.done % cfg.sample_every == 0:
+                if sampling:
                     self.sample()
         except KeyboardInterrupt:
             bar.close()
             say("aborted in the middle of a step; nothing saved")
+            raise
+        except Exception as e:
+            if cfg.compile and (err := speed.compile_error(e)):
+                raise err from e
             raise
         finally:
             stop.restore()
         bar.close()
         if stop.set:
             self.save_interrupted()
-        return self.finish(loss_before, time.perf_counter() - t0)
+        t_end = time.perf_counter()
+        result = self.finish(loss_before, t_end - t0)
+        result.steady_seconds = t_end - t_first if self.done > self.start_step + 1 else None
+        return result
+
+    def read_losses(self, bar) -> None:
+        """Bring the losses of the steps since the last call to the host (one device sync per LOG_EVERY steps, not
+        one per step), log them, and stop on a NaN/Inf loss before anything is saved."""
+        if not self.pending:
+            return
+        values = torch.stack([loss for _, loss, _ in self.pending]).float().cpu().tolist()
+        for (step, _, lr), lv in zip(self.pending, values):
+            if not math.isfinite(lv):
+                raise SdloraError(f"loss became {lv} at step {step}; the adapter was not saved. "
+                                  "Lower --lr, or use --mixed-precision bf16/no instead of fp16")
+            self.ema = lv if self.ema is None else 0.9 * self.ema + 0.1 * lv
+            if self.monitor:
+                self.monitor.step(step, lv, lr)
+        bar.set_postfix(loss=f"{self.ema:.4f}", lr=f"{self.pending[-1][2]:.2e}", refresh=False)
+        self.pending = []
 
     def micro_step(self) -> torch.Tensor:
-        """One forward and backward (the optimizer steps when gradient accumulation is complete)."""
+        """One forward and backward (the optimizer steps when gradient accumulation is complete). Nothing here
+        waits for the device: the loss is read back by `read_losses`."""
         acc = self.accelerator
         inst, cls = self.schedule.next()
         with acc.accumulate(self.denoiser_p, *self.tes_p.values()), acc.autocast():
             batches = [self.batch(examples) for examples in _forwards(inst, cls)]
             loss = S.batch_loss(self.denoiser_p, self.objective, batches, self.cfg.prior_loss_weight,
                                 self.cfg.min_snr_gamma)
-            if not torch.isfinite(loss):
-                raise SdloraError(f"loss became {loss.item()} at step {self.done + 1}; the adapter was not saved. "
-                                  "Lower --lr, or use --mixed-precision bf16/no instead of fp16")
             acc.backward(loss)
+            if self.fsdp and acc.sync_gradients:
+                scale.average_gradients(self.trainable)
             if acc.sync_gradients and self.cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
             self.optimizer.step()
