@@ -396,3 +396,21 @@ def test_verify_names_kohyas_split_qkv_alpha_pitfall(tmp_path):
     assert any("split_qkv" in n and "multiply their alpha by 3" in n for n in notes)
     atomic_save(tensors | {f"{name}.alpha": torch.tensor(12.0)}, tmp_path / "fixed.safetensors", md)
     assert not any("split_qkv" in n for n in verify_file(tmp_path / "fixed.safetensors", model=base).notes)
+
+
+def test_attention_kernels_reach_the_transformer_through_diffusers_dispatch(tmp_path):
+    """--attention on SD3/FLUX goes through diffusers' attention dispatch (set_attention_backend): the math kernel
+    trains the same adapter as the default; the UNet-only eager processor is refused in one line."""
+    from sdlora.errors import SdloraError
+    from sdlora.formats.io import load
+    from tests.conftest import train_tiny
+
+    a = train_tiny(tmp_path / "a.safetensors", model="tiny-flux", steps=2, no_eval_loss=True)
+    b = train_tiny(tmp_path / "b.safetensors", model="tiny-flux", steps=2, no_eval_loss=True, attention="math")
+    ta, tb = load(a.path)[0], load(b.path)[0]
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5)
+    assert b.base.denoiser.attn_processors["transformer_blocks.0.attn.processor"]._attention_backend == "_native_math"
+    with pytest.raises(SdloraError, match="--attention eager is for the UNet models"):
+        train_tiny(tmp_path / "c.safetensors", model="tiny-flux", steps=1, attention="eager")

@@ -118,18 +118,20 @@ def test_the_log_states_the_effective_batch_and_that_the_lr_is_not_scaled(tmp_pa
 FSDP_CONFIG = ROOT / "configs" / "accelerate-fsdp.yaml"
 
 
-def test_the_fsdp_config_is_an_accelerate_fsdp2_config():
+@pytest.mark.parametrize("config,model", [("accelerate-fsdp.yaml", "tiny"), ("accelerate-fsdp-flux.yaml", "tiny-flux"),
+                                          ("accelerate-fsdp-sd3.yaml", "tiny-sd3")])
+def test_the_fsdp_configs_are_accelerate_fsdp2_configs_wrapping_blocks_of_their_model(config, model):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    cfg = load_config_from_file(str(FSDP_CONFIG))
+    cfg = load_config_from_file(str(ROOT / "configs" / config))
     assert cfg.distributed_type == DistributedType.FSDP and cfg.mixed_precision == "bf16"
     assert cfg.fsdp_config["fsdp_version"] == 2
     assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     from sdlora.models import load_base
 
-    unet_classes = {type(m).__name__ for m in load_base("tiny").unet.modules()}
-    assert set(cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= unet_classes
+    classes = {type(m).__name__ for m in load_base(model).denoiser.modules()}
+    assert set(cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= classes
 
 
 def test_fsdp_on_cpu_is_refused_in_one_line_per_process(tmp_path, cache_dir):

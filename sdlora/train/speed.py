@@ -60,9 +60,25 @@ def compile_error(e: BaseException) -> SdloraError | None:
     return SdloraError(f"torch.compile failed ({type(e).__name__}: {first[:200]}); train without --compile")
 
 
+# --attention NAME -> diffusers' attention-dispatch backend, for the denoisers whose processors dispatch through
+# it (SD 3.x / FLUX.1 transformers); "eager" has none there
+_DISPATCH = {"sdpa": "native", "flash": "_native_flash", "efficient": "_native_efficient", "cudnn": "_native_cudnn",
+             "math": "_native_math", "xformers": "xformers"}
+
+
 def set_attention(denoiser, name: str, device) -> None:
     """Install attention `name` (a key of ATTENTION) in `denoiser`'s attention layers (the text encoders keep
     theirs)."""
+    if name == "sdpa":  # what diffusers runs when nothing is set
+        return
+    if any(hasattr(p, "_attention_backend") for p in denoiser.attn_processors.values()):  # the transformers
+        if name in ("efficient", "cudnn", "xformers") and device.type != "cuda":
+            raise SdloraError(f"--attention {name} needs a CUDA GPU; on CPU use --attention sdpa, flash or math")
+        if name not in _DISPATCH:
+            raise SdloraError(f"--attention {name} is for the UNet models; use one of "
+                              f"{', '.join(_DISPATCH)} with this transformer")
+        denoiser.set_attention_backend(_DISPATCH[name])
+        return
     if name in _SDPA_KERNELS:
         if name in ("efficient", "cudnn") and device.type != "cuda":
             raise SdloraError(f"--attention {name} needs a CUDA GPU; on CPU use --attention sdpa, flash or math")
