@@ -1,11 +1,13 @@
-"""GPU check: speed and peak memory of sdlora's own training loop on SD 1.5- and SDXL-shaped models, in minutes.
+"""GPU check: speed and peak memory of sdlora's own training loop on SD 1.5-, SDXL-, SD 3.5 Medium- and
+FLUX.1-dev-shaped models, in minutes.
 
     python benchmarks/gpu_check.py --out gpu-check.md                  # one CUDA GPU, under 5 minutes
     python benchmarks/gpu_check.py --device cpu --quick --out t.md     # CPU smoke run on the tiny models
     python benchmarks/gpu_check.py --dry-run                           # the rows it would run, nothing trained
 
-The models are random weights built from the public configs in sdlora/archs/{sd15,sdxl}/ (diffusers/transformers
-`from_config`: no download, no token), trained at their native resolution (512 / 1024 px) on random images by
+The models are random weights built from the public configs in sdlora/archs/{sd15,sdxl,sd35,flux1}/
+(diffusers/transformers `from_config`: no download, no token; CLIP's BPE stands in for T5's tokenizer), trained at
+their native resolution (512 / 1024 px) on random images by
 `sdlora.train.loop.train` with a `make_config` config, exactly as `sdlora train` runs:
 
 1. the grid: each shape × batch 1 and 4 × with/without gradient checkpointing (bf16, AdamW, rank 4, UNet + text
@@ -41,8 +43,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import: the loop'
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree")
 # shape -> (arch config folder in sdlora/archs, native resolution); quick mode uses sdlora's built-in tiny models
-SHAPES = {"sd15": ("sd15", 512), "sdxl": ("sdxl", 1024)}
-QUICK_SHAPES = {"tiny": ("tiny", 64), "tiny-sdxl": ("tiny-sdxl", 64)}
+SHAPES = {"sd15": ("sd15", 512), "sdxl": ("sdxl", 1024), "sd35m": ("sd35", 1024), "flux": ("flux1", 1024)}
+QUICK_SHAPES = {"tiny": ("tiny", 64), "tiny-sdxl": ("tiny-sdxl", 64), "tiny-sd3": ("tiny-sd3", 64),
+                "tiny-flux": ("tiny-flux", 64)}
+
+
+def _shape_of(model: str, quick: bool) -> str:
+    """The SHAPES (or, quick, QUICK_SHAPES) key of a preset's hub model."""
+    m = model.lower()
+    family = "flux" if "flux" in m else "sd3" if "stable-diffusion-3" in m else "sdxl" if "xl" in m else "sd15"
+    if quick:
+        return {"flux": "tiny-flux", "sd3": "tiny-sd3", "sdxl": "tiny-sdxl", "sd15": "tiny"}[family]
+    return {"flux": "flux", "sd3": "sd35m", "sdxl": "sdxl", "sd15": "sd15"}[family]
 
 
 @dataclass
@@ -92,10 +104,10 @@ def preset_row(path: Path, steps: int, quick: bool) -> Row:
     if model in BUILTIN_MODELS:
         shape = model
     elif quick:  # the preset's settings on the tiny shape of its family, at 64 px
-        shape = "tiny-sdxl" if "xl" in model.lower() else "tiny"
+        shape = _shape_of(model, quick)
         values["resolution"] = 64
     else:
-        shape = "sdxl" if "xl" in model.lower() else "sd15"
+        shape = _shape_of(model, quick)
     if quick and values.get("mixed_precision") == "fp16":
         values["mixed_precision"] = "bf16"  # fp16 needs CUDA
     for k in ("epochs", "save_every", "sample_every", "keep_last", "num_class_images"):
@@ -117,7 +129,7 @@ def random_images(folder: Path, n: int, size: int, seed: int) -> Path:
 
 
 def random_base(shape: str, device):
-    """A BaseModel of `shape` (sd15/sdxl) with random weights from sdlora's public configs, built (initialised) on
+    """A BaseModel of `shape` (sd15/sdxl/sd35m/flux) with random weights from sdlora's public configs, built (initialised) on
     `device`, fast on a GPU, then handed over on the CPU in fp32, as `load_base` hands over a model read from disk."""
     import torch
 
@@ -133,8 +145,13 @@ def random_base(shape: str, device):
         parts["vae"] = archs.build(archs.load_config(spec.id, "vae"))
         parts[spec.denoiser] = archs.build(archs.load_config(spec.id, spec.denoiser))
         for t in spec.text_encoders:
-            parts[t.attr] = archs.build(archs.load_config(spec.id, t.attr)).eval()
-            parts[t.tokenizer_attr] = clip_tokenizer(t.pad_token)
+            tok = clip_tokenizer(t.pad_token)
+            cfg = archs.load_config(spec.id, t.attr)
+            if t.kind == "t5":  # CLIP's BPE stands in for T5's tokenizer: T5's vocabulary grows to fit its ids,
+                cfg |= {"vocab_size": len(tok)}  # and prompts are as long as the family trains them
+                tok.model_max_length = t.max_length
+            parts[t.attr] = archs.build(cfg).eval()
+            parts[t.tokenizer_attr] = tok
     for k, v in parts.items():
         if isinstance(v, torch.nn.Module):
             v.to("cpu")
