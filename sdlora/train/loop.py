@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
 from sdlora.lora.inject import add_lora, collect_modules, format_table, network_metadata, network_of, report
 from sdlora.lora.targets import PRESETS, check_rank, find_targets, preset_component
-from sdlora.models import load_base
+from sdlora.models import BUILTIN_MODELS, load_base
 from sdlora.train import DTYPES, ckpt, memory, optim
 from sdlora.train import step as S
 from sdlora.train.monitor import Monitor, sample_prompts
@@ -39,13 +40,24 @@ from sdlora.train.prior import ensure_class_images
 @dataclass
 class TrainResult:
     path: Path  # the adapter file written
-    base: object  # the BaseModel, its UNet/text encoder still carrying the trained (unmerged) LoRA layers
+    model: object  # the BaseModel as training left it: see `base`
     steps: int
     seconds: float  # wall time of the training steps alone
     loss_before: float | None  # loss on fixed noise and timesteps, before and after training (None: --no-eval-loss)
     loss_after: float | None
     loss_curve: Path | None = None
     samples: list[Path] | None = None
+    restore: object = field(default=None, repr=False)  # gives released frozen modules their weights back
+
+    @property
+    def base(self):
+        """The BaseModel whole, its UNet/text encoder still carrying the trained (unmerged) LoRA layers. Frozen
+        modules that left memory once their outputs were cached (VAE, text encoders) are reloaded on first access,
+        so a caller that only wanted the file (the CLI) never pays for them."""
+        if self.restore is not None:
+            self.restore()
+            self.restore = None
+        return self.model
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
@@ -209,23 +221,74 @@ class _Run:
                 if c != base.spec.denoiser:
                     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen
+    # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen.
+    # A latent or prompt embedding is computed when a step first needs it (disk-cache hits are read then too), so
+    # the first step does not wait for the whole data set. Once every latent the run can need is cached the VAE
+    # leaves memory, and so do frozen text encoders once every prompt is (only when prompts are a fixed set: no tag
+    # shuffling); sample grids and the caller get them back, reloaded (`frozen_loaded`, `TrainResult.base`).
+    # Which noise and timesteps a step draws never depends on what was cached. A multi-process run encodes every
+    # latent up front on the main process (the others read the disk cache) and keeps its modules.
     def fill_caches(self) -> None:
-        cfg = self.cfg
-        cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        cfg, acc = self.cfg, self.accelerator
+        self.cache_dir = cache_dir = (None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir
+                                      else default_cache_dir())
         self.latent_cache = LatentCache(self.vae, cache_dir)
         self.text_cache = (None if self.train_te
                            else EmbeddingCache(list(self.base.text_encoders.values()), self.base.spec, cache_dir))
         flips = (False,) if cfg.no_flip else (False, True)
+        examples = self.instance + self.classes
+        self.vae_offloaded = False
+        self.lazy = acc.num_processes == 1
+        # what the run can ask the caches for: every example in every flip; the prompts when they are a fixed set
+        self.pending_latents = {self.latent_cache.key(ex, f) for ex in examples for f in flips} if self.lazy else None
+        prompts = {e.caption for e in examples} | ({""} if cfg.caption_dropout else set())
+        self.pending_text = ({self.text_cache.key(p) for p in prompts}
+                             if self.lazy and self.text_cache is not None and not cfg.shuffle_tags else None)
+        if self.lazy:
+            return
         if self.main:
-            for ex in tqdm(self.instance + self.classes, desc="caching latents", unit="img", leave=False):
+            for ex in tqdm(examples, desc="caching latents", unit="img", leave=False):
                 for f in flips:
                     self.latent_cache.get(ex, f)
-            st = self.latent_cache.store
-            self.say(f"latents: {st.hits} from cache, {st.misses} encoded" + (f" ({cache_dir})" if cache_dir else ""))
-        self.accelerator.wait_for_everyone()
+            self.say_latents()
+        acc.wait_for_everyone()
         # latents are cached: the VAE leaves the GPU until a sample grid needs it (a cache miss encodes on the CPU)
-        self.vae_offloaded = memory.offload(self.vae, self.accelerator.device)
+        self.vae_offloaded = memory.offload(self.vae, acc.device)
+
+    def say_latents(self) -> None:
+        st = self.latent_cache.store
+        self.say(f"latents: {st.hits} from cache, {st.misses} encoded"
+                 + (f" ({self.cache_dir})" if self.cache_dir else ""))
+
+    def release_cached(self) -> None:
+        """Free the VAE once every latent is cached, and frozen text encoders once every prompt embedding is."""
+        if self.pending_latents and _all_in(self.pending_latents, self.latent_cache.store.memory):
+            self.pending_latents = None
+            self.say_latents()
+            memory.release(self.vae)
+        if self.pending_text and _all_in(self.pending_text, self.text_cache.store.memory):
+            self.pending_text = None
+            for m in self.tes.values():
+                memory.release(m)
+
+    @contextmanager
+    def frozen_loaded(self):
+        """Inside: every module whole on the training device (released ones reloaded); released again after."""
+        gone = self.restore_released()
+        try:
+            yield
+        finally:
+            for attr in gone:
+                memory.release(self.base.modules[attr])
+
+    def restore_released(self, device: torch.device | None = None) -> list[str]:
+        """Reload the weights of released modules (onto `device`, default the training device); their names."""
+        gone = [a for a, m in self.base.modules.items() if memory.released(m)]
+        if gone:
+            fresh = _load_frozen(self.cfg, self.base, gone)
+            for a in gone:
+                memory.restore(self.base.modules[a], fresh[a], device or self.accelerator.device)
+        return gone
 
     # ---- 7. optimizer, learning-rate schedule, accelerate
     def prepare_optimizer(self) -> None:
@@ -311,6 +374,7 @@ class _Run:
         self.sample_prompts = sample_prompts(cfg.sample_prompts, cfg.prompt, cfg.class_prompt)
         loss_before = self.eval_loss()
         self.set_train(True)
+        self.release_cached()
         t0 = time.perf_counter()
         bar = tqdm(total=self.steps, initial=self.done, desc="training", unit="step", disable=not self.main,
                    dynamic_ncols=True)
@@ -323,6 +387,7 @@ class _Run:
                 for _ in range(cfg.grad_accum):
                     loss = self.micro_step()
                 self.done += 1
+                self.release_cached()
                 lv = loss.item()
                 ema = lv if ema is None else 0.9 * ema + 0.1 * lv
                 lr_now = self.lr_scheduler.get_last_lr()[0]
@@ -395,7 +460,7 @@ class _Run:
         if self.main:
             self.denoiser.eval()
             with self.accelerator.autocast(), outputs.warn_on_disk_error(self.say, f"sample grid at step {self.done}"), \
-                    optim.eval_weights(self.optimizer), \
+                    optim.eval_weights(self.optimizer), self.frozen_loaded(), \
                     memory.on_device(self.vae, self.accelerator.device, self.vae_offloaded):
                 self.samples.append(self.monitor.samples(self.done, self.base, self.sample_prompts, self.resolution,
                                                          self.cfg.sample_steps))
@@ -436,10 +501,13 @@ class _Run:
             say(f"loss curve {curve}" + (f"; samples in {samples[-1].parent}" if samples else ""))
         self.accelerator.wait_for_everyone()
         path = self.save_adapter(cfg.output_path)
+        if self.pending_latents:  # the run ended before every latent was needed
+            self.say_latents()
         say(memory.peak(self.accelerator.device))
         if self.vae_offloaded:  # the caller gets the model whole, on the training device
             self.vae.to(self.accelerator.device)
-        return TrainResult(path, self.base, done, elapsed, loss_before, loss_after, curve, samples)
+        return TrainResult(path, self.base, done, elapsed, loss_before, loss_after, curve, samples,
+                           restore=lambda device=self.accelerator.device: self.restore_released(device))
 
     def save_adapter(self, path: Path, say=None) -> Path:
         """Write the adapter of the steps done (main process only; callers synchronise processes first)."""
@@ -482,6 +550,23 @@ def _write_adapter(layers: dict, dtype: torch.dtype, md: dict, base, path: Path,
     if not report_.ok:
         raise SdloraError(f"{path} was saved but does not verify: {report_.problems[0]} (run `sdlora verify {path}`)")
     return path
+
+
+def _all_in(keys: set, cached: dict) -> bool:
+    return len(cached) >= len(keys) and all(k in cached for k in keys)
+
+
+def _load_frozen(cfg: TrainConfig, base, attrs: list[str]) -> dict:
+    """Modules `attrs` of the base model loaded again, as load_model loaded them: from a diffusers folder or hub
+    id one component each (its weights memory-mapped); a built-in model or single file is rebuilt whole, and the
+    rest dropped."""
+    name = cfg.model
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS or path.suffix.lower() == ".safetensors":
+        fresh = load_base(name, prediction_type=cfg.prediction_type)
+        return {a: fresh.modules[a] for a in attrs}
+    source = str(path) if path.exists() else name
+    return {a: type(base.modules[a]).from_pretrained(source, subfolder=a) for a in attrs}
 
 
 def _forwards(inst: list[Example], cls: list[Example]) -> list[list[Example]]:

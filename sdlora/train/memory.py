@@ -1,6 +1,7 @@
-"""Memory of a run: the frozen VAE leaves the training device once latents are cached (it returns for sample
-grids), an estimate of what training holds is printed before the first step, and the measured peak after the last
-(host RSS; CUDA when training there)."""
+"""Memory of a run: frozen modules whose every output is cached leave memory (`release`; they come back for sample
+grids and for the caller, `restore`), the frozen VAE of a multi-process run leaves the training device once
+latents are cached, an estimate of what training holds is printed before the first step, and the measured peak
+after the last (host RSS; CUDA when training there)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,32 @@ def _bytes(modules) -> int:
                 seen.add(id(t))
                 n += t.numel() * t.element_size()
     return n
+
+
+def release(module: torch.nn.Module) -> None:
+    """Free `module`'s weights: each parameter becomes a meta tensor (shape and dtype, no storage). The object, its
+    config and its buffers stay, so every reference to it stays valid; `restore` gives the weights back."""
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None and not p.is_meta:
+                sub._parameters[name] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def released(module: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def restore(module: torch.nn.Module, source: torch.nn.Module, device: torch.device) -> None:
+    """Give a `release`d module the weights of `source` (the same model, freshly loaded), each in the dtype it had,
+    on `device`. A tensor already in that dtype and place is used as it is (no copy)."""
+    fresh = dict(source.named_parameters())
+    for sub_name, sub in module.named_modules():
+        for name, p in sub._parameters.items():
+            if p is not None and p.is_meta:
+                w = fresh[f"{sub_name}.{name}" if sub_name else name].detach().to(device, p.dtype)
+                sub._parameters[name] = torch.nn.Parameter(w, requires_grad=False)
 
 
 def offload(module: torch.nn.Module, device: torch.device) -> bool:
