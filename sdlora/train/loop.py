@@ -6,6 +6,7 @@ model, class images, examples, LoRA, caches, optimizer, resume, loop, finish). T
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -83,6 +84,20 @@ def _reset_accelerate() -> None:
 
 def _quiet(*_a, **_k) -> None:
     pass
+
+
+class _Marks:
+    """Wall-clock marks for benchmarks/bench_speed.py: with SDLORA_STEP_TIMES=FILE set, one line "label unix-time"
+    when the first step starts and when each step ends (appended; nothing happens without the variable)."""
+
+    def __init__(self):
+        path = os.environ.get("SDLORA_STEP_TIMES")
+        self.file = open(path, "a", encoding="utf-8") if path else None
+
+    def __call__(self, label: str) -> None:
+        if self.file:
+            self.file.write(f"{label} {time.time():.6f}\n")
+            self.file.flush()
 
 
 class _Run:
@@ -350,6 +365,7 @@ class _Run:
         noise, t = S.sample_noise(latents, self.objective, self.g, self.cfg.noise_offset)
         prompts = [e.caption if e.is_class else self.rules.final(e.caption, self.prng) for e in examples]
         hidden, added = self.cond(examples, prompts)
+        self.release_cached()  # before the forward: its activations come on top of what is still held
         return S.Batch(latents, hidden, added, noise, t, n_instance=sum(not e.is_class for e in examples))
 
     def eval_loss(self) -> float | None:
@@ -378,6 +394,8 @@ class _Run:
         t0 = time.perf_counter()
         bar = tqdm(total=self.steps, initial=self.done, desc="training", unit="step", disable=not self.main,
                    dynamic_ncols=True)
+        mark = _Marks() if self.main else _quiet
+        mark("start")
         ema = None
         # Ctrl-C finishes the step under way, so that what is saved (adapter and checkpoint) is a whole step and a
         # resume continues exactly; a second Ctrl-C stops at once.
@@ -387,7 +405,7 @@ class _Run:
                 for _ in range(cfg.grad_accum):
                     loss = self.micro_step()
                 self.done += 1
-                self.release_cached()
+                mark(f"step {self.done}")
                 lv = loss.item()
                 ema = lv if ema is None else 0.9 * ema + 0.1 * lv
                 lr_now = self.lr_scheduler.get_last_lr()[0]
