@@ -156,7 +156,8 @@ class _Run:
         self.tes = {c: te for c, (_, te) in base.text_encoders.items()}  # "te", or "te1" + "te2" for SDXL
         for m in base.modules.values():
             m.requires_grad_(False)
-            m.to(self.accelerator.device)
+            memory.move(m, self.accelerator.device)  # one tensor at a time: no second copy of the model
+            m.to(self.accelerator.device)  # buffers
         if self.vae.dtype != torch.float32:  # the VAE only encodes; fp16 VAEs are the usual source of NaN latents
             self.vae.to(torch.float32)
 
@@ -228,8 +229,7 @@ class _Run:
         # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
         self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
         for m in (self.denoiser, *self.tes.values()):
-            for p in m.parameters():
-                p.data = p.data.to(torch.float32 if p.requires_grad else self.weight_dtype)
+            memory.move(m, self.accelerator.device, lambda p: torch.float32 if p.requires_grad else self.weight_dtype)
         if cfg.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
             for c, m in adapted.items():
