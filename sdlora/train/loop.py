@@ -375,12 +375,11 @@ class _Run:
             return None
         examples = self.instance[:2]
         with torch.no_grad(), self.accelerator.autocast(), optim.eval_weights(self.optimizer):
-            total = 0.0
-            for ex in examples:
-                mean = self.latent_cache.get(ex, False)[0][None].to(self.accelerator.device)
-                lat = S.scale_latents(self.vae.config, mean)
-                total += S.fixed_loss(self.denoiser_p, self.objective, lat, *self.cond([ex], [ex.caption]),
-                                      timesteps=(300, 700))
+            inputs = [(S.scale_latents(self.vae.config, self.latent_cache.get(ex, False)[0][None].to(
+                self.accelerator.device)), self.cond([ex], [ex.caption])) for ex in examples]
+            self.release_cached()  # before the forwards: a frozen text encoder may be done already
+            total = sum(S.fixed_loss(self.denoiser_p, self.objective, lat, *cond, timesteps=(300, 700))
+                        for lat, cond in inputs)
             return total / len(examples)
 
     # ---- 9. the loop
@@ -390,7 +389,6 @@ class _Run:
         self.sample_prompts = sample_prompts(cfg.sample_prompts, cfg.prompt, cfg.class_prompt)
         loss_before = self.eval_loss()
         self.set_train(True)
-        self.release_cached()
         t0 = time.perf_counter()
         bar = tqdm(total=self.steps, initial=self.done, desc="training", unit="step", disable=not self.main,
                    dynamic_ncols=True)
