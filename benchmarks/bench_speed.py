@@ -6,7 +6,8 @@
 Every row is a fresh subprocess (one CPU thread unless --threads), so start-up and peak RSS are what a user gets:
 
     s/step      median seconds per step (between consecutive step ends; sdlora writes them when SDLORA_STEP_TIMES
-                names a file)
+                names a file), over the steps that encoded no latent when there are any: latents are encoded
+                when first needed, so early steps also pay for the VAE (that cost is in `whole`)
     to step 1   seconds from starting the process to the start of step 1 (imports, model load, first latents)
     peak RSS    the process's peak resident memory (os.wait4)
     whole       seconds from starting the process to its exit
@@ -79,10 +80,14 @@ def measure(cmd: list[str], env: dict, marks: Path | None = None) -> dict:
     r = {"whole": t1 - t0, "rss": usage.ru_maxrss / 1024, "out": out.decode(errors="replace")}
     if marks is not None:
         lines = [line.split() for line in marks.read_text().splitlines()]
-        start = next(float(t) for label, t in lines if label == "start")
-        ends = [float(x[-1]) for x in lines if x[0] == "step"]
-        r |= {"to_step1": start - t0, "after": t1 - ends[-1],
-              "s_step": statistics.median(b - a for a, b in zip([start] + ends, ends))}
+        start = next(float(x[-1]) for x in lines if x[0] == "start")
+        steps = [x for x in lines if x[0] == "step"]
+        ends = [float(x[-1]) for x in steps]
+        cached = [x[2] if len(x) == 4 else None for x in steps]  # "step N cached=K time"
+        took = [(b - a, c is not None and c == before) for a, b, c, before in
+                zip([start] + ends, ends, cached, [None] + cached)]
+        steady = [t for t, same in took if same] or [t for t, _ in took]
+        r |= {"to_step1": start - t0, "after": t1 - ends[-1], "s_step": statistics.median(steady)}
     return r
 
 

@@ -88,7 +88,8 @@ def _quiet(*_a, **_k) -> None:
 
 class _Marks:
     """Wall-clock marks for benchmarks/bench_speed.py: with SDLORA_STEP_TIMES=FILE set, one line "label unix-time"
-    when the first step starts and when each step ends (appended; nothing happens without the variable)."""
+    when the first step starts and when each step ends, with the number of latents cached so far (appended;
+    nothing happens without the variable)."""
 
     def __init__(self):
         path = os.environ.get("SDLORA_STEP_TIMES")
@@ -403,7 +404,7 @@ class _Run:
                 for _ in range(cfg.grad_accum):
                     loss = self.micro_step()
                 self.done += 1
-                mark(f"step {self.done}")
+                mark(f"step {self.done} cached={len(self.latent_cache.store.memory)}")
                 lv = loss.item()
                 ema = lv if ema is None else 0.9 * ema + 0.1 * lv
                 lr_now = self.lr_scheduler.get_last_lr()[0]
