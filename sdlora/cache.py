@@ -53,7 +53,7 @@ def fingerprint(module: torch.nn.Module) -> str:
         if "lora_" in name:
             continue
         h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
-        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy())  # the buffer itself, not a copy
     return h.hexdigest()
 
 
@@ -145,6 +145,9 @@ class EmbeddingCache:
         self.te_id = hashlib.sha256("".join(fingerprint(te) for _, te in text_encoders).encode()).hexdigest()
         self.store = _Store(folder / "text" if folder else None)
 
+    def key(self, prompt: str) -> str:
+        return hashlib.sha256("|".join([CACHE_VERSION, prompt, self.te_id]).encode()).hexdigest()
+
     @torch.no_grad()
     def get(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         def compute(p):
@@ -153,8 +156,7 @@ class EmbeddingCache:
 
         hs, ps = [], []
         for p in prompts:
-            key = hashlib.sha256("|".join([CACHE_VERSION, p, self.te_id]).encode()).hexdigest()
-            v = self.store.get(key, lambda: compute(p))
+            v = self.store.get(self.key(p), lambda: compute(p))
             hs.append(v["h"])
             ps.append(v.get("p"))
         return torch.stack(hs), (torch.stack(ps) if ps[0] is not None else None)

