@@ -79,10 +79,13 @@ def _drop_pages(t: torch.Tensor, files: list[tuple[int, int]]) -> None:
 def release(module: torch.nn.Module) -> None:
     """Free `module`'s weights: each parameter becomes a meta tensor (shape and dtype, no storage). The object, its
     config and its buffers stay, so every reference to it stays valid; `restore` gives the weights back."""
+    done: dict[int, torch.nn.Parameter] = {}  # tied weights (T5's shared embedding) stay one parameter
     for sub in module.modules():
         for name, p in sub._parameters.items():
             if p is not None and not p.is_meta:
-                sub._parameters[name] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+                if id(p) not in done:
+                    done[id(p)] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+                sub._parameters[name] = done[id(p)]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -94,12 +97,15 @@ def released(module: torch.nn.Module) -> bool:
 def restore(module: torch.nn.Module, source: torch.nn.Module, device: torch.device) -> None:
     """Give a `release`d module the weights of `source` (the same model, freshly loaded), each in the dtype it had,
     on `device`. A tensor already in that dtype and place is used as it is (no copy)."""
-    fresh = dict(source.named_parameters())
-    for sub_name, sub in module.named_modules():
+    fresh = dict(source.named_parameters(remove_duplicate=False))  # tied weights under each of their names
+    done: dict[int, torch.nn.Parameter] = {}
+    for sub_name, sub in module.named_modules(remove_duplicate=False):
         for name, p in sub._parameters.items():
             if p is not None and p.is_meta:
-                w = fresh[f"{sub_name}.{name}" if sub_name else name].detach().to(device, p.dtype)
-                sub._parameters[name] = torch.nn.Parameter(w, requires_grad=False)
+                if id(p) not in done:
+                    w = fresh[f"{sub_name}.{name}" if sub_name else name].detach().to(device, p.dtype)
+                    done[id(p)] = torch.nn.Parameter(w, requires_grad=False)
+                sub._parameters[name] = done[id(p)]
 
 
 def offload(module: torch.nn.Module, device: torch.device) -> bool:
