@@ -279,11 +279,18 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
                          "by the number of parts, so every loader (and sdlora) applies them 3-4x weaker than trained "
                          "(kohya-ss/sd-scripts#2204); multiply their alpha by 3 (qkv) or 4 (linear1) to fix it")
 
-    names = sorted(modules)
-    n = len(names)
-    rep.tools["kohya"] = f"loads {len(canonical)}/{n} modules"
-    # diffusers reads plain LoRA/LoCon pairs only (LYCORIS_AND_DIT_FORMATS.md §5.3): other kinds are a note, not a
-    # problem of the file, and the check runs on what diffusers can read
+    rep.tools["kohya"] = f"loads {len(canonical)}/{len(modules)} modules"
+    _diffusers_tool(rep, modules, metadata, arch, table)
+    rep.tools["ComfyUI"] = _comfy_tool(rep, sorted(modules), arch)
+    _a1111_tool(rep, sorted(modules), metadata, arch)
+    return rep
+
+
+def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metadata: dict[str, str], arch: str,
+                    table: dict[str, layouts.Module]) -> None:
+    """diffusers reads plain LoRA/LoCon pairs only (LYCORIS_AND_DIT_FORMATS.md §5.3): other kinds are a note, not a
+    problem of the file, and the check runs on what diffusers can read."""
+    n = len(modules)
     plain = {k: m for k, m in modules.items() if m.kind in ("lora", "locon", "dora") and "mid" not in m.tensors}
     other = Counter(m.kind if "mid" not in m.tensors else "locon (Tucker)" for k, m in modules.items() if k not in plain)
     dora = sum(m.dora for m in plain.values())
@@ -303,14 +310,20 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
     rep.tools["diffusers"] = ("rejects the file (LyCORIS kinds)" if not plain else
                               f"load_lora_weights loads {landed}/{n} modules" if not probs or landed
                               else "load_lora_weights rejects the file")
+
+
+def _comfy_tool(rep: VerifyReport, names: list[str], arch: str) -> str:
     comfy = layouts.comfy_keys(arch)
     not_comfy = [m for m in names if m not in comfy]
     if not_comfy:
         rep.problems.append(f"ComfyUI: {len(not_comfy)} module(s) give 'lora key not loaded' (first: {not_comfy[0]})")
-    rep.tools["ComfyUI"] = f"loads {n - len(not_comfy)}/{n} modules; lists every file in models/loras"
+    return f"loads {len(names) - len(not_comfy)}/{len(names)} modules; lists every file in models/loras"
+
+
+def _a1111_tool(rep: VerifyReport, names: list[str], metadata: dict[str, str], arch: str) -> None:
     if not archs.get(arch).a1111:
         rep.tools["A1111"] = f"does not run {archs.label(arch)}; ComfyUI and Forge do"
-        return rep
+        return
     hit, probs = _a1111_check(names, arch)
     rep.problems += probs
     listed = file_arch(metadata)
@@ -323,8 +336,7 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
                                 f"{metadata.get('ss_base_model_version', '')!r}, ss_v2={metadata.get('ss_v2')!r}) but "
                                 f"it is an {archs.label(arch)} LoRA, so it is hidden with the right checkpoint; "
                                 "fix the metadata")
-    rep.tools["A1111"] = f"applies {hit}/{n} modules; {listing}"
-    return rep
+    rep.tools["A1111"] = f"applies {hit}/{len(names)} modules; {listing}"
 
 
 def verify_file(path, arch: str | None = None, model=None) -> VerifyReport:
