@@ -94,6 +94,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the denoiser (and the text encoders when they train) with accelerate's "
                        "dynamo plugin, inductor: a slow first step while it compiles, then faster ones; on CPU it "
                        "needs a C++ compiler (g++)")
+    compile_backend: str = _f("inductor", "the torch.compile backend of --compile: inductor (generated kernels, the "
+                              "fast one) or aot_eager (graph capture and AOTAutograd without code generation: for "
+                              "checking that a model compiles, in seconds)", choices=("inductor", "aot_eager"))
     attention: str = _f("sdpa", "attention of the denoiser (default: sdpa): " + "; ".join(f"{k}: {v}" for k, v in ATTENTION.items()),
                         choices=tuple(ATTENTION))
     channels_last: bool = _f(False, "keep the UNet's conv weights channels-last (NHWC): helps fp16/bf16 on tensor-core "

@@ -164,10 +164,10 @@ class _Run:
         # --dynamo_backend` still applies).
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-                                       **({"dynamo_backend": "inductor"} if cfg.compile else {}))
+                                       **({"dynamo_backend": cfg.compile_backend} if cfg.compile else {}))
         if cfg.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise SdloraError("--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 or no")
-        if cfg.compile:
+        if cfg.compile and cfg.compile_backend == "inductor":
             speed.check_compile(self.accelerator.device)
         self.fsdp = scale.check_fsdp(self.accelerator, cfg)
         self.main = self.accelerator.is_main_process
