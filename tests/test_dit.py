@@ -306,13 +306,28 @@ def test_options_a_flow_transformer_cannot_train_are_refused_in_one_line(tmp_pat
     assert "\n" not in str(e.value) and not (tmp_path / "x.safetensors").exists()
 
 
-def test_attn_preset_adds_the_clip_text_encoders_and_keeps_t5_frozen(tmp_path):
-    from tests.conftest import train_tiny
+def test_attn_preset_trains_the_clip_text_encoders_and_t5_runs_once_per_prompt(tmp_path):
+    """With CLIP-L and bigG trained, T5-XXL stays frozen and its output is cached per prompt: 3 steps on one
+    prompt run T5 once, and the conditioning equals the uncached computation."""
+    from sdlora.config import make_config
+    from sdlora.train.loop import train
+    from tests.conftest import quiet
 
-    r = train_tiny(tmp_path / "a.safetensors", model="tiny-sd3", preset="attn", steps=1, no_eval_loss=True)
+    base = load_base("tiny-sd3")
+    t5_calls = []
+    base.text_encoder_3.register_forward_hook(lambda *a: t5_calls.append(1))
+    cfg = make_config(dict(images=str(DOG), prompt="sks dog", model="tiny-sd3", preset="attn", steps=3, lr=1e-3,
+                           out=str(tmp_path / "a.safetensors"), seed=0, no_eval_loss=True))
+    r = train(cfg, log=quiet, base=base)
     f = read_adapter(r.path)
-    comps = {kohya.component_of(n) for n in f.modules}
-    assert comps == {"unet", "te1", "te2"}  # CLIP-L and bigG trained, T5 (te3) not
+    assert {kohya.component_of(n) for n in f.modules} == {"unet", "te1", "te2"}  # CLIP-L and bigG, not T5 (te3)
+    assert len(t5_calls) == 1
+    fresh = load_base("tiny-sd3")
+    with torch.no_grad():
+        t5 = S.encode_text(fresh.spec, list(fresh.text_encoders.values()), ["sks dog"])
+        clip_only = {"te3": (fresh.text_encoder_3(S._ids(fresh.tokenizer_3, ["sks dog"], 256))[0], None)}
+        assert all(torch.equal(a, b) for a, b in zip(
+            t5, S.encode_text(fresh.spec, list(fresh.text_encoders.values()), ["sks dog"], clip_only)))
 
 
 @pytest.mark.parametrize("model", FAMILIES)
@@ -414,3 +429,17 @@ def test_attention_kernels_reach_the_transformer_through_diffusers_dispatch(tmp_
     assert b.base.denoiser.attn_processors["transformer_blocks.0.attn.processor"]._attention_backend == "_native_math"
     with pytest.raises(SdloraError, match="--attention eager is for the UNet models"):
         train_tiny(tmp_path / "c.safetensors", model="tiny-flux", steps=1, attention="eager")
+
+
+def test_t5_leaves_memory_once_its_prompts_are_cached_while_clip_trains(tmp_path):
+    from sdlora.config import make_config
+    from sdlora.train import memory
+    from sdlora.train.loop import train
+    from tests.conftest import quiet
+
+    cfg = make_config(dict(images=str(DOG), prompt="sks dog", model="tiny-flux", preset="attn", steps=2, lr=1e-3,
+                           out=str(tmp_path / "a.safetensors"), seed=0, no_eval_loss=True))
+    r = train(cfg, log=quiet)
+    assert memory.released(r.model.text_encoder_2)  # T5: its one prompt cached, weights freed
+    assert not memory.released(r.model.text_encoder)  # CLIP-L: trained
+    assert not memory.released(r.base.text_encoder_2)  # the caller gets the model whole

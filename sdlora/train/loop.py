@@ -5,6 +5,7 @@ model, class images, examples, LoRA, caches, optimizer, resume, loop, finish). T
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -294,6 +295,11 @@ class _Run:
         self.cache_dir = cache_dir = (None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir
                                       else default_cache_dir())
         self.latent_cache = LatentCache(self.vae, cache_dir)
+        # with text encoders trained, the ones that stay frozen (SD3/FLUX's T5-XXL) have their outputs cached alone
+        spec = self.base.spec
+        self.frozen_text = {t.component: EmbeddingCache([self.base.text_encoders[t.component]],
+                                                        dataclasses.replace(spec, text_encoders=(t,)), cache_dir)
+                            for t in spec.text_encoders if self.train_te and t.component not in self.adapted}
         self.text_cache = (None if self.train_te
                            else EmbeddingCache(list(self.base.text_encoders.values()), self.base.spec, cache_dir))
         flips = (False,) if cfg.no_flip else (False, True)
@@ -305,6 +311,8 @@ class _Run:
         prompts = {e.caption for e in examples} | ({""} if cfg.caption_dropout else set())
         self.pending_text = ({self.text_cache.key(p) for p in prompts}
                              if self.lazy and self.text_cache is not None and not cfg.shuffle_tags else None)
+        self.pending_frozen = ({c: {cache.key(p) for p in prompts} for c, cache in self.frozen_text.items()}
+                               if self.lazy and not cfg.shuffle_tags else {})
         if self.lazy:
             return
         if self.main:
@@ -331,6 +339,10 @@ class _Run:
             self.pending_text = None
             for m in self.tes.values():
                 memory.release(m)
+        for c, keys in list(self.pending_frozen.items()):  # T5-XXL beside trained CLIP encoders
+            if _all_in(keys, self.frozen_text[c].store.memory):
+                del self.pending_frozen[c]
+                memory.release(self.tes[c])
 
     @contextmanager
     def frozen_loaded(self):
@@ -402,7 +414,9 @@ class _Run:
             hidden = hidden.to(self.accelerator.device, self.weight_dtype)
             pooled = pooled.to(self.accelerator.device, self.weight_dtype) if pooled is not None else None
         else:
-            hidden, pooled = S.encode_text(self.base.spec, self.text_encoders_p, prompts)
+            given = {c: tuple(None if x is None else x.to(self.accelerator.device, self.weight_dtype)
+                              for x in cache.get(prompts)) for c, cache in self.frozen_text.items()}
+            hidden, pooled = S.encode_text(self.base.spec, self.text_encoders_p, prompts, given)
         if self.base.spec.micro_conditioning:
             return hidden, S.added_cond(pooled, torch.tensor([e.sdxl_time_ids() for e in examples]))
         return hidden, ({"pooled": pooled} if pooled is not None else None)  # SD3/FLUX: pooled text only

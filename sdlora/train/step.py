@@ -20,7 +20,8 @@ def _ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.
     return tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
 
 
-def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], prompts: list[str]):
+def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], prompts: list[str],
+                given: dict | None = None):
     """What the denoiser is conditioned on, as family `spec` says: (hidden states, pooled embedding or None).
 
     Each CLIP encoder gives its final hidden states (after the final layer norm: SD 1.x/2.x) or its penultimate
@@ -28,9 +29,17 @@ def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], promp
     follows them along the sequence, after they are zero-padded to its width (SD3), or alone (FLUX). The pooled
     outputs of the encoders marked `pooled` are put side by side (SDXL: bigG's; SD3: CLIP-L's and bigG's).
     The same computation as the diffusers pipelines' `encode_prompt` (tests/test_dit.py checks it against them).
+    `given`: {component: (hidden or None, pooled or None)} of encoders whose outputs are known (cached): not run.
     """
     side, seq, pooled = [], [], []
     for t, (tok, te) in zip(spec.text_encoders, text_encoders):
+        if given and t.component in given:
+            h, p = given[t.component]
+            if h is not None:
+                (seq if t.sequence_join else side).append(h)
+            if p is not None and t.pooled:
+                pooled.append(p)
+            continue
         ids = _ids(tok, prompts, t.max_length).to(next(te.parameters()).device)
         if t.kind == "t5":
             seq.append(te(ids)[0])
