@@ -16,7 +16,28 @@ import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.loaders import single_file_utils as sfu
 
-from sdlora.formats.dit import diffusers_to_original, original_modules
+from sdlora.formats.dit import original_modules
+
+
+def diffusers_to_original(arch: str, model) -> dict[str, tuple[str, int, int]]:
+    """The inverse of `original_modules` (what these tests check it against; sdlora writes and reads through
+    `original_modules` itself): diffusers module path -> (original module path, row start, row stop in the
+    original weight).
+
+    A module whose halves are swapped (see original_modules) maps to the whole original weight, rows 0..n: its
+    rows are those of the original but in (scale, shift) order -- write and read such modules via
+    original_modules, which lists the halves in order."""
+    out = {}
+    for original, parts in original_modules(arch, model).items():
+        offset = 0
+        for path, start, stop in parts:
+            if path in out:  # second half of a swapped module: widen to the whole original weight
+                out[path] = (original, 0, offset + stop - start)
+            else:
+                out[path] = (original, offset, offset + stop - start)
+            offset += stop - start
+    return out
+
 
 # Non-Linear tensors the converters also read (norm scales, the positional table), diffusers name -> original name,
 # copied from the converters' source. Not part of the map under test; only so that the converter runs to the end.

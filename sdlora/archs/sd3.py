@@ -24,7 +24,7 @@ SPEC = ArchSpec(
                         kind="t5", max_length=256, sequence_join=True),
     ),
     pipeline="StableDiffusion3Pipeline", native_resolution=1024, denoiser="transformer",
-    denoiser_names="original", a1111=False, diffusers_reads_kohya=False,
+    denoiser_names="original", a1111=False,
     objective="flow", scheduler="FlowMatchEulerDiscreteScheduler", sampler="FlowMatchEulerDiscreteScheduler",
     sample_guidance=7.0, class_guidance=7.0,
     preset_columns=("transformer", "transformer_te"), network_kinds=("lora",), variant_of=_variant,

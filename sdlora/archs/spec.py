@@ -53,7 +53,6 @@ class ArchSpec:
     denoiser_names: str = "diffusers"  # kohya names denoiser modules by their "diffusers" path, "ldm" path, or the
     # "original" model's module path with q/k/v fused (SD 3.x: SAI's MMDiT; FLUX.1: BFL's; sdlora/formats/dit.py)
     a1111: bool = True  # AUTOMATIC1111 runs this family (not SD 3.x / FLUX.1: ComfyUI and Forge do)
-    diffusers_reads_kohya: bool = True  # diffusers' load_lora_weights converts kohya files of it (not SD 3.x)
     micro_conditioning: bool = False  # SDXL: original size, crop and target size condition the denoiser
     objective: str = "diffusion"  # "diffusion" (epsilon / v from the scheduler config) or "flow" (rectified flow)
     scheduler: str = "DDPMScheduler"  # diffusers class of the training noise schedule (built from its config)

@@ -162,20 +162,3 @@ def original_modules(arch: str, model) -> dict[str, tuple[tuple[str, int, int], 
         out[original] = tuple(part for _, ps in sorted(parts) for part in ps)
     return out
 
-
-def diffusers_to_original(arch: str, model) -> dict[str, tuple[str, int, int]]:
-    """The inverse: diffusers module path -> (original module path, row start, row stop in the original weight).
-
-    A module whose halves are swapped (see original_modules) maps to the whole original weight, rows 0..n: its
-    rows are those of the original but in (scale, shift) order -- write and read such modules via
-    original_modules, which lists the halves in order."""
-    out = {}
-    for original, parts in original_modules(arch, model).items():
-        offset = 0
-        for path, start, stop in parts:
-            if path in out:  # second half of a swapped module: widen to the whole original weight
-                out[path] = (original, 0, offset + stop - start)
-            else:
-                out[path] = (original, offset, offset + stop - start)
-            offset += stop - start
-    return out
