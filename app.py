@@ -31,9 +31,8 @@ import gradio as gr  # noqa: E402
 from sdlora.errors import SdloraError  # noqa: E402
 from sdlora.formats.a1111 import format_parameters  # noqa: E402
 from sdlora.formats.adapter import AdapterFile  # noqa: E402
-from sdlora.formats.io import save_png  # noqa: E402
 from sdlora.formats.read import read_adapter  # noqa: E402
-from sdlora.infer.cli import output_paths  # noqa: E402
+from sdlora.infer.cli import save_images  # noqa: E402
 from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings  # noqa: E402
 from sdlora.models import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: E402
 
@@ -188,10 +187,8 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                                     guidance=float(guidance), scheduler=scheduler, width=int(width),
                                     height=int(height), num_images=int(count))
                 results = session.generate(settings, strengths)
-                paths = output_paths(str(outdir), [p.seed for _, p in results])
+                paths = save_images(str(outdir), results, format_parameters)
                 texts = [format_parameters(p) for _, p in results]
-                for path, (image, _), text in zip(paths, results, texts):
-                    save_png(image, path, {"parameters": text})
             except SdloraError as e:
                 return gr.update(), gr.update(), f"**Error:** {e}"
             return [(str(p), f"seed {r.seed}") for p, (_, r) in zip(paths, results)], texts[0], \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,41 @@ CACHE_VERSION = "1"
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SDLORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlora")
+
+
+_ENTRY = re.compile(r"^[0-9a-f]{64}\.safetensors$")
+
+
+def cache_entries(root: Path) -> list[Path]:
+    """The cache entries under `root`: `latents|text/XX/<sha256>.safetensors` files whose header carries sdlora's
+    cache marker (`sdlora_cache`). Nothing else counts, whatever folder `--dir`/$SDLORA_CACHE names."""
+    from safetensors import safe_open
+
+    out = []
+    for sub in ("latents", "text"):
+        for p in sorted((root / sub).glob("??/*.safetensors")) if (root / sub).is_dir() else []:
+            if not (_ENTRY.match(p.name) and p.name.startswith(p.parent.name) and p.is_file()):
+                continue
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    if "sdlora_cache" in (f.metadata() or {}):
+                        out.append(p)
+            except Exception:  # not a safetensors file: not an entry (a damaged entry is rebuilt, not listed)
+                continue
+    return out
+
+
+def clear_entries(root: Path, entries: list[Path]) -> int:
+    """Delete `entries`, then the folders of the cache layout they leave empty; returns how many other files were
+    found in those folders and left alone."""
+    for p in entries:
+        p.unlink(missing_ok=True)
+    for d in [*sorted(root.glob("latents/??")), *sorted(root.glob("text/??")), root / "latents", root / "text", root]:
+        try:
+            d.rmdir()  # only if nothing else is left in it
+        except OSError:
+            pass
+    return sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
 
 
 # Config entries that say where a model came from or which library wrote it, not what it computes. diffusers adds

@@ -139,18 +139,19 @@ def _add_subcommand(sub, name: str, full: bool = True) -> None:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
-    from sdlora.cache import default_cache_dir
+    from sdlora.cache import cache_entries, clear_entries, default_cache_dir
 
     folder = Path(args.dir) if args.dir else default_cache_dir()
-    files = [p for p in folder.rglob("*.safetensors")] if folder.is_dir() else []
+    if folder.exists() and not folder.is_dir():
+        raise SdloraError(f"{'--dir' if args.dir else '$SDLORA_CACHE'} {folder} is not a folder; pass the cache folder")
+    files = cache_entries(folder)
     size = sum(p.stat().st_size for p in files)
     if args.clear:
-        if folder.is_dir():
-            shutil.rmtree(folder)
-        print(f"cleared {folder}: {len(files)} entries, {size / 2**20:.1f} MiB")
+        kept = clear_entries(folder, files)
+        print(f"cleared {folder}: {len(files)} entries, {size / 2**20:.1f} MiB"
+              + (f"; {kept} other file(s) there are not sdlora cache entries and were left alone" if kept else ""))
     else:
         print(f"{folder}: {len(files)} entries, {size / 2**20:.1f} MiB (latents and text embeddings; "
               "entries are keyed on content, so stale ones are never used)")
@@ -159,7 +160,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def _add_cache(sub) -> None:
     p = sub.add_parser("cache", help="show or clear the latent/text-embedding cache")
-    p.add_argument("--clear", action="store_true", help="delete every cache entry")
+    p.add_argument("--clear", action="store_true",
+                   help="delete every cache entry (only files sdlora wrote as cache entries; nothing else in the folder)")
     p.add_argument("--dir", help="cache folder (default: ~/.cache/sdlora or $SDLORA_CACHE)")
     p.set_defaults(func=_cmd_cache)
 

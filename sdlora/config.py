@@ -117,7 +117,8 @@ class TrainConfig:
     resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")
     save_precision: str = _f("fp32", "dtype of the saved tensors", choices=SAVE_PRECISION)
     skip_bad_images: bool = _f(False, "skip unreadable images with a warning instead of stopping")
-    overwrite: bool = _f(False, "allow --out to replace an existing file that is not a sdlora adapter")
+    overwrite: bool = _f(False, "replace what an earlier run left at the output path (adapter, loss curve, "
+                         "checkpoints, samples) or a file that is not a sdlora adapter; without it they are kept")
     force_resolution: bool = _f(False, f"allow --resolution above {MAX_RESOLUTION} (memory and cache grow with its square)")
 
     def __post_init__(self):
@@ -177,6 +178,10 @@ class TrainConfig:
         if self.resolution is not None and self.resolution > MAX_RESOLUTION and not self.force_resolution:
             bad("resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}; pass --force-resolution "
                 "to go above (memory and the latent cache grow with its square)")
+        if self.name is not None and (not self.name.strip() or self.name in (".", "..")
+                                      or any(c in self.name for c in "/\\\0") or Path(self.name).is_absolute()):
+            bad("name", f"{self.name!r} must be a file name, not a path (the adapter is written as "
+                "<output-dir>/<name>.safetensors); use --output-dir for the folder, or --out for a whole path")
         if self.class_images and not self.class_prompt and not is_concept_parent(Path(self.class_images)):
             raise SdloraError("--class-images needs --class-prompt (the prompt those class images show)")
         if self.epochs is not None and self.epochs < 1:

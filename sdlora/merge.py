@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora import guard
 from sdlora.errors import SdloraError
 from sdlora.formats import checkpoint, io, kohya
 from sdlora.formats.read import read_adapter
@@ -104,14 +105,33 @@ def ldm_state_dict(base) -> dict[str, torch.Tensor]:
 # merge
 
 
-def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None) -> Path:
+def check_out(model: str, loras: list[tuple[str, float, float]], out, overwrite: bool = False) -> Path:
+    """The output checked before anything loads (sdlora.guard): a `.safetensors` file or a folder, neither the
+    model nor an adapter, not replacing anything without --overwrite, writable."""
+    out = Path(out)
+    inputs = {"--model": model, "--lora": [p for p, _, _ in loras]}
+    if out.suffix.lower() == ".safetensors":
+        return guard.check_file(out, inputs=inputs, overwrite=overwrite)
+    if out.suffix and not out.is_dir():
+        raise SdloraError(f"--out {out}: write OUT.safetensors (a single file) or a folder (a diffusers model)")
+    return guard.check_folder(out, inputs=inputs, overwrite=overwrite)
+
+
+def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None,
+          overwrite: bool = False) -> Path:
     """Fuse `loras` [(file, text-encoder strength, unet strength)] into `model` and write `out`: a `.safetensors`
     single file (LDM layout) or a diffusers folder."""
     if not loras:
         raise SdloraError("merge needs at least one --lora FILE[:STRENGTH]")
     if dtype not in DTYPES:
         raise SdloraError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    check_out(model, loras, out, overwrite)
     files = [read_adapter(p) for p, _, _ in loras]
+    with guard.OutputLock(out):
+        return _merge(model, loras, files, Path(out), dtype, base, overwrite)
+
+
+def _merge(model: str, loras, files, out: Path, dtype: str, base, overwrite: bool) -> Path:
     if base is None:
         base = load_base(model)
     if Path(out).suffix.lower() == ".safetensors" and base.spec.denoiser_names == "original":
@@ -126,7 +146,6 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
                               f"(first: {r.unmatched[0]}); run `sdlora verify {f.path}`")
         strengths[f.name] = (te, unet)
     blender.set_strengths(strengths)
-    out = Path(out)
     if out.suffix.lower() == ".safetensors":
         sd = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in ldm_state_dict(base).items()}
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -140,7 +159,7 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
                               "bug in sdlora, please report it")
         return out
     pipe = base.pipeline()
-    io.atomic_write_dir(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    guard.write_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), overwrite)
     return out
 
 
@@ -152,10 +171,12 @@ def add_merge_args(p) -> None:
                    "folder (diffusers)")
     p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"),
                    help="dtype of the single file (default: fp16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, or what sdlora wrote in an existing --out folder")
 
 
 def cmd_merge(args) -> int:
     loras = [parse_lora_spec(s) for s in args.lora]
-    out = merge(args.model, loras, args.out, args.dtype)
+    out = merge(args.model, loras, args.out, args.dtype, overwrite=args.overwrite)
     print(out)
     return 0

@@ -156,6 +156,12 @@ def check_paths(cfg) -> Planned:
     if a.is_file() and not cfg.overwrite and not is_sdlora_adapter(a):
         raise SdloraError(f"{flag} {a} exists and is not a sdlora adapter; choose another path, or pass "
                           "--overwrite to replace it")
+    if a.suffix.lower() != ".safetensors":
+        raise SdloraError(f"{flag} {a}: the adapter file must end in .safetensors, e.g. "
+                          f"{a.with_suffix('.safetensors').name if a.suffix else a.name + '.safetensors'}")
+    _not_an_input(cfg, plan, flag)
+    if not cfg.overwrite and not cfg.resume:
+        _nothing_earlier(plan, flag)
     for p in (plan.checkpoints, plan.samples, plan.logs):
         if p is not None and p.exists() and not p.is_dir():
             raise SdloraError(f"{p} is in the way: the run writes a folder there; move that file or choose "
@@ -175,6 +181,53 @@ def check_paths(cfg) -> Planned:
             raise SdloraError(f"cannot write to {folder} ({err.strerror or err} in {anc}); choose a writable "
                               f"{option}")
     return plan
+
+
+def _not_an_input(cfg, plan: Planned, flag: str) -> None:
+    """The adapter is not the base model's file; class images are not generated into the training images."""
+    from sdlora.guard import same_or_inside
+
+    model = Path(cfg.model).expanduser()
+    if model.exists() and (same_or_inside(plan.adapter, model) or same_or_inside(plan.checkpoints, model)):
+        raise SdloraError(f"{flag} {plan.adapter} is the base model --model {cfg.model}: the run would replace it; "
+                          "write the adapter elsewhere")
+    images = Path(cfg.images)
+    if plan.class_folder is not None and images.exists() and same_or_inside(plan.class_folder, images):
+        raise SdloraError(f"--class-images {plan.class_folder} is the --images folder {images}: generated class "
+                          "images would join the training set; pass another --class-images folder")
+
+
+def _nothing_earlier(plan: Planned, flag: str) -> None:
+    """Without --overwrite (or --resume, which continues the run that wrote them), a run replaces nothing an earlier
+    run left: the adapter, its loss curve, checkpoints or sample grids."""
+    def nonempty(folder: Path | None) -> bool:
+        try:
+            return folder is not None and folder.is_dir() and any(folder.iterdir())
+        except OSError:
+            return False
+
+    earlier = [p for p in (plan.adapter, plan.loss_curve) if p.is_file()]
+    earlier += [p for p in (plan.checkpoints, plan.samples, plan.logs) if nonempty(p)]
+    if not earlier:
+        return
+    if earlier[0] == plan.adapter:
+        raise SdloraError(f"{flag} {plan.adapter} already exists (an earlier run's adapter); choose another {flag}, "
+                          "or pass --overwrite to replace it")
+    what = "checkpoints" if earlier[0] == plan.checkpoints else "files"
+    hint = "--resume latest to continue that run, " if what == "checkpoints" else ""
+    raise SdloraError(f"{flag} {plan.adapter}: {earlier[0]} is from an earlier run; pass {hint}--overwrite to "
+                      f"replace its {what}, or choose another {flag}")
+
+
+def run_lock(plan: Planned, flag: str):
+    """The lock a training run holds on its adapter path while it runs (sdlora.guard.OutputLock): a second run
+    writing the same adapter is refused instead of both saying "saved". Only the main process of a launch takes it."""
+    from contextlib import nullcontext
+
+    from sdlora.guard import OutputLock
+
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    return OutputLock(plan.adapter, flag) if rank == "0" else nullcontext()
 
 
 # ---------------------------------------------------------------- leftovers of killed saves

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora import guard
 from sdlora.errors import SdloraError
 from sdlora.formats import kohya
 from sdlora.formats.adapter import AdapterModule
@@ -32,11 +33,12 @@ def resize_module(m: AdapterModule, rank: int) -> tuple[AdapterModule, float, fl
     return new, kept, total
 
 
-def resize(src, out, rank: int) -> tuple[float, float]:
+def resize(src, out, rank: int, overwrite: bool = False) -> tuple[float, float]:
     """Write `src` at rank `rank` to `out` (kohya layout); returns (fraction of the delta's energy kept overall,
     worst module)."""
     if rank < 1:
         raise SdloraError(f"--rank must be at least 1, got {rank}")
+    guard.check_file(out, inputs={"FILE": src}, overwrite=overwrite)
     adapter = read_adapter(src)
     other = sorted({m.kind + (" (Tucker)" if "mid" in m.tensors else "") for m in adapter.modules.values()
                     if m.kind not in ("lora", "locon") or "mid" in m.tensors})
@@ -59,8 +61,9 @@ def resize(src, out, rank: int) -> tuple[float, float]:
             md["ss_network_alpha"] = str(float(md["ss_network_alpha"]) * rank / float(old))
         except (KeyError, ValueError):
             pass
-    kohya.save(kohya.to_tensors(adapter), Path(out), md)
-    check_written(out, adapter.modules)
+    with guard.OutputLock(out):
+        kohya.save(kohya.to_tensors(adapter), Path(out), md)
+        check_written(out, adapter.modules)
     return (kept_all / total_all if total_all else 1.0), worst
 
 
@@ -68,12 +71,13 @@ def add_resize_args(p) -> None:
     p.add_argument("file", help="LoRA .safetensors (kohya, diffusers, PEFT) or PEFT folder")
     p.add_argument("--rank", type=int, required=True, help="new rank (modules already at or below it are re-factored)")
     p.add_argument("--out", default=None, help="output file (default: FILE with -rN before .safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def cmd_resize(args) -> int:
     src = Path(args.file)
     out = Path(args.out) if args.out else src.with_name(f"{src.stem}-r{args.rank}.safetensors")
-    frac, worst = resize(src, out, args.rank)
+    frac, worst = resize(src, out, args.rank, args.overwrite)
     print(f"kept {frac:.2%} of the delta's energy (squared Frobenius norm); worst module {worst:.2%}")
     print(out)
     return 0

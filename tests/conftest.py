@@ -31,8 +31,10 @@ def quiet(*_a, **_k):
 
 
 def train_tiny(out: Path, images: Path = DOG, **overrides):
-    """Train on the tiny model in-process; returns the TrainResult."""
-    values = dict(images=str(images), prompt="sks dog", model="tiny", steps=4, lr=1e-3, out=str(out), seed=0)
+    """Train on the tiny model in-process; returns the TrainResult. Tests train into one path again and again, so
+    `overwrite` is on unless a test says otherwise (the output policy's own tests do)."""
+    values = dict(images=str(images), prompt="sks dog", model="tiny", steps=4, lr=1e-3, out=str(out), seed=0,
+                  overwrite=True)
     values.update(overrides)
     return train(make_config(values), log=quiet)
 

@@ -368,7 +368,7 @@ def test_other_kinds_are_refused_where_a_layout_cannot_hold_them(trained_files, 
     assert "\n" not in str(e.value) and not (tmp_path / "r.safetensors").exists()
     for to in ("diffusers", "peft"):
         with pytest.raises(SdloraError, match="--to kohya"):
-            convert(loha, tmp_path / f"x-{to}", to)
+            convert(loha, tmp_path / ("x-diffusers.safetensors" if to == "diffusers" else "x-peft"), to)
     convert(loha, tmp_path / "k.safetensors", "kohya")  # the kohya/LyCORIS layout holds it: same tensors
     a, b = read_adapter(loha), read_adapter(tmp_path / "k.safetensors")
     assert all(torch.equal(kohya.to_tensors(a)[k], v) for k, v in kohya.to_tensors(b).items())

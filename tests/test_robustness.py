@@ -512,7 +512,8 @@ def test_hostile_files_train_in_a_subprocess_and_the_second_run_hits_the_latent_
     (folder / "2bomb.png").write_bytes(bomb_png(30000, 30000))
     out = tmp_path / "o.safetensors"
     cache = tmp_path / "cache"
-    args = [*SDLORA, *map(str, train_args(folder, out, "--skip-bad-images", "--steps", "1", "--cache-dir", cache))]
+    args = [*SDLORA, *map(str, train_args(folder, out, "--skip-bad-images", "--steps", "1", "--cache-dir", cache,
+                                                     "--overwrite"))]  # the second run replaces the first's adapter
     latents = []
     for hashseed in ("1", "2"):
         p = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=300, env=ENV | {"PYTHONHASHSEED": hashseed})

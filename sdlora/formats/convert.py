@@ -149,7 +149,8 @@ def to_diffusers(placed, adapter: AdapterFile, arch: str) -> tuple[dict, dict[st
     return tensors, md
 
 
-def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float | None = None) -> ConvertReport:
+def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float | None = None,
+          overwrite: bool = False) -> ConvertReport:
     """Write `adapter` as `to` ("kohya", "diffusers", "peft") at `out`; returns the counts."""
     out = Path(out)
     if alpha_if_missing is not None:
@@ -189,7 +190,9 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
                                             "init_lora_weights": True, "inference_mode": True}
                 (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
                 io.atomic_save(tensors, d / "adapter_model.safetensors", _carry(adapter) | {"format": "pt"})
-        io.atomic_write_dir(out, fill)
+        from sdlora.guard import write_folder
+
+        write_folder(out, fill, overwrite)
     else:
         raise SdloraError(f"unknown format '{to}'; use one of: {', '.join(FORMATS)}")
     if archs.get(arch).denoiser_names == "original" and to != "kohya":
@@ -220,12 +223,20 @@ def check_written(out, modules: dict[str, AdapterModule]) -> None:
                           "this is a bug in sdlora, please report it with the input file")
 
 
-def convert(src, out, to: str, arch: str | None = None, alpha_if_missing: float | None = None) -> ConvertReport:
+def convert(src, out, to: str, arch: str | None = None, alpha_if_missing: float | None = None,
+            overwrite: bool = False) -> ConvertReport:
     """Convert the LoRA at `src` to format `to` at `out`; returns the counts."""
+    from sdlora import guard
+
     if to not in FORMATS:
         raise SdloraError(f"--to {to}: use one of {', '.join(FORMATS)}")
+    if to == "peft":
+        guard.check_folder(out, "output", inputs={"input": src}, overwrite=overwrite)
+    else:
+        guard.check_file(out, "output", inputs={"input": src}, overwrite=overwrite)
     adapter = read_adapter(src)
-    return write(adapter, arch or adapter.arch or next(iter(archs.SPECS)), out, to, alpha_if_missing)
+    with guard.OutputLock(out, "output"):
+        return write(adapter, arch or adapter.arch or next(iter(archs.SPECS)), out, to, alpha_if_missing, overwrite)
 
 
 def add_convert_args(p) -> None:
@@ -235,10 +246,12 @@ def add_convert_args(p) -> None:
     p.add_argument("--arch", choices=archs.IDS, default=None, help="architecture (default: from metadata and names)")
     p.add_argument("--alpha-if-missing", type=float, default=None, metavar="ALPHA",
                    help="write this alpha for modules that have none (default: keep them as they are)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file, or what sdlora wrote in an existing output folder")
 
 
 def cmd_convert(args) -> int:
-    rep = convert(args.input, args.output, args.to, args.arch, args.alpha_if_missing)
+    rep = convert(args.input, args.output, args.to, args.arch, args.alpha_if_missing, args.overwrite)
     print(rep.line())
     for n in rep.notes:
         print(f"note: {n}")

@@ -37,7 +37,7 @@ def _umask() -> int:
     return umask
 
 
-def _usual_permissions(folder: Path) -> None:
+def usual_permissions(folder: Path) -> None:
     """mkdtemp makes a private folder, and some writers (safetensors' save_file) private files: everything in an
     output folder gets the usual permissions, 0666/0777 less the umask."""
     umask = _umask()
@@ -49,13 +49,14 @@ def _usual_permissions(folder: Path) -> None:
 
 def atomic_write_dir(out: Path, fill) -> Path:
     """Call `fill(tmp_folder)` on a temp folder beside `out`, then rename it into place (replacing an old one):
-    a crash never leaves half a folder."""
+    a crash never leaves half a folder. For folders that are sdlora's own (a checkpoint's step folder); a folder a
+    user names goes through `sdlora.guard.write_folder`, which never deletes what sdlora did not write."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         fill(tmp)
-        _usual_permissions(tmp)
+        usual_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -50,13 +50,58 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, int(m.group(2) or w)
 
 
-def output_paths(out: str, seeds: list[int]) -> list[Path]:
-    """`--out x.png`: that file (x-0.png, x-1.png, .. for several); `--out DIR`: DIR/NNNNN-SEED.png after the last."""
+def named_paths(out: str, n: int) -> list[Path] | None:
+    """`--out x.png`: that file (x-0.png, x-1.png, .. for several); None for `--out DIR` (names are reserved when
+    each image is saved: `reserve_path`)."""
     p = Path(out)
-    if p.suffix.lower() == ".png":
-        return [p] if len(seeds) == 1 else [p.with_name(f"{p.stem}-{i}.png") for i in range(len(seeds))]
-    start = len(list(p.glob("*.png"))) if p.is_dir() else 0
-    return [p / f"{start + i:05d}-{s}.png" for i, s in enumerate(seeds)]
+    if p.suffix.lower() != ".png":
+        return None
+    return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}.png") for i in range(n)]
+
+
+def check_outputs(out: str, n: int, overwrite: bool = False, inputs: dict | None = None) -> None:
+    """Before the model loads: a .png path (or each of its numbered forms) must not replace a file unless
+    --overwrite; a folder must be a folder and writable (sdlora.guard)."""
+    from sdlora import guard
+
+    p = Path(out)
+    if p.suffix and p.suffix.lower() != ".png" and not p.is_dir():
+        raise SdloraError(f"--out {out}: pass a .png path or a folder for the images")
+    for path in named_paths(out, n) or []:
+        guard.check_file(path, inputs=inputs, overwrite=overwrite, suffixes=(".png",))
+    if named_paths(out, n) is None:
+        if p.exists() and not p.is_dir():
+            raise SdloraError(f"--out {out} exists and is not a folder; pass a .png path or a folder")
+        guard.probe_writable(p, "--out")
+
+
+_NUMBERED = re.compile(r"^(\d{5,})-")
+
+
+def reserve_path(out: str, seed: int) -> Path:
+    """`--out DIR`: DIR/NNNNN-SEED.png, NNNNN one past the highest number there, taken atomically (two runs into
+    one folder, or a deleted file, never make a name collide with an existing image)."""
+    from sdlora import guard
+
+    folder = Path(out)
+    taken = [int(m.group(1)) for f in (folder.iterdir() if folder.is_dir() else []) if (m := _NUMBERED.match(f.name))]
+    return guard.reserve(folder, lambda i: f"{i:05d}-{seed}.png", start=max(taken, default=-1) + 1)
+
+
+def save_images(out: str, results, text_of, overwrite: bool = False) -> list[Path]:
+    """Write each (image, params) of `results` as a PNG with its parameters; returns the paths."""
+    paths = named_paths(out, len(results))
+    written = []
+    for i, (image, params) in enumerate(results):
+        path = paths[i] if paths else reserve_path(out, params.seed)
+        try:
+            io.save_png(image, path, {"parameters": text_of(params)})
+        except BaseException:
+            if not paths:
+                path.unlink(missing_ok=True)  # the empty reserved name
+            raise
+        written.append(path)
+    return written
 
 
 def add_generate_args(p) -> None:
@@ -76,6 +121,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--size", default=None, metavar="WxH", help="WIDTHxHEIGHT or one number (default: the model's native resolution)")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="images to make (default: 1)")
     p.add_argument("--out", default="output", metavar="PATH", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out .png file(s) if they exist")
 
 
 def _num(x: float) -> str:
@@ -92,6 +138,8 @@ def cmd_generate(args) -> int:
                         guidance=7.0 if args.guidance is None else args.guidance, scheduler=args.scheduler, width=width, height=height,
                         num_images=args.num_images)
     settings.check()
+    check_outputs(args.out, settings.num_images, args.overwrite,
+                  {"--model": args.model, "--lora": [p for p, _, _ in specs]})
     files = [read_adapter(path) for path, _, _ in specs]  # every file is checked before the model loads
     say(f"loading model {args.model}")
     session = Session(args.model)
@@ -117,7 +165,6 @@ def cmd_generate(args) -> int:
     say(f"generating {n} image{'s' if n > 1 else ''} of {w}x{h} px: {settings.steps} steps, "
         f"{SCHEDULERS[sampler_for(base.spec, settings.scheduler)][2]}, CFG {_num(settings.guidance)}, {seeds}")
     results = session.generate(settings, strengths, progress=True)
-    for path, (image, params) in zip(output_paths(args.out, [p.seed for _, p in results]), results):
-        io.save_png(image, path, {"parameters": format_parameters(params)})
+    for path in save_images(args.out, results, format_parameters, args.overwrite):
         print(path)
     return 0

@@ -134,15 +134,16 @@ class _Run:
 
     def run(self) -> TrainResult:
         self.check_data()
-        self.setup()
-        self.load_model()
-        self.make_class_images()
-        self.make_examples()
-        self.add_lora()
-        self.fill_caches()
-        self.prepare_optimizer()
-        self.resume()
-        return self.loop()
+        with outputs.run_lock(self.plan, "--out" if self.cfg.out else "--output-dir/--name"):
+            self.setup()
+            self.load_model()
+            self.make_class_images()
+            self.make_examples()
+            self.add_lora()
+            self.fill_caches()
+            self.prepare_optimizer()
+            self.resume()
+            return self.loop()
 
     # ---- 1. data, checked before anything heavy loads: a bad file must not cost a model load
     def check_data(self) -> None:
