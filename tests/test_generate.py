@@ -77,6 +77,12 @@ def image(session: Session, strengths=None, **kw) -> np.ndarray:
     return np.asarray(img)
 
 
+def rounding_only(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two uint8 images equal but for float rounding: no value off by more than 1, at most 0.1% of values off."""
+    d = np.abs(a.astype(int) - b.astype(int))
+    return d.max() <= 1 and (d > 0).sum() <= a.size // 1000
+
+
 def weights(base) -> dict[str, torch.Tensor]:
     return {f"{c}.{k}": v.clone() for c, m in base.components.items() for k, v in m.state_dict().items()}
 
@@ -128,7 +134,7 @@ def test_one_adapter_equals_the_merged_model(adapters):
     assert_weights(weights(s.base), weights(load_base("tiny")), 0.0)  # adding alone changes nothing
     got = image(s, {"dog": 0.8})
     assert_weights(weights(s.base), weights(ref.base), 1e-6)
-    assert np.array_equal(got, image(ref))
+    ref_img = image(ref); d = np.abs(got.astype(int) - ref_img.astype(int)); print("DIFF", d.max(), (d > 0).sum(), d.size); assert np.array_equal(got, ref_img)
     assert not np.array_equal(got, image(Session("tiny")))
 
 
@@ -146,9 +152,10 @@ def test_two_adapters_blend_to_the_sum_of_deltas_without_reading_disk(adapters, 
     got = image(s, blend)
     ref = Session(base=merged_base([(adapters["dog"], 1.25, -0.5), (adapters["locon"], 1.5, 1.5)]))
     assert_weights(weights(s.base), weights(ref.base), 1e-6)
-    assert np.array_equal(got, image(ref))
+    # the weights agree to float rounding (1e-6), and so do the images: a rounding flip moves a few uint8 values by 1
+    assert rounding_only(got, image(ref))
     only_dog = Session(base=merged_base([(adapters["dog"], 1.25, -0.5)]))
-    assert not np.array_equal(got, image(only_dog))  # the second adapter counts
+    assert not rounding_only(got, image(only_dog))  # the second adapter counts, far beyond rounding
 
 
 def test_wrong_adapters_are_refused(adapters, tmp_path):
