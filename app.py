@@ -28,6 +28,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from sdlora import guard  # noqa: E402
 from sdlora.errors import SdloraError  # noqa: E402
 from sdlora.formats.a1111 import format_parameters  # noqa: E402
 from sdlora.formats.adapter import AdapterFile  # noqa: E402
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.adapters is not None and not args.adapters.is_dir():
             raise SdloraError(f"--adapters {args.adapters}: no such folder; pass the folder your adapters are in "
                               "(e.g. output/ after the quick start)")
+        if args.outdir.exists() and not args.outdir.is_dir():
+            raise SdloraError(f"--outdir {args.outdir} is a file; pass a folder for the generated images")
+        guard.probe_writable(args.outdir, "--outdir")  # before the model loads, as every command checks its outputs
         print(f"app: loading model {args.model}", flush=True)
         session = Session(args.model)
         library.scan()

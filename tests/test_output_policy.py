@@ -320,3 +320,13 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
     assert not lock_path(out).exists()
     with OutputLock(out):  # and can be taken again
         pass
+
+
+@pytest.mark.subprocess
+def test_the_app_checks_its_output_folder_before_loading_a_model(tmp_path, read_only):
+    for outdir, needle in [(_file(tmp_path / "notes.txt"), "is a file; pass a folder"),
+                           (read_only / "images", "Read-only file system")]:
+        p = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--outdir", str(outdir)],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert p.returncode == 2 and needle in p.stderr and "loading model" not in p.stdout, p.stderr
+    assert (tmp_path / "notes.txt").read_bytes() == b"something the user has: notes.txt"
