@@ -15,6 +15,7 @@ from safetensors.torch import save
 
 import sdlora
 from sdlora.archs import ArchSpec
+from sdlora.bounds import SHOWN_CHARS
 
 if TYPE_CHECKING:  # the config module imports models and LoRA targets; the metadata needs only its fields
     from sdlora.config import TrainConfig
@@ -124,7 +125,7 @@ def dataset_metadata(dataset, repeats: int, instance: list, classes: list, trigg
     for c in list(dataset.concepts) + list(dataset.classes):
         tags: dict[str, int] = {}
         for cap in captions.get(c.folder, []):
-            for tag in (t.strip() for t in cap.split(",")):
+            for tag in (t.strip()[:SHOWN_CHARS] for t in cap.split(",")):  # a tag is a few words
                 if tag:
                     tags[tag] = tags.get(tag, 0) + 1
         freq[c.name] = tags

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import sdlora
+from sdlora import bounds
 from sdlora.errors import SdloraError
 from sdlora.formats.a1111 import ImageParams, LoraRef
 from sdlora.formats.adapter import AdapterFile
@@ -55,6 +56,10 @@ class Settings:
         for v in (self.width, self.height):
             if v is not None and (v < 8 or v % 8):
                 raise SdloraError(f"image size must be a positive multiple of 8, got {v}")
+        if self.width is not None or self.height is not None:
+            bounds.image_size(self.width or self.height, self.height or self.width)
+        bounds.at_most("steps", self.steps, bounds.MAX_SAMPLE_STEPS, "20-50 steps are usual")
+        bounds.at_most("the number of images", self.num_images, bounds.MAX_IMAGES, "make them in several runs")
         if not 0 <= self.seed < 2**63:
             raise SdloraError(f"seed must be between 0 and 2^63-1, got {self.seed}")
 

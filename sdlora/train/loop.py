@@ -21,7 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from sdlora import outputs
+from sdlora import bounds, outputs
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
 from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
@@ -151,7 +151,10 @@ class _Run:
         optim.load_package(cfg.optimizer)  # a missing optimizer package fails before the model loads
         # the same scan `sdlora scan` prints: concepts (kohya N_words folders) and repeats, every image decoded
         self.dataset = scan_dataset(cfg.images, cfg.class_folder)
-        self.dataset.check(cfg.prompt, cfg.skip_bad_images)
+        self.dataset.check(cfg.prompt, cfg.skip_bad_images, self.log, cfg.repeats)  # repeats bounded (bounds.py)
+        if cfg.epochs:  # at least one batch per `batch_size` images an epoch: refuse a run past MAX_STEPS now
+            bounds.steps_for_epochs(cfg.epochs, math.ceil(self.dataset.per_epoch(cfg.repeats) / cfg.batch_size),
+                                    cfg.grad_accum)
         self.instance_images, self.class_images = self.dataset.instance_images, self.dataset.class_images
         folder = cfg.class_folder
         if cfg.class_prompt and not self.class_images and cfg.num_class_images == 0:
@@ -225,15 +228,19 @@ class _Run:
         self.instance, self.classes = instance, classes
         self.schedule = self.new_schedule()
         per_epoch = self.schedule.batches_per_epoch()
-        self.steps = math.ceil(per_epoch * cfg.epochs / cfg.grad_accum) if cfg.epochs else cfg.steps
+        self.steps = bounds.steps_for_epochs(cfg.epochs, per_epoch, cfg.grad_accum) if cfg.epochs else cfg.steps
         self.prng = random.Random(cfg.seed + 3)
         n_captioned = sum(e.has_caption for e in instance)
         say(f"data: {len(instance)} instance images ({n_captioned} with caption files)"
             + (f", {len(classes)} class images ('{cfg.class_prompt}', loss weight {cfg.prior_loss_weight})"
                if classes else "")
             + (f", {len(set(e.size for e in instance))} aspect buckets" if buckets else f", {self.resolution}px"))
+        long = S.long_captions(self.base.spec, list(self.base.text_encoders.values()),
+                               {e.caption: display_name(e.path) for e in reversed(instance + classes)})
+        if long:
+            say(long)
         for ex in instance[:3]:
-            say(f"  e.g. {display_name(ex.path)}: '{rules.final(ex.caption, random.Random(0))}'")
+            say(f"  e.g. {display_name(ex.path)}: '{bounds.shown(rules.final(ex.caption, random.Random(0)))}'")
         seen = (f"{len(instance)} images × {cfg.repeats} repeats" if all(e.repeats == 1 for e in instance) else
                 f"{len(instance)} images × folder repeats = {sum(e.repeats for e in instance) * cfg.repeats}")
         say(f"steps: {seen} / batch {cfg.batch_size}"
