@@ -22,7 +22,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from sdlora import bounds, outputs
-from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
+from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, once
 from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
 from sdlora.dataset import scan_dataset, scan_folder
@@ -301,14 +301,17 @@ class _Run:
         cfg, acc = self.cfg, self.accelerator
         self.cache_dir = cache_dir = (None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir
                                       else default_cache_dir())
-        self.latent_cache = LatentCache(self.vae, cache_dir)
+        say_damage = once(self.say)  # a damaged cache entry is recomputed and said once per run
+        self.latent_cache = LatentCache(self.vae, cache_dir, say_damage)
         # with text encoders trained, the ones that stay frozen (SD3/FLUX's T5-XXL) have their outputs cached alone
         spec = self.base.spec
         self.frozen_text = {t.component: EmbeddingCache([self.base.text_encoders[t.component]],
-                                                        dataclasses.replace(spec, text_encoders=(t,)), cache_dir)
+                                                        dataclasses.replace(spec, text_encoders=(t,)), cache_dir,
+                                                        say_damage)
                             for t in spec.text_encoders if self.train_te and t.component not in self.adapted}
         self.text_cache = (None if self.train_te
-                           else EmbeddingCache(list(self.base.text_encoders.values()), self.base.spec, cache_dir))
+                           else EmbeddingCache(list(self.base.text_encoders.values()), self.base.spec, cache_dir,
+                                               say_damage))
         flips = (False,) if cfg.no_flip else (False, True)
         examples = self.instance + self.classes
         self.vae_offloaded = False
@@ -334,6 +337,7 @@ class _Run:
     def say_latents(self) -> None:
         st = self.latent_cache.store
         self.say(f"latents: {st.hits} from cache, {st.misses} encoded"
+                 + (f" ({st.rebuilt} damaged entries recomputed)" if st.rebuilt else "")
                  + (f" ({self.cache_dir})" if self.cache_dir else ""))
 
     def release_cached(self) -> None:
