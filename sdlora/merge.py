@@ -16,6 +16,7 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.formats import checkpoint, io, kohya
+from sdlora.formats.meta import portable
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
 from sdlora.infer.cli import parse_lora_spec
@@ -133,7 +134,7 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
         if bad:
             raise SdloraError(f"the merged weights hold NaN or Inf (first: {bad[0]}); nothing was written; check the "
                               "base model and the adapters (`sdlora verify FILE`)")
-        io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{p}:{te}:{u}" for p, te, u in loras)}
+        io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{portable(p)}:{te}:{u}" for p, te, u in loras)}
                        | checkpoint.ldm_metadata(base))
         if detect_checkpoint_arch(checkpoint_keys(out)) is not base.spec:  # reads back as the same family
             raise SdloraError(f"{out} was written but does not read back as a {base.spec.label} checkpoint; this is a "

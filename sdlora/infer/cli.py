@@ -12,7 +12,7 @@ from sdlora.errors import SdloraError
 from sdlora.formats import io
 from sdlora.formats.a1111 import format_parameters
 from sdlora.formats.read import read_adapter
-from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings, sampler_for
+from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings, refuse_misfits, sampler_for
 from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 
@@ -93,6 +93,7 @@ def cmd_generate(args) -> int:
                         num_images=args.num_images)
     settings.check()
     files = [read_adapter(path) for path, _, _ in specs]  # every file is checked before the model loads
+    refuse_misfits(files, args.model)  # and its family (or built-in model) too
     say(f"loading model {args.model}")
     session = Session(args.model)
     base = session.base

@@ -274,7 +274,7 @@ class _Run:
                                                          self.steps, self.resolution))
         self.say(f"model {base.name} ({base.arch}, {base.prediction_type}); preset '{cfg.preset}', rank {cfg.rank}, "
                  f"alpha {cfg.network_alpha:g} (scale {cfg.network_alpha / cfg.rank:g})")
-        self.say(format_table([report(m, c) for c, m in adapted.items()]))
+        self.say(format_table([self.file_report(m, c) for c, m in adapted.items()]))
         # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
         self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
         for m in (self.denoiser, *self.tes.values()):  # T5-XXL too: frozen, in the compute dtype
@@ -289,6 +289,14 @@ class _Run:
             for c, m in adapted.items():
                 if c != DENOISER:
                     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def file_report(self, module, component: str):
+        """The run table's row of `component`, counting the modules its file holds (what `_write_adapter` writes:
+        SD3/FLUX fuse the q/k/v LoRAs of an attention into one module, as kohya names them)."""
+        r = report(module, component)
+        layers = {component: collect_modules(module)}
+        r.written = len(kohya.from_trained(layers, self.base.arch, layouts.originals(self.base)).modules)
+        return r
 
     # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen.
     # A latent or prompt embedding is computed when a step first needs it (disk-cache hits are read then too), so
@@ -640,7 +648,7 @@ class _Run:
         with outputs.finish_before_interrupt(self.say, f"adapter {path} ({self.done} steps)"):
             md = meta.build(cfg, stats) | meta.dataset_metadata(self.dataset, cfg.repeats, self.instance, self.classes,
                                                                 cfg.trigger_text)
-            md |= network_metadata(cfg, md)
+            md |= network_metadata(cfg, md, self.base.spec.kohya_network_module)
             return _write_adapter(layers, DTYPES[cfg.save_precision], md, self.base, path, say or self.say,
                                   rescue=path == cfg.output_path)
 
