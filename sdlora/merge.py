@@ -134,7 +134,8 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
         if bad:
             raise SdloraError(f"the merged weights hold NaN or Inf (first: {bad[0]}); nothing was written; check the "
                               "base model and the adapters (`sdlora verify FILE`)")
-        io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": ", ".join(f"{portable(p)}:{te}:{u}" for p, te, u in loras)}
+        merged = ", ".join(f"{portable(p)}:{te}:{u}" for p, te, u in loras)  # no local absolute paths
+        io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": merged}
                        | checkpoint.ldm_metadata(base))
         if detect_checkpoint_arch(checkpoint_keys(out)) is not base.spec:  # reads back as the same family
             raise SdloraError(f"{out} was written but does not read back as a {base.spec.label} checkpoint; this is a "

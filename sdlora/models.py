@@ -292,7 +292,17 @@ def from_pipeline(pipe, name: str, prediction_type: str | None = None) -> BaseMo
     parts = dict(pipe.components)
     if prediction_type:
         parts["scheduler_config"] = dict(pipe.scheduler.config) | {"prediction_type": prediction_type}
-    return from_components(name, detect_arch(pipe), parts)
+    spec = detect_arch(pipe)
+    return from_components(name, spec, parts, _native_size(getattr(pipe, spec.denoiser).config, pipe.vae.config))
+
+
+def _native_size(denoiser_cfg, vae_cfg) -> int | None:
+    """The size a diffusers model was made for, from its own configs (the denoiser's latent `sample_size` times
+    the VAE's downsampling), so a merged built-in model (toy: 32 px) generates at its size; None where the denoiser
+    does not say (FLUX.1): the family's."""
+    latent = getattr(denoiser_cfg, "sample_size", None)
+    blocks = getattr(vae_cfg, "block_out_channels", None)
+    return latent * 2 ** (len(blocks) - 1) if isinstance(latent, int) and blocks else None
 
 
 def _looks_like_path(name: str) -> bool:

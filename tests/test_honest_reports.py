@@ -127,3 +127,35 @@ def test_an_adapter_for_another_model_is_refused_before_loading(capsys, tmp_path
     lines = [ln for ln in err.splitlines() if ln.startswith("sdlora: error:")]
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_merged_builtin_model_generates_at_its_size_and_as_the_adapter_does(tmp_path):
+    """`sdlora merge --model toy` (single file and diffusers folder) is a model `generate` loads: native size from
+    the file or folder (toy: 32 px, not SD 1.x's 512), the toy tokenizer for the single file; and its images are
+    those of the toy model with the adapter applied."""
+    import numpy as np
+
+    from sdlora.infer.session import Session, Settings
+    from sdlora.merge import merge
+
+    adapter = tmp_path / "a.safetensors"
+    train(make_config(dict(images=str(Path(__file__).parent.parent / "datasets" / "toy-purple-triangle"),
+                           prompt="a sks triangle", model="toy", steps=2, lr=1e-2, out=str(adapter),
+                           no_eval_loss=True)), log=lambda *a: None)
+    settings = Settings(prompt="a sks triangle", steps=4, seed=3)
+    with_adapter = Session("toy")
+    name = with_adapter.add(adapter).file.name
+    [(want, _)] = with_adapter.generate(settings, {name: 1.0})
+    fused = {k: m.state_dict() for k, m in with_adapter.base.modules.items()}
+    for out in (tmp_path / "m.safetensors", tmp_path / "mdir"):
+        merge("toy", [(str(adapter), 1.0, 1.0)], out, dtype="fp32")
+        session = Session(str(out))
+        assert session.base.native_resolution == 32
+        for k, m in session.base.modules.items():  # the weights of toy with the adapter fused at strength 1
+            got = m.state_dict()
+            assert got.keys() == fused[k].keys()
+            assert max((got[n] - fused[k][n]).abs().max().item() for n in got) <= 1e-6, k
+        [(image, _)] = session.generate(settings, {})
+        assert image.size == (32, 32)
+        if out.suffix != ".safetensors":  # a single file takes the family's public scheduler config (not toy's)
+            assert np.array_equal(np.asarray(image), np.asarray(want))

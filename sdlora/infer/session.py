@@ -75,7 +75,8 @@ def refuse_misfits(files: list[AdapterFile], model: str) -> None:
         if arch is not None and not archs.fits(f.arch, arch):
             named = f" (trained on '{made_for}')" if made_for else ""
             raise SdloraError(f"{where}: this adapter is for {archs.label(f.arch)}{named}, the model '{model}' is "
-                              f"{archs.label(arch)}; pass {'--model ' + made_for if made_for else 'a model of its family'}"
+                              f"{archs.label(arch)}; pass "
+                              f"{'--model ' + made_for if made_for else 'a model of its family'}"
                               f" or an adapter trained for '{model}'")
         if made_for in BUILTIN_MODELS and model in BUILTIN_MODELS and made_for != model:
             raise SdloraError(f"{where}: this adapter was trained on the built-in model '{made_for}', not '{model}' "
