@@ -31,53 +31,13 @@ import gradio as gr  # noqa: E402
 from sdlora import guard  # noqa: E402
 from sdlora.errors import SdloraError  # noqa: E402
 from sdlora.formats.a1111 import format_parameters  # noqa: E402
-from sdlora.formats.adapter import AdapterFile  # noqa: E402
-from sdlora.formats.read import read_adapter  # noqa: E402
 from sdlora.infer.cli import save_images  # noqa: E402
+from sdlora.infer.library import MAX_UPLOAD_BYTES, Library  # noqa: E402
 from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings  # noqa: E402
 from sdlora.models import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: E402
 
 # greyed-out rows (Gradio nests a group's classes); small images (toy: 32 px) shown as pixels, not blurred
 CSS = ".unfit { opacity: 0.45; } .unfit .unfit { opacity: 1; } #gallery img { image-rendering: pixelated; }"
-
-
-class Library:
-    """The adapter files the page lists: those in --adapters (scanned again at every model load: new and changed
-    files are read, each file once) and uploads. Kept in memory, so they need the files no more once read."""
-
-    def __init__(self, folder: Path | None):
-        self.folder = folder
-        self.files: dict[str, AdapterFile] = {}  # key (path) -> file, in listing order
-        self.refused: dict[str, str] = {}  # key -> why it could not be read
-        self.stamps: dict[str, tuple[int, int]] = {}
-
-    def scan(self) -> None:
-        if self.folder is None or not self.folder.is_dir():
-            return
-        for path in sorted(self.folder.glob("*.safetensors")):
-            key = str(path.resolve())
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            if self.stamps.get(key) == (st.st_mtime_ns, st.st_size):
-                continue
-            self.stamps[key] = (st.st_mtime_ns, st.st_size)
-            self._read(key, path)
-
-    def upload(self, path: str) -> str | None:
-        """Read an uploaded file; the reason when it cannot be read or listed."""
-        return self._read(f"upload:{Path(path).name}:{len(self.files)}", Path(path))
-
-    def _read(self, key: str, path: Path) -> str | None:
-        try:
-            self.files[key] = read_adapter(path)
-            self.refused.pop(key, None)
-            return None
-        except SdloraError as e:
-            self.files.pop(key, None)
-            self.refused[key] = str(e)
-            return str(e)
 
 
 def describe(r) -> str:
@@ -89,12 +49,17 @@ def describe(r) -> str:
     return " · ".join(parts)
 
 
-def listing(session: Session, library: Library, model: str | None = None) -> list[dict]:
-    """Load `model` (default: keep the loaded one) and match every listed file to it, afresh: per file its library
-    key, its name (None when it does not fit), the text of its row, and whether it fits."""
+def listing(session: Session, library: Library, model: str | None = None, visitor: str = "") -> list[dict]:
+    """Load `model` (default: keep the loaded one) and match every file of the library to it, afresh (every
+    visitor's uploads too: the model is shared, so each visitor's adapters stay usable); the rows of what `visitor`
+    sees (the folder and its own uploads): per file its library key, its name (None when it does not fit), the text
+    of its row, and whether it fits."""
     rows = []
     keys, files = list(library.files), list(library.files.values())
+    seen = set(library.visible(visitor))
     for key, f, r in zip(keys, files, session.use_model(model or session.base.name, files)):
+        if key not in seen:
+            continue
         if isinstance(r, SdloraError):
             rows.append({"key": key, "name": None, "fits": False, "label": f.file_name,
                          "text": f"**{f.file_name}** · not for this model: {r}"})
@@ -110,7 +75,8 @@ def check_model(name: str, offered: list[str], allow_any: bool) -> None:
                           "models when started with --allow-any-model)")
 
 
-def load_model(session: Session, library: Library, name: str, offered: list[str], allow_any: bool) -> list[dict]:
+def load_model(session: Session, library: Library, name: str, offered: list[str], allow_any: bool,
+               visitor: str = "") -> list[dict]:
     """Load `name` (a no-op for the loaded one), scan the adapter folder again and match every adapter to the model.
 
     A model that fails to load keeps the one loaded. For a model that is not configured (typed by a client with
@@ -119,7 +85,7 @@ def load_model(session: Session, library: Library, name: str, offered: list[str]
     check_model(name, offered, allow_any)
     library.scan()
     try:
-        return listing(session, library, name)
+        return listing(session, library, name, visitor)
     except SdloraError as e:
         if name in offered:
             raise
@@ -134,7 +100,8 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
     def notes() -> str:
         return "\n\n".join(f"**Refused:** {m}" for m in library.refused.values())
 
-    with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of uploads and shown images older than an hour go, and all of them at exit
+    with gr.Blocks(title="sdlora", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown("# sdlora: blend LoRA adapters and generate")
         rows_state = gr.State(rows0)  # the listed adapters (listing()), one row each, re-rendered when it changes
         prefs_state = gr.State({})  # adapter key -> (advanced, strength, te, unet) as last set, kept across re-renders
@@ -195,18 +162,21 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
             return [(str(p), f"seed {r.seed}") for p, (_, r) in zip(paths, results)], texts[0], \
                 f"{len(results)} image(s) saved in {outdir}"
 
-        def on_upload(files):
+        def on_upload(files, visitor):
+            # an upload is this visitor's alone: listed on its page only, read once (keyed on its bytes), its
+            # temp file deleted once read, dropped from memory when the page closes (on_leave)
             messages = []
             for path in files or []:
-                why = library.upload(path)
+                why = library.upload(path, visitor)
                 messages.append(f"**Refused:** {why}" if why else f"{Path(path).name}: loaded")
-            return [listing(session, library), "\n\n".join(messages), None]
+            return [listing(session, library, visitor=visitor), "\n\n".join(messages), None]
 
-        def on_model(name):
+        def on_model(name, visitor):
             try:
-                rows = load_model(session, library, name, models, allow_any)
+                rows = load_model(session, library, name, models, allow_any, visitor)
             except SdloraError as e:
-                return [listing(session, library), f"**Error:** {e}", gr.update(value=session.base.name),
+                return [listing(session, library, visitor=visitor), f"**Error:** {e}",
+                        gr.update(value=session.base.name),
                         gr.update(), gr.update(), gr.update()]
             native = session.base.native_resolution
             fit = sum(r["fits"] for r in rows)
@@ -256,10 +226,11 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                         controls += [enable, advanced, linked, te, unet]
 
                 def keeping(fn):
-                    """`fn`'s outputs, then the prefs updated with what the rows show now."""
-                    def run_it(arg, prefs, *values):
+                    """`fn`'s outputs (given the visitor: Gradio's per-page session), then the prefs updated with
+                    what the rows show now."""
+                    def run_it(request: gr.Request, arg, prefs, *values):
                         now = {r["key"]: tuple(values[4 * i:4 * i + 4]) for i, r in enumerate(rows)}
-                        return [*fn(arg), prefs | now]
+                        return [*fn(arg, visitor_of(request)), prefs | now]
                     return run_it
 
                 names_state = gr.State(names)
@@ -272,7 +243,17 @@ def build(session: Session, library: Library, outdir: Path, models: list[str], a
                              [rows_state, status, model, width, height, guidance, prefs_state], **heavy)
 
         dice.click(lambda: -1, None, seed)
+
+        def on_leave(request: gr.Request):
+            library.forget(visitor_of(request))
+
+        demo.unload(on_leave)
     return demo
+
+
+def visitor_of(request) -> str:
+    """Who is asking: Gradio's per-page session hash (each open page is one visitor)."""
+    return getattr(request, "session_hash", None) or ""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -320,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = build(session, library, args.outdir, models, args.allow_any_model)
     # quiet: Gradio's own banner tells users to edit launch(); the app says what its flags do instead
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                   quiet=True, prevent_thread_lock=True, css=CSS)
+                                                   quiet=True, prevent_thread_lock=True, css=CSS,
+                                                   max_file_size=MAX_UPLOAD_BYTES)  # refused before it is stored
     print(f"app: running on {demo.local_url}", flush=True)
     if args.share and demo.share_url:
         print(f"app: public link {demo.share_url}", flush=True)

@@ -14,10 +14,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
-from sdlora.data import Example, load_image
-from sdlora.formats.io import atomic_save
+from sdlora.data import Example, display_name, load_image
+from sdlora.errors import SdloraError, cause
+from sdlora.formats.io import atomic_save, atomic_write
 from sdlora.train.step import encode_text
 
 CACHE_VERSION = "1"
@@ -54,12 +55,19 @@ def clear_entries(root: Path, entries: list[Path]) -> int:
     found in those folders and left alone."""
     for p in entries:
         p.unlink(missing_ok=True)
-    for d in [*sorted(root.glob("latents/??")), *sorted(root.glob("text/??")), root / "latents", root / "text", root]:
+    for d in [*sorted(root.glob("latents/??")), *sorted(root.glob("text/??")), root / "latents", root / "text"]:
         try:
             d.rmdir()  # only if nothing else is left in it
         except OSError:
             pass
-    return sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+    try:
+        if is_cache_dir(root) and [p.name for p in root.iterdir()] == [CACHE_MARKER]:
+            (root / CACHE_MARKER).unlink()  # sdlora's own marker, once nothing else is left
+        root.rmdir()
+    except OSError:
+        pass
+    others = [p for p in root.rglob("*") if p.is_file() and p.name != CACHE_MARKER] if root.is_dir() else []
+    return len(others)
 
 
 # Config entries that say where a model came from or which library wrote it, not what it computes. diffusers adds
@@ -101,30 +109,109 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# The cache root carries a CACHEDIR.TAG (https://bford.info/cachedir/: backup tools skip such folders) naming
+# sdlora: `sdlora cache --clear` deletes only a folder that has it, never one it is merely pointed at.
+CACHE_MARKER = "CACHEDIR.TAG"
+_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+_MARKER_TEXT = (_SIGNATURE + b"\n# This folder is a cache made by sdlora (latents and text embeddings, keyed on "
+                b"content).\n# `sdlora cache --clear` may delete it. For information about cache directory tags, "
+                b"see https://bford.info/cachedir/\n")
+
+
+def is_cache_dir(path) -> bool:
+    """Does `path` carry sdlora's cache marker (a regular file CACHEDIR.TAG with the standard signature naming
+    sdlora)? Only such a folder is a cache sdlora may clear."""
+    marker = Path(path) / CACHE_MARKER
+    try:
+        if not marker.is_file() or marker.is_symlink():
+            return False
+        with open(marker, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return head.startswith(_SIGNATURE) and b"sdlora" in head
+
+
+def mark_cache_dir(path) -> None:
+    """Write the cache marker into `path` (made if missing), unless it is there already."""
+    path = Path(path)
+    if not is_cache_dir(path):
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / CACHE_MARKER, lambda tmp: Path(tmp).write_bytes(_MARKER_TEXT))
+
+
+def entry_problem(value: dict[str, torch.Tensor], expect: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a cache entry read from disk cannot be used, or None: its tensor names, dtype (float32), shapes and
+    finiteness must be what this run computes."""
+    if set(value) != set(expect):
+        return f"it holds {sorted(value)}, not {sorted(expect)}"
+    for name, shape in expect.items():
+        t = value[name]
+        if t.dtype != torch.float32:
+            return f"{name} is {str(t.dtype).removeprefix('torch.')}, not float32"
+        if tuple(t.shape) != tuple(shape):
+            return f"{name} has shape {list(t.shape)}, not {list(shape)}"
+        if not torch.isfinite(t).all():
+            return f"{name} holds NaN or Inf"
+    return None
+
+
+def once(log):
+    """`log`, but only its first message: a damaged cache is said once per run, not once per entry."""
+    said = []
+
+    def say(msg: str) -> None:
+        if not said:
+            said.append(msg)
+            log(msg)
+
+    return say
+
+
 class _Store:
-    """key -> tensors, in memory and (when `folder` is set) as one .safetensors file per key."""
+    """key -> tensors, in memory and (when `folder` is set) as one .safetensors file per key under the cache
+    `root`. An entry read from disk is used only if `entry_problem` finds nothing wrong with it; a damaged one is
+    recomputed (and said, through `log`), never trained on."""
 
-    def __init__(self, folder: Path | None):
-        self.folder = folder
+    def __init__(self, folder: Path | None, root: Path | None = None, log=print):
+        self.folder, self.root, self.log = folder, root, log
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.rebuilt = 0
+        self._marked = False
 
-    def get(self, key: str, compute) -> dict[str, torch.Tensor]:
+    def _read(self, path: Path, expect) -> dict[str, torch.Tensor] | None:
+        try:
+            with safe_open(path, "pt") as f:
+                value = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            why = entry_problem(value, expect() if callable(expect) else expect)
+        except Exception as e:  # truncated or garbled: safetensors raises several types
+            why = f"unreadable: {cause(e, 80)}"
+        if why is None:
+            return value
+        self.rebuilt += 1
+        if self.rebuilt == 1:
+            self.log(f"note: damaged cache entry {path.name} ({why}) is recomputed, never trained on; so is any "
+                     "other damaged entry")
+        return None
+
+    def get(self, key: str, compute, expect) -> dict[str, torch.Tensor]:
+        """The entry `key`: from memory, from disk when it has the `expect`ed names and shapes ({name: shape}, or a
+        callable giving it), else `compute()`d (and written)."""
         if key in self.memory:
             return self.memory[key]
         path = self.folder / key[:2] / f"{key}.safetensors" if self.folder else None
         if path is not None and path.is_file():
-            try:
-                value = load_file(path)
-                self.hits += 1
-            except Exception:  # a damaged cache entry is rebuilt, never trusted
-                value = None
+            value = self._read(path, expect)
             if value is not None:
+                self.hits += 1
                 self.memory[key] = value
                 return value
         value = {k: v.detach().to("cpu").contiguous() for k, v in compute().items()}
         self.misses += 1
         if path is not None:
+            if not self._marked and self.root is not None:
+                mark_cache_dir(self.root)
+                self._marked = True
             atomic_save(value, path, {"sdlora_cache": CACHE_VERSION})
         self.memory[key] = value
         return value
@@ -133,11 +220,17 @@ class _Store:
 class LatentCache:
     """VAE latent distributions (mean, std) per (image bytes, size, flip, VAE)."""
 
-    def __init__(self, vae, folder: Path | None):
+    def __init__(self, vae, folder: Path | None, log=print):
         self.vae = vae
         self.vae_id = fingerprint(vae)
-        self.store = _Store(folder / "latents" if folder else None)
+        self.store = _Store(folder / "latents" if folder else None, folder, log)
         self._digests: dict[Path, str] = {}
+        cfg = vae.config  # the latent of a W×H image: latent_channels × H/f × W/f, f = 2^(downsampling blocks)
+        self.channels, self.factor = cfg.latent_channels, 2 ** (len(cfg.block_out_channels) - 1)
+
+    def shape(self, ex: Example) -> tuple[int, int, int]:
+        """The shape of the latent of `ex` (mean and std alike)."""
+        return self.channels, ex.size[1] // self.factor, ex.size[0] // self.factor
 
     def digest(self, path: Path) -> str:
         """sha256 of the image file, read once per run (the resume manifest reuses it)."""
@@ -156,9 +249,14 @@ class LatentCache:
             if flip:
                 pixels = pixels.flip(-1)
             dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
-            return {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
+            out = {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
+            if not all(torch.isfinite(t).all() for t in out.values()):
+                raise SdloraError(f"the VAE encoded {display_name(ex.path, full=True)} to NaN/Inf latents: the VAE "
+                                  "is broken or overflows (an fp16 VAE); use a fp32 VAE or check the model")
+            return out
 
-        v = self.store.get(self.key(ex, flip), encode)
+        shape = self.shape(ex)
+        v = self.store.get(self.key(ex, flip), encode, {"mean": shape, "std": shape})
         return v["mean"], v["std"]
 
     def sample(self, examples: list[Example], generator: torch.Generator, flips: bool = True) -> torch.Tensor:
@@ -176,23 +274,38 @@ class EmbeddingCache:
     """Text conditioning (hidden states, and SDXL's pooled embedding) per (prompt, text encoders), for frozen
     text encoders."""
 
-    def __init__(self, text_encoders: list[tuple[object, torch.nn.Module]], spec, folder: Path | None):
+    def __init__(self, text_encoders: list[tuple[object, torch.nn.Module]], spec, folder: Path | None, log=print):
         self.text_encoders, self.spec = text_encoders, spec
         self.te_id = hashlib.sha256("".join(fingerprint(te) for _, te in text_encoders).encode()).hexdigest()
-        self.store = _Store(folder / "text" if folder else None)
+        self.store = _Store(folder / "text" if folder else None, folder, log)
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of an entry, from encoding the empty prompt once (when the first entry is read from
+        disk): what every entry of these text encoders must look like."""
+        if self._shapes is None:
+            self._shapes = {k: tuple(v.shape) for k, v in self._compute("").items()}
+        return self._shapes
+
+    @torch.no_grad()
+    def _compute(self, prompt: str) -> dict[str, torch.Tensor]:
+        h, pooled = encode_text(self.spec, self.text_encoders, [prompt])
+        out = {"h": h[0].float()} | ({"p": pooled[0].float()} if pooled is not None else {})
+        if not all(torch.isfinite(t).all() for t in out.values()):
+            raise SdloraError(f"the text encoder gave NaN/Inf for the prompt '{prompt[:80]}': it is broken or "
+                              "overflows (fp16); check the model")
+        if self._shapes is None:
+            self._shapes = {k: tuple(v.shape) for k, v in out.items()}
+        return out
 
     def key(self, prompt: str) -> str:
         return hashlib.sha256("|".join([CACHE_VERSION, prompt, self.te_id]).encode()).hexdigest()
 
     @torch.no_grad()
     def get(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        def compute(p):
-            h, pooled = encode_text(self.spec, self.text_encoders, [p])
-            return {"h": h[0].float()} | ({"p": pooled[0].float()} if pooled is not None else {})
-
         hs, ps = [], []
         for p in prompts:
-            v = self.store.get(self.key(p), lambda: compute(p))
+            v = self.store.get(self.key(p), lambda p=p: self._compute(p), self.shapes)
             hs.append(v["h"])
             ps.append(v.get("p"))
         return torch.stack(hs), (torch.stack(ps) if ps[0] is not None else None)

@@ -188,6 +188,7 @@ class TrainConfig:
             bad("epochs", f"must be at least 1, got {self.epochs}")
         if self.repeats < 1:
             bad("repeats", f"must be at least 1, got {self.repeats}")
+        self._check_bounds()
         if not 0 <= self.caption_dropout < 1:
             bad("caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
@@ -201,6 +202,18 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices and getattr(self, f.name) is not None:
                 bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+
+    def _check_bounds(self) -> None:
+        """Counts that size the run's work and memory (sdlora/bounds.py)."""
+        from sdlora import bounds as B
+
+        B.at_most("--repeats", self.repeats, B.MAX_REPEATS, "each image is seen that many times per epoch: use "
+                  "--steps or --epochs for a longer run")
+        B.at_most("--steps", self.steps, B.MAX_STEPS, "a LoRA trains in a few thousand steps")
+        if self.epochs is not None:
+            B.at_most("--epochs", self.epochs, B.MAX_EPOCHS, "train for fewer epochs")
+        B.at_most("--sample-steps", self.sample_steps, B.MAX_SAMPLE_STEPS, "20-50 steps are usual")
+        B.at_most("--num-class-images", self.num_class_images, B.MAX_CLASS_IMAGES, "a few hundred are usual")
 
     @property
     def network_alpha(self) -> float:

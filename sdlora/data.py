@@ -11,7 +11,7 @@ import random
 import re
 import unicodedata
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from pathlib import Path
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
+MAX_CAPTION_CHARS = 10_000  # what training reads of a caption (T5-XXL's 512 tokens are about 2,500 characters)
+MAX_CAPTION_WORDS = MAX_CAPTION_CHARS // 2
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ScanResult:
     images: list[Path]
     bad: list[tuple[Path, str]]  # (file, reason)
     ignored: list[Path]  # files that are not images (captions, notes)
+    special: list[Path] = field(default_factory=list)  # not regular files (FIFOs, devices, sockets): skipped unread
 
 
 def scan(folder: Path) -> ScanResult:
@@ -39,9 +42,12 @@ def scan(folder: Path) -> ScanResult:
     folder = Path(folder)
     if not folder.is_dir():
         raise SdloraError(f"{folder}: no such folder; pass a folder of training images")
-    images, bad, ignored = [], [], []
+    images, bad, ignored, special = [], [], [], []
     for p in sorted(folder.iterdir(), key=lambda p: p.name):
         if p.name.startswith(".") or p.is_dir():
+            continue
+        if not p.is_file():  # a FIFO, device or socket (or a link to one): opening it could block forever
+            special.append(p)
             continue
         if p.suffix.lower() not in IMAGE_SUFFIXES:
             ignored.append(p)
@@ -52,7 +58,7 @@ def scan(folder: Path) -> ScanResult:
             bad.append((p, e.reason))
             continue
         images.append(p)
-    return ScanResult(images, bad, ignored)
+    return ScanResult(images, bad, ignored, special)
 
 
 def refuse_or_skip_bad(folder: Path, bad: list[tuple[Path, str]], skip_bad: bool, log=print) -> None:
@@ -191,7 +197,9 @@ def read_caption(image: Path) -> str | None:
             except OSError as e:
                 raise SdloraError(f"caption {display_name(side, full=True)}: cannot read it ({e.strerror or e}); "
                                   "check its permissions") from e
-            text = " ".join(decode_caption(raw, side).split())
+            # cut first: a megabyte of caption would be split, tokenized and shuffled every step (the text
+            # encoders read a few hundred tokens of it); train.step.long_captions says so
+            text = " ".join(decode_caption(raw, side).split()[:MAX_CAPTION_WORDS])[:MAX_CAPTION_CHARS]
             return text or None
     return None
 
@@ -232,7 +240,7 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
     """kohya's ss_tag_frequency counts per dataset folder: comma-separated tags."""
     freq: dict[str, int] = {}
     for c in captions:
-        for tag in (t.strip() for t in c.split(",")):
+        for tag in (t.strip()[:200] for t in c.split(",")):  # a tag is a few words; bounds.SHOWN_CHARS
             if tag:
                 freq[tag] = freq.get(tag, 0) + 1
     return freq

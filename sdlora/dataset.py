@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sdlora import bounds
 from sdlora.data import (CAPTION_SUFFIXES, IMAGE_SUFFIXES, Example, PromptRules, build_examples, display_name,
                          make_buckets, refuse_or_skip_bad, scan, small_images, warn_small)
 from sdlora.errors import SdloraError
@@ -31,6 +32,7 @@ class Concept:
     bad: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     ignored: list[Path] = field(default_factory=list)  # files that are neither images nor captions
     is_class: bool = False
+    special: list[Path] = field(default_factory=list)  # FIFOs, devices, sockets: skipped unopened
 
     @property
     def name(self) -> str:
@@ -60,24 +62,48 @@ class Dataset:
     def bad(self) -> list[tuple[Path, str]]:
         return [b for c in self.concepts + self.classes for b in c.bad]
 
-    def problems(self) -> list[str]:
-        """What training would refuse or warn about (unreadable files, empty folders), one line each."""
+    def problems(self, repeats: int = 1) -> list[str]:
+        """What training would refuse or warn about (unreadable files, empty folders, too many repeats), one line
+        each."""
         out = [f"{display_name(p, full=True)}: cannot read it ({why})" for p, why in self.bad]
-        return out + [f"{display_name(c.folder, full=True)}: no images" for c in self.concepts + self.classes
-                      if not c.images and not c.bad]
+        out += [f"{display_name(c.folder, full=True)}: no images" for c in self.concepts + self.classes
+                if not c.images and not c.bad]
+        return out + self.bound_problems(repeats)
+
+    def bound_problems(self, repeats: int = 1) -> list[str]:
+        """Repeats past the limit (a folder's N, or all of them times --repeats): arithmetic on the listing, so no
+        list of that length is ever built."""
+        out = [f"{display_name(c.folder, full=True)}: {c.repeats:,} repeats (the folder name's N) is more than the "
+               f"limit of {bounds.MAX_REPEATS:,}; rename it, e.g. '10_{c.prompt}'"
+               for c in self.concepts + self.classes if c.repeats > bounds.MAX_REPEATS]
+        too_long = bounds.epoch_images(self.per_epoch(repeats), repeats)
+        return out + ([too_long] if too_long else [])
+
+    def per_epoch(self, repeats: int = 1) -> int:
+        """Instance images one epoch shows: files × folder repeats × --repeats."""
+        return sum(len(c.images) * c.repeats for c in self.concepts) * repeats
 
     def ignored(self) -> list[str]:
         """What training does not read: subfolders not named `N_words`, files that are neither images nor captions,
         captions of no image."""
         out = [f"{display_name(p, full=True)}: not a folder named N_words (e.g. '10_sks dog')"
                for p in self.skipped_folders]
+        out += [f"{display_name(p, full=True)}: not a regular file (a FIFO, device or socket), skipped unread"
+                for c in self.concepts + self.classes for p in c.special]
         return out + [f"{display_name(p, full=True)}: "
                       + ("a caption of no image" if p.suffix.lower() in CAPTION_SUFFIXES else "not an image or a caption")
                       for c in self.concepts + self.classes for p in c.ignored]
 
-    def check(self, prompt: str | None, skip_bad: bool = False, log=print) -> None:
+    def check(self, prompt: str | None, skip_bad: bool = False, log=print, repeats: int = 1) -> None:
         """Refuse (one line) what training cannot use: unreadable images (unless `skip_bad`), no images, images with
-        no prompt at all."""
+        no prompt at all, repeats past the limit. Files that are not regular files are skipped with a note."""
+        special = [p for c in self.concepts + self.classes for p in c.special]
+        if special:
+            log(f"note: skipped {len(special)} file(s) that are not regular files (FIFOs, devices, sockets): "
+                + ", ".join(display_name(p) for p in special[:5]) + (" …" if len(special) > 5 else ""))
+        too_many = self.bound_problems(repeats)
+        if too_many:
+            raise SdloraError(too_many[0])
         if self.bad:
             refuse_or_skip_bad(self.bad[0][0].parent if not skip_bad else self.images, self.bad, skip_bad, log)
         if not self.instance_images:
@@ -127,7 +153,7 @@ def _concept(folder: Path, repeats: int, prompt: str | None, is_class: bool) -> 
     stems = {p.stem for p in res.images} | {p.stem for p, _ in res.bad}
     # neither images nor captions, and captions of no image (a renamed or deleted picture)
     ignored = [p for p in res.ignored if p.suffix.lower() not in CAPTION_SUFFIXES or p.stem not in stems]
-    return Concept(folder, repeats, prompt, res.images, res.bad, ignored, is_class)
+    return Concept(folder, repeats, prompt, res.images, res.bad, ignored, is_class, res.special)
 
 
 def scan_folder(folder: Path, is_class: bool = False) -> tuple[list[Concept], list[Path]]:
@@ -187,15 +213,16 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
                      f"{sum(e.has_caption for e in exs)} with caption files, prompt '{prompt_of}'")
         for e in exs:
             lines.append(f"  {display_name(e.path)}  {e.orig_size[0]}x{e.orig_size[1]} -> {e.size[0]}x{e.size[1]}"
-                         f"{'' if e.has_caption else ' (no caption)'}  '{e.caption}'")
+                         f"{'' if e.has_caption else ' (no caption)'}  '{bounds.shown(e.caption)}'")
     per_epoch = sum(e.repeats for e in instance) * repeats
     sizes = Counter(e.size for e in instance)
     lines.append(f"training sees {per_epoch} instance images per epoch ({len(instance)} files), "
                  f"{len(classes)} class images; "
                  + (f"{len(sizes)} bucket(s): " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items()))
                     if bucket_list else f"{resolution}x{resolution}"))
-    problems = ds.problems() + [f"{display_name(e.path, full=True)}: {e.orig_size[0]}x{e.orig_size[1]} is smaller than "
-                                f"{e.size[0]}x{e.size[1]} (upscaled, softer)" for e in small_images(instance + classes)]
+    problems = ds.problems(repeats) + [
+        f"{display_name(e.path, full=True)}: {e.orig_size[0]}x{e.orig_size[1]} is smaller than "
+        f"{e.size[0]}x{e.size[1]} (upscaled, softer)" for e in small_images(instance + classes)]
     if any(c.prompt is None for c in ds.concepts) and not prompt:
         problems.append("images without caption files need --prompt (or kohya-style N_words folders)")
     ignored = ds.ignored()
@@ -225,11 +252,12 @@ def cmd_scan(args) -> int:
         raise SdloraError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.repeats < 1:
         raise SdloraError(f"--repeats must be at least 1, got {args.repeats}")
+    bounds.at_most("--repeats", args.repeats, bounds.MAX_REPEATS, "use --steps or --epochs for a longer run")
     ds = scan_dataset(args.dir, args.class_images)
     lines = report(ds, args.resolution, args.buckets, args.prompt, args.repeats, args.class_prompt, args.trigger)
     print("\n".join(lines))
     try:
-        ds.check(args.prompt, log=lambda *_: None)
+        ds.check(args.prompt, log=lambda *_: None, repeats=args.repeats)
     except SdloraError as e:
         print(f"training would stop: {e}")
         return 1

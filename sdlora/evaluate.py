@@ -25,7 +25,9 @@ def cmd_eval_real(args) -> int:
     if args.num_images < 1:
         raise SdloraError(f"--num-images must be at least 1, got {args.num_images}")
     refs = [Image.open(p).convert("RGB") for p in checked_images(Path(args.reference_images), "--reference-images")]
-    read_adapter(args.adapter)  # a broken file is reported before any model loads
+    from sdlora.infer.session import refuse_misfits
+
+    refuse_misfits([read_adapter(args.adapter)], args.model)  # a broken or misfit file, before any model loads
     features = FeatureModels(args.clip_model or DEFAULT_CLIP, args.dino_model or DEFAULT_DINO)
     if len(features.skipped) == 3:
         for metric, why in features.skipped.items():

@@ -9,6 +9,7 @@ Importing this module imports neither torch nor diffusers (they load when a mode
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,6 +189,32 @@ def detect_checkpoint_arch(keys: list[str]) -> ArchSpec:
                       + "; pass a Stable Diffusion checkpoint (an SDXL refiner or inpainting-only file is not supported)")
 
 
+def model_arch(name: str) -> str | None:
+    """The family of model `name` without loading it: a built-in model, a single-file checkpoint (its header), a
+    local diffusers folder (model_index.json and the text encoder's config, as `detect_arch` decides); None when
+    only loading would tell (a hub id, an unreadable folder)."""
+    if name in BUILTIN_MODELS:
+        from sdlora.tiny import TINY_MODELS
+        from sdlora.toy import TOY_ARCH
+
+        return TINY_MODELS.get(name, TOY_ARCH)
+    path = Path(name).expanduser()
+    try:
+        if path.suffix.lower() == ".safetensors" and path.is_file():
+            return detect_checkpoint_arch(checkpoint_keys(path)).id
+        if not (path / "model_index.json").is_file():
+            return None
+        pipeline = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        fits = [spec for spec in archs.SPECS.values() if spec.pipeline == pipeline]
+        if len(fits) > 1:  # SD 1.x and 2.x share a pipeline: the text encoder's activation tells them apart
+            te = json.loads((path / fits[0].text_encoders[0].attr / "config.json").read_text(encoding="utf-8"))
+            fits = [s for s in fits if archs.load_config(s.id, s.text_encoders[0].attr).get("hidden_act")
+                    == te.get("hidden_act")]
+        return fits[0].id if len(fits) == 1 else None
+    except (OSError, ValueError, SdloraError):  # loading it says what is wrong, in its own words
+        return None
+
+
 def detect_arch(pipe) -> ArchSpec:
     """Family of a loaded diffusers pipeline: the spec with its pipeline class whose public configs agree on the
     denoiser's added embedding and the first text encoder's activation (widths differ between fine-tunes and the
@@ -265,7 +292,17 @@ def from_pipeline(pipe, name: str, prediction_type: str | None = None) -> BaseMo
     parts = dict(pipe.components)
     if prediction_type:
         parts["scheduler_config"] = dict(pipe.scheduler.config) | {"prediction_type": prediction_type}
-    return from_components(name, detect_arch(pipe), parts)
+    spec = detect_arch(pipe)
+    return from_components(name, spec, parts, _native_size(getattr(pipe, spec.denoiser).config, pipe.vae.config))
+
+
+def _native_size(denoiser_cfg, vae_cfg) -> int | None:
+    """The size a diffusers model was made for, from its own configs (the denoiser's latent `sample_size` times
+    the VAE's downsampling), so a merged built-in model (toy: 32 px) generates at its size; None where the denoiser
+    does not say (FLUX.1): the family's."""
+    latent = getattr(denoiser_cfg, "sample_size", None)
+    blocks = getattr(vae_cfg, "block_out_channels", None)
+    return latent * 2 ** (len(blocks) - 1) if isinstance(latent, int) and blocks else None
 
 
 def _looks_like_path(name: str) -> bool:

@@ -25,6 +25,7 @@ SPEC = ArchSpec(
     objective="flow", scheduler="FlowMatchEulerDiscreteScheduler", sampler="FlowMatchEulerDiscreteScheduler",
     packed_latents=True, train_guidance=1.0, sample_guidance=3.5, class_guidance=3.5, negative_prompt=False,
     preset_columns=("transformer", "transformer_te"), network_kinds=("lora",), variant_of=_variant,
+    kohya_network_module="networks.lora_flux",  # kohya sd-scripts' flux_train_network.py
     checkpoint_marker="double_blocks.0.img_attn.qkv.",  # any prefix (models.detect_checkpoint_arch)
     versions={"dev": ("flux1", "flux-1-dev/lora"), "schnell": ("flux1", "flux-1-schnell/lora")},
     kohya_version_prefix="flux1", modelspec_prefix="flux-1",

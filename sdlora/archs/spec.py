@@ -75,6 +75,9 @@ class ArchSpec:
     modelspec_prefix: str = ""  # every `modelspec.architecture` of this family starts with it
     modelspec_implementation: str = "diffusers"
     is_v2: bool = False  # kohya's `ss_v2`
+    diffusers_kohya_reader: bool = True  # diffusers' load_lora_weights reads a kohya file of this family as written
+    # (SD 3.x: no, it applies only the `sdlora convert --to diffusers` form)
+    kohya_network_module: str = "networks.lora"  # kohya's `ss_network_module` of a plain LoRA of this family
     # attention heads of the denoiser's transformer blocks, which the weights do not show (ComfyUI's model
     # detection uses the same rules): a fixed count per block (SD 1.x: 8), else one head per `unet_head_channels`
     unet_heads: int = 0

@@ -214,6 +214,13 @@ def _tokenizer(vocab_size: int, te):
     tiny = tiny_tokenizer()
     if vocab_size == len(tiny):
         return tiny
+    from transformers import CLIPTokenizer
+
+    from sdlora.toy import BASE_DIR  # the toy model's word-level tokenizer (a merged `toy` written as one file)
+
+    toy = CLIPTokenizer.from_pretrained(BASE_DIR / "tokenizer")
+    if vocab_size == len(toy):
+        return toy
     raise SdloraError(f"the text encoder has {vocab_size} tokens, CLIP has {VOCAB_SIZE}; sdlora has no tokenizer "
                       "for it (pass a diffusers folder, which carries its own)")
 

@@ -8,6 +8,7 @@ import io
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import PureWindowsPath
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import save
 
 import sdlora
 from sdlora.archs import ArchSpec
+from sdlora.bounds import SHOWN_CHARS
 
 if TYPE_CHECKING:  # the config module imports models and LoRA targets; the metadata needs only its fields
     from sdlora.config import TrainConfig
@@ -50,6 +52,22 @@ class RunStats:
     variant: str | None = None  # BaseModel.variant: decides `modelspec.architecture` where versions share a value
 
 
+# settings that hold a local path (or a model name that may be one): stored by `portable` only
+PATH_SETTINGS = ("images", "class_images", "output_dir", "out", "cache_dir", "model", "name")
+
+
+def portable(value):
+    """A path as metadata may keep it: as typed when relative and inside the folder it was typed in (`data/dog`,
+    a hub id, a built-in model's name), else its last part only, as kohya's `ss_dataset_dirs` keeps folder names:
+    a shared file never carries the local absolute path (`/home/me/photos/dog` -> `dog`)."""
+    if not isinstance(value, str) or not value:
+        return value
+    win = PureWindowsPath(value)  # parses / and \ alike: `C:\Users\me\dog` and `/home/me/dog`
+    if win.drive or win.root or value.startswith("~") or ".." in win.parts:
+        return win.name
+    return value
+
+
 def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
     """The metadata sdlora writes: the `ss_*` keys A1111, kohya's tools and civitai read, plus modelspec, plus
     sdlora's own (the whole config as JSON)."""
@@ -59,13 +77,13 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
     te_lr = (cfg.te_lr or cfg.lr) if len(run.targets) > 1 else None  # only when a text encoder is adapted
     prior_loss_weight = cfg.prior_loss_weight if run.num_reg_images else None
     md = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": run.spec.kohya_network_module,
         "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": str(float(cfg.network_alpha)),
         "ss_network_args": json.dumps({"preset": cfg.preset, "targets": run.targets}),
         "ss_base_model_version": run.base_model_version,
         "ss_v2": str(run.spec.is_v2),
-        "ss_sd_model_name": run.model_name,
+        "ss_sd_model_name": portable(run.model_name),
         "ss_output_name": output_name,
         "ss_resolution": f"({run.resolution}, {run.resolution})",
         "ss_steps": str(run.steps),
@@ -99,7 +117,8 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "ss_min_snr_gamma": str(cfg.min_snr_gamma),
         "ss_noise_offset": str(cfg.noise_offset),
         "ss_enable_bucket": str(cfg.buckets),
-        "sdlora_config": json.dumps({k: v for k, v in cfg.to_dict().items() if k != "resume"}, default=str),
+        "sdlora_config": json.dumps({k: portable(v) if k in PATH_SETTINGS else v for k, v in cfg.to_dict().items()
+                                     if k != "resume"}, default=str),
     }
     return md
 
@@ -124,7 +143,7 @@ def dataset_metadata(dataset, repeats: int, instance: list, classes: list, trigg
     for c in list(dataset.concepts) + list(dataset.classes):
         tags: dict[str, int] = {}
         for cap in captions.get(c.folder, []):
-            for tag in (t.strip() for t in cap.split(",")):
+            for tag in (t.strip()[:SHOWN_CHARS] for t in cap.split(",")):  # a tag is a few words
                 if tag:
                     tags[tag] = tags.get(tag, 0) + 1
         freq[c.name] = tags

@@ -307,9 +307,15 @@ def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metada
     if dora:
         rep.notes.append(f"diffusers drops the dora_scale of {dora} DoRA module(s) with a warning and applies them as "
                          "plain LoRA; ComfyUI and A1111 apply DoRA")
-    rep.tools["diffusers"] = ("rejects the file (LyCORIS kinds)" if not plain else
-                              f"load_lora_weights loads {landed}/{n} modules" if not probs or landed
-                              else "load_lora_weights rejects the file")
+    loads = (f"load_lora_weights loads {landed}/{n} modules" if not probs or landed
+             else "load_lora_weights rejects the file")
+    spec = archs.get(arch)
+    if plain and spec.denoiser_names == "original":  # what was checked is the converted form: say so
+        loads = (f"applies none of the file as written (no kohya reader for {spec.label}); its converted form "
+                 f"(`sdlora convert --to diffusers`): {loads}" if not spec.diffusers_kohya_reader else
+                 f"checked on its converted form (`sdlora convert --to diffusers`, as its kohya reader assumes "
+                 f"{spec.label}'s full widths): {loads}")
+    rep.tools["diffusers"] = "rejects the file (LyCORIS kinds)" if not plain else loads
 
 
 def _comfy_tool(rep: VerifyReport, names: list[str], arch: str) -> str:

@@ -11,12 +11,11 @@ original weights, so moving a slider reads nothing from disk and repeated change
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from sdlora import archs
+from sdlora import archs, bounds
 from sdlora.archs.spec import DENOISER
 from sdlora.errors import SdloraError
 from sdlora.formats import layouts
@@ -108,8 +107,7 @@ class Blender:
             te, unet = (s, s) if isinstance(s, (int, float)) else s
             new[name] = (float(te), float(unet))
             for v in new[name]:
-                if not math.isfinite(v):
-                    raise SdloraError(f"strength of {name} must be a finite number, got {v}")
+                bounds.strength(v, name)  # finite and within ±MAX_STRENGTH: the rule generate and merge check too
         changed = [n for n in self.adapters if new[n] != self.strengths[n]]
         dirty = {k for n in changed for k in self.adapters[n].targets}
         with torch.no_grad():

@@ -7,12 +7,12 @@ import re
 import sys
 from pathlib import Path
 
-from sdlora import archs
+from sdlora import archs, bounds
 from sdlora.errors import SdloraError
 from sdlora.formats import io
 from sdlora.formats.a1111 import format_parameters
 from sdlora.formats.read import read_adapter
-from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings, sampler_for
+from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings, refuse_misfits, sampler_for
 from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 
@@ -31,9 +31,9 @@ def parse_lora_spec(spec: str) -> tuple[str, float, float]:
         return spec, 1.0, 1.0
     parts = spec.split(":")
     if len(parts) >= 3 and num(parts[-2]) is not None and num(parts[-1]) is not None:
-        return ":".join(parts[:-2]), num(parts[-2]), num(parts[-1])
+        return ":".join(parts[:-2]), bounds.strength(num(parts[-2]), spec), bounds.strength(num(parts[-1]), spec)
     if len(parts) >= 2 and num(parts[-1]) is not None:
-        return ":".join(parts[:-1]), num(parts[-1]), num(parts[-1])
+        return ":".join(parts[:-1]), bounds.strength(num(parts[-1]), spec), num(parts[-1])
     head, _, last = spec.rpartition(":")
     if head and Path(head).suffix and not re.search(r"[\\/]", last):
         raise SdloraError(f"--lora {spec}: strength '{last}' is not a number; use FILE:0.8 "
@@ -141,6 +141,7 @@ def cmd_generate(args) -> int:
     check_outputs(args.out, settings.num_images, args.overwrite,
                   {"--model": args.model, "--lora": [p for p, _, _ in specs]})
     files = [read_adapter(path) for path, _, _ in specs]  # every file is checked before the model loads
+    refuse_misfits(files, args.model)  # and its family (or built-in model) too
     say(f"loading model {args.model}")
     session = Session(args.model)
     base = session.base

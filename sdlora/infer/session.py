@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import torch
 
 import sdlora
+from sdlora import archs, bounds
 from sdlora.errors import SdloraError
 from sdlora.formats.a1111 import ImageParams, LoraRef
 from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender, Resolved
-from sdlora.models import load_base, model_identity
+from sdlora.models import BUILTIN_MODELS, load_base, model_arch, model_identity
 
 # --scheduler value -> (diffusers class, extra config, A1111 sampler name written into the PNG)
 SCHEDULERS = {
@@ -55,8 +56,31 @@ class Settings:
         for v in (self.width, self.height):
             if v is not None and (v < 8 or v % 8):
                 raise SdloraError(f"image size must be a positive multiple of 8, got {v}")
+        if self.width is not None or self.height is not None:
+            bounds.image_size(self.width or self.height, self.height or self.width)
+        bounds.at_most("steps", self.steps, bounds.MAX_SAMPLE_STEPS, "20-50 steps are usual")
+        bounds.at_most("the number of images", self.num_images, bounds.MAX_IMAGES, "make them in several runs")
         if not 0 <= self.seed < 2**63:
             raise SdloraError(f"seed must be between 0 and 2^63-1, got {self.seed}")
+
+
+def refuse_misfits(files: list[AdapterFile], model: str) -> None:
+    """Before `model` loads: refuse an adapter made for another family (or for another built-in model, whose widths
+    differ), naming the model it was made for. Models whose family only loading tells (hub ids) pass here and are
+    checked when the adapter is matched."""
+    arch = model_arch(model)
+    for f in files:
+        where = f.path.name if f.path else f.name
+        made_for = f.metadata.get("ss_sd_model_name") or ""
+        if arch is not None and not archs.fits(f.arch, arch):
+            named = f" (trained on '{made_for}')" if made_for else ""
+            raise SdloraError(f"{where}: this adapter is for {archs.label(f.arch)}{named}, the model '{model}' is "
+                              f"{archs.label(arch)}; pass "
+                              f"{'--model ' + made_for if made_for else 'a model of its family'}"
+                              f" or an adapter trained for '{model}'")
+        if made_for in BUILTIN_MODELS and model in BUILTIN_MODELS and made_for != model:
+            raise SdloraError(f"{where}: this adapter was trained on the built-in model '{made_for}', not '{model}' "
+                              f"(their widths differ); pass --model {made_for}")
 
 
 def sampler_for(spec, name: str) -> str:

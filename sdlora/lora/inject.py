@@ -141,6 +141,7 @@ class ComponentReport:
     trainable: int  # parameters with requires_grad
     expected: int  # sum of r * (d_in·k·k + d_out) over adapted LoRA modules, the parameters of other kinds
     frozen: int
+    written: int | None = None  # modules the file holds, where they differ (SD3/FLUX: q/k/v LoRAs fused into one)
 
 
 def report(model: torch.nn.Module, component: str) -> ComponentReport:
@@ -163,11 +164,16 @@ def report(model: torch.nn.Module, component: str) -> ComponentReport:
 
 def format_table(reports: list[ComponentReport]) -> str:
     """The table printed at the start of training."""
-    rows = [("component", "modules", "trainable params", "Σ r(d_in+d_out)", "frozen params")]
+    rows = [("component", "modules in the file", "trainable params", "Σ r(d_in+d_out)", "frozen params")]
+
+    def count(r) -> int:
+        return r.modules if r.written is None else r.written
+
     for r in reports:
-        rows.append((r.component, str(r.modules), f"{r.trainable:,}", f"{r.expected:,}", f"{r.frozen:,}"))
+        fused = f" ({r.modules} layers trained)" if count(r) != r.modules else ""
+        rows.append((r.component, f"{count(r)}{fused}", f"{r.trainable:,}", f"{r.expected:,}", f"{r.frozen:,}"))
     total_t = sum(r.trainable for r in reports)
-    rows.append(("total", str(sum(r.modules for r in reports)), f"{total_t:,}",
+    rows.append(("total", str(sum(count(r) for r in reports)), f"{total_t:,}",
                  f"{sum(r.expected for r in reports):,}", f"{sum(r.frozen for r in reports):,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
@@ -208,11 +214,12 @@ def collect_modules(model: torch.nn.Module) -> dict[str, tuple[str, dict[str, to
     return out
 
 
-def network_metadata(cfg, md: dict[str, str]) -> dict[str, str]:
+def network_metadata(cfg, md: dict[str, str], module: str = "networks.lora") -> dict[str, str]:
     """`ss_network_module` / `ss_network_args` as kohya writes them when LyCORIS is the network module
     (LYCORIS_AND_DIT_FORMATS.md §6: `lycoris.kohya`, every argument a string, `algo` telling the kinds apart);
-    plain LoRA stays `networks.lora` (with `conv_dim`/`conv_alpha` when convs are trained). `md` is the metadata
-    built so far (its `ss_network_args` are kept)."""
+    plain LoRA stays `module` (the family's: `networks.lora`, `networks.lora_sd3`, `networks.lora_flux`; with
+    `conv_dim`/`conv_alpha` when convs are trained). `md` is the metadata built so far (its `ss_network_args` are
+    kept)."""
     net = network_of(cfg)
     try:
         args = json.loads(md.get("ss_network_args") or "{}")
@@ -223,7 +230,7 @@ def network_metadata(cfg, md: dict[str, str]) -> dict[str, str]:
         args["conv_alpha"] = str(net.conv_alpha if net.conv_alpha is not None else
                                  (cfg.network_alpha if net.conv_rank is None else net.conv_rank))
     if net.kind == "lora" and not net.dora:
-        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps(args)}
+        return {"ss_network_module": module, "ss_network_args": json.dumps(args)}
     args["algo"] = "locon" if net.kind == "lora" else net.kind
     if net.kind == "lokr":
         args["factor"] = str(net.factor)

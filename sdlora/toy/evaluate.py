@@ -207,6 +207,9 @@ def cmd_eval(args) -> int:
     if args.num_images < 1:
         raise SdloraError(f"--num-images must be at least 1, got {args.num_images}")
     f = read_adapter(args.adapter)  # checked before the model loads
+    from sdlora.infer.session import refuse_misfits
+
+    refuse_misfits([f], "toy")  # an adapter of another family or built-in model, named before the toy model loads
     prompt = args.prompt or f.trigger
     if not prompt:
         raise SdloraError(f"{args.adapter}: its metadata names no trigger; pass --prompt 'a sks triangle'")

@@ -9,6 +9,7 @@ so that what is saved then is a whole step.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import threading
@@ -112,6 +113,53 @@ def resolve(resume: str, root: Path) -> Path:
     return folder
 
 
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_rng_state(x) -> bool:  # random.getstate(): [version, [625 ints], gauss_next or None], as JSON keeps it
+    return (isinstance(x, list) and len(x) == 3 and _count(x[0]) and isinstance(x[1], list)
+            and all(_count(i) for i in x[1]) and (x[2] is None or isinstance(x[2], (int, float))))
+
+
+# manifest field -> (test, what it must be): each field of a manifest is type-checked before any is used
+MANIFEST_FIELDS = {
+    "format": (lambda x: x == FORMAT, f"the number {FORMAT}"),
+    "step": (_count, "a whole number >= 0"),
+    "identity": (lambda x: isinstance(x, dict), "an object of settings"),
+    "data": (lambda x: isinstance(x, dict) and all(isinstance(v, str) for v in x.values()),
+             "an object of image digests"),
+    "position": (lambda x: isinstance(x, dict) and all(_count(x.get(k)) for k in ("epoch", "batch", "micro")),
+                 "an object of whole numbers epoch, batch, micro"),
+    "optimizer_param_groups": (lambda x: isinstance(x, list) and all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) and all(_count(i) for i in g["params"]) for g in x),
+        "a list of parameter groups"),
+    "lr_scheduler": (lambda x: isinstance(x, dict), "an object"),
+    "python_rng": (_is_rng_state, "a Python random state"),
+    "optimizer_values": (lambda x: isinstance(x, dict) and all(
+        re.fullmatch(r"\d+(/[^/]+)+", k) and (v is None or isinstance(v, (bool, int, float, str)))
+        for k, v in x.items()), "an object of 'N/name' values"),
+}
+
+
+def check_manifest(folder: Path, manifest) -> None:
+    """Refuse, in one line naming the field, a manifest whose fields are missing or of the wrong type."""
+    if not isinstance(manifest, dict):
+        raise SdloraError(f"{folder}: corrupt checkpoint manifest.json (not a JSON object); resume from another "
+                          "checkpoint or start a new run")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise SdloraError(f"{folder}: corrupt checkpoint manifest.json (missing or malformed: {', '.join(missing)}); "
+                          "resume from another checkpoint or start a new run")
+    if manifest["format"] != FORMAT:
+        raise SdloraError(f"{folder}: checkpoint format {json.dumps(manifest['format'])[:40]} is not {FORMAT}; "
+                          "start a new run")
+    for key, (ok, what) in MANIFEST_FIELDS.items():
+        if key in manifest and not ok(manifest[key]):
+            raise SdloraError(f"{folder}: corrupt checkpoint manifest.json ({key} must be {what}, got "
+                              f"{json.dumps(manifest[key])[:40]}); resume from another checkpoint or start a new run")
+
+
 def load(folder: Path, identity: dict, data: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """Manifest and tensors of a checkpoint, refusing one made for other settings or data (saying which)."""
     try:
@@ -119,12 +167,7 @@ def load(folder: Path, identity: dict, data: dict) -> tuple[dict, dict[str, torc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SdloraError(f"{folder}: corrupt checkpoint manifest.json ({_first_line(e)}); resume from another "
                           "checkpoint (they sit beside it) or start a new run") from e
-    missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(MANIFEST_KEYS)
-    if missing or not isinstance(manifest.get("identity"), dict) or not isinstance(manifest.get("data"), dict):
-        raise SdloraError(f"{folder}: corrupt checkpoint manifest.json (missing or malformed: "
-                          f"{', '.join(missing) or 'identity/data'}); resume from another checkpoint or start a new run")
-    if manifest.get("format") != FORMAT:
-        raise SdloraError(f"{folder}: checkpoint format {manifest.get('format')} is not {FORMAT}; start a new run")
+    check_manifest(folder, manifest)
     diffs = [f"{k}: checkpoint {manifest['identity'].get(k)!r}, now {identity.get(k)!r}"
              for k in identity if manifest["identity"].get(k) != identity.get(k)]
     if diffs:
@@ -170,11 +213,15 @@ def restore(folder: Path, identity: dict, data: dict, *, params: dict[str, torch
     check_params(folder, tensors, params)
     for n, p in params.items():
         p.data.copy_(tensors[f"lora/{n}"])
-    restore_optimizer(optimizer, manifest, tensors)
-    lr_scheduler.load_state_dict(manifest["lr_scheduler"])
-    rng["train"].set_state(tensors["rng/train"])
-    torch.set_rng_state(tensors["rng/torch"])
-    rng["python"].setstate(_tuples(manifest["python_rng"]))
+    try:  # the manifest's types are checked; what the libraries make of the values may still not fit
+        restore_optimizer(optimizer, manifest, tensors)
+        lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+        rng["train"].set_state(tensors["rng/train"])
+        torch.set_rng_state(tensors["rng/torch"])
+        rng["python"].setstate(_tuples(manifest["python_rng"]))
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as e:
+        raise SdloraError(f"{folder}: checkpoint state does not fit this run ({_first_line(e)[:120]}); resume from "
+                          "another checkpoint or start a new run") from e
     return manifest
 
 

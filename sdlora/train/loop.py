@@ -21,8 +21,8 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from sdlora import outputs
-from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
+from sdlora import bounds, outputs
+from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, once
 from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
 from sdlora.dataset import scan_dataset, scan_folder
@@ -152,7 +152,10 @@ class _Run:
         optim.load_package(cfg.optimizer)  # a missing optimizer package fails before the model loads
         # the same scan `sdlora scan` prints: concepts (kohya N_words folders) and repeats, every image decoded
         self.dataset = scan_dataset(cfg.images, cfg.class_folder)
-        self.dataset.check(cfg.prompt, cfg.skip_bad_images)
+        self.dataset.check(cfg.prompt, cfg.skip_bad_images, self.log, cfg.repeats)  # repeats bounded (bounds.py)
+        if cfg.epochs:  # at least one batch per `batch_size` images an epoch: refuse a run past MAX_STEPS now
+            bounds.steps_for_epochs(cfg.epochs, math.ceil(self.dataset.per_epoch(cfg.repeats) / cfg.batch_size),
+                                    cfg.grad_accum)
         self.instance_images, self.class_images = self.dataset.instance_images, self.dataset.class_images
         folder = cfg.class_folder
         if cfg.class_prompt and not self.class_images and cfg.num_class_images == 0:
@@ -226,15 +229,19 @@ class _Run:
         self.instance, self.classes = instance, classes
         self.schedule = self.new_schedule()
         per_epoch = self.schedule.batches_per_epoch()
-        self.steps = math.ceil(per_epoch * cfg.epochs / cfg.grad_accum) if cfg.epochs else cfg.steps
+        self.steps = bounds.steps_for_epochs(cfg.epochs, per_epoch, cfg.grad_accum) if cfg.epochs else cfg.steps
         self.prng = random.Random(cfg.seed + 3)
         n_captioned = sum(e.has_caption for e in instance)
         say(f"data: {len(instance)} instance images ({n_captioned} with caption files)"
             + (f", {len(classes)} class images ('{cfg.class_prompt}', loss weight {cfg.prior_loss_weight})"
                if classes else "")
             + (f", {len(set(e.size for e in instance))} aspect buckets" if buckets else f", {self.resolution}px"))
+        long = S.long_captions(self.base.spec, list(self.base.text_encoders.values()),
+                               {e.caption: display_name(e.path) for e in reversed(instance + classes)})
+        if long:
+            say(long)
         for ex in instance[:3]:
-            say(f"  e.g. {display_name(ex.path)}: '{rules.final(ex.caption, random.Random(0))}'")
+            say(f"  e.g. {display_name(ex.path)}: '{bounds.shown(rules.final(ex.caption, random.Random(0)))}'")
         seen = (f"{len(instance)} images × {cfg.repeats} repeats" if all(e.repeats == 1 for e in instance) else
                 f"{len(instance)} images × folder repeats = {sum(e.repeats for e in instance) * cfg.repeats}")
         say(f"steps: {seen} / batch {cfg.batch_size}"
@@ -268,7 +275,7 @@ class _Run:
                                                          self.steps, self.resolution))
         self.say(f"model {base.name} ({base.arch}, {base.prediction_type}); preset '{cfg.preset}', rank {cfg.rank}, "
                  f"alpha {cfg.network_alpha:g} (scale {cfg.network_alpha / cfg.rank:g})")
-        self.say(format_table([report(m, c) for c, m in adapted.items()]))
+        self.say(format_table([self.file_report(m, c) for c, m in adapted.items()]))
         # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
         self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
         for m in (self.denoiser, *self.tes.values()):  # T5-XXL too: frozen, in the compute dtype
@@ -284,6 +291,14 @@ class _Run:
                 if c != DENOISER:
                     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def file_report(self, module, component: str):
+        """The run table's row of `component`, counting the modules its file holds (what `_write_adapter` writes:
+        SD3/FLUX fuse the q/k/v LoRAs of an attention into one module, as kohya names them)."""
+        r = report(module, component)
+        layers = {component: collect_modules(module)}
+        r.written = len(kohya.from_trained(layers, self.base.arch, layouts.originals(self.base)).modules)
+        return r
+
     # ---- 6. caches: latents always (memory, and disk unless --no-cache); prompts when the text encoder is frozen.
     # A latent or prompt embedding is computed when a step first needs it (disk-cache hits are read then too), so
     # the first step does not wait for the whole data set. Once every latent the run can need is cached the VAE
@@ -295,14 +310,17 @@ class _Run:
         cfg, acc = self.cfg, self.accelerator
         self.cache_dir = cache_dir = (None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir
                                       else default_cache_dir())
-        self.latent_cache = LatentCache(self.vae, cache_dir)
+        say_damage = once(self.say)  # a damaged cache entry is recomputed and said once per run
+        self.latent_cache = LatentCache(self.vae, cache_dir, say_damage)
         # with text encoders trained, the ones that stay frozen (SD3/FLUX's T5-XXL) have their outputs cached alone
         spec = self.base.spec
         self.frozen_text = {t.component: EmbeddingCache([self.base.text_encoders[t.component]],
-                                                        dataclasses.replace(spec, text_encoders=(t,)), cache_dir)
+                                                        dataclasses.replace(spec, text_encoders=(t,)), cache_dir,
+                                                        say_damage)
                             for t in spec.text_encoders if self.train_te and t.component not in self.adapted}
         self.text_cache = (None if self.train_te
-                           else EmbeddingCache(list(self.base.text_encoders.values()), self.base.spec, cache_dir))
+                           else EmbeddingCache(list(self.base.text_encoders.values()), self.base.spec, cache_dir,
+                                               say_damage))
         flips = (False,) if cfg.no_flip else (False, True)
         examples = self.instance + self.classes
         self.vae_offloaded = False
@@ -328,6 +346,7 @@ class _Run:
     def say_latents(self) -> None:
         st = self.latent_cache.store
         self.say(f"latents: {st.hits} from cache, {st.misses} encoded"
+                 + (f" ({st.rebuilt} damaged entries recomputed)" if st.rebuilt else "")
                  + (f" ({self.cache_dir})" if self.cache_dir else ""))
 
     def release_cached(self) -> None:
@@ -630,7 +649,7 @@ class _Run:
         with outputs.finish_before_interrupt(self.say, f"adapter {path} ({self.done} steps)"):
             md = meta.build(cfg, stats) | meta.dataset_metadata(self.dataset, cfg.repeats, self.instance, self.classes,
                                                                 cfg.trigger_text)
-            md |= network_metadata(cfg, md)
+            md |= network_metadata(cfg, md, self.base.spec.kohya_network_module)
             return _write_adapter(layers, DTYPES[cfg.save_precision], md, self.base, path, say or self.say,
                                   rescue=path == cfg.output_path)
 

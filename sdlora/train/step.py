@@ -20,6 +20,25 @@ def _ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.
     return tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
 
 
+def long_captions(spec, text_encoders: list[tuple[object, torch.nn.Module]], captions: dict[str, str]) -> str | None:
+    """A warning naming the captions ({caption: file name}) longer than a text encoder reads, or None: each
+    encoder reads only its first N tokens and ignores the rest."""
+    over, limits = {}, {}
+    for t, (tok, _) in zip(spec.text_encoders, text_encoders):
+        n = min(t.max_length or tok.model_max_length, tok.model_max_length)
+        lengths = tok(list(captions), truncation=False, verbose=False).input_ids
+        for caption, ids in zip(captions, lengths):
+            if len(ids) > n:
+                over[caption] = max(over.get(caption, 0), len(ids))
+                limits[t.kind.upper()] = n
+    if not over:
+        return None
+    caption, tokens = max(over.items(), key=lambda kv: kv[1])
+    reads = ", ".join(f"{k} the first {n}" for k, n in limits.items())
+    return (f"warning: {len(over)} caption(s) are longer than the text encoder reads ({captions[caption]}: "
+            f"{tokens:,} tokens); only the first tokens are read ({reads}) and the rest is ignored; shorten them")
+
+
 def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], prompts: list[str],
                 given: dict | None = None):
     """What the denoiser is conditioned on, as family `spec` says: (hidden states, pooled embedding or None).
