@@ -178,8 +178,12 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
             tensors, md = load_safetensors(trained / "style.safetensors")
             kohya.save(tensors, xl, md | {"ss_base_model_version": "sdxl_base_v1-0"})
             extra = Path(shutil.copy(trained / "style.safetensors", tmp_path / "extra.safetensors"))
-            # Any number of adapters gets a row: four more (for tiny, so greyed out here) make ten.
-            more = [Path(shutil.copy(trained / "dog.safetensors", tmp_path / f"more{k}.safetensors")) for k in range(4)]
+            # Any number of adapters gets a row: four more (for tiny, so greyed out here) make ten. Each holds other
+            # bytes (its own title): uploads are keyed on their content, and the same bytes are listed once.
+            dog_t, dog_md = load_safetensors(trained / "dog.safetensors")
+            more = [tmp_path / f"more{k}.safetensors" for k in range(4)]
+            for k, f in enumerate(more):
+                kohya.save(dog_t, f, dog_md | {"modelspec.title": f"more{k}"})
             page.locator("#upload input[type=file]").set_input_files([str(xl), str(extra), *map(str, more)])
             expect(page.locator("#status")).to_contain_text("more3.safetensors: loaded", timeout=60_000)
             greyed(4, "xl_style", "this adapter is for SDXL")

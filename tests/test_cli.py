@@ -5,6 +5,7 @@ call `sdlora.cli.main` in-process (an interpreter start costs seconds), with one
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir):
     state, md = load(path)
     assert len(state) == 3 * 80 and md["ss_output_name"] == "dog pics" and md["ss_steps"] == "12"
     # the table of adapted modules, with the count check, and the progress bar with loss and ETA
-    assert "unet            32" in p.stdout and "te              48" in p.stdout
+    assert re.search(r"^unet\s+32\s", p.stdout, re.M) and re.search(r"^te\s+48\s", p.stdout, re.M), p.stdout
+    assert "modules in the file" in p.stdout
     assert "total" in p.stdout and "data: 5 instance images (0 with caption files), 64px" in p.stdout
     assert "5 images × 1 repeats / batch 1 = 5 batches per epoch; 12 steps × 1 accumulation = 2.4 epochs" in p.stdout
     assert "12/12" in p.stderr and "loss=" in p.stderr and "<00:00" in p.stderr
