@@ -11,7 +11,7 @@ from sdlora.archs import meta_model
 from sdlora.formats import meta
 from sdlora.formats.io import load
 from sdlora.models import load_base
-from tests.conftest import train_tiny
+from tests.helpers import train_tiny
 
 
 def expected_sd15_names(unet_pattern: str, te_pattern: str) -> set[str]:

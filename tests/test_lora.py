@@ -8,7 +8,7 @@ import torch
 from sdlora.lora.inject import add_lora, collect_modules, report
 from sdlora.lora.targets import find_targets
 from sdlora.models import load_base
-from tests.conftest import train_tiny
+from tests.helpers import train_tiny
 
 
 def _inputs(base, seed=0):

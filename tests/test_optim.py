@@ -4,19 +4,17 @@ safetensors + JSON, and a resumed run equals the uninterrupted one bit for bit; 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from sdlora.config import make_config
+from sdlora.config import TrainConfig, make_config
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
 from sdlora.train import ckpt
-from sdlora.train.loop import train
-from tests.conftest import DOG, ROOT, quiet
+from tests.helpers import DOG, ROOT, train_tiny
 
 # adamw8bit: min_8bit_size=16 so that the tiny model's LoRA weights really get 8-bit (quantised) state
 CASES = {
@@ -29,9 +27,8 @@ CASES = {
 
 
 def run(out, **overrides):
-    values = dict(images=str(DOG), prompt="sks dog", model="tiny", steps=4, out=str(out), seed=0, no_flip=True)
-    values.update(overrides)
-    return train(make_config(values), log=quiet)
+    """train_tiny without flips, at the default learning rate unless one is given."""
+    return train_tiny(out, **(dict(no_flip=True, lr=TrainConfig.lr) | overrides))
 
 
 @pytest.mark.parametrize("name", list(CASES))

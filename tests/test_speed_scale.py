@@ -16,21 +16,10 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
-from tests.conftest import ROOT, make_images, train_tiny
+from tests.helpers import ROOT, make_images, sub_env, train_tiny
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "sdlora-cache"
-    monkeypatch.setenv("SDLORA_CACHE", str(d))
-    return d
-
-
-def sub_env(cache: Path, **extra) -> dict:
-    return dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1", SDLORA_CACHE=str(cache),
-                OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)) | extra
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def assert_close_adapters(a: Path, b: Path, atol: float) -> None:
@@ -50,10 +39,10 @@ BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("SDLORA_SLOW_TESTS") 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_run_trains_the_same_adapter_as_the_eager_run(tmp_path, backend):
+def test_compiled_run_trains_the_same_adapter_as_the_eager_run(tmp_path, backend, trained_adapter):
     # UNet only and no eval loss: one graph (forward + backward) to compile
     kw = dict(steps=2, no_text_encoder=True, no_eval_loss=True)
-    eager = train_tiny(tmp_path / "eager.safetensors", **kw)
+    eager = trained_adapter("eager", **kw)
     compiled = train_tiny(tmp_path / "compiled.safetensors", compile=True, compile_backend=backend, **kw)
     assert compiled.steps == eager.steps == 2
     assert_close_adapters(eager.path, compiled.path, atol=1e-5)
@@ -75,11 +64,12 @@ def test_compile_without_a_cxx_compiler_is_refused_in_one_line_before_the_model_
 
 # ---------------------------------------------------------------- attention, channels-last
 
+@pytest.mark.xdist_group("speed-default")
 @pytest.mark.parametrize("option", [{"attention": "math"}, {"attention": "eager"}, {"attention": "flash"},
                                     {"channels_last": True}], ids=lambda o: "-".join(map(str, o.values())))
-def test_speed_options_train_the_same_adapter_as_the_default(tmp_path, option):
+def test_speed_options_train_the_same_adapter_as_the_default(tmp_path, option, trained_adapter):
     kw = dict(steps=2, no_eval_loss=True)
-    default = train_tiny(tmp_path / "default.safetensors", **kw)
+    default = trained_adapter("default", **kw)  # trained once, shared by the options (one xdist worker)
     other = train_tiny(tmp_path / "other.safetensors", **kw, **option)
     assert_close_adapters(default.path, other.path, atol=1e-4)
 
@@ -181,7 +171,8 @@ def test_gpu_check_quick_cpu_run_prints_and_writes_a_table_within_its_budget(tmp
     assert p.returncode == 0, p.stderr[-3000:]
     table = out.read_text(encoding="utf-8")
     assert table.startswith("## gpu_check: CPU") and "| row | it/s | peak | reserved | s total | note |" in table
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    rows = {line.split("|")[1].strip(): line
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert rows["tiny 64px b1"].rstrip().endswith("| ok |"), rows["tiny 64px b1"]
     assert any("skipped: budget" in r for r in rows.values())  # 5 s cannot hold every row: the rest are listed
     assert all(("| ok |" in r) or ("skipped" in r) or ("failed:" in r) for k, r in rows.items() if k != "row")
