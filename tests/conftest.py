@@ -21,6 +21,12 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first (in their collected order): under xdist the long ones start early, instead of one of them
+    ending the run alone on one worker while the others wait."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Latent/text caches of this test session live in a temp folder (inherited by subprocesses): tests never

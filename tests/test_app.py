@@ -33,6 +33,8 @@ from sdlora.formats import kohya
 from sdlora.formats.a1111 import parse_parameters, read_parameters
 from sdlora.formats.io import load as load_safetensors
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess]
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

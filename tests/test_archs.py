@@ -35,6 +35,7 @@ def test_tiny_models_have_the_real_module_tree(name, arch):
 
 @pytest.mark.parametrize("name,version,prediction", [("tiny-sd2", "sd_v2_768_v", "v_prediction"),
                                                       ("tiny-sdxl", "sdxl_base_v1-0", "epsilon")])
+@pytest.mark.slow
 def test_sd2_and_sdxl_train_save_and_verify(tmp_path, name, version, prediction):
     result = train_tiny(tmp_path / f"{name}.safetensors", model=name, steps=2)
     base = result.base
@@ -61,6 +62,7 @@ def test_sd2_and_sdxl_train_save_and_verify(tmp_path, name, version, prediction)
     assert verify_file(result.path).ok
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("sdxl-adapter")
 def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(trained_adapter):
     from peft.tuners.lora import LoraLayer
@@ -99,6 +101,7 @@ def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(trained_adapter):
     assert list(blended.getdata()) != list(base_img.getdata())
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("sdxl-adapter")
 def test_sdxl_merge_to_a_diffusers_folder_equals_the_fused_adapter(tmp_path, trained_adapter, capsys):
     from sdlora.infer.session import Session

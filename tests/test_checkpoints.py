@@ -187,6 +187,7 @@ def test_incomplete_checkpoint_is_one_line(tmp_path):
         load_base(str(_write(base, tmp_path / "cut.safetensors", sd=sd)))
 
 
+@pytest.mark.slow
 def test_training_on_a_single_file_checkpoint_offline(tmp_path, offline):
     from sdlora.formats.io import load
     from tests.helpers import train_tiny

@@ -21,6 +21,7 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
     return error_line(p.returncode, p.stderr)
 
 
+@pytest.mark.slow
 def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir, capsys):
     out_dir = odd_dir / "out put ö"
     p = run_main(capsys, "train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "12",
@@ -38,6 +39,7 @@ def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir, cap
     assert sorted(f.name for f in out_dir.iterdir()) == ["dog pics-loss.png", "dog pics.safetensors"]
 
 
+@pytest.mark.slow
 def test_prior_preservation_and_options_from_a_toml_config(tmp_path, dog_copy, capsys):
     classes = make_images(tmp_path / "class imgs", n=3)
     cfg = tmp_path / "run.toml"
@@ -71,6 +73,8 @@ def test_invalid_options_give_one_line_errors(args, needle, dog_copy, odd_dir, t
     assert sorted(p.name for p in odd_dir.iterdir()) == ["dog pics"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_empty_folder_and_corrupt_images_are_named(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -96,6 +100,8 @@ def test_empty_folder_and_corrupt_images_are_named(tmp_path, capsys):
     assert load(out)[1]["ss_num_train_images"] == "2"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_saves_what_was_trained_so_far(tmp_path, dog_copy):
     out = tmp_path / "interrupted.safetensors"
     env = sub_env()
@@ -116,6 +122,7 @@ def test_ctrl_c_saves_what_was_trained_so_far(tmp_path, dog_copy):
     assert any(t.abs().sum() > 0 for k, t in state.items() if "lora_up" in k)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_and_gradient_checkpointing_train_on_cpu(tmp_path):
     for flags in ({"mixed_precision": "bf16"}, {"gradient_checkpointing": True}):
         result = train_tiny(tmp_path / "m.safetensors", steps=2, **flags)
@@ -125,6 +132,7 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_train_on_cpu(tmp_path):
         assert sum(t.abs().sum() for t in ups) > 0, flags
 
 
+@pytest.mark.slow
 def test_save_precision_fp16_casts_every_tensor_alpha_included(tmp_path):
     state, _ = load(train_tiny(tmp_path / "h.safetensors", steps=1, save_precision="fp16").path)
     assert {t.dtype for t in state.values()} == {torch.float16}
@@ -158,6 +166,7 @@ def test_reading_a_pickle_or_truncated_adapter_is_a_clear_error(tmp_path, conten
         load(tmp_path / "x.ckpt")
 
 
+@pytest.mark.slow
 def test_cache_command_counts_and_clears_the_entries_training_wrote(tmp_path, dog_copy, capsys):
     from sdlora.cli import main
 

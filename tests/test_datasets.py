@@ -74,6 +74,7 @@ def test_plain_folders_still_need_a_prompt_and_mixed_folders_are_plain(tmp_path)
     assert cfg.class_folder == reg and cfg.prompt is None
 
 
+@pytest.mark.slow
 def test_kohya_training_run_records_kohya_dataset_metadata(tmp_path):
     train, reg, *_ = kohya_tree(tmp_path)
     out = tmp_path / "out.safetensors"

@@ -183,6 +183,7 @@ def _expected_deltas(path, base) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 @SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
 def test_trained_file_has_kohya_names_alpha_and_metadata(trained, model):
@@ -201,6 +202,7 @@ def test_trained_file_has_kohya_names_alpha_and_metadata(trained, model):
     assert md["ss_v2"] == "False"
 
 
+@pytest.mark.slow
 @SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
 def test_diffusers_load_lora_weights_applies_every_module_exactly(trained, model, tmp_path, capsys):
@@ -252,6 +254,7 @@ def test_diffusers_reads_a_real_width_kohya_flux_file_directly():
         torch.testing.assert_close(b @ a, alpha / 2 * t["up"] @ t["down"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
 def test_verify_says_every_loader_loads_it(trained, model, capsys):
@@ -264,6 +267,7 @@ def test_verify_says_every_loader_loads_it(trained, model, capsys):
 # ---------------------------------------------------------------- generate, blend, merge
 
 
+@pytest.mark.slow
 @SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
 def test_blend_fuses_exactly_the_hand_computed_delta(trained, model):
@@ -281,6 +285,7 @@ def test_blend_fuses_exactly_the_hand_computed_delta(trained, model):
     assert all(torch.equal(s.base.denoiser.get_submodule(p).weight, w0[p]) for p in want)
 
 
+@pytest.mark.slow
 @SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
 def test_generate_writes_an_image_with_the_adapter(trained, model, tmp_path, capsys):
@@ -295,6 +300,7 @@ def test_generate_writes_an_image_with_the_adapter(trained, model, tmp_path, cap
         assert "<lora:" in im.info["parameters"]
 
 
+@pytest.mark.slow
 @SHARES_TRAINED
 def test_merge_writes_a_diffusers_model_with_the_fused_weights(trained, tmp_path):
     from sdlora.merge import merge
@@ -328,6 +334,7 @@ def test_options_a_flow_transformer_cannot_train_are_refused_in_one_line(tmp_pat
     assert "\n" not in str(e.value) and not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_attn_preset_trains_the_clip_text_encoders_and_t5_runs_once_per_prompt(tmp_path):
     """With CLIP-L and bigG trained, T5-XXL stays frozen and its output is cached per prompt: 3 steps on one
     prompt run T5 once, and the conditioning equals the uncached computation."""
@@ -351,6 +358,7 @@ def test_attn_preset_trains_the_clip_text_encoders_and_t5_runs_once_per_prompt(t
             t5, S.encode_text(fresh.spec, list(fresh.text_encoders.values()), ["sks dog"], clip_only)))
 
 
+@pytest.mark.slow
 @SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
 def test_a_diffusers_named_file_reads_back_as_the_same_deltas(trained, model, tmp_path, capsys):
@@ -368,6 +376,7 @@ def test_a_diffusers_named_file_reads_back_as_the_same_deltas(trained, model, tm
         torch.testing.assert_close(back.modules[name].delta(), d, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_flux_resume_with_bf16_and_gradient_checkpointing_equals_the_uninterrupted_run(tmp_path):
     """Mixed precision, gradient checkpointing and checkpoint/resume on a transformer: a run resumed from its
     step-2 checkpoint ends with the same adapter, bit for bit, as the run that never stopped."""
@@ -390,6 +399,7 @@ def test_flux_resume_with_bf16_and_gradient_checkpointing_equals_the_uninterrupt
     assert all(final_a[k].abs().sum() > 0 for k in final_a if "lora_up" in k and "single" not in k)
 
 
+@pytest.mark.slow
 @SHARES_TRAINED
 def test_the_app_lists_a_flux_adapter_as_fitting_only_the_flux_model(trained, tmp_path):
     """The app's listing (what its page shows after a model load) for a folder with an SD3 and a FLUX adapter:
@@ -436,6 +446,7 @@ def test_verify_names_kohyas_split_qkv_alpha_pitfall(tmp_path):
     assert not any("split_qkv" in n for n in verify_file(tmp_path / "fixed.safetensors", model=base).notes)
 
 
+@pytest.mark.slow
 def test_attention_kernels_reach_the_transformer_through_diffusers_dispatch(tmp_path):
     """--attention on SD3/FLUX goes through diffusers' attention dispatch (set_attention_backend): the math kernel
     trains the same adapter as the default; the UNet-only eager processor is refused in one line."""
@@ -453,6 +464,7 @@ def test_attention_kernels_reach_the_transformer_through_diffusers_dispatch(tmp_
         train_tiny(tmp_path / "c.safetensors", model="tiny-flux", steps=1, attention="eager")
 
 
+@pytest.mark.slow
 def test_t5_leaves_memory_once_its_prompts_are_cached_while_clip_trains(tmp_path):
     from sdlora.config import make_config
     from sdlora.train import memory

@@ -119,6 +119,8 @@ def test_identical_images_score_one_and_different_ones_less(feature_dirs, expect
     assert other["CLIP-I"] < 0.99 and other["DINO"] < 0.99
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_eval_cli_reports_the_adapter_and_base_scores_of_the_dreambooth_protocol(trained, feature_dirs, expected_scores,
                                                                                 capsys, monkeypatch):
     from sdlora.cli import main
@@ -160,6 +162,8 @@ def test_eval_cli_reports_the_adapter_and_base_scores_of_the_dreambooth_protocol
     assert abs(want["adapter"]["CLIP-T"] - want["base"]["CLIP-T"]) > 3e-3  # the adapter's and the base's columns differ
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_eval_cli_skips_missing_feature_models_cleanly(trained, tmp_path, capsys):
     from sdlora.cli import main
 

@@ -133,6 +133,8 @@ def _names_every_builtin(msg: str) -> None:
         assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", msg), (name, msg)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("how", ["offline mode", "unreachable hub"])
 def test_a_hub_model_without_network_says_the_hub_cannot_be_reached_and_how_to_go_on(tmp_path, how):
     env = sub_env(COLUMNS="100", HF_HOME=str(tmp_path / "hf"))  # an empty cache: the model is not there
@@ -188,6 +190,7 @@ def _write_every_kind_of_output(capsys, images: Path, out: Path, cache: Path) ->
         assert p.returncode == 0, (args, p.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_every_output_file_gets_the_usual_permissions_and_no_temp_file_is_left(tmp_path, umask, capsys):
     """Adapters, checkpoints, sample grids, loss curves, class images, generated PNGs, converted, resized and
@@ -217,6 +220,7 @@ def test_every_output_file_gets_the_usual_permissions_and_no_temp_file_is_left(t
 
 # ------------------------------------------------------------------------------------ what commands say
 
+@pytest.mark.slow
 def test_generate_says_what_it_loads_the_adapters_and_strengths_and_labels_each_image(tmp_path, capsys,
                                                                                       trained_adapter):
     adapter = trained_adapter("dog", steps=2).path
@@ -233,6 +237,7 @@ def test_generate_says_what_it_loads_the_adapters_and_strengths_and_labels_each_
     assert [Path(x).name for x in p.stdout.split()] == ["00000-5.png", "00001-6.png"]  # stdout: the files only
 
 
+@pytest.mark.slow
 def test_eval_says_what_it_does_and_counts_prompts_done(tmp_path, capsys):
     adapter = train_tiny(tmp_path / "toy.safetensors", model="toy", images=ROOT / "datasets" / "toy-purple-triangle",
                          prompt="a sks triangle", steps=2).path

@@ -101,6 +101,7 @@ def test_delta_is_the_lora_forward(kind):
         torch.testing.assert_close(base(x), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_strengths_give_exactly_the_base_image(adapters):
     plain = Session("tiny")
     w0 = weights(plain.base)
@@ -115,6 +116,7 @@ def test_zero_strengths_give_exactly_the_base_image(adapters):
     assert base_img.std() > 1  # the tiny model draws noise, not a flat image
 
 
+@pytest.mark.slow
 def test_one_adapter_equals_the_merged_model(adapters):
     s = Session("tiny")
     s.add(adapters["dog"])
@@ -126,6 +128,7 @@ def test_one_adapter_equals_the_merged_model(adapters):
     assert not np.array_equal(got, image(Session("tiny")))
 
 
+@pytest.mark.slow
 def test_two_adapters_blend_to_the_sum_of_deltas_without_reading_disk(adapters, tmp_path):
     """Files are deleted after loading: every strength change recomputes from memory, with no drift."""
     paths = {n: Path(shutil.copy(p, tmp_path / p.name)) for n, p in adapters.items()}
@@ -145,6 +148,7 @@ def test_two_adapters_blend_to_the_sum_of_deltas_without_reading_disk(adapters, 
     assert not np.array_equal(got, image(only_dog))  # the second adapter counts
 
 
+@pytest.mark.slow
 def test_wrong_adapters_are_refused(adapters, tmp_path):
     s = Session("tiny")
     tensors, md = io.load(adapters["dog"])
@@ -185,6 +189,7 @@ def test_parameters_round_trip():
     assert q.loras == [LoraRef("cat_v2", 0.6, 0.6, "1a2b3c4d5e6f")] and q.extra == {"Model hash": "abc"}
 
 
+@pytest.mark.slow
 def test_cli_generate_writes_pngs_with_parameters(adapters, tmp_path, capsys):
     out = tmp_path / "imgs"
     cmd = ["generate", "--model", "tiny", "--prompt", SETTINGS["prompt"],
@@ -212,6 +217,7 @@ def test_cli_generate_writes_pngs_with_parameters(adapters, tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(adapters, tmp_path, capsys):
     (tmp_path / "old.ckpt").write_bytes(b"\x80\x02}q\x00.")
     data = adapters["dog"].read_bytes()
@@ -234,6 +240,7 @@ def test_cli_errors_are_one_line(adapters, tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_concurrent_requests_do_not_interleave(adapters):
     """The app serves requests from several threads: each gets the image of its own blend, as if alone."""
     from concurrent.futures import ThreadPoolExecutor

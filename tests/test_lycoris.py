@@ -324,6 +324,8 @@ def trained_files(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("lycoris-trained")
 def test_each_kind_trains_verifies_and_generates(trained_files):
     from sdlora.infer.session import Session, Settings
 
@@ -348,6 +350,8 @@ def test_each_kind_trains_verifies_and_generates(trained_files):
     assert all(m.tensors["magnitude"].shape[0] == 1 for m in dora.modules.values())  # per input: A1111 + ComfyUI
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("lycoris-trained")
 def test_other_kinds_are_refused_where_a_layout_cannot_hold_them(trained_files, tmp_path):
     from sdlora.formats.convert import convert
     from sdlora.inspect import describe
@@ -376,6 +380,7 @@ def test_dora_needs_a_lora_kind():
         make_config({"images": ".", "prompt": "x", "network": "loha", "dora": True})
 
 
+@pytest.mark.slow
 def test_resume_restores_the_new_layers(tmp_path):
     """A run checkpointed half-way and resumed writes the same adapter as the run without a stop (DoRA on LyCORIS
     modules and LoHa on PEFT layers: every trainable tensor, optimizer state included, is in the checkpoint)."""
@@ -423,6 +428,7 @@ def test_peft_dora_files_fuse_to_peft_forward(base, tmp_path):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (path, (got - want).abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["lokr", "loha"])
 def test_lycoris_wrapper_files_fuse_to_the_wrapped_unet(base, tmp_path, algo):
     """A whole-UNet file saved by LyCORIS's `create_lycoris` wrapper (`lycoris_<diffusers path>` names, as SimpleTuner

@@ -31,6 +31,7 @@ def run(out, **overrides):
     return train_tiny(out, **(dict(no_flip=True, lr=TrainConfig.lr) | overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_optimizer_trains_and_resumes_bit_for_bit(name, tmp_path):
     if name == "adamw8bit":
@@ -62,6 +63,7 @@ def _up_norms(tensors: dict, part: str) -> list[float]:
     return sorted(round(float(v.float().norm()), 5) for k, v in tensors.items() if part in k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "schedulefree"])
 def test_checkpoint_adapter_holds_the_evaluation_weights(name, tmp_path):
     """Schedule-free AdamW trains weights y but evaluates and saves x: the checkpoint's state keeps y (to resume),
@@ -97,6 +99,8 @@ def test_optimizer_args_parse_to_typed_values():
         make_config(dict(images="x", prompt="p", optimizer="sgd"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_adamw8bit_without_bitsandbytes_is_one_clear_line(tmp_path):
     """Where bitsandbytes cannot be imported, the run stops before any model loads, in one line naming the fix.
     (`sys.modules["bitsandbytes"] = None` is how Python itself marks a module as not importable.)"""

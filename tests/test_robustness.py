@@ -278,6 +278,7 @@ def _fill(folder: Path) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_keeps_the_last_checkpoint_and_rescues_the_adapter(mount_tmpfs, tmp_path, monkeypatch):
     """The disk fills up after the first checkpoint: later checkpoints and the loss curve are skipped with a
     warning, training goes on, the final adapter lands in the rescue folder (bit-identical to a normal run's), and
@@ -327,6 +328,8 @@ def checkpointed(tmp_path_factory):
     return out, root / "a-checkpoints" / "step-000002"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("robustness-checkpointed")
 @pytest.mark.parametrize("damage,needle", [
     ("manifest garbage", "corrupt checkpoint manifest.json"),
     ("manifest binary", "corrupt checkpoint manifest.json"),
@@ -358,6 +361,8 @@ def test_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, checkpointed
     assert snapshot(out.parent, tmp_path) == before
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("robustness-checkpointed")
 def test_the_summary_after_a_resume_counts_the_steps_run_in_this_process(tmp_path, checkpointed):
     _, good = checkpointed
     lines: list[str] = []
@@ -371,6 +376,7 @@ def test_the_summary_after_a_resume_counts_the_steps_run_in_this_process(tmp_pat
 
 # ---------------------------------------------------------------- 4. Ctrl-C
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_final_save_finishes_it_and_says_so(tmp_path):
     out = tmp_path / "a.safetensors"
     lines: list[str] = []
@@ -390,6 +396,8 @@ def test_ctrl_c_during_the_final_save_finishes_it_and_says_so(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_during_imports_exits_130_without_a_traceback(tmp_path):
     proc = subprocess.Popen([*SDLORA, "train", "--images", str(DOG), "--prompt", "x", "--model", "tiny",
                              "--out", str(tmp_path / "x.safetensors")], cwd=ROOT, stdout=subprocess.PIPE,
@@ -491,6 +499,8 @@ def test_a_binary_caption_is_an_error_naming_the_file(tmp_path):
     assert "caption" in str(e.value) and "a.txt" in str(e.value) and "re-save it as UTF-8" in str(e.value)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_hostile_files_train_in_a_subprocess_and_the_second_run_hits_the_latent_cache(tmp_path):
     """A file name that is not UTF-8, a latin-1 caption, a 16-bit PNG and a decompression bomb (skipped), in a real
     `sdlora train` whose output goes to a pipe, as a user's terminal would get it. Then the same command again in
@@ -572,6 +582,7 @@ def _seed_images() -> list[bytes]:
 SEEDS = _seed_images()
 
 
+@pytest.mark.slow
 def test_fuzzed_image_files_load_or_fail_cleanly(tmp_path_factory, monkeypatch):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st

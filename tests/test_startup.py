@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.subprocess  # a fresh interpreter: what `sdlora --help` imports
+
 PROBE = ("import sys\nfrom sdlora.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
          "    code = e.code\nheavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') "
          "if m in sys.modules)\nprint('HEAVY=' + ','.join(heavy), file=sys.stderr)\nsys.exit(code)")

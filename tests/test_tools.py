@@ -47,6 +47,8 @@ def test_fixture_is_in_kohyas_layout(files):
     assert not any(k.endswith(".alpha") for k in io.load(files["noalpha"])[0])
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_verify_cli_exit_codes(files, capsys):
     from sdlora.cli import main
 
@@ -151,6 +153,7 @@ def test_locon_and_no_alpha_files_generate(files, tmp_path):
     assert len(read_parameters(tmp_path / "x.png").loras) == 3
 
 
+@pytest.mark.slow
 def test_merge_single_file_loads_in_diffusers_with_the_fused_output(files, tmp_path, base):
     from diffusers import StableDiffusionPipeline
 

@@ -73,6 +73,8 @@ def dreambooth(tmp_path_factory):
                            ck=ckpt.checkpoint_root(a.path) / "step-000003")
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-dreambooth")
 def test_resumed_run_gives_the_bit_identical_adapter(dreambooth):
     d = dreambooth
     assert d.a.steps == 6
@@ -94,6 +96,8 @@ def test_resumed_run_gives_the_bit_identical_adapter(dreambooth):
     assert sum(not torch.equal(at3[k], final_a[k]) for k in final_a if "lora_up" in k) > 0.9 * len(final_a) / 3
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-dreambooth")
 def test_bucketed_prior_preservation_run_reports_buckets_and_records_them(dreambooth):
     d = dreambooth
     assert "data: 3 instance images (2 with caption files), 2 class images ('a dog', loss weight 1.0), " \
@@ -102,6 +106,8 @@ def test_bucketed_prior_preservation_run_reports_buckets_and_records_them(dreamb
     assert md["ss_enable_bucket"] == "True" and md["ss_num_reg_images"] == "2"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-dreambooth")
 def test_resume_refuses_other_settings_edited_images_and_folders_without_state(dreambooth, tmp_path):
     d = dreambooth
 
@@ -176,6 +182,9 @@ def interrupted(tmp_path_factory):
     return SimpleNamespace(root=root, cache=cache, images=images, reference=reference, out=out, k=k)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-sigint")
+@pytest.mark.subprocess
 def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterrupted_run(interrupted):
     d = interrupted
     saved = ckpt.checkpoint_root(d.out) / "step-000005"  # written by --save-every before the interruption
@@ -190,6 +199,9 @@ def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterru
 
 # Ctrl-C lands in the middle of a step; the loop finishes that step, then checkpoints it: the checkpoint's data
 # position and RNG state belong to its step count, so resuming from it continues exactly.
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-sigint")
+@pytest.mark.subprocess
 def test_ctrl_c_checkpoint_then_resume_latest_equals_the_uninterrupted_run(interrupted):
     d = interrupted
     latest = ckpt.list_checkpoints(ckpt.checkpoint_root(d.out))[-1]
@@ -206,6 +218,7 @@ def test_ctrl_c_checkpoint_then_resume_latest_equals_the_uninterrupted_run(inter
 
 # ---------------------------------------------------------------- caches
 
+@pytest.mark.slow
 def test_second_run_reads_latents_and_text_embeddings_from_the_disk_cache(tmp_path, cache_dir):
     images = make_images(tmp_path / "imgs", 2, (64, 64))
     logs: list[list[str]] = [[], []]
@@ -224,6 +237,7 @@ def test_second_run_reads_latents_and_text_embeddings_from_the_disk_cache(tmp_pa
     assert sorted((cache_dir / "text").rglob("*.safetensors")) == text_entries  # ...and reused, not re-encoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["built-in", "diffusers folder"])
 def test_vae_and_frozen_text_encoder_leave_memory_once_cached_and_come_back_whole(tmp_path, cache_dir, source):
     """Latents are encoded when first needed; once every one is cached (2 images, no flips: the fixed-noise eval
@@ -329,6 +343,7 @@ def test_text_embedding_cache_keys_on_prompt_and_text_encoder_weights(tmp_path):
 
 # ---------------------------------------------------------------- captions, summary, epochs
 
+@pytest.mark.slow
 def test_dataset_summary_epochs_arithmetic_and_tag_frequency(tmp_path):
     images = make_images(tmp_path / "pets", 3, (64, 64))
     (images / "img_0.txt").write_text("{trigger}, red ball, grass", encoding="utf-8")
@@ -350,6 +365,7 @@ def test_dataset_summary_epochs_arithmetic_and_tag_frequency(tmp_path):
 
 # ---------------------------------------------------------------- class images
 
+@pytest.mark.slow
 def test_class_images_are_generated_once_and_topped_up(tmp_path):
     images = make_images(tmp_path / "inst", 1, (64, 64))
     classes = tmp_path / "class dogs"  # does not exist yet
@@ -434,6 +450,7 @@ def test_noise_offset_adds_a_per_channel_constant_of_that_scale():
     assert abs(plain.std().item() - 1) < 0.02 and t.min() >= 0 and t.max() < 1000
 
 
+@pytest.mark.slow
 def test_min_snr_noise_offset_and_text_encoder_lr_train(tmp_path):
     images = make_images(tmp_path / "imgs", 2, (64, 64))
     r = train_tiny(tmp_path / "o.safetensors", images, steps=2, save_every=1, lr=1e-3, te_lr=3e-4, min_snr_gamma=5,
@@ -455,6 +472,7 @@ def test_min_snr_noise_offset_and_text_encoder_lr_train(tmp_path):
 
 # ---------------------------------------------------------------- monitor
 
+@pytest.mark.slow
 def test_sample_grids_loss_curve_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -489,6 +507,8 @@ def test_sample_grids_loss_curve_and_tensorboard(tmp_path):
 
 # ---------------------------------------------------------------- several processes
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_process_gloo_run_writes_a_valid_adapter(tmp_path, cache_dir):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (its CPU launcher needs mpirun); two CPU
     # processes over gloo are torchrun's (--multi_gpu) with ACCELERATE_USE_CPU set.
@@ -511,6 +531,8 @@ def test_two_process_gloo_run_writes_a_valid_adapter(tmp_path, cache_dir):
 # images' size runs one forward, another rank runs two (instance and class groups apart). With DDP's per-forward
 # buffer broadcast (CLIP's position_ids) the ranks' collectives no longer paired up and both processes waited
 # forever; the trainer turns that broadcast off (the buffers are frozen).
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_process_run_with_buckets_prior_and_text_encoder_finishes(tmp_path, cache_dir):
     images = mixed_aspect_images(tmp_path / "inst")
     classes = make_images(tmp_path / "cls", 2, (64, 64), seed=9)
@@ -556,6 +578,8 @@ def test_every_preset_loads_validates_and_explains_itself(path):
         assert getattr(cfg, k) == v
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_quickstart_tiny_preset_trains_from_the_command_line(tmp_path, cache_dir):
     images = make_images(tmp_path / "imgs", 2, (64, 64))
     out = tmp_path / "q.safetensors"
