@@ -31,7 +31,6 @@ def test_world_is_deterministic_and_pretraining_never_draws_held_out_subjects():
     assert world.parse_caption("a sks triangle on a gray background") == {"shape": "triangle", "background": "gray"}
 
 
-@pytest.mark.slow
 def test_pretraining_steps_return_diffusers_ema_of_the_weights():
     """A few steps of the toy pretraining (the 20-minute run itself is not repeated): what comes back is diffusers'
     EMAModel average of the weights, decay 0 at the first update and min(decay, (1+n)/(10+n)) at update n."""
@@ -65,7 +64,6 @@ def test_tokenizer_has_one_token_per_word_and_falls_back_to_characters():
     assert len(tok("zebra").input_ids) > 3
 
 
-@pytest.mark.slow
 def test_judge_is_accurate_on_held_out_renders_clean_and_degraded():
     # Measured: 100.0% on 1000 clean and 1000 degraded (blur σ 0.3-1.2 px, noise, colour shift) renders of
     # every colour × shape (held-out ones included). A judge below 98% would make the base's figures meaningless.
