@@ -30,7 +30,7 @@ from sdlora.models import load_base
 from sdlora.tiny import tiny_components
 from sdlora.train import ckpt
 from sdlora.train.step import Batch, DiffusionObjective, batch_loss, objective_for, sample_noise, scale_latents
-from tests.helpers import CONFIGS, ROOT, SDLORA, assert_same_tensors, make_images, sub_env, train_tiny
+from tests.helpers import CONFIGS, ROOT, SDLORA, assert_same_tensors, make_images, run_main, sub_env, train_tiny
 
 # two CPU processes over gloo (with ACCELERATE_USE_CPU=1 in the environment); see test_two_process_gloo_run_...
 ACCELERATE_2CPU = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -184,14 +184,15 @@ def interrupted(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("training-sigint")
-@pytest.mark.subprocess
-def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterrupted_run(interrupted):
+@pytest.mark.subprocess  # its fixture: the Ctrl-C of a real `sdlora train`
+def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterrupted_run(interrupted, capsys,
+                                                                                         monkeypatch):
     d = interrupted
+    monkeypatch.setenv("SDLORA_CACHE", str(d.cache))
     saved = ckpt.checkpoint_root(d.out) / "step-000005"  # written by --save-every before the interruption
     assert state_of(d.out)["ss_steps"] == str(d.k)  # Ctrl-C also saved the adapter trained so far
     out = d.root / "res" / "res.safetensors"
-    p = subprocess.run([*_sigint_args(d.images, out), "--resume", str(saved)], cwd=ROOT, env=sub_env(d.cache),
-                       capture_output=True, text=True, timeout=300)
+    p = run_main(capsys, *_sigint_args(d.images, out)[len(SDLORA):], "--resume", saved)  # in-process
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {saved} at step 5" in p.stdout
     assert_same_tensors(load(d.reference.path)[0], load(out)[0])
@@ -201,14 +202,14 @@ def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterru
 # position and RNG state belong to its step count, so resuming from it continues exactly.
 @pytest.mark.slow
 @pytest.mark.xdist_group("training-sigint")
-@pytest.mark.subprocess
-def test_ctrl_c_checkpoint_then_resume_latest_equals_the_uninterrupted_run(interrupted):
+@pytest.mark.subprocess  # its fixture: the Ctrl-C of a real `sdlora train`
+def test_ctrl_c_checkpoint_then_resume_latest_equals_the_uninterrupted_run(interrupted, capsys, monkeypatch):
     d = interrupted
+    monkeypatch.setenv("SDLORA_CACHE", str(d.cache))
     latest = ckpt.list_checkpoints(ckpt.checkpoint_root(d.out))[-1]
     manifest = json.loads((latest / "manifest.json").read_text())
     assert latest.name == f"step-{d.k:06d}" and manifest["step"] == d.k
-    p = subprocess.run([*_sigint_args(d.images, d.out), "--resume", "latest"], cwd=ROOT, env=sub_env(d.cache),
-                       capture_output=True, text=True, timeout=300)
+    p = run_main(capsys, *_sigint_args(d.images, d.out)[len(SDLORA):], "--resume", "latest")  # in-process
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {latest} at step {d.k}" in p.stdout
     # a checkpoint of step k holds the data position after step k, as the --save-every ones do (micro 5 at 5)
@@ -579,13 +580,11 @@ def test_every_preset_loads_validates_and_explains_itself(path):
 
 
 @pytest.mark.slow
-@pytest.mark.subprocess
-def test_quickstart_tiny_preset_trains_from_the_command_line(tmp_path, cache_dir):
+def test_quickstart_tiny_preset_trains_from_the_command_line(tmp_path, cache_dir, capsys):
     images = make_images(tmp_path / "imgs", 2, (64, 64))
     out = tmp_path / "q.safetensors"
-    p = subprocess.run([*SDLORA, "train", "--config", str(CONFIGS / "quickstart-tiny.toml"), "--images", str(images),
-                        "--prompt", "sks dog", "--steps", "2", "--out", str(out)],
-                       cwd=ROOT, env=sub_env(cache_dir), capture_output=True, text=True, timeout=300)
+    p = run_main(capsys, "train", "--config", CONFIGS / "quickstart-tiny.toml", "--images", images,
+                 "--prompt", "sks dog", "--steps", "2", "--out", out)
     assert p.returncode == 0, p.stderr[-3000:]
     state, md = load(out)
     preset = load_toml(CONFIGS / "quickstart-tiny.toml")
