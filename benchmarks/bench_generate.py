@@ -90,7 +90,7 @@ def main() -> None:
         blend = dict(zip(names, WEIGHTS))
         rows.append(("3 adapters, fused (sdlora)", per_image(lambda: fused.generate(settings, blend), args.images)))
         modules = sum(len(r.targets) for r in fused.blender.adapters.values())
-        del fused
+        fused = None  # frees the fused session before the diffusers pipeline loads (`del` would confuse pyflakes)
 
         base = loaded()
         pipe = base.pipeline(scheduler=make_scheduler(DEFAULT_SCHEDULER, base.scheduler_config))

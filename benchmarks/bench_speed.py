@@ -146,7 +146,8 @@ def floor_rows(model: str, res: int, steps: int, env: dict) -> list[dict]:
     r = measure([sys.executable, __file__, "--floor", model, str(res), str(steps)], env)
     got = json.loads(r["out"].strip().splitlines()[-1])
     common = {"to_step1": got["first"] - t0, "rss": r["rss"], "whole": r["whole"], "after": None}
-    return [common | {"run": "floor fwd+bwd", "s_step": got["step"]}, common | {"run": "floor fwd", "s_step": got["fwd"]}]
+    return [common | {"run": "floor fwd+bwd", "s_step": got["step"]},
+            common | {"run": "floor fwd", "s_step": got["fwd"]}]
 
 
 # ---------------------------------------------------------------- the table

@@ -129,8 +129,9 @@ def random_images(folder: Path, n: int, size: int, seed: int) -> Path:
 
 
 def random_base(shape: str, device):
-    """A BaseModel of `shape` (sd15/sdxl/sd35m/flux) with random weights from sdlora's public configs, built (initialised) on
-    `device`, fast on a GPU, then handed over on the CPU in fp32, as `load_base` hands over a model read from disk."""
+    """A BaseModel of `shape` (sd15/sdxl/sd35m/flux) with random weights from sdlora's public configs, built
+    (initialised) on `device`, fast on a GPU, then handed over on the CPU in fp32, as `load_base` hands over a model
+    read from disk."""
     import torch
 
     from sdlora import archs

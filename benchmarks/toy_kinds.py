@@ -28,8 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ["--model", "toy", "--images", str(ROOT / "datasets" / "toy-purple-triangle"), "--prompt", "a sks triangle",
-              "--class-prompt", "a triangle", "--num-class-images", "40", "--steps", "600", "--lr", "1e-3"]
+QUICKSTART = ["--model", "toy", "--images", str(ROOT / "datasets" / "toy-purple-triangle"),
+              "--prompt", "a sks triangle", "--class-prompt", "a triangle", "--num-class-images", "40",
+              "--steps", "600", "--lr", "1e-3"]
 SUBJECT = "a purple triangle"
 
 # name -> (flags added to the quick start, label in the table). Ranks of the kinds are chosen for a comparable number

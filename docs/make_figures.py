@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             row = []
             for strength in (0.0, 1.0):
                 for seed in SEEDS:
-                    img = session.generate(Settings(prompt=prompt, seed=seed, steps=20, guidance=5.0), {name: strength})[0][0]
+                    settings = Settings(prompt=prompt, seed=seed, steps=20, guidance=5.0)
+                    img = session.generate(settings, {name: strength})[0][0]
                     row.append(img.resize((CELL, CELL), Image.Resampling.NEAREST))
             rows.append(row)
     label_w, head = 260, 18

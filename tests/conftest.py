@@ -1,80 +1,37 @@
-"""Shared fixtures and helpers: the built-in tiny model, small image folders, kohya-layout state dicts, and a
-trained adapter. Test modules import helpers from here (`from tests.conftest import ...`), never from each other."""
+"""Fixtures shared by the test modules: an isolated latent/text cache, trained tiny adapters shared per settings,
+and folders with odd names. Helper functions live in tests/helpers.py. Nothing here imports the training loop at
+import time: collecting the suite stays cheap."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from sdlora.config import make_config
-from sdlora.train.loop import train
+from tests.helpers import DOG, train_tiny
 
 # One torch thread everywhere: the test machines have 2 shared cores, the tiny models' ops are too small to split, and
-# two contended OpenMP threads spin-wait for each other (a 6 s run took 59 s with 2 threads). Set here, at import,
+# two contended OpenMP threads spin-wait for each other (a 6 s run took 59 s with 2 threads). Parallelism comes from
+# pytest-xdist's worker processes instead (`-n auto`): each imports this file and gets one thread. Set here, at import,
 # for this process, and through OMP_NUM_THREADS for every `sdlora` subprocess the tests start (they inherit it).
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
-ROOT = Path(__file__).resolve().parent.parent
-DOG = ROOT / "datasets" / "dog"
 
-
-def quiet(*_a, **_k):
-    pass
-
-
-def train_tiny(out: Path, images: Path = DOG, **overrides):
-    """Train on the tiny model in-process; returns the TrainResult. Tests train into one path again and again, so
-    `overwrite` is on unless a test says otherwise (the output policy's own tests do)."""
-    values = dict(images=str(images), prompt="sks dog", model="tiny", steps=4, lr=1e-3, out=str(out), seed=0,
-                  overwrite=True)
-    values.update(overrides)
-    return train(make_config(values), log=quiet)
-
-
-def make_images(folder: Path, n: int = 3, size=(80, 64), seed: int = 0) -> Path:
-    """A folder of n small random-colour PNGs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / f"img_{i}.png")
-    return folder
-
-
-def kohya_fixture(table: dict, pattern: str, rank: int = 2, alpha: float | None = 1.0, seed: int = 0,
-                  dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """A kohya-layout state dict for the modules of `table` (kohya name -> layouts.Module) whose names match
-    `pattern`, written as kohya writes it: LoCon convs get a kxk down and a 1x1 up; no alpha keys when alpha is None."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, m in sorted(table.items()):
-        if not re.search(pattern, k):
-            continue
-        if m.conv:
-            down, up = torch.randn(rank, m.shape[1], *m.shape[2:], generator=g), torch.randn(m.shape[0], rank, 1, 1, generator=g)
-        else:
-            down, up = torch.randn(rank, m.shape[1], generator=g), torch.randn(m.shape[0], rank, generator=g)
-        sd[f"{k}.lora_down.weight"] = (down * 0.1).to(dtype)
-        sd[f"{k}.lora_up.weight"] = (up * 0.1).to(dtype)
-        if alpha is not None:
-            sd[f"{k}.alpha"] = torch.tensor(alpha, dtype=dtype)
-    return sd
+def pytest_collection_modifyitems(items):
+    """Slow tests first (in their collected order): under xdist the long ones start early, instead of one of them
+    ending the run alone on one worker while the others wait."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Latent/text caches of this test session live in a temp folder (inherited by subprocesses): tests never
-    reuse a cache from an earlier run or touch the user's ~/.cache/sdlora."""
-    import os
-
+    reuse a cache from an earlier run or touch the user's ~/.cache/sdlora. Under xdist each worker has its own
+    session, so its own folder."""
     old = os.environ.get("SDLORA_CACHE")
     os.environ["SDLORA_CACHE"] = str(tmp_path_factory.mktemp("sdlora-cache"))
     yield
@@ -84,11 +41,36 @@ def isolated_cache(tmp_path_factory):
         os.environ["SDLORA_CACHE"] = old
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """This test's own latent/text cache (SDLORA_CACHE, inherited by its subprocesses): no test may pass thanks to
+    another's cache entries. Modules that need it for every test say `pytestmark = usefixtures("cache_dir")`."""
+    d = tmp_path / "sdlora-cache"
+    monkeypatch.setenv("SDLORA_CACHE", str(d))
+    return d
+
+
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def trained_adapter(tmp_path_factory):
+    """trained_adapter(name="dog", **settings) -> the TrainResult of `train_tiny` with those settings, trained once
+    per distinct (name, settings) in this session (per xdist worker) and shared. Read-only: a test that changes
+    the file or the result's models trains its own. `name` is the file's stem, which the file's metadata records."""
+    results: dict[tuple, object] = {}
+
+    def get(name: str = "dog", **settings):
+        key = (name, *sorted((k, repr(v)) for k, v in settings.items()))
+        if key not in results:
+            out = tmp_path_factory.mktemp(f"adapter-{name}") / f"{name}.safetensors"
+            results[key] = train_tiny(out, **settings)
+        return results[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained(trained_adapter):
     """One adapter trained for a few steps with alpha != rank, shared by read-only tests."""
-    out = tmp_path_factory.mktemp("trained") / "dog.safetensors"
-    return train_tiny(out, steps=6, rank=4, alpha=2)
+    return trained_adapter("dog", steps=6, rank=4, alpha=2)
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ MD = {"ss_base_model_version": "sd_v1", "ss_sd_model_name": "tiny"}
 
 def good() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {f"{M}.lora_down.weight": torch.randn(4, 16, generator=g), f"{M}.lora_up.weight": torch.randn(16, 4, generator=g),
+    return {f"{M}.lora_down.weight": torch.randn(4, 16, generator=g),
+            f"{M}.lora_up.weight": torch.randn(16, 4, generator=g),
             f"{M}.alpha": torch.tensor(2.0), f"{T}.lora_down.weight": torch.randn(4, 32, generator=g),
             f"{T}.lora_up.weight": torch.randn(32, 4, generator=g), f"{T}.alpha": torch.tensor(2.0)}
 
@@ -87,7 +88,8 @@ def test_the_good_file_is_read(tmp_path):
 def test_fuzzed_adapter_files_read_or_fail_cleanly(tmp_path_factory):
     """Mutations of a valid kohya file — header JSON edits (dtype, shape, offsets, names), truncations, byte flips —
     give either an AdapterFile whose modules pass the sanity checks or an SdloraError; nothing else escapes."""
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     root = tmp_path_factory.mktemp("adapter-fuzz")
     src = root / "good.safetensors"
@@ -100,7 +102,8 @@ def test_fuzzed_adapter_files_read_or_fail_cleanly(tmp_path_factory):
     counter = iter(range(10**9))
 
     edit = st.one_of(
-        st.tuples(st.just("dtype"), st.sampled_from(keys), st.sampled_from(["F16", "BF16", "F64", "I64", "U8", "BOOL", "X"])),
+        st.tuples(st.just("dtype"), st.sampled_from(keys),
+                  st.sampled_from(["F16", "BF16", "F64", "I64", "U8", "BOOL", "X"])),
         st.tuples(st.just("shape"), st.sampled_from(keys), st.lists(st.integers(0, 40), max_size=4)),
         st.tuples(st.just("offsets"), st.sampled_from(keys), st.tuples(st.integers(0, 2000), st.integers(0, 2000))),
         st.tuples(st.just("rename"), st.sampled_from(keys), st.sampled_from(

@@ -6,7 +6,8 @@ and back scans the folder again (a file added meanwhile appears) and swaps which
 then moves one toy adapter's slider and splits the other's into text-encoder and UNet sliders set apart; uploads
 make ten rows (more than a fixed page would hold) and keep what the sliders were set to. It generates, and the
 image it shows must differ from the base model's and equal, pixel for pixel, what `sdlora generate --lora
-FILE:TE:UNET` makes with the same settings; the PNG says <lora:triangle:1.5:0.5> and names the model without a path. A screenshot is saved under test-artifacts/; with
+FILE:TE:UNET` makes with the same settings; the PNG says <lora:triangle:1.5:0.5> and names the model without a
+path. A screenshot is saved under test-artifacts/; with
 SDLORA_DOCS_SCREENSHOT=1 it is also written to docs/app.png (the README's picture; its adapters then train for
 the quick start's 600 steps, so the picture shows what they learned).
 """
@@ -31,6 +32,8 @@ from PIL import Image
 from sdlora.formats import kohya
 from sdlora.formats.a1111 import parse_parameters, read_parameters
 from sdlora.formats.io import load as load_safetensors
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess]
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -89,7 +92,8 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
 
     trained = tmp_path / "trained"
     toy = ["--model", "toy", "--images", "datasets/toy-purple-triangle", "--steps", TOY_STEPS, "--lr", "1e-3"]
-    jobs = [sdlora("train", *toy, "--prompt", "a sks triangle", "--seed", "0", "--out", str(trained / "triangle.safetensors")),
+    jobs = [sdlora("train", *toy, "--prompt", "a sks triangle", "--seed", "0",
+                   "--out", str(trained / "triangle.safetensors")),
             sdlora("train", *toy, "--prompt", "a zwx triangle", "--seed", "2", "--rank", "2",
                    "--out", str(trained / "style.safetensors")),
             sdlora("train", "--model", "tiny", "--images", "datasets/dog", "--prompt", "sks dog", "--steps", "4",

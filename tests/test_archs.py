@@ -11,7 +11,7 @@ from sdlora.formats.io import load
 from sdlora.formats.verify import verify_file
 from sdlora.lora.targets import find_targets
 from sdlora.models import load_base
-from tests.conftest import train_tiny
+from tests.helpers import run_main, train_tiny
 
 MODELS = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
@@ -35,6 +35,7 @@ def test_tiny_models_have_the_real_module_tree(name, arch):
 
 @pytest.mark.parametrize("name,version,prediction", [("tiny-sd2", "sd_v2_768_v", "v_prediction"),
                                                       ("tiny-sdxl", "sdxl_base_v1-0", "epsilon")])
+@pytest.mark.slow
 def test_sd2_and_sdxl_train_save_and_verify(tmp_path, name, version, prediction):
     result = train_tiny(tmp_path / f"{name}.safetensors", model=name, steps=2)
     base = result.base
@@ -61,14 +62,16 @@ def test_sd2_and_sdxl_train_save_and_verify(tmp_path, name, version, prediction)
     assert verify_file(result.path).ok
 
 
-def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(tmp_path):
+@pytest.mark.slow
+@pytest.mark.xdist_group("sdxl-adapter")
+def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(trained_adapter):
     from peft.tuners.lora import LoraLayer
 
     from sdlora.formats import kohya
     from sdlora.infer.session import Session, Settings
     from tests import reference
 
-    result = train_tiny(tmp_path / "xl.safetensors", model="tiny-sdxl", steps=2, lr=5e-3)
+    result = trained_adapter("xl", model="tiny-sdxl", steps=2, lr=5e-3)
     state, _ = load(result.path)
     n_modules = len(state) // 3
 
@@ -85,29 +88,28 @@ def test_sdxl_adapter_loads_in_diffusers_and_blends_exactly(tmp_path):
     base_img = session.generate(settings, {})[0][0]
     blended = session.generate(settings, {"xl": 0.7})[0][0]
     merged = load_base("tiny-sdxl")
-    table = {kohya.kohya_name(c, n, "sdxl"): m for c, model in merged.components.items() for n, m in model.named_modules()}
+    table = {kohya.kohya_name(c, n, "sdxl"): m
+             for c, model in merged.components.items() for n, m in model.named_modules()}
     groups = reference.group(state)
     with torch.no_grad():
         for mod, t in groups.items():
             w = table[mod].weight
-            w += (0.7 * reference.lora_delta(t["lora_down.weight"], t["lora_up.weight"], t["alpha"].item())).reshape(w.shape).to(w.dtype)
+            delta = reference.lora_delta(t["lora_down.weight"], t["lora_up.weight"], t["alpha"].item())
+            w += (0.7 * delta).reshape(w.shape).to(w.dtype)
     merged_img = Session("tiny-sdxl", base=merged).generate(settings, {})[0][0]
     assert list(blended.getdata()) == list(merged_img.getdata())
     assert list(blended.getdata()) != list(base_img.getdata())
 
 
-def test_sdxl_merge_to_a_diffusers_folder_equals_the_fused_adapter(tmp_path):
-    import subprocess
-    import sys
-
+@pytest.mark.slow
+@pytest.mark.xdist_group("sdxl-adapter")
+def test_sdxl_merge_to_a_diffusers_folder_equals_the_fused_adapter(tmp_path, trained_adapter, capsys):
     from sdlora.infer.session import Session
     from sdlora.train.step import encode_text
-    from tests.conftest import ROOT
 
-    result = train_tiny(tmp_path / "xl.safetensors", model="tiny-sdxl", steps=2, lr=5e-3)
-    p = subprocess.run([sys.executable, "-m", "sdlora", "merge", "--model", "tiny-sdxl", "--lora",
-                        f"{result.path}:0.8", "--dtype", "fp32", "--out", str(tmp_path / "merged")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = trained_adapter("xl", model="tiny-sdxl", steps=2, lr=5e-3)
+    p = run_main(capsys, "merge", "--model", "tiny-sdxl", "--lora", f"{result.path}:0.8", "--dtype", "fp32",
+                 "--out", tmp_path / "merged")
     assert p.returncode == 0, p.stderr
     merged = load_base(str(tmp_path / "merged"))
     session = Session("tiny-sdxl")
@@ -119,7 +121,8 @@ def test_sdxl_merge_to_a_diffusers_folder_equals_the_fused_adapter(tmp_path):
     with torch.no_grad():
         for base in (merged, session.base, load_base("tiny-sdxl")):
             hidden, pooled = encode_text(base.spec, list(base.text_encoders.values()), ["sks dog"])
-            outs.append(base.unet(latents, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            outs.append(base.unet(latents, t, hidden, added_cond_kwargs=added).sample)
     assert merged.arch == "sdxl"
     assert (outs[0] - outs[1]).abs().max().item() < 1e-6
     assert (outs[0] - outs[2]).abs().max().item() > 1e-4  # the merge did change the model

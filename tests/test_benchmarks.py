@@ -7,7 +7,11 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def test_bench_speed_quick_prints_a_table_of_numbers():

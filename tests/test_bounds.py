@@ -28,7 +28,7 @@ from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
 from sdlora.models import load_base
 from sdlora.train.loop import train
-from tests.conftest import DOG, ROOT, kohya_fixture, make_images
+from tests.helpers import DOG, ROOT, kohya_fixture, make_images
 
 torch.set_num_threads(1)
 

@@ -29,7 +29,7 @@ from sdlora.formats.io import load
 from sdlora.tiny import tiny_components
 from sdlora.train import ckpt
 from sdlora.train.loop import train
-from tests.conftest import DOG, make_images
+from tests.helpers import DOG, make_images
 
 torch.set_num_threads(1)
 FUZZ = dict(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))

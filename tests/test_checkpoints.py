@@ -17,8 +17,6 @@ from sdlora.formats import checkpoint as C
 from sdlora.merge import clip_to_ldm_state, ldm_state_dict, openclip_to_ldm_state, unet_to_ldm_state, vae_to_ldm_state
 from sdlora.models import detect_checkpoint_arch, load_base
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture
 def offline(monkeypatch):
@@ -90,7 +88,8 @@ def _meta_ldm(arch: str, extra_te_layer: bool = False) -> dict:
         sd |= (openclip_to_ldm_state if t.ldm_layout == "openclip" else clip_to_ldm_state)(te, t.ldm_prefix)
         if extra_te_layer:  # as real SD 2.x files hold it: OpenCLIP-H's 24th layer
             last = te.config.num_hidden_layers - 1
-            src, dst = f"{t.ldm_prefix}transformer.resblocks.{last}.", f"{t.ldm_prefix}transformer.resblocks.{last + 1}."
+            src = f"{t.ldm_prefix}transformer.resblocks.{last}."
+            dst = f"{t.ldm_prefix}transformer.resblocks.{last + 1}."
             sd |= {dst + k[len(src):]: v for k, v in list(sd.items()) if k.startswith(src)}
     return sd
 
@@ -123,7 +122,8 @@ def test_derived_configs_of_the_real_architectures_equal_their_public_configs(ar
                                        ("double_blocks.0.img_attn.qkv.weight", "FLUX.1")])
 def test_single_file_transformer_checkpoints_are_refused_with_the_fix(tmp_path, key, label):
     save_file({key: torch.zeros(3, 2)}, str(tmp_path / "dit.safetensors"))
-    with pytest.raises(SdloraError, match=f"single-file {re.escape(label)} checkpoint.*diffusers folder or hub id") as e:
+    needle = f"single-file {re.escape(label)} checkpoint.*diffusers folder or hub id"
+    with pytest.raises(SdloraError, match=needle) as e:
         load_base(str(tmp_path / "dit.safetensors"))
     assert "\n" not in str(e.value)
 
@@ -187,9 +187,10 @@ def test_incomplete_checkpoint_is_one_line(tmp_path):
         load_base(str(_write(base, tmp_path / "cut.safetensors", sd=sd)))
 
 
+@pytest.mark.slow
 def test_training_on_a_single_file_checkpoint_offline(tmp_path, offline):
     from sdlora.formats.io import load
-    from tests.conftest import train_tiny
+    from tests.helpers import train_tiny
 
     path = _write(load_base("tiny-sd2"), tmp_path / "sd2-v.safetensors")
     res = train_tiny(tmp_path / "a.safetensors", model=str(path), steps=1, resolution=64, no_cache=True)
@@ -213,5 +214,6 @@ def test_file_variants_as_found_in_the_wild(tmp_path, offline):
     assert got.unet.dtype == torch.float32 and got.text_encoder.dtype == torch.float32
     for attr, module in ref.modules.items():
         mine, theirs = got.modules[attr].state_dict(), module.state_dict()
-        assert all(torch.equal(mine[k], theirs[k].half().float()) for k in theirs if theirs[k].is_floating_point()), attr
+        assert all(torch.equal(mine[k], theirs[k].half().float())
+                   for k in theirs if theirs[k].is_floating_point()), attr
     assert load_base(str(tmp_path / "wild.safetensors"), dtype=torch.bfloat16).unet.dtype == torch.bfloat16

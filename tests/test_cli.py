@@ -1,6 +1,7 @@
 """The `sdlora` command end to end: odd paths, bad input, Ctrl-C, config files. Runs that need a real process (the
-console entry point, Ctrl-C, output and exit code as a user sees them) use subprocesses; the many bad-input cases
-call `sdlora.cli.main` in-process (an interpreter start costs seconds), with one subprocess error case kept."""
+console entry point, Ctrl-C, exit code as a user sees it) use subprocesses; the others call `sdlora.cli.main`
+in-process with the same assertions on exit code, stdout and stderr (an interpreter start costs seconds), with one
+subprocess error case kept."""
 
 from __future__ import annotations
 
@@ -8,49 +9,23 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from sdlora.formats.io import load
-from tests.conftest import ROOT, make_images
-
-SDLORA = [sys.executable, "-m", "sdlora"]
-
-
-def run(*args, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    return subprocess.run([*SDLORA, *map(str, args)], capture_output=True, text=True, env=env, cwd=kw.pop("cwd", ROOT),
-                          timeout=kw.pop("timeout", 300), **kw)
+from tests.helpers import ROOT, SDLORA, error_line, main_error, make_images, run_main, run_sdlora, sub_env, train_tiny
 
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:
     return error_line(p.returncode, p.stderr)
 
 
-def error_line(code: int, stderr: str) -> str:
-    """The one `sdlora: error:` line of a run that failed with exit code 2, without a traceback."""
-    assert code == 2, stderr
-    lines = [l for l in stderr.strip().splitlines() if l.startswith("sdlora: error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    return lines[0]
-
-
-def main_error(capsys, *args) -> str:
-    """`sdlora ARGS` run in-process through sdlora.cli.main: its one error line."""
-    from sdlora.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return error_line(code, capsys.readouterr().err)
-
-
-def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir):
+@pytest.mark.slow
+def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir, capsys):
     out_dir = odd_dir / "out put ö"
-    p = run("train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "12",
+    p = run_main(capsys, "train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "12",
             "--output-dir", out_dir, "--rank", "2")
     assert p.returncode == 0, p.stderr
     path = out_dir / "dog pics.safetensors"  # default name: the images folder's name
@@ -66,14 +41,17 @@ def test_train_end_to_end_with_spaces_and_non_ascii_paths(dog_copy, odd_dir):
     assert sorted(f.name for f in out_dir.iterdir()) == ["dog pics-loss.png", "dog pics.safetensors"]
 
 
-def test_prior_preservation_and_options_from_a_toml_config(tmp_path, dog_copy):
+@pytest.mark.slow
+def test_prior_preservation_and_options_from_a_toml_config(tmp_path, dog_copy, capsys):
     classes = make_images(tmp_path / "class imgs", n=3)
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'images = "{dog_copy.as_posix()}"\nprompt = "sks dog"\nmodel = "tiny"\nsteps = 3\n'
                    f'class-prompt = "a dog"\nclass_images = "{classes.as_posix()}"\nprior_loss_weight = 0.5\n'
                    'rank = 8\n', encoding="utf-8")
     out = tmp_path / "o.safetensors"
-    p = run("train", "--config", cfg, "--rank", "2", "--no-text-encoder", "--num-class-images", "3", "--out", out)  # flags override the file
+    # flags override the file
+    p = run_main(capsys, "train", "--config", cfg, "--rank", "2", "--no-text-encoder", "--num-class-images", "3",
+                 "--out", out)
     assert p.returncode == 0, p.stderr
     state, md = load(out)
     assert md["ss_network_dim"] == "2" and md["ss_num_reg_images"] == "3" and md["ss_prior_loss_weight"] == "0.5"
@@ -97,6 +75,8 @@ def test_invalid_options_give_one_line_errors(args, needle, dog_copy, odd_dir, t
     assert sorted(p.name for p in odd_dir.iterdir()) == ["dog pics"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_empty_folder_and_corrupt_images_are_named(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -110,7 +90,7 @@ def test_empty_folder_and_corrupt_images_are_named(tmp_path, capsys):
     (folder / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated
     (folder / "fake.png").write_bytes(b"this is not a png")
     # the console entry point in a real process: exit code 2 and the one line on stderr, nothing written
-    p = run("train", "--images", folder, "--prompt", "x", "--model", "tiny", "--steps", "1", cwd=tmp_path)
+    p = run_sdlora("train", "--images", folder, "--prompt", "x", "--model", "tiny", "--steps", "1", cwd=tmp_path)
     line = one_line_error(p)
     assert "broken.jpg" in line and "fake.png" in line and "--skip-bad-images" in line
     assert sorted(f.name for f in tmp_path.iterdir()) == ["empty", "imgs"]
@@ -122,9 +102,11 @@ def test_empty_folder_and_corrupt_images_are_named(tmp_path, capsys):
     assert load(out)[1]["ss_num_train_images"] == "2"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_saves_what_was_trained_so_far(tmp_path, dog_copy):
     out = tmp_path / "interrupted.safetensors"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = sub_env()
     proc = subprocess.Popen([*SDLORA, "train", "--images", str(dog_copy), "--prompt", "sks dog", "--model", "tiny",
                              "--steps", "100000", "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -142,9 +124,8 @@ def test_ctrl_c_saves_what_was_trained_so_far(tmp_path, dog_copy):
     assert any(t.abs().sum() > 0 for k, t in state.items() if "lora_up" in k)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_and_gradient_checkpointing_train_on_cpu(tmp_path):
-    from tests.conftest import train_tiny
-
     for flags in ({"mixed_precision": "bf16"}, {"gradient_checkpointing": True}):
         result = train_tiny(tmp_path / "m.safetensors", steps=2, **flags)
         state, _ = load(result.path)
@@ -153,9 +134,8 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_train_on_cpu(tmp_path):
         assert sum(t.abs().sum() for t in ups) > 0, flags
 
 
+@pytest.mark.slow
 def test_save_precision_fp16_casts_every_tensor_alpha_included(tmp_path):
-    from tests.conftest import train_tiny
-
     state, _ = load(train_tiny(tmp_path / "h.safetensors", steps=1, save_precision="fp16").path)
     assert {t.dtype for t in state.values()} == {torch.float16}
 
@@ -175,7 +155,8 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["a.safetensors"]
 
 
-@pytest.mark.parametrize("content,needle", [(b"\x80\x04\x95pickle", "pickle"), (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"", "truncated")])
+@pytest.mark.parametrize("content,needle", [(b"\x80\x04\x95pickle", "pickle"),
+                                            (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"", "truncated")])
 def test_reading_a_pickle_or_truncated_adapter_is_a_clear_error(tmp_path, content, needle):
     from sdlora.errors import SdloraError
 
@@ -187,11 +168,12 @@ def test_reading_a_pickle_or_truncated_adapter_is_a_clear_error(tmp_path, conten
         load(tmp_path / "x.ckpt")
 
 
+@pytest.mark.slow
 def test_cache_command_counts_and_clears_the_entries_training_wrote(tmp_path, dog_copy, capsys):
     from sdlora.cli import main
 
     cache = tmp_path / "cache dir"
-    p = run("train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "1",
+    p = run_main(capsys, "train", "--images", dog_copy, "--prompt", "sks dog", "--model", "tiny", "--steps", "1",
             "--no-text-encoder", "--cache-dir", cache, "--out", tmp_path / "a.safetensors")
     assert p.returncode == 0, p.stderr
     n = len(list(cache.rglob("*.safetensors")))
@@ -204,7 +186,6 @@ def test_cache_command_counts_and_clears_the_entries_training_wrote(tmp_path, do
 
 
 def test_atomic_folder_write_replaces_whole_and_gets_normal_permissions(tmp_path):
-    import os
 
     from sdlora.formats.io import atomic_write_dir
 

@@ -13,8 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.data import (Example, PromptRules, build_examples, epoch_batches, image_size, load_image, make_buckets,
-                         nearest_bucket, read_caption, tag_frequency)
+from sdlora.data import (
+    Example,
+    PromptRules,
+    build_examples,
+    epoch_batches,
+    image_size,
+    load_image,
+    make_buckets,
+    nearest_bucket,
+    read_caption,
+    tag_frequency,
+)
 
 
 def _png(path: Path, size=(16, 16), color=(200, 10, 10), mode="RGB") -> Path:
@@ -114,7 +124,10 @@ def test_nearest_bucket_picks_the_closest_aspect_ratio():
     buckets = make_buckets(512, 64)
     for size in [(1000, 500), (500, 1000), (640, 480), (480, 640), (777, 777), (3000, 100)]:
         got = nearest_bucket(size, buckets)
-        dist = lambda b: abs(math.log(b[0] / b[1]) - math.log(size[0] / size[1]))
+
+        def dist(b, size=size):
+            return abs(math.log(b[0] / b[1]) - math.log(size[0] / size[1]))
+
         assert dist(got) == min(dist(b) for b in buckets), (size, got)
     assert nearest_bucket((777, 777), buckets) == (512, 512)
     assert nearest_bucket((3000, 100), buckets) == max(buckets, key=lambda b: b[0] / b[1])  # widest

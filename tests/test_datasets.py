@@ -4,22 +4,17 @@ one scan that `sdlora scan` prints and training runs first."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections import Counter
 
 import pytest
-import torch
 
 from sdlora.config import make_config
 from sdlora.data import PromptRules, epoch_batches
 from sdlora.dataset import is_concept_parent, scan_dataset
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
-from tests.conftest import ROOT, make_images, train_tiny
-
-torch.set_num_threads(1)
+from tests.helpers import make_images, run_main, train_tiny
 
 
 def kohya_tree(root):
@@ -79,6 +74,7 @@ def test_plain_folders_still_need_a_prompt_and_mixed_folders_are_plain(tmp_path)
     assert cfg.class_folder == reg and cfg.prompt is None
 
 
+@pytest.mark.slow
 def test_kohya_training_run_records_kohya_dataset_metadata(tmp_path):
     train, reg, *_ = kohya_tree(tmp_path)
     out = tmp_path / "out.safetensors"
@@ -95,13 +91,10 @@ def test_kohya_training_run_records_kohya_dataset_metadata(tmp_path):
     assert md["modelspec.trigger_phrase"] == "sks dog, zwx cat"
 
 
-def scan_cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, "-m", "sdlora", "scan", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+def test_scan_prints_what_training_sees_and_exits_1_when_training_would_stop(tmp_path, capsys):
+    def scan_cli(*args) -> subprocess.CompletedProcess:
+        return run_main(capsys, "scan", *args)
 
-
-def test_scan_prints_what_training_sees_and_exits_1_when_training_would_stop(tmp_path):
     train, reg, dog, cat, _ = kohya_tree(tmp_path)
     tiny = make_images(tmp_path / "t" / "2_tiny thing", 1, size=(8, 8))
     p = scan_cli(train, "--class-images", reg, "--resolution", "64", "--buckets")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,31 +24,48 @@ from sdlora.formats import dit, kohya, layouts
 from sdlora.formats.read import read_adapter
 from sdlora.models import load_base
 from sdlora.train import step as S
-from tests.conftest import DOG, ROOT
+from tests.helpers import DOG, quiet, run_main, train_tiny
 
-SDLORA = [sys.executable, "-m", "sdlora"]
 FAMILIES = {"tiny-sd3": "sd3", "tiny-flux": "flux"}
+# the tests of the trained adapters share an xdist worker, so that each is trained once
+SHARES_TRAINED = pytest.mark.xdist_group("dit-trained")
 
 
-def run_cli(*args, timeout=600):
-    p = subprocess.run([*SDLORA, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_cli(capsys, *args):
+    """`sdlora ARGS` in-process; it must succeed."""
+    p = run_main(capsys, *args)
     assert p.returncode == 0, p.stderr[-2000:]
     return p
 
 
+class _PerFamily(Mapping):
+    """model -> its adapter file, trained on first use by `sdlora train` (in-process, through sdlora.cli.main; 4 steps
+    at 64 px, a high LR so the deltas are far from zero)."""
+
+    def __init__(self, folder: Path):
+        self._folder, self._files = folder, {}
+
+    def __getitem__(self, model: str) -> Path:
+        from sdlora.cli import main
+
+        if model not in self._files:
+            f = self._folder / f"{model}.safetensors"
+            code = main(["train", "--model", model, "--images", str(DOG), "--prompt", "sks dog", "--steps", "4",
+                         "--lr", "1e-2", "--out", str(f), "--no-cache", "--no-eval-loss"])
+            assert code == 0 and f.is_file()
+            self._files[model] = f
+        return self._files[model]
+
+    def __iter__(self):
+        return iter(FAMILIES)
+
+    def __len__(self):
+        return len(FAMILIES)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """An adapter per family, trained by `sdlora train` in a subprocess (4 steps at 64 px, a high LR so the
-    deltas are far from zero)."""
-    d = tmp_path_factory.mktemp("dit")
-    out = {}
-    for model in FAMILIES:
-        f = d / f"{model}.safetensors"
-        p = run_cli("train", "--model", model, "--images", DOG, "--prompt", "sks dog", "--steps", 4, "--lr", "1e-2",
-                    "--out", f, "--no-cache", "--no-eval-loss")
-        assert f.is_file(), p.stderr[-1000:]
-        out[model] = f
-    return out
+def trained(tmp_path_factory) -> Mapping[str, Path]:
+    return _PerFamily(tmp_path_factory.mktemp("dit"))
 
 
 # ---------------------------------------------------------------- real sizes, names
@@ -166,6 +183,8 @@ def _expected_deltas(path, base) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
+@SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
 def test_trained_file_has_kohya_names_alpha_and_metadata(trained, model):
     f = read_adapter(trained[model])
@@ -183,12 +202,14 @@ def test_trained_file_has_kohya_names_alpha_and_metadata(trained, model):
     assert md["ss_v2"] == "False"
 
 
+@pytest.mark.slow
+@SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
-def test_diffusers_load_lora_weights_applies_every_module_exactly(trained, model, tmp_path):
+def test_diffusers_load_lora_weights_applies_every_module_exactly(trained, model, tmp_path, capsys):
     base = load_base(model)
     want = _expected_deltas(trained[model], base)
     conv = tmp_path / "diffusers.safetensors"
-    run_cli("convert", trained[model], conv, "--to", "diffusers")
+    run_cli(capsys, "convert", trained[model], conv, "--to", "diffusers")
     w0 = {p: base.denoiser.get_submodule(p).weight.detach().clone() for p in want}
     pipe = base.pipeline()
     pipe.load_lora_weights(str(conv), adapter_name="sks")
@@ -233,9 +254,11 @@ def test_diffusers_reads_a_real_width_kohya_flux_file_directly():
         torch.testing.assert_close(b @ a, alpha / 2 * t["up"] @ t["down"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
-def test_verify_says_every_loader_loads_it(trained, model):
-    p = run_cli("verify", trained[model])
+def test_verify_says_every_loader_loads_it(trained, model, capsys):
+    p = run_cli(capsys, "verify", trained[model])
     n = len(read_adapter(trained[model]).modules)
     assert f"kohya     loads {n}/{n}" in p.stdout and f"ComfyUI   loads {n}/{n}" in p.stdout
     assert f"load_lora_weights loads {n}/{n}" in p.stdout and p.stdout.rstrip().endswith("OK")
@@ -244,6 +267,8 @@ def test_verify_says_every_loader_loads_it(trained, model):
 # ---------------------------------------------------------------- generate, blend, merge
 
 
+@pytest.mark.slow
+@SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
 def test_blend_fuses_exactly_the_hand_computed_delta(trained, model):
     from sdlora.infer.session import Session
@@ -260,12 +285,14 @@ def test_blend_fuses_exactly_the_hand_computed_delta(trained, model):
     assert all(torch.equal(s.base.denoiser.get_submodule(p).weight, w0[p]) for p in want)
 
 
+@pytest.mark.slow
+@SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
-def test_generate_writes_an_image_with_the_adapter(trained, model, tmp_path):
+def test_generate_writes_an_image_with_the_adapter(trained, model, tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "x.png"
-    p = run_cli("generate", "--model", model, "--lora", f"{trained[model]}:0.8", "--prompt", "sks dog",
+    p = run_cli(capsys, "generate", "--model", model, "--lora", f"{trained[model]}:0.8", "--prompt", "sks dog",
                 "--steps", 3, "--out", out)
     assert "Euler" in p.stderr  # flow-matching Euler, whatever --scheduler says
     with Image.open(out) as im:
@@ -273,6 +300,8 @@ def test_generate_writes_an_image_with_the_adapter(trained, model, tmp_path):
         assert "<lora:" in im.info["parameters"]
 
 
+@pytest.mark.slow
+@SHARES_TRAINED
 def test_merge_writes_a_diffusers_model_with_the_fused_weights(trained, tmp_path):
     from sdlora.merge import merge
 
@@ -299,19 +328,18 @@ def test_merge_writes_a_diffusers_model_with_the_fused_weights(trained, tmp_path
 ])
 def test_options_a_flow_transformer_cannot_train_are_refused_in_one_line(tmp_path, option, message):
     from sdlora.errors import SdloraError
-    from tests.conftest import train_tiny
 
     with pytest.raises(SdloraError, match=re.escape(message)) as e:
         train_tiny(tmp_path / "x.safetensors", model="tiny-flux", steps=1, **option)
     assert "\n" not in str(e.value) and not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_attn_preset_trains_the_clip_text_encoders_and_t5_runs_once_per_prompt(tmp_path):
     """With CLIP-L and bigG trained, T5-XXL stays frozen and its output is cached per prompt: 3 steps on one
     prompt run T5 once, and the conditioning equals the uncached computation."""
     from sdlora.config import make_config
     from sdlora.train.loop import train
-    from tests.conftest import quiet
 
     base = load_base("tiny-sd3")
     t5_calls = []
@@ -330,13 +358,15 @@ def test_attn_preset_trains_the_clip_text_encoders_and_t5_runs_once_per_prompt(t
             t5, S.encode_text(fresh.spec, list(fresh.text_encoders.values()), ["sks dog"], clip_only)))
 
 
+@pytest.mark.slow
+@SHARES_TRAINED
 @pytest.mark.parametrize("model", FAMILIES)
-def test_a_diffusers_named_file_reads_back_as_the_same_deltas(trained, model, tmp_path):
+def test_a_diffusers_named_file_reads_back_as_the_same_deltas(trained, model, tmp_path, capsys):
     """What ai-toolkit, SimpleTuner and diffusers write (separate q/k/v LoRAs): read onto the original modules with
     exactly the kohya file's ΔW. Ranks differ per part (zero columns pruned on the way out), so the unequal-rank
     fusion is exercised too."""
     conv = tmp_path / "diffusers.safetensors"
-    run_cli("convert", trained[model], conv, "--to", "diffusers")
+    run_cli(capsys, "convert", trained[model], conv, "--to", "diffusers")
     ours, back = read_adapter(trained[model]), read_adapter(conv)
     assert back.source == "diffusers" and not back.unknown and back.arch == ours.arch
     for name, m in ours.modules.items():
@@ -346,6 +376,7 @@ def test_a_diffusers_named_file_reads_back_as_the_same_deltas(trained, model, tm
         torch.testing.assert_close(back.modules[name].delta(), d, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_flux_resume_with_bf16_and_gradient_checkpointing_equals_the_uninterrupted_run(tmp_path):
     """Mixed precision, gradient checkpointing and checkpoint/resume on a transformer: a run resumed from its
     step-2 checkpoint ends with the same adapter, bit for bit, as the run that never stopped."""
@@ -353,7 +384,6 @@ def test_flux_resume_with_bf16_and_gradient_checkpointing_equals_the_uninterrupt
     from sdlora.formats.io import load
     from sdlora.train import ckpt
     from sdlora.train.loop import train
-    from tests.conftest import quiet
 
     def run(out, **extra):
         values = dict(images=str(DOG), prompt="sks dog", model="tiny-flux", steps=3, lr=1e-3, out=str(out), seed=0,
@@ -369,6 +399,8 @@ def test_flux_resume_with_bf16_and_gradient_checkpointing_equals_the_uninterrupt
     assert all(final_a[k].abs().sum() > 0 for k in final_a if "lora_up" in k and "single" not in k)
 
 
+@pytest.mark.slow
+@SHARES_TRAINED
 def test_the_app_lists_a_flux_adapter_as_fitting_only_the_flux_model(trained, tmp_path):
     """The app's listing (what its page shows after a model load) for a folder with an SD3 and a FLUX adapter:
     on tiny-flux only the FLUX one fits, and the other says why; the same after switching to tiny-sd3."""
@@ -405,7 +437,8 @@ def test_verify_names_kohyas_split_qkv_alpha_pitfall(tmp_path):
     down = torch.randn(3 * r, cols)
     up = torch.block_diag(*[torch.randn(rows // 3, r) for _ in range(3)])
     tensors = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(4.0)}
-    md = {"ss_network_args": '{"split_qkv": "True"}', "ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+    md = {"ss_network_args": '{"split_qkv": "True"}', "ss_base_model_version": "flux1",
+          "ss_network_module": "networks.lora_flux"}
     atomic_save(tensors, tmp_path / "split.safetensors", md)
     notes = verify_file(tmp_path / "split.safetensors", model=base).notes
     assert any("split_qkv" in n and "multiply their alpha by 3" in n for n in notes)
@@ -413,12 +446,12 @@ def test_verify_names_kohyas_split_qkv_alpha_pitfall(tmp_path):
     assert not any("split_qkv" in n for n in verify_file(tmp_path / "fixed.safetensors", model=base).notes)
 
 
+@pytest.mark.slow
 def test_attention_kernels_reach_the_transformer_through_diffusers_dispatch(tmp_path):
     """--attention on SD3/FLUX goes through diffusers' attention dispatch (set_attention_backend): the math kernel
     trains the same adapter as the default; the UNet-only eager processor is refused in one line."""
     from sdlora.errors import SdloraError
     from sdlora.formats.io import load
-    from tests.conftest import train_tiny
 
     a = train_tiny(tmp_path / "a.safetensors", model="tiny-flux", steps=2, no_eval_loss=True)
     b = train_tiny(tmp_path / "b.safetensors", model="tiny-flux", steps=2, no_eval_loss=True, attention="math")
@@ -431,11 +464,11 @@ def test_attention_kernels_reach_the_transformer_through_diffusers_dispatch(tmp_
         train_tiny(tmp_path / "c.safetensors", model="tiny-flux", steps=1, attention="eager")
 
 
+@pytest.mark.slow
 def test_t5_leaves_memory_once_its_prompts_are_cached_while_clip_trains(tmp_path):
     from sdlora.config import make_config
     from sdlora.train import memory
     from sdlora.train.loop import train
-    from tests.conftest import quiet
 
     cfg = make_config(dict(images=str(DOG), prompt="sks dog", model="tiny-flux", preset="attn", steps=2, lr=1e-3,
                            out=str(tmp_path / "a.safetensors"), seed=0, no_eval_loss=True))

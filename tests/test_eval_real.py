@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sdlora.metrics import FeatureModels, dreambooth_prompts
-from tests.conftest import DOG
+from tests.helpers import DOG
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,15 @@ def expected_scores(feature_dirs):
     (32 px: no resize or crop): CLIP-I and DINO are the mean cosine over all generated x reference pairs, CLIP-T the
     mean cosine of each generated image with its own prompt."""
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
-    from transformers.utils.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN,
-                                              OPENAI_CLIP_STD)
+    from transformers.utils.constants import (
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+    )
 
-    clip, tok = CLIPModel.from_pretrained(feature_dirs / "clip").eval(), CLIPTokenizer.from_pretrained(feature_dirs / "clip")
+    clip = CLIPModel.from_pretrained(feature_dirs / "clip").eval()
+    tok = CLIPTokenizer.from_pretrained(feature_dirs / "clip")
     dino = ViTModel.from_pretrained(feature_dirs / "dino").eval()
 
     def pixels(images, mean, std):
@@ -73,7 +78,8 @@ def expected_scores(feature_dirs):
         return (a @ b.T) / (a.norm(dim=1)[:, None] * b.norm(dim=1)[None, :])
 
     def clip_image(ims):
-        return clip.visual_projection(clip.vision_model(pixel_values=pixels(ims, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)).pooler_output)
+        pooled = clip.vision_model(pixel_values=pixels(ims, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)).pooler_output
+        return clip.visual_projection(pooled)
 
     def dino_cls(ims):
         return dino(pixel_values=pixels(ims, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)).last_hidden_state[:, 0]
@@ -113,6 +119,8 @@ def test_identical_images_score_one_and_different_ones_less(feature_dirs, expect
     assert other["CLIP-I"] < 0.99 and other["DINO"] < 0.99
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_eval_cli_reports_the_adapter_and_base_scores_of_the_dreambooth_protocol(trained, feature_dirs, expected_scores,
                                                                                 capsys, monkeypatch):
     from sdlora.cli import main
@@ -154,6 +162,8 @@ def test_eval_cli_reports_the_adapter_and_base_scores_of_the_dreambooth_protocol
     assert abs(want["adapter"]["CLIP-T"] - want["base"]["CLIP-T"]) > 3e-3  # the adapter's and the base's columns differ
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_eval_cli_skips_missing_feature_models_cleanly(trained, tmp_path, capsys):
     from sdlora.cli import main
 

@@ -1,6 +1,7 @@
 """What a new user meets in the first hour (issue 14): --help texts, error messages, file permissions, what
-`generate` and `eval` say while they work, and the app's model picker. Real commands in subprocesses, real tiny
-models and real files."""
+`generate` and `eval` say while they work, and the app's model picker. Real commands (in-process through
+`sdlora.cli.main`; in a subprocess where the environment a process starts with is the point), real tiny models and
+real files."""
 
 from __future__ import annotations
 
@@ -13,21 +14,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-import torch
 
 from sdlora.errors import SdloraError, cause
 from sdlora.models import BUILTIN_MODELS
-from tests.conftest import ROOT, make_images, train_tiny
-
-torch.set_num_threads(1)
-SDLORA = [sys.executable, "-m", "sdlora"]
-ENV = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1", COLUMNS="100")
-
-
-def run(*args, env=None, umask=None, cmd=SDLORA, timeout=600) -> subprocess.CompletedProcess:
-    pre = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env or ENV,
-                          timeout=timeout, preexec_fn=pre)
+from tests.helpers import ROOT, error_line, make_images, run_main, run_sdlora, sub_env, train_tiny
 
 
 def flat(text: str) -> str:
@@ -135,10 +125,7 @@ def test_cause_shortens_library_messages_by_whole_words_never_mid_word(limit):
 
 
 def _one_line(p: subprocess.CompletedProcess) -> str:
-    assert p.returncode == 2, p.stderr
-    lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("sdlora: error:")]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    return lines[0].removeprefix("sdlora: error: ")
+    return error_line(p.returncode, p.stderr).removeprefix("sdlora: error: ")
 
 
 def _names_every_builtin(msg: str) -> None:
@@ -146,15 +133,17 @@ def _names_every_builtin(msg: str) -> None:
         assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", msg), (name, msg)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("how", ["offline mode", "unreachable hub"])
 def test_a_hub_model_without_network_says_the_hub_cannot_be_reached_and_how_to_go_on(tmp_path, how):
-    env = dict(ENV, HF_HOME=str(tmp_path / "hf"))  # an empty cache: the model is not there
+    env = sub_env(COLUMNS="100", HF_HOME=str(tmp_path / "hf"))  # an empty cache: the model is not there
     env.pop("HF_HUB_OFFLINE", None)
     if how == "offline mode":
         env["HF_HUB_OFFLINE"] = "1"
     else:
         env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: connection refused
-    msg = _one_line(run("generate", "--model", "someone/some-model", "--prompt", "x", env=env))
+    msg = _one_line(run_sdlora("generate", "--model", "someone/some-model", "--prompt", "x", env=env))
     assert msg.startswith("someone/some-model: the Hugging Face hub cannot be reached and the model is not in the "
                           "local cache; "), msg
     assert "connect once to download it" in msg and "local diffusers folder" in msg
@@ -162,15 +151,16 @@ def test_a_hub_model_without_network_says_the_hub_cannot_be_reached_and_how_to_g
     assert "local_files" not in msg and "(" in msg and msg.count("(") == msg.count(")")
 
 
-def test_a_mistyped_builtin_model_is_named_with_a_suggestion_before_any_loading():
-    msg = _one_line(run("train", "--images", "datasets/dog", "--prompt", "sks dog", "--model", "toyy"))
+def test_a_mistyped_builtin_model_is_named_with_a_suggestion_before_any_loading(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    msg = _one_line(run_main(capsys, "train", "--images", "datasets/dog", "--prompt", "sks dog", "--model", "toyy"))
     assert msg.startswith("'toyy' is not a built-in model, an existing folder or file, or a hub id"), msg
     assert "did you mean 'toy'?" in msg
     _names_every_builtin(msg)
-    msg = _one_line(run("generate", "--model", "./no/such/folder", "--prompt", "x"))
+    msg = _one_line(run_main(capsys, "generate", "--model", "./no/such/folder", "--prompt", "x"))
     assert msg.startswith("./no/such/folder: no such folder or file; "), msg
     _names_every_builtin(msg)
-    msg = _one_line(run("generate", "--model", "datasets", "--prompt", "x"))
+    msg = _one_line(run_main(capsys, "generate", "--model", "datasets", "--prompt", "x"))
     assert msg.startswith("datasets: the folder has no model_index.json, so it is not a diffusers model; "), msg
     _names_every_builtin(msg)
 
@@ -181,16 +171,10 @@ def _modes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
-def test_every_output_file_gets_the_usual_permissions_and_no_temp_file_is_left(tmp_path, umask):
-    """Adapters, checkpoints, sample grids, loss curves, class images, generated PNGs, converted, resized and
-    merged files: 0666 & ~umask (0644 under the usual umask), folders 0777 & ~umask, written atomically."""
-    out = tmp_path / "out"
-    images = make_images(tmp_path / "imgs", n=2, size=(64, 64))
-    p = run("train", "--model", "tiny", "--images", images, "--prompt", "sks dog", "--steps", "2",
-            "--class-prompt", "a dog", "--num-class-images", "2", "--save-every", "1", "--sample-every", "1",
-            "--sample-steps", "1", "--output-dir", out, "--name", "dog", "--cache-dir", tmp_path / "cache",
-            umask=umask)
+def _write_every_kind_of_output(capsys, images: Path, out: Path, cache: Path) -> None:
+    p = run_main(capsys, "train", "--model", "tiny", "--images", images, "--prompt", "sks dog", "--steps", "2",
+                 "--class-prompt", "a dog", "--num-class-images", "2", "--save-every", "1", "--sample-every", "1",
+                 "--sample-steps", "1", "--output-dir", out, "--name", "dog", "--cache-dir", cache)
     assert p.returncode == 0, p.stderr
     adapter = out / "dog.safetensors"
     steps = [("generate", "--model", "tiny", "--lora", adapter, "--prompt", "x", "--steps", "1", "--num-images", "2",
@@ -202,8 +186,23 @@ def test_every_output_file_gets_the_usual_permissions_and_no_temp_file_is_left(t
              ("merge", "--model", "tiny", "--lora", adapter, "--out", out / "merged.safetensors"),
              ("merge", "--model", "tiny", "--lora", adapter, "--out", out / "merged")]
     for args in steps:
-        p = run(*args, umask=umask)
+        p = run_main(capsys, *args)
         assert p.returncode == 0, (args, p.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_output_file_gets_the_usual_permissions_and_no_temp_file_is_left(tmp_path, umask, capsys):
+    """Adapters, checkpoints, sample grids, loss curves, class images, generated PNGs, converted, resized and
+    merged files: 0666 & ~umask (0644 under the usual umask), folders 0777 & ~umask, written atomically. The
+    commands run in-process under that umask (it is the process's; restored after)."""
+    out = tmp_path / "out"
+    images = make_images(tmp_path / "imgs", n=2, size=(64, 64))
+    old_umask = os.umask(umask)
+    try:
+        _write_every_kind_of_output(capsys, images, out, tmp_path / "cache")
+    finally:
+        os.umask(old_umask)
     modes = _modes(out) | {f"cache/{k}": v for k, v in _modes(tmp_path / "cache").items()}
     kinds = {"dog.safetensors", "dog-loss.png", "one.png", "dog-diffusers.safetensors", "dog-r2.safetensors",
              "merged.safetensors"}
@@ -221,10 +220,12 @@ def test_every_output_file_gets_the_usual_permissions_and_no_temp_file_is_left(t
 
 # ------------------------------------------------------------------------------------ what commands say
 
-def test_generate_says_what_it_loads_the_adapters_and_strengths_and_labels_each_image(tmp_path):
-    adapter = train_tiny(tmp_path / "dog.safetensors", steps=2).path
-    p = run("generate", "--model", "tiny", "--lora", f"{adapter}:0.8", "--lora", f"{adapter}:1:0.5", "--prompt",
-            "sks dog", "--steps", "2", "--num-images", "2", "--seed", "5", "--out", tmp_path / "gen")
+@pytest.mark.slow
+def test_generate_says_what_it_loads_the_adapters_and_strengths_and_labels_each_image(tmp_path, capsys,
+                                                                                      trained_adapter):
+    adapter = trained_adapter("dog", steps=2).path
+    p = run_main(capsys, "generate", "--model", "tiny", "--lora", f"{adapter}:0.8", "--lora", f"{adapter}:1:0.5",
+                 "--prompt", "sks dog", "--steps", "2", "--num-images", "2", "--seed", "5", "--out", tmp_path / "gen")
     assert p.returncode == 0, p.stderr
     err = p.stderr.replace("\r", "\n")
     assert "loading model tiny" in err
@@ -236,10 +237,11 @@ def test_generate_says_what_it_loads_the_adapters_and_strengths_and_labels_each_
     assert [Path(x).name for x in p.stdout.split()] == ["00000-5.png", "00001-6.png"]  # stdout: the files only
 
 
-def test_eval_says_what_it_does_and_counts_prompts_done(tmp_path):
+@pytest.mark.slow
+def test_eval_says_what_it_does_and_counts_prompts_done(tmp_path, capsys):
     adapter = train_tiny(tmp_path / "toy.safetensors", model="toy", images=ROOT / "datasets" / "toy-purple-triangle",
                          prompt="a sks triangle", steps=2).path
-    p = run("eval", "--adapter", adapter, "--subject", "a purple triangle", "-n", "1")
+    p = run_main(capsys, "eval", "--adapter", adapter, "--subject", "a purple triangle", "-n", "1")
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("loading the toy base model\nscoring ")
     err = p.stderr.replace("\r", "\n")
@@ -253,7 +255,6 @@ def test_eval_says_what_it_does_and_counts_prompts_done(tmp_path):
 def test_the_app_picker_loads_configured_models_only_and_never_tells_whether_a_server_path_exists(tmp_path):
     sys.path.insert(0, str(ROOT))
     import app
-
     from sdlora.infer.session import Session
 
     session, library = Session("tiny"), app.Library(None)

@@ -8,12 +8,13 @@ import re
 import pytest
 import torch
 
-from sdlora.archs import get as arch_spec, load_config, meta_components
+from sdlora.archs import get as arch_spec
+from sdlora.archs import load_config, meta_components
 from sdlora.config import make_config
 from sdlora.errors import SdloraError
 from sdlora.formats import convert, io, kohya, layouts, meta, read, verify
 from sdlora.lora.targets import find_targets
-from tests.conftest import kohya_fixture
+from tests.helpers import kohya_fixture
 
 ARCHS = ("sd1", "sd2", "sdxl")
 VERSION = {"sd1": "sd_v1", "sd2": "sd_v2_768_v", "sdxl": "sdxl_base_v1-0"}
@@ -56,14 +57,16 @@ def test_golden_names_per_architecture():
     for n in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
               "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_k", "lora_unet_output_blocks_2_1_proj_in",
               "lora_unet_input_blocks_7_1_transformer_blocks_9_ff_net_2",
-              "lora_te1_text_model_encoder_layers_11_mlp_fc1", "lora_te2_text_model_encoder_layers_31_self_attn_out_proj"):
+              "lora_te1_text_model_encoder_layers_11_mlp_fc1",
+              "lora_te2_text_model_encoder_layers_31_self_attn_out_proj"):
         assert n in xl, n
     assert not any(n.startswith(("lora_unet_down_blocks", "lora_te_")) for n in xl)
 
 
 def test_shapes_of_the_real_architectures():
     t1, t2, tx = (layouts.kohya_table(a) for a in ARCHS)
-    assert t1["lora_unet_mid_block_attentions_0_proj_in"] == layouts.Module("unet", "mid_block.attentions.0.proj_in", (1280, 1280, 1, 1), True)
+    assert t1["lora_unet_mid_block_attentions_0_proj_in"] == layouts.Module("unet", "mid_block.attentions.0.proj_in",
+                                                                            (1280, 1280, 1, 1), True)
     assert t2["lora_unet_mid_block_attentions_0_proj_in"].shape == (1280, 1280)  # linear projection in SD 2.x
     assert t2["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"].shape == (320, 1024)
     assert tx["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"].shape == (640, 2048)
@@ -105,7 +108,8 @@ def test_unet_ldm_examples():
         "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
     assert kohya.unet_to_ldm("up_blocks.0.upsamplers.0.conv", "sd1") == "output_blocks.2.1.conv"
     assert kohya.unet_to_ldm("up_blocks.0.upsamplers.0.conv", "sdxl") == "output_blocks.2.2.conv"
-    assert kohya.unet_to_ldm("down_blocks.1.resnets.0.conv_shortcut.weight", "sd1") == "input_blocks.4.0.skip_connection.weight"
+    assert kohya.unet_to_ldm("down_blocks.1.resnets.0.conv_shortcut.weight", "sd1") == \
+        "input_blocks.4.0.skip_connection.weight"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,13 +130,16 @@ def test_a1111_maps_every_full_and_locon_module_to_an_ldm_layer(arch):
             assert layer == "diffusion_model_" + kohya.unet_to_ldm(m.path, arch).replace(".", "_")
     if arch == "sd1":
         assert mapped["lora_unet_up_blocks_1_resnets_2_conv1"] == "diffusion_model_output_blocks_5_0_in_layers_2"
-        assert mapped["lora_te_text_model_encoder_layers_3_mlp_fc2"] == "transformer_text_model_encoder_layers_3_mlp_fc2"
+        assert mapped["lora_te_text_model_encoder_layers_3_mlp_fc2"] == \
+            "transformer_text_model_encoder_layers_3_mlp_fc2"
     if arch == "sd2":  # OpenCLIP: q/k/v fall back to the fused in_proj of `attn`
         assert mapped["lora_te_text_model_encoder_layers_0_self_attn_q_proj"] == "model_transformer_resblocks_0_attn"
         assert mapped["lora_te_text_model_encoder_layers_0_mlp_fc1"] == "model_transformer_resblocks_0_mlp_c_fc"
     if arch == "sdxl":
-        assert mapped["lora_te2_text_model_encoder_layers_5_self_attn_out_proj"] == "1_model_transformer_resblocks_5_attn_out_proj"
-        assert mapped["lora_te1_text_model_encoder_layers_5_self_attn_k_proj"] == "0_transformer_text_model_encoder_layers_5_self_attn_k_proj"
+        assert mapped["lora_te2_text_model_encoder_layers_5_self_attn_out_proj"] == \
+            "1_model_transformer_resblocks_5_attn_out_proj"
+        assert mapped["lora_te1_text_model_encoder_layers_5_self_attn_k_proj"] == \
+            "0_transformer_text_model_encoder_layers_5_self_attn_k_proj"
 
 
 def test_a1111_layers_are_the_ldm_checkpoint_modules():
@@ -176,7 +183,8 @@ def test_verify_catches_each_problem():
         return " | ".join(rep.problems)
 
     sd = kohya_fixture(table, pattern)
-    sd["lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = sd.pop("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight")
+    sd["lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = sd.pop(
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight")
     assert "3 key(s) are not parts of a LoRA module" in problems(sd)  # the renamed down, its orphaned up and alpha
     sd = kohya_fixture(table, pattern)
     for s in ("lora_down.weight", "lora_up.weight", "alpha"):  # transformers-5 naming without text_model_
@@ -192,7 +200,8 @@ def test_verify_catches_each_problem():
     with pytest.raises(SdloraError, match=f"module {k} holds NaN or Inf values in its up weight"):
         verify_sd(sd, md)  # the reader refuses a damaged file outright
     assert "no alpha" in problems(kohya_fixture(table, pattern, alpha=None))
-    zero = {k: (torch.zeros_like(v) if k.endswith("lora_up.weight") else v) for k, v in kohya_fixture(table, pattern).items()}
+    zero = {k: (torch.zeros_like(v) if k.endswith("lora_up.weight") else v)
+            for k, v in kohya_fixture(table, pattern).items()}
     assert "delta is empty" in problems(zero)
     qv = kohya_fixture(table, r"attn2_to_[qv]$|self_attn_[qv]_proj$")  # diffusers' "Could not infer" case
     assert "diffusers: load_lora_weights rejects" in problems(qv)
@@ -292,7 +301,8 @@ def test_detect_format(tmp_path):
     # every format convert writes is recognised as itself when read back
     table = layouts.kohya_table("sd1")
     src = tmp_path / "k.safetensors"
-    io.atomic_save(kohya_fixture(table, r"down_blocks_0_attentions_0_.*attn2_to_q$|layers_0_self_attn_q_proj$"), src, {})
+    pattern = r"down_blocks_0_attentions_0_.*attn2_to_q$|layers_0_self_attn_q_proj$"
+    io.atomic_save(kohya_fixture(table, pattern), src, {})
     convert.convert(src, tmp_path / "d.safetensors", "diffusers")
     convert.convert(src, tmp_path / "peft", "peft")
     files = {"kohya": [src], "diffusers": [tmp_path / "d.safetensors"],

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +19,18 @@ from sdlora.infer.session import Session, Settings
 from sdlora.lora.math import lora_delta
 from sdlora.models import load_base
 from tests import reference
+from tests.helpers import run_main
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("generate-adapters")  # one worker trains the shared `dog` adapter once
 SETTINGS = dict(prompt="sks dog on a beach", negative="blurry, text", seed=7, steps=4, guidance=6.5)
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
+def adapters(tmp_path_factory, trained_adapter) -> dict[str, Path]:
     """`dog`: trained by sdlora (default preset: UNet attn2 q/v, TE attention); `locon`: a kohya LoCon file with a
     3x3 conv, a 1x1 conv, Linear modules in both components, alpha != r, one module without alpha, fp16 tensors."""
-    from sdlora.config import make_config
-    from sdlora.train.loop import train
-
+    dog = trained_adapter("dog", steps=6, lr=1e-2, seed=1).path
     d = tmp_path_factory.mktemp("adapters")
-    train(make_config({"images": str(REPO / "datasets/dog"), "prompt": "sks dog", "model": "tiny", "steps": 6,
-                       "lr": 1e-2, "seed": 1, "out": str(d / "dog.safetensors")}))
     g = torch.Generator().manual_seed(3)
     t = {}
     comps = load_base("tiny").components
@@ -54,7 +48,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
         if alpha is not None:
             t[f"{kn}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
     save_adapter(t, d / "locon.safetensors", {"ss_base_model_version": "sd_v1", "modelspec.trigger_phrase": "zzt"})
-    return {"dog": d / "dog.safetensors", "locon": d / "locon.safetensors"}
+    return {"dog": dog, "locon": d / "locon.safetensors"}
 
 
 def merged_base(blend: list[tuple[Path, float, float]]):
@@ -113,6 +107,7 @@ def test_delta_is_the_lora_forward(kind):
         torch.testing.assert_close(base(x), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_strengths_give_exactly_the_base_image(adapters):
     plain = Session("tiny")
     w0 = weights(plain.base)
@@ -127,6 +122,7 @@ def test_zero_strengths_give_exactly_the_base_image(adapters):
     assert base_img.std() > 1  # the tiny model draws noise, not a flat image
 
 
+@pytest.mark.slow
 def test_one_adapter_equals_the_merged_model(adapters):
     s = Session("tiny")
     s.add(adapters["dog"])
@@ -138,6 +134,7 @@ def test_one_adapter_equals_the_merged_model(adapters):
     assert not np.array_equal(got, image(Session("tiny")))
 
 
+@pytest.mark.slow
 def test_two_adapters_blend_to_the_sum_of_deltas_without_reading_disk(adapters, tmp_path):
     """Files are deleted after loading: every strength change recomputes from memory, with no drift."""
     paths = {n: Path(shutil.copy(p, tmp_path / p.name)) for n, p in adapters.items()}
@@ -158,13 +155,15 @@ def test_two_adapters_blend_to_the_sum_of_deltas_without_reading_disk(adapters, 
     assert not rounding_only(got, image(only_dog))  # the second adapter counts, far beyond rounding
 
 
+@pytest.mark.slow
 def test_wrong_adapters_are_refused(adapters, tmp_path):
     s = Session("tiny")
     tensors, md = io.load(adapters["dog"])
     save_adapter(tensors, tmp_path / "xl.safetensors", md | {"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(SdloraError, match=r"xl.safetensors: this adapter is for SDXL .* model 'tiny' is SD 1.x"):
         s.add(tmp_path / "xl.safetensors")
-    foreign = {k.replace("lora_unet_", "lora_transformer_").replace("lora_te_", "lora_t5_"): v for k, v in tensors.items()}
+    foreign = {k.replace("lora_unet_", "lora_transformer_").replace("lora_te_", "lora_t5_"): v
+               for k, v in tensors.items()}
     save_adapter(foreign, tmp_path / "flux.safetensors", {})
     with pytest.raises(SdloraError, match=r"none of its 80 modules matches a module of 'tiny'"):
         s.add(tmp_path / "flux.safetensors")
@@ -197,14 +196,14 @@ def test_parameters_round_trip():
     assert q.loras == [LoraRef("cat_v2", 0.6, 0.6, "1a2b3c4d5e6f")] and q.extra == {"Model hash": "abc"}
 
 
-def test_cli_generate_writes_pngs_with_parameters(adapters, tmp_path):
+@pytest.mark.slow
+def test_cli_generate_writes_pngs_with_parameters(adapters, tmp_path, capsys):
     out = tmp_path / "imgs"
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sdlora", "generate", "--model", "tiny", "--prompt", SETTINGS["prompt"],
+    cmd = ["generate", "--model", "tiny", "--prompt", SETTINGS["prompt"],
            "--negative", SETTINGS["negative"], "--seed", "7", "--steps", "4", "--guidance", "6.5",
            "--scheduler", "euler-a", "--size", "64x48", "--num-images", "2", "--out", str(out),
            "--lora", f"{adapters['dog']}:0.9", "--lora", f"{adapters['locon']}:1.5:-0.5"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_main(capsys, *cmd)
     assert proc.returncode == 0, proc.stderr
     files = [Path(line) for line in proc.stdout.split()]
     assert [f.name for f in files] == ["00000-7.png", "00001-8.png"]
@@ -225,6 +224,7 @@ def test_cli_generate_writes_pngs_with_parameters(adapters, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(adapters, tmp_path, capsys):
     (tmp_path / "old.ckpt").write_bytes(b"\x80\x02}q\x00.")
     data = adapters["dog"].read_bytes()
@@ -247,6 +247,7 @@ def test_cli_errors_are_one_line(adapters, tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_concurrent_requests_do_not_interleave(adapters):
     """The app serves requests from several threads: each gets the image of its own blend, as if alone."""
     from concurrent.futures import ThreadPoolExecutor

@@ -21,7 +21,7 @@ from sdlora.formats.io import load
 from sdlora.formats.meta import portable
 from sdlora.formats.verify import verify_file
 from sdlora.train.loop import train
-from tests.conftest import DOG
+from tests.helpers import DOG
 
 torch.set_num_threads(1)
 

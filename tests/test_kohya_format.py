@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 
 from sdlora.archs import meta_model
 from sdlora.formats import meta
 from sdlora.formats.io import load
 from sdlora.models import load_base
-from tests.conftest import train_tiny
+from tests.helpers import train_tiny
 
 
 def expected_sd15_names(unet_pattern: str, te_pattern: str) -> set[str]:
@@ -33,6 +34,8 @@ def modules_in(state) -> set[str]:
     return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_default_preset_file_has_exactly_the_sd15_kohya_names(trained):
     state, _ = load(trained.path)
     want = expected_sd15_names(r".*attn2\.to_[qv]", r".*self_attn\.(q|k|v|out)_proj")
@@ -45,6 +48,7 @@ def test_default_preset_file_has_exactly_the_sd15_kohya_names(trained):
     assert len(state) == 3 * len(want)
 
 
+@pytest.mark.slow
 def test_full_preset_matches_kohyas_192_unet_and_72_te_modules(tmp_path):
     result = train_tiny(tmp_path / "full.safetensors", steps=1, preset="full")
     state, _ = load(result.path)
@@ -59,6 +63,8 @@ def test_full_preset_matches_kohyas_192_unet_and_72_te_modules(tmp_path):
     assert state[f"{key}.lora_down.weight"].dim() == 4 and state[f"{key}.lora_up.weight"].shape[2:] == (1, 1)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_every_module_has_down_up_alpha_with_the_right_shapes(trained):
     state, _ = load(trained.path)
     base = load_base("tiny")
@@ -76,6 +82,8 @@ def test_every_module_has_down_up_alpha_with_the_right_shapes(trained):
     assert any(state[f"{m}.lora_up.weight"].abs().sum() > 0 for m in modules_in(state))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_metadata_that_readers_rely_on(trained):
     state, md = load(trained.path)
     assert md["ss_network_module"] == "networks.lora"
@@ -93,6 +101,8 @@ def test_metadata_that_readers_rely_on(trained):
     assert md["sshs_legacy_hash"] == "e3b0c442"  # files under 1 MiB hash an empty slice, as kohya's do
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_file_hash_is_the_sha256_of_the_tensor_bytes(trained):
     import hashlib
 
@@ -102,6 +112,8 @@ def test_file_hash_is_the_sha256_of_the_tensor_bytes(trained):
     assert md["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_diffusers_load_lora_weights_uses_every_key_and_fuses_to_w0_plus_scaled_up_down(trained, caplog):
     from peft.tuners.lora import LoraLayer
 

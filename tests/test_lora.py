@@ -8,7 +8,7 @@ import torch
 from sdlora.lora.inject import add_lora, collect_modules, report
 from sdlora.lora.targets import find_targets
 from sdlora.models import load_base
-from tests.conftest import train_tiny
+from tests.helpers import train_tiny
 
 
 def _inputs(base, seed=0):
@@ -55,6 +55,8 @@ def test_trainable_parameters_equal_sum_of_r_times_din_plus_dout(preset, rank):
         assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("sd1-trained")
 def test_merged_weights_give_the_same_unet_output_as_the_unmerged_adapter(trained):
     base = trained.base  # its UNet still carries the trained, unmerged LoRA layers
     ids, latents, t = _inputs(base, seed=1)
@@ -76,12 +78,14 @@ def test_merged_weights_give_the_same_unet_output_as_the_unmerged_adapter(traine
     assert (merged - base_out).abs().max().item() > 100 * (merged - unmerged).abs().max().item()
 
 
+@pytest.mark.slow
 def test_a_short_run_lowers_the_loss_on_fixed_noise_and_timesteps(tmp_path):
     result = train_tiny(tmp_path / "a.safetensors", steps=40, lr=2e-3, no_flip=True)
     # measured: 1.116 -> ~1.05 at these settings; a 2 % drop cannot happen without learning
     assert result.loss_after < 0.98 * result.loss_before, (result.loss_before, result.loss_after)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_adapter_and_another_seed_does_not(tmp_path):
     from sdlora.formats.io import load
 

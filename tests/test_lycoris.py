@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,21 +19,13 @@ from sdlora.formats.read import parse, read_adapter
 from sdlora.formats.verify import verify_file
 from sdlora.infer.blend import Blender
 from sdlora.models import load_base
-from tests.conftest import train_tiny
+from tests.helpers import train_tiny
 
 UNET = "lora_unet_"
 LIN = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"  # Linear [16, 64], bias
 LIN_SQ = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear [16, 16], no bias
 CONV = "down_blocks.1.resnets.0.conv1"  # Conv2d [32, 16, 3, 3]
 CONV1 = "down_blocks.1.resnets.0.conv_shortcut"  # Conv2d [32, 16, 1, 1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +324,8 @@ def trained_files(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("lycoris-trained")
 def test_each_kind_trains_verifies_and_generates(trained_files):
     from sdlora.infer.session import Session, Settings
 
@@ -357,6 +350,8 @@ def test_each_kind_trains_verifies_and_generates(trained_files):
     assert all(m.tensors["magnitude"].shape[0] == 1 for m in dora.modules.values())  # per input: A1111 + ComfyUI
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("lycoris-trained")
 def test_other_kinds_are_refused_where_a_layout_cannot_hold_them(trained_files, tmp_path):
     from sdlora.formats.convert import convert
     from sdlora.inspect import describe
@@ -385,6 +380,7 @@ def test_dora_needs_a_lora_kind():
         make_config({"images": ".", "prompt": "x", "network": "loha", "dora": True})
 
 
+@pytest.mark.slow
 def test_resume_restores_the_new_layers(tmp_path):
     """A run checkpointed half-way and resumed writes the same adapter as the run without a stop (DoRA on LyCORIS
     modules and LoHa on PEFT layers: every trainable tensor, optimizer state included, is in the checkpoint)."""
@@ -417,7 +413,8 @@ def test_peft_dora_files_fuse_to_peft_forward(base, tmp_path):
                         else 0.2 * torch.randn(p.shape, generator=g))
     sd = get_peft_model_state_dict(unet)
     assert any("magnitude" in k for k in sd)
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in sd.items()}, str(tmp_path / "adapter_model.safetensors"))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in sd.items()},
+              str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 2.0,
                                                               "use_dora": True, "target_modules": paths}))
     a = read_adapter(tmp_path / "adapter_model.safetensors")
@@ -431,6 +428,7 @@ def test_peft_dora_files_fuse_to_peft_forward(base, tmp_path):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (path, (got - want).abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["lokr", "loha"])
 def test_lycoris_wrapper_files_fuse_to_the_wrapped_unet(base, tmp_path, algo):
     """A whole-UNet file saved by LyCORIS's `create_lycoris` wrapper (`lycoris_<diffusers path>` names, as SimpleTuner

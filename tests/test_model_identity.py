@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
 from safetensors.torch import save_file
 
 from sdlora.formats import checkpoint as C
@@ -13,8 +12,6 @@ from sdlora.formats.a1111 import format_parameters, parse_parameters
 from sdlora.infer.session import Session, Settings
 from sdlora.merge import ldm_state_dict
 from sdlora.models import load_base, model_identity
-
-torch.set_num_threads(1)
 
 
 def test_names_and_hashes_without_local_paths(tmp_path):

@@ -4,19 +4,17 @@ safetensors + JSON, and a resumed run equals the uninterrupted one bit for bit; 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from sdlora.config import make_config
+from sdlora.config import TrainConfig, make_config
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
 from sdlora.train import ckpt
-from sdlora.train.loop import train
-from tests.conftest import DOG, ROOT, quiet
+from tests.helpers import DOG, ROOT, train_tiny
 
 # adamw8bit: min_8bit_size=16 so that the tiny model's LoRA weights really get 8-bit (quantised) state
 CASES = {
@@ -29,11 +27,11 @@ CASES = {
 
 
 def run(out, **overrides):
-    values = dict(images=str(DOG), prompt="sks dog", model="tiny", steps=4, out=str(out), seed=0, no_flip=True)
-    values.update(overrides)
-    return train(make_config(values), log=quiet)
+    """train_tiny without flips, at the default learning rate unless one is given."""
+    return train_tiny(out, **(dict(no_flip=True, lr=TrainConfig.lr) | overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_optimizer_trains_and_resumes_bit_for_bit(name, tmp_path):
     if name == "adamw8bit":
@@ -65,6 +63,7 @@ def _up_norms(tensors: dict, part: str) -> list[float]:
     return sorted(round(float(v.float().norm()), 5) for k, v in tensors.items() if part in k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "schedulefree"])
 def test_checkpoint_adapter_holds_the_evaluation_weights(name, tmp_path):
     """Schedule-free AdamW trains weights y but evaluates and saves x: the checkpoint's state keeps y (to resume),
@@ -100,6 +99,8 @@ def test_optimizer_args_parse_to_typed_values():
         make_config(dict(images="x", prompt="p", optimizer="sgd"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_adamw8bit_without_bitsandbytes_is_one_clear_line(tmp_path):
     """Where bitsandbytes cannot be imported, the run stops before any model loads, in one line naming the fix.
     (`sys.modules["bitsandbytes"] = None` is how Python itself marks a module as not importable.)"""

@@ -18,7 +18,7 @@ import pytest
 from sdlora.cli import main
 from sdlora.formats.io import load
 from sdlora.guard import RECORD, OutputLock, lock_path, reserve
-from tests.conftest import DOG, ROOT, train_tiny
+from tests.helpers import DOG, ROOT, train_tiny
 
 
 def snapshot(*folders: Path) -> dict[Path, bytes]:

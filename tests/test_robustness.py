@@ -16,7 +16,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -26,30 +25,24 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.cli import main
 from sdlora.config import make_config
-from sdlora.data import (PromptRules, build_examples, checked_images, decode_caption, display_name, image_size,
-                         load_image, read_caption, scan)
+from sdlora.data import (
+    PromptRules,
+    build_examples,
+    checked_images,
+    decode_caption,
+    display_name,
+    image_size,
+    load_image,
+    read_caption,
+    scan,
+)
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
 from sdlora.train.loop import train
-from tests.conftest import DOG, ROOT, make_images
-
-torch.set_num_threads(1)
-SDLORA = [sys.executable, "-m", "sdlora"]
-ENV = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")  # subprocesses: one thread, as this module
-
+from tests.helpers import DOG, ROOT, SDLORA, main_error, make_images, sub_env
 
 # ---------------------------------------------------------------- helpers
-
-def refused(capsys, *args) -> str:
-    """Run `sdlora ARGS` in-process; it must exit 2 with exactly one `sdlora: error:` line and no traceback."""
-    code = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    assert code == 2, cap.err
-    lines = [line for line in cap.err.splitlines() if line.startswith("sdlora: error:")]
-    assert len(lines) == 1 and "Traceback" not in cap.err + cap.out, cap.err
-    return lines[0]
 
 
 def snapshot(*folders: Path) -> dict[Path, bytes]:
@@ -126,7 +119,7 @@ def mount_tmpfs(tmp_path):
 ])
 def test_bad_option_values_are_one_line_errors_naming_the_limit(capsys, tmp_path, args, needle):
     out = tmp_path / "out" / "x.safetensors"
-    line = refused(capsys, *train_args(DOG, out), *args)
+    line = main_error(capsys, *train_args(DOG, out), *args)
     assert needle in line
     assert not (tmp_path / "out").exists()
 
@@ -137,7 +130,7 @@ def test_limits_can_be_lifted_where_a_flag_says_so():
 
 
 def test_rank_above_the_narrowest_layer_is_refused_after_the_model_loads(capsys, tmp_path):
-    line = refused(capsys, *train_args(DOG, tmp_path / "x.safetensors"), "--rank", "64")
+    line = main_error(capsys, *train_args(DOG, tmp_path / "x.safetensors"), "--rank", "64")
     assert "--rank 64 is larger than the narrowest adapted layer of tiny" in line and "16 wide" in line
     assert "--rank 16 or lower" in line and list(tmp_path.iterdir()) == []
 
@@ -155,7 +148,7 @@ def test_unreadable_config_files_are_one_line_errors(capsys, tmp_path, kind, nee
         cfg.mkdir()
     else:
         cfg.write_text("steps = = 3\n")
-    assert needle in refused(capsys, "train", "--config", cfg, "--images", DOG, "--prompt", "x")
+    assert needle in main_error(capsys, "train", "--config", cfg, "--images", DOG, "--prompt", "x")
 
 
 # ---------------------------------------------------------------- 2. outputs checked before any heavy work
@@ -189,7 +182,7 @@ def test_output_paths_are_refused_before_anything_loads(capsys, tmp_path, dog, c
         extra = ["--cache-dir", notes / "cache"]
     before = snapshot(tmp_path)
     t0 = time.perf_counter()
-    assert needle in refused(capsys, *train_args(dog, out), *extra)
+    assert needle in main_error(capsys, *train_args(dog, out), *extra)
     assert snapshot(tmp_path) == before  # nothing written, nothing damaged
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["dog", "notes.txt"] + (["adapters"] if case == "folder" else [])
@@ -264,13 +257,13 @@ def test_overwrite_replaces_a_foreign_file_and_stale_temps_of_a_killed_save_are_
 
 def test_a_read_only_output_folder_is_refused_up_front(capsys, mount_tmpfs, tmp_path):
     ro = mount_tmpfs("ro", "ro,size=64k")
-    line = refused(capsys, *train_args(DOG, ro / "sub" / "x.safetensors"))
+    line = main_error(capsys, *train_args(DOG, ro / "sub" / "x.safetensors"))
     assert "cannot write to" in line and "Read-only file system" in line and "choose a writable --out" in line
 
 
 def test_a_disk_too_small_for_the_run_is_refused_before_training(capsys, mount_tmpfs):
     small = mount_tmpfs("small", "size=256k")
-    line = refused(capsys, *train_args(DOG, small / "x.safetensors"), "--save-every", "1", "--keep-last", "0")
+    line = main_error(capsys, *train_args(DOG, small / "x.safetensors"), "--save-every", "1", "--keep-last", "0")
     assert "not enough disk space: this run writes about" in line and "free" in line
     assert list(small.iterdir()) == []
 
@@ -285,6 +278,7 @@ def _fill(folder: Path) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_keeps_the_last_checkpoint_and_rescues_the_adapter(mount_tmpfs, tmp_path, monkeypatch):
     """The disk fills up after the first checkpoint: later checkpoints and the loss curve are skipped with a
     warning, training goes on, the final adapter lands in the rescue folder (bit-identical to a normal run's), and
@@ -334,6 +328,8 @@ def checkpointed(tmp_path_factory):
     return out, root / "a-checkpoints" / "step-000002"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("robustness-checkpointed")
 @pytest.mark.parametrize("damage,needle", [
     ("manifest garbage", "corrupt checkpoint manifest.json"),
     ("manifest binary", "corrupt checkpoint manifest.json"),
@@ -359,12 +355,14 @@ def test_a_damaged_checkpoint_is_a_one_line_error(capsys, tmp_path, checkpointed
 
         save_file({"x": torch.zeros(1)}, folder / "state.safetensors")
     before = snapshot(out.parent, tmp_path)
-    line = refused(capsys, "train", "--images", DOG, "--prompt", "sks dog", "--model", "tiny", "--steps", "4",
+    line = main_error(capsys, "train", "--images", DOG, "--prompt", "sks dog", "--model", "tiny", "--steps", "4",
                    "--save-every", "2", "--keep-last", "0", "--out", out, "--resume", folder)
     assert needle in line and "start a new run" in line
     assert snapshot(out.parent, tmp_path) == before
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("robustness-checkpointed")
 def test_the_summary_after_a_resume_counts_the_steps_run_in_this_process(tmp_path, checkpointed):
     _, good = checkpointed
     lines: list[str] = []
@@ -378,6 +376,7 @@ def test_the_summary_after_a_resume_counts_the_steps_run_in_this_process(tmp_pat
 
 # ---------------------------------------------------------------- 4. Ctrl-C
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_final_save_finishes_it_and_says_so(tmp_path):
     out = tmp_path / "a.safetensors"
     lines: list[str] = []
@@ -397,10 +396,12 @@ def test_ctrl_c_during_the_final_save_finishes_it_and_says_so(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_during_imports_exits_130_without_a_traceback(tmp_path):
     proc = subprocess.Popen([*SDLORA, "train", "--images", str(DOG), "--prompt", "x", "--model", "tiny",
                              "--out", str(tmp_path / "x.safetensors")], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=sub_env())
     deadline = time.time() + 60
     while time.time() < deadline:  # torch's library is mapped: the slow imports (diffusers, transformers) follow
         try:
@@ -423,7 +424,7 @@ def test_decompression_bombs_are_refused_by_name_and_skipped_on_request(capsys, 
     folder = make_images(tmp_path / "imgs", n=2)
     (folder / "bomb.png").write_bytes(bomb_png(30000, 30000))  # 900 MP: past Pillow's hard limit
     (folder / "big.png").write_bytes(bomb_png(10000, 10000))  # 100 MP: Pillow only warns; decoding takes GBs
-    line = refused(capsys, "train", "--images", folder, "--prompt", "x", "--model", "tiny",
+    line = main_error(capsys, "train", "--images", folder, "--prompt", "x", "--model", "tiny",
                    "--out", tmp_path / "x.safetensors")
     assert "bomb.png (decompression bomb" in line and "big.png (decompression bomb" in line
     assert "--skip-bad-images" in line and not (tmp_path / "x.safetensors").exists()
@@ -498,6 +499,8 @@ def test_a_binary_caption_is_an_error_naming_the_file(tmp_path):
     assert "caption" in str(e.value) and "a.txt" in str(e.value) and "re-save it as UTF-8" in str(e.value)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_hostile_files_train_in_a_subprocess_and_the_second_run_hits_the_latent_cache(tmp_path):
     """A file name that is not UTF-8, a latin-1 caption, a 16-bit PNG and a decompression bomb (skipped), in a real
     `sdlora train` whose output goes to a pipe, as a user's terminal would get it. Then the same command again in
@@ -516,7 +519,7 @@ def test_hostile_files_train_in_a_subprocess_and_the_second_run_hits_the_latent_
                                                      "--overwrite"))]  # the second run replaces the first's adapter
     latents = []
     for hashseed in ("1", "2"):
-        p = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=300, env=ENV | {"PYTHONHASHSEED": hashseed})
+        p = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=300, env=sub_env(PYTHONHASHSEED=hashseed))
         stdout, stderr = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
         assert p.returncode == 0, stderr
         assert "Traceback" not in stderr
@@ -566,7 +569,8 @@ def _seed_images() -> list[bytes]:
     rgb = Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8))
     out = [png_bytes(rgb), png_bytes(rgb, "JPEG", quality=80), png_bytes(rgb, "WEBP"), png_bytes(rgb, "BMP"),
            png_bytes(rgb.convert("RGBA")), png_bytes(rgb.convert("LA")), png_bytes(rgb.convert("P")),
-           png_bytes(_transparent_palette()), png_bytes(rgb.convert("CMYK"), "JPEG"), png_bytes(rgb.convert("CMYK"), "TIFF"),
+           png_bytes(_transparent_palette()), png_bytes(rgb.convert("CMYK"), "JPEG"),
+           png_bytes(rgb.convert("CMYK"), "TIFF"),
            png_bytes(Image.fromarray(rng.integers(0, 65535, (12, 20), dtype=np.uint16))),
            png_bytes(Image.fromarray(rng.random((12, 20), dtype=np.float32)), "TIFF"), png_bytes(rgb.convert("1")),
            png_bytes(rgb, "GIF"), bomb_png(4000, 4000)]
@@ -579,8 +583,10 @@ def _seed_images() -> list[bytes]:
 SEEDS = _seed_images()
 
 
+@pytest.mark.slow
 def test_fuzzed_image_files_load_or_fail_cleanly(tmp_path_factory, monkeypatch):
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     # Header mutations can claim any size; Pillow's bomb limit (lowered here so that fuzzing stays fast) bounds
     # the work, and the loader must honour whatever limit is set.

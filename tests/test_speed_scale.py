@@ -16,21 +16,10 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
-from tests.conftest import ROOT, make_images, train_tiny
+from tests.helpers import ROOT, make_images, sub_env, train_tiny
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "sdlora-cache"
-    monkeypatch.setenv("SDLORA_CACHE", str(d))
-    return d
-
-
-def sub_env(cache: Path, **extra) -> dict:
-    return dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1", SDLORA_CACHE=str(cache),
-                OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)) | extra
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def assert_close_adapters(a: Path, b: Path, atol: float) -> None:
@@ -49,16 +38,19 @@ def assert_close_adapters(a: Path, b: Path, atol: float) -> None:
 BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("SDLORA_SLOW_TESTS") else [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_run_trains_the_same_adapter_as_the_eager_run(tmp_path, backend):
+def test_compiled_run_trains_the_same_adapter_as_the_eager_run(tmp_path, backend, trained_adapter):
     # UNet only and no eval loss: one graph (forward + backward) to compile
     kw = dict(steps=2, no_text_encoder=True, no_eval_loss=True)
-    eager = train_tiny(tmp_path / "eager.safetensors", **kw)
+    eager = trained_adapter("eager", **kw)
     compiled = train_tiny(tmp_path / "compiled.safetensors", compile=True, compile_backend=backend, **kw)
     assert compiled.steps == eager.steps == 2
     assert_close_adapters(eager.path, compiled.path, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_compile_without_a_cxx_compiler_is_refused_in_one_line_before_the_model_loads(tmp_path, cache_dir):
     images = make_images(tmp_path / "imgs", 1, (64, 64))
     p = subprocess.run([sys.executable, "-m", "sdlora", "train", "--model", "tiny", "--images", str(images),
@@ -75,11 +67,13 @@ def test_compile_without_a_cxx_compiler_is_refused_in_one_line_before_the_model_
 
 # ---------------------------------------------------------------- attention, channels-last
 
+@pytest.mark.xdist_group("speed-default")
 @pytest.mark.parametrize("option", [{"attention": "math"}, {"attention": "eager"}, {"attention": "flash"},
                                     {"channels_last": True}], ids=lambda o: "-".join(map(str, o.values())))
-def test_speed_options_train_the_same_adapter_as_the_default(tmp_path, option):
+@pytest.mark.slow
+def test_speed_options_train_the_same_adapter_as_the_default(tmp_path, option, trained_adapter):
     kw = dict(steps=2, no_eval_loss=True)
-    default = train_tiny(tmp_path / "default.safetensors", **kw)
+    default = trained_adapter("default", **kw)  # trained once, shared by the options (one xdist worker)
     other = train_tiny(tmp_path / "other.safetensors", **kw, **option)
     assert_close_adapters(default.path, other.path, atol=1e-4)
 
@@ -99,6 +93,7 @@ def test_unknown_attention_is_refused_by_the_config():
 
 # ---------------------------------------------------------------- the loop's read-back of losses
 
+@pytest.mark.slow
 def test_a_diverging_run_still_stops_on_the_first_non_finite_loss_and_saves_nothing(tmp_path):
     # losses are read from the device every few steps, not every step; a NaN/Inf is still reported with its step
     # and stops the run before the adapter is written
@@ -141,6 +136,8 @@ def test_the_fsdp_configs_are_accelerate_fsdp2_configs_wrapping_blocks_of_their_
     assert set(cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= classes
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_fsdp_on_cpu_is_refused_in_one_line_per_process(tmp_path, cache_dir):
     # accelerate runs FSDP on GPUs only: on CPU its state silently becomes plain multi-process (MULTI_CPU); sdlora
     # says so instead of training unsharded
@@ -162,6 +159,7 @@ def test_fsdp_on_cpu_is_refused_in_one_line_per_process(tmp_path, cache_dir):
 GPU_CHECK = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")]
 
 
+@pytest.mark.subprocess
 def test_gpu_check_dry_run_lists_every_row_without_torch_work(tmp_path):
     out = tmp_path / "plan.md"
     p = subprocess.run([*GPU_CHECK, "--dry-run", "--out", str(out)], cwd=ROOT, env=sub_env(tmp_path),
@@ -174,6 +172,8 @@ def test_gpu_check_dry_run_lists_every_row_without_torch_work(tmp_path):
     assert table in p.stdout + "\n"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_gpu_check_quick_cpu_run_prints_and_writes_a_table_within_its_budget(tmp_path):
     out = tmp_path / "check.md"
     p = subprocess.run([*GPU_CHECK, "--device", "cpu", "--quick", "--budget-s", "5", "--out", str(out)], cwd=ROOT,
@@ -181,13 +181,16 @@ def test_gpu_check_quick_cpu_run_prints_and_writes_a_table_within_its_budget(tmp
     assert p.returncode == 0, p.stderr[-3000:]
     table = out.read_text(encoding="utf-8")
     assert table.startswith("## gpu_check: CPU") and "| row | it/s | peak | reserved | s total | note |" in table
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    rows = {line.split("|")[1].strip(): line
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert rows["tiny 64px b1"].rstrip().endswith("| ok |"), rows["tiny 64px b1"]
     assert any("skipped: budget" in r for r in rows.values())  # 5 s cannot hold every row: the rest are listed
     assert all(("| ok |" in r) or ("skipped" in r) or ("failed:" in r) for k, r in rows.items() if k != "row")
     assert table in p.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_gpu_check_on_a_machine_without_cuda_says_so_and_measures_nothing(tmp_path):
     out = tmp_path / "check.md"
@@ -218,6 +221,8 @@ acc.end_training()  # destroys the process group: gloo's threads must not outliv
 '''
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_whole_lora_weights_gradients_are_averaged_across_real_processes(tmp_path, cache_dir):
     # under FSDP the LoRA weights are not sharded, so FSDP does not reduce their gradients: scale.average_gradients
     # does, in one all-reduce (here two CPU processes over gloo)

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.subprocess  # a fresh interpreter: what `sdlora --help` imports
 
 PROBE = ("import sys\nfrom sdlora.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
          "    code = e.code\nheavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') "

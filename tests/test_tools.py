@@ -1,11 +1,10 @@
 """verify / inspect / convert / merge / resize on the tiny model, with kohya-layout files written here (LoCon 3x3,
-no alpha), sdlora's own loading of diffusers/PEFT files, and one real `sdlora` subprocess per command."""
+no alpha), sdlora's own loading of diffusers/PEFT files, and each command as typed (`sdlora.cli.main`; verify's exit
+code also from a real subprocess)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,15 +14,11 @@ from sdlora.formats.kohya import save
 from sdlora.formats.read import read_adapter
 from sdlora.models import load_base
 from tests import reference
-from tests.conftest import kohya_fixture
+from tests.helpers import kohya_fixture, run_main, run_sdlora
 
 PATTERN = r"attn2_to_[qv]$|self_attn_(q|k|v|out)_proj$|resnets_\d+_conv[12]$|downsamplers_0_conv$"
 MD = {"ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": "tiny", "ss_network_dim": "4",
       "ss_network_alpha": "2.0", "modelspec.trigger_phrase": "sks dog", "ss_tag_frequency": '{"d": {"sks dog": 3}}'}
-
-
-def sdlora(*args):
-    return subprocess.run([sys.executable, "-m", "sdlora", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +47,12 @@ def test_fixture_is_in_kohyas_layout(files):
     assert not any(k.endswith(".alpha") for k in io.load(files["noalpha"])[0])
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_verify_cli_exit_codes(files, capsys):
     from sdlora.cli import main
 
-    ok = sdlora("verify", files["locon"], "--json")
+    ok = run_sdlora("verify", files["locon"], "--json")  # the exit code as a shell sees it
     assert ok.returncode == 0, ok.stdout + ok.stderr
     d = json.loads(ok.stdout)
     assert d["ok"] and d["arch"] == "sd1" and set(d["tools"]) == {"kohya", "diffusers", "ComfyUI", "A1111"}
@@ -72,7 +69,7 @@ def test_verify_against_a_loaded_model(files, base):
     assert rep.against == "the loaded model 'tiny'"
 
 
-def test_inspect_reads_kohya_diffusers_and_peft_alike(files):
+def test_inspect_reads_kohya_diffusers_and_peft_alike(files, capsys):
     from sdlora.inspect import describe
 
     kinds = [describe(files[k]) for k in ("locon", "diffusers", "peft")]
@@ -83,14 +80,14 @@ def test_inspect_reads_kohya_diffusers_and_peft_alike(files):
         groups = {(r["component"], r["group"]): r for r in d["groups"]}
         assert groups[("unet", "attentions.attn2.to_q")]["scale"] == "0.5"  # alpha 2 / rank 4
         assert groups[("unet", "resnets.conv2")]["modules"] == 22
-    out = sdlora("inspect", files["peft"])
+    out = run_main(capsys, "inspect", files["peft"])
     assert out.returncode == 0, out.stderr
     assert "scale 0.5" in out.stdout and "modelspec.trigger_phrase = sks dog" in out.stdout
 
 
-def test_convert_cli_prints_counts_and_round_trips(files, tmp_path):
+def test_convert_cli_prints_counts_and_round_trips(files, tmp_path, capsys):
     n = len(io.load(files["locon"])[0]) // 3
-    r = sdlora("convert", files["diffusers"], tmp_path / "back.safetensors", "--to", "kohya")
+    r = run_main(capsys, "convert", files["diffusers"], tmp_path / "back.safetensors", "--to", "kohya")
     assert r.returncode == 0, r.stderr
     assert f"{n} modules converted, 0 keys skipped, 0 unknown" in r.stdout
     a, b = io.load(files["locon"])[0], io.load(tmp_path / "back.safetensors")[0]
@@ -156,6 +153,7 @@ def test_locon_and_no_alpha_files_generate(files, tmp_path):
     assert len(read_parameters(tmp_path / "x.png").loras) == 3
 
 
+@pytest.mark.slow
 def test_merge_single_file_loads_in_diffusers_with_the_fused_output(files, tmp_path, base):
     from diffusers import StableDiffusionPipeline
 
@@ -183,8 +181,8 @@ def test_merge_single_file_loads_in_diffusers_with_the_fused_output(files, tmp_p
         assert torch.equal(ref.vae.decode(x).sample, pipe.vae.decode(x).sample)
 
 
-def test_merge_cli_to_a_diffusers_folder(files, tmp_path):
-    r = sdlora("merge", "--model", "tiny", "--lora", f"{files['locon']}:0.8", "--out", tmp_path / "m")
+def test_merge_cli_to_a_diffusers_folder(files, tmp_path, capsys):
+    r = run_main(capsys, "merge", "--model", "tiny", "--lora", f"{files['locon']}:0.8", "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     from diffusers import UNet2DConditionModel
 
@@ -205,12 +203,13 @@ def test_merge_ldm_layout_of_sd2_and_sdxl_text_encoders_inverts_diffusers():
                                                     num_hidden_layers=3, projection_dim=16, hidden_act="gelu"))
     ck = openclip_to_ldm_state(te, "conditioner.embedders.1.model.")
     assert ck["conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight"].shape == (96, 32)
-    back = {kohya.te_path(k): v for k, v in convert_open_clip_checkpoint(te, ck, "conditioner.embedders.1.model.").items()}
+    converted = convert_open_clip_checkpoint(te, ck, "conditioner.embedders.1.model.")
+    back = {kohya.te_path(k): v for k, v in converted.items()}
     sd = {kohya.te_path(k): v for k, v in te.state_dict().items() if "position_ids" not in k}
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path):
+def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path, capsys):
     from sdlora.resize import resize
 
     # same rank: the delta is unchanged
@@ -223,7 +222,7 @@ def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path):
         assert torch.allclose(da, db, atol=1e-6), m
     assert frac == pytest.approx(1.0, abs=1e-9)
     # rank 2: the best rank-2 approximation; energy fraction from singular values computed here
-    r = sdlora("resize", files["locon"], "--rank", "2", "--out", tmp_path / "r2.safetensors")
+    r = run_main(capsys, "resize", files["locon"], "--rank", "2", "--out", tmp_path / "r2.safetensors")
     assert r.returncode == 0, r.stderr
     c = reference.group(io.load(tmp_path / "r2.safetensors")[0])
     kept = total = 0.0

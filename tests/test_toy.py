@@ -7,20 +7,16 @@ comments next to them) with margins for what can legitimately vary (torch build,
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
-from sdlora.toy import BASE_DIR, TOY_RESOLUTION, evaluate, judge, toy_components, world
 from sdlora.tiny import tiny_components
+from sdlora.toy import BASE_DIR, TOY_RESOLUTION, evaluate, judge, toy_components, world
+from tests.helpers import ROOT, run_main
 
-ROOT = Path(__file__).resolve().parents[1]
 SUBJECT_DIR = ROOT / "datasets" / "toy-purple-triangle"
 SUBJECT, TRIGGER, CLASS = "a purple triangle", "a sks triangle", "a triangle"
 N = 8  # images per prompt
@@ -115,6 +111,8 @@ def base_run():
     return base, cache, subj, acc
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("toy-base-run")
 def test_toy_base_draws_what_seen_prompts_say(base_run):
     _, _, subj, acc = base_run
     print("\njudged accuracy per prompt:\n" + "\n".join(f"  {100 * a:5.1f}%  {p}" for p, a in acc.items()))
@@ -148,7 +146,9 @@ def _dreambooth(base, cache, tmp_path, seed: int, classes=None):
     return out, evaluate.score_adapter(base, out, TRIGGER, SUBJECT, CLASS, n=N, base_cache=cache)
 
 
-def test_dreambooth_learns_a_held_out_subject_without_drifting_other_prompts(base_run, tmp_path):
+@pytest.mark.slow
+@pytest.mark.xdist_group("toy-base-run")
+def test_dreambooth_learns_a_held_out_subject_without_drifting_other_prompts(base_run, tmp_path, capsys):
     base, cache, _, _ = base_run
     classes = evaluate.class_images(base, CLASS, tmp_path / "class", n=40)
     runs = {}
@@ -173,8 +173,6 @@ def test_dreambooth_learns_a_held_out_subject_without_drifting_other_prompts(bas
 
     # The same adapter scored from the command line.
     out = runs[0, True][0]
-    r = subprocess.run([sys.executable, "-m", "sdlora", "eval", "--adapter", str(out), "--subject", SUBJECT,
-                        "-n", "2"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_main(capsys, "eval", "--adapter", out, "--subject", SUBJECT, "-n", "2")
     assert r.returncode == 0, r.stderr
     assert "subject fidelity" in r.stdout and "prompt fidelity" in r.stdout and "'a sks triangle'" in r.stdout

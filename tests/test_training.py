@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdlora.archs import get as arch_spec
 from sdlora.cache import EmbeddingCache, LatentCache
 from sdlora.config import load_toml, make_config
 from sdlora.data import Example, load_image
@@ -29,40 +29,14 @@ from sdlora.formats.io import load
 from sdlora.models import load_base
 from sdlora.tiny import tiny_components
 from sdlora.train import ckpt
-from sdlora.train.loop import train
-from sdlora.archs import get as arch_spec
 from sdlora.train.step import Batch, DiffusionObjective, batch_loss, objective_for, sample_noise, scale_latents
-from tests.conftest import ROOT, make_images
+from tests.helpers import CONFIGS, ROOT, SDLORA, assert_same_tensors, make_images, run_main, sub_env, train_tiny
 
-SDLORA = [sys.executable, "-m", "sdlora"]
 # two CPU processes over gloo (with ACCELERATE_USE_CPU=1 in the environment); see test_two_process_gloo_run_...
 ACCELERATE_2CPU = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-CONFIGS = ROOT / "configs"
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own latent/text cache: no test may pass thanks to another's cache entries."""
-    d = tmp_path / "sdlora-cache"
-    monkeypatch.setenv("SDLORA_CACHE", str(d))
-    return d
-
-
-def run(out: Path, images: Path, log=None, **overrides):
-    values = dict(images=str(images), prompt="sks dog", model="tiny", steps=2, lr=1e-3, out=str(out), seed=0)
-    values.update(overrides)
-    return train(make_config(values), log=log or (lambda *a, **k: None))
-
-
-def sub_env(cache: Path) -> dict:
-    return dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1", SDLORA_CACHE=str(cache), OMP_NUM_THREADS="1")
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0"]
+pytestmark = pytest.mark.usefixtures("cache_dir")  # every test its own latent/text cache
 
 
 def state_of(path: Path) -> dict:
@@ -94,11 +68,13 @@ def dreambooth(tmp_path_factory):
                     num_class_images=2, grad_accum=2, buckets=True, shuffle_tags=True, keep_tags=1,
                     caption_dropout=0.25, cache_dir=str(root / "cache"))
     log: list[str] = []
-    a = run(root / "a" / "a.safetensors", images, log=log.append, **settings)
+    a = train_tiny(root / "a" / "a.safetensors", images, log=log.append, **settings)
     return SimpleNamespace(root=root, images=images, settings=settings, a=a, log=log,
                            ck=ckpt.checkpoint_root(a.path) / "step-000003")
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-dreambooth")
 def test_resumed_run_gives_the_bit_identical_adapter(dreambooth):
     d = dreambooth
     assert d.a.steps == 6
@@ -110,7 +86,7 @@ def test_resumed_run_gives_the_bit_identical_adapter(dreambooth):
     assert {"rng/train", "rng/torch"} <= state.keys() and any(k.startswith("optim/") for k in state)
 
     log: list[str] = []
-    b = run(d.root / "b" / "b.safetensors", d.images, log=log.append, resume=str(d.ck), **d.settings)
+    b = train_tiny(d.root / "b" / "b.safetensors", d.images, log=log.append, resume=str(d.ck), **d.settings)
     assert b.steps == 6
     assert f"resumed from {d.ck} at step 3" in log
     final_a, final_b = load(d.a.path)[0], load(b.path)[0]
@@ -120,6 +96,8 @@ def test_resumed_run_gives_the_bit_identical_adapter(dreambooth):
     assert sum(not torch.equal(at3[k], final_a[k]) for k in final_a if "lora_up" in k) > 0.9 * len(final_a) / 3
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-dreambooth")
 def test_bucketed_prior_preservation_run_reports_buckets_and_records_them(dreambooth):
     d = dreambooth
     assert "data: 3 instance images (2 with caption files), 2 class images ('a dog', loss weight 1.0), " \
@@ -128,12 +106,14 @@ def test_bucketed_prior_preservation_run_reports_buckets_and_records_them(dreamb
     assert md["ss_enable_bucket"] == "True" and md["ss_num_reg_images"] == "2"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-dreambooth")
 def test_resume_refuses_other_settings_edited_images_and_folders_without_state(dreambooth, tmp_path):
     d = dreambooth
 
     def refused(**changes) -> str:
         with pytest.raises(SdloraError) as e:
-            run(tmp_path / "r.safetensors", d.images, **(d.settings | changes))
+            train_tiny(tmp_path / "r.safetensors", d.images, **(d.settings | changes))
         msg = str(e.value)
         assert "\n" not in msg
         assert not (tmp_path / "r.safetensors").exists()
@@ -178,7 +158,7 @@ def interrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("sigint")
     cache = root / "cache"
     images = mixed_aspect_images(root / "inst")
-    reference = run(root / "ref" / "ref.safetensors", images, cache_dir=str(cache), **SIGINT_FLAGS)
+    reference = train_tiny(root / "ref" / "ref.safetensors", images, cache_dir=str(cache), **SIGINT_FLAGS)
     out = root / "int" / "int.safetensors"
     env = sub_env(cache) | {"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}  # the bar shows every step
     proc = subprocess.Popen(_sigint_args(images, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -202,13 +182,17 @@ def interrupted(tmp_path_factory):
     return SimpleNamespace(root=root, cache=cache, images=images, reference=reference, out=out, k=k)
 
 
-def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterrupted_run(interrupted):
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-sigint")
+@pytest.mark.subprocess  # its fixture: the Ctrl-C of a real `sdlora train`
+def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterrupted_run(interrupted, capsys,
+                                                                                         monkeypatch):
     d = interrupted
+    monkeypatch.setenv("SDLORA_CACHE", str(d.cache))
     saved = ckpt.checkpoint_root(d.out) / "step-000005"  # written by --save-every before the interruption
     assert state_of(d.out)["ss_steps"] == str(d.k)  # Ctrl-C also saved the adapter trained so far
     out = d.root / "res" / "res.safetensors"
-    p = subprocess.run([*_sigint_args(d.images, out), "--resume", str(saved)], cwd=ROOT, env=sub_env(d.cache),
-                       capture_output=True, text=True, timeout=300)
+    p = run_main(capsys, *_sigint_args(d.images, out)[len(SDLORA):], "--resume", saved)  # in-process
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {saved} at step 5" in p.stdout
     assert_same_tensors(load(d.reference.path)[0], load(out)[0])
@@ -216,13 +200,16 @@ def test_interrupted_subprocess_resumed_from_its_checkpoint_equals_the_uninterru
 
 # Ctrl-C lands in the middle of a step; the loop finishes that step, then checkpoints it: the checkpoint's data
 # position and RNG state belong to its step count, so resuming from it continues exactly.
-def test_ctrl_c_checkpoint_then_resume_latest_equals_the_uninterrupted_run(interrupted):
+@pytest.mark.slow
+@pytest.mark.xdist_group("training-sigint")
+@pytest.mark.subprocess  # its fixture: the Ctrl-C of a real `sdlora train`
+def test_ctrl_c_checkpoint_then_resume_latest_equals_the_uninterrupted_run(interrupted, capsys, monkeypatch):
     d = interrupted
+    monkeypatch.setenv("SDLORA_CACHE", str(d.cache))
     latest = ckpt.list_checkpoints(ckpt.checkpoint_root(d.out))[-1]
     manifest = json.loads((latest / "manifest.json").read_text())
     assert latest.name == f"step-{d.k:06d}" and manifest["step"] == d.k
-    p = subprocess.run([*_sigint_args(d.images, d.out), "--resume", "latest"], cwd=ROOT, env=sub_env(d.cache),
-                       capture_output=True, text=True, timeout=300)
+    p = run_main(capsys, *_sigint_args(d.images, d.out)[len(SDLORA):], "--resume", "latest")  # in-process
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {latest} at step {d.k}" in p.stdout
     # a checkpoint of step k holds the data position after step k, as the --save-every ones do (micro 5 at 5)
@@ -232,11 +219,12 @@ def test_ctrl_c_checkpoint_then_resume_latest_equals_the_uninterrupted_run(inter
 
 # ---------------------------------------------------------------- caches
 
+@pytest.mark.slow
 def test_second_run_reads_latents_and_text_embeddings_from_the_disk_cache(tmp_path, cache_dir):
     images = make_images(tmp_path / "imgs", 2, (64, 64))
     logs: list[list[str]] = [[], []]
     for i in range(2):
-        run(tmp_path / f"o{i}.safetensors", images, log=logs[i].append, steps=1, no_text_encoder=True)
+        train_tiny(tmp_path / f"o{i}.safetensors", images, log=logs[i].append, steps=1, no_text_encoder=True)
         if i == 0:
             text_entries = sorted((cache_dir / "text").rglob("*.safetensors"))
     # one step: only what it and the fixed-noise eval need is encoded (2 images unflipped, maybe 1 flipped), not all
@@ -250,6 +238,7 @@ def test_second_run_reads_latents_and_text_embeddings_from_the_disk_cache(tmp_pa
     assert sorted((cache_dir / "text").rglob("*.safetensors")) == text_entries  # ...and reused, not re-encoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["built-in", "diffusers folder"])
 def test_vae_and_frozen_text_encoder_leave_memory_once_cached_and_come_back_whole(tmp_path, cache_dir, source):
     """Latents are encoded when first needed; once every one is cached (2 images, no flips: the fixed-noise eval
@@ -263,7 +252,7 @@ def test_vae_and_frozen_text_encoder_leave_memory_once_cached_and_come_back_whol
         load_base("tiny").pipeline().save_pretrained(model)
     images = make_images(tmp_path / "imgs", 2, (64, 64))
     logs: list[list[str]] = [[], []]
-    results = [run(tmp_path / f"o{i}.safetensors", images, log=logs[i].append, steps=3, no_flip=True,
+    results = [train_tiny(tmp_path / f"o{i}.safetensors", images, log=logs[i].append, steps=3, no_flip=True,
                    no_text_encoder=True, sample_every=3, sample_steps=2, model=model) for i in range(2)]
     assert f"latents: 0 from cache, 2 encoded ({cache_dir})" in logs[0]
     assert f"latents: 2 from cache, 0 encoded ({cache_dir})" in logs[1]
@@ -355,12 +344,13 @@ def test_text_embedding_cache_keys_on_prompt_and_text_encoder_weights(tmp_path):
 
 # ---------------------------------------------------------------- captions, summary, epochs
 
+@pytest.mark.slow
 def test_dataset_summary_epochs_arithmetic_and_tag_frequency(tmp_path):
     images = make_images(tmp_path / "pets", 3, (64, 64))
     (images / "img_0.txt").write_text("{trigger}, red ball, grass", encoding="utf-8")
     (images / "img_1.caption").write_text("red ball", encoding="utf-8")
     log: list[str] = []
-    r = run(tmp_path / "o.safetensors", images, log=log.append, epochs=2, repeats=2, batch_size=3, steps=500)
+    r = train_tiny(tmp_path / "o.safetensors", images, log=log.append, epochs=2, repeats=2, batch_size=3, steps=500)
     assert "data: 3 instance images (2 with caption files), 64px" in log
     assert [l for l in log if l.startswith("  e.g.")] == [
         "  e.g. img_0.png: 'sks dog, red ball, grass'",  # {trigger} substituted
@@ -376,11 +366,12 @@ def test_dataset_summary_epochs_arithmetic_and_tag_frequency(tmp_path):
 
 # ---------------------------------------------------------------- class images
 
+@pytest.mark.slow
 def test_class_images_are_generated_once_and_topped_up(tmp_path):
     images = make_images(tmp_path / "inst", 1, (64, 64))
     classes = tmp_path / "class dogs"  # does not exist yet
     log: list[str] = []
-    run(tmp_path / "a.safetensors", images, log=log.append, steps=1, class_prompt="a dog",
+    train_tiny(tmp_path / "a.safetensors", images, log=log.append, steps=1, class_prompt="a dog",
         class_images=str(classes), num_class_images=2)
     first = sorted(classes.glob("*.png"))
     assert len(first) == 2 and any(l.startswith(f"generating 2 class images for 'a dog' into {classes}") for l in log)
@@ -389,7 +380,7 @@ def test_class_images_are_generated_once_and_topped_up(tmp_path):
     assert all(a.shape == (64, 64, 3) and a.std() > 1 for a in pixels) and not np.array_equal(*pixels)
 
     log.clear()
-    r = run(tmp_path / "b.safetensors", images, log=log.append, steps=1, class_prompt="a dog",
+    r = train_tiny(tmp_path / "b.safetensors", images, log=log.append, steps=1, class_prompt="a dog",
             class_images=str(classes), num_class_images=3)
     assert any("generating 1 class images" in l and "(2 already there)" in l for l in log)
     now = sorted(classes.glob("*.png"))
@@ -460,9 +451,10 @@ def test_noise_offset_adds_a_per_channel_constant_of_that_scale():
     assert abs(plain.std().item() - 1) < 0.02 and t.min() >= 0 and t.max() < 1000
 
 
+@pytest.mark.slow
 def test_min_snr_noise_offset_and_text_encoder_lr_train(tmp_path):
     images = make_images(tmp_path / "imgs", 2, (64, 64))
-    r = run(tmp_path / "o.safetensors", images, steps=2, save_every=1, lr=1e-3, te_lr=3e-4, min_snr_gamma=5,
+    r = train_tiny(tmp_path / "o.safetensors", images, steps=2, save_every=1, lr=1e-3, te_lr=3e-4, min_snr_gamma=5,
             noise_offset=0.1)
     ck = ckpt.checkpoint_root(r.path) / "step-000001"
     manifest = json.loads((ck / "manifest.json").read_text())
@@ -481,14 +473,15 @@ def test_min_snr_noise_offset_and_text_encoder_lr_train(tmp_path):
 
 # ---------------------------------------------------------------- monitor
 
+@pytest.mark.slow
 def test_sample_grids_loss_curve_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     images = make_images(tmp_path / "imgs", 2, (64, 64))
     classes = make_images(tmp_path / "cls", 1, (64, 64), seed=4)
     out = tmp_path / "run" / "mon.safetensors"
-    r = run(out, images, steps=2, sample_every=1, sample_steps=2, class_prompt="a dog", class_images=str(classes),
-            num_class_images=1, tensorboard=True)
+    r = train_tiny(out, images, steps=2, sample_every=1, sample_steps=2, class_prompt="a dog",
+                   class_images=str(classes), num_class_images=1, tensorboard=True)
     grids = sorted((tmp_path / "run" / "mon-samples").glob("*.png"))
     assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"] and r.samples == grids
     cell, label = 96, 14  # 64 px samples shown at 96 px, a label line above each row
@@ -515,6 +508,8 @@ def test_sample_grids_loss_curve_and_tensorboard(tmp_path):
 
 # ---------------------------------------------------------------- several processes
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_process_gloo_run_writes_a_valid_adapter(tmp_path, cache_dir):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (its CPU launcher needs mpirun); two CPU
     # processes over gloo are torchrun's (--multi_gpu) with ACCELERATE_USE_CPU set.
@@ -537,6 +532,8 @@ def test_two_process_gloo_run_writes_a_valid_adapter(tmp_path, cache_dir):
 # images' size runs one forward, another rank runs two (instance and class groups apart). With DDP's per-forward
 # buffer broadcast (CLIP's position_ids) the ranks' collectives no longer paired up and both processes waited
 # forever; the trainer turns that broadcast off (the buffers are frozen).
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_process_run_with_buckets_prior_and_text_encoder_finishes(tmp_path, cache_dir):
     images = mixed_aspect_images(tmp_path / "inst")
     classes = make_images(tmp_path / "cls", 2, (64, 64), seed=9)
@@ -582,12 +579,12 @@ def test_every_preset_loads_validates_and_explains_itself(path):
         assert getattr(cfg, k) == v
 
 
-def test_quickstart_tiny_preset_trains_from_the_command_line(tmp_path, cache_dir):
+@pytest.mark.slow
+def test_quickstart_tiny_preset_trains_from_the_command_line(tmp_path, cache_dir, capsys):
     images = make_images(tmp_path / "imgs", 2, (64, 64))
     out = tmp_path / "q.safetensors"
-    p = subprocess.run([*SDLORA, "train", "--config", str(CONFIGS / "quickstart-tiny.toml"), "--images", str(images),
-                        "--prompt", "sks dog", "--steps", "2", "--out", str(out)],
-                       cwd=ROOT, env=sub_env(cache_dir), capture_output=True, text=True, timeout=300)
+    p = run_main(capsys, "train", "--config", CONFIGS / "quickstart-tiny.toml", "--images", images,
+                 "--prompt", "sks dog", "--steps", "2", "--out", out)
     assert p.returncode == 0, p.stderr[-3000:]
     state, md = load(out)
     preset = load_toml(CONFIGS / "quickstart-tiny.toml")
