@@ -101,6 +101,14 @@ class TrainConfig:
                         choices=tuple(ATTENTION))
     channels_last: bool = _f(False, "keep the UNet's conv weights channels-last (NHWC): helps fp16/bf16 on tensor-core "
                              "GPUs, usually slows CPU training (benchmarks/bench_train.py)")
+    # ---- memory for big models (issue 23): block swap and the planner (sdlora/train/swap.py, sdlora/plan.py)
+    blocks_to_swap: int = _f(0, "keep N transformer blocks of the denoiser in host memory, each copied to the GPU for its "
+                             "forward and backward (kohya's --blocks_to_swap; FLUX.1: N // 2 double + the rest x2 single "
+                             "blocks, at most 38; SD 3.x: N joint blocks); 0: off", group="model")
+    vram: float | None = _f(None, "GPU memory to fit in, GB: choose base/text-encoder precision, block swap and gradient "
+                            "checkpointing for it and print the plan with its byte counts (`sdlora plan` prints it "
+                            "without training)", group="model", metavar="GB")
+    # ---- end of the big-model block
     no_eval_loss: bool = _f(False, "skip the loss on fixed noise printed at the end (2 images × 2 timesteps: 4 "
                             "denoiser forwards before and 4 after training)")
     seed: int = _f(0, "random seed: same seed, data and flags give the same adapter on CPU")
@@ -191,6 +199,13 @@ class TrainConfig:
                   "keep_tags", "weight_decay", "max_grad_norm"):
             if getattr(self, f) < 0:
                 bad(f, f"must be >= 0, got {getattr(self, f)}")
+        if self.blocks_to_swap < 0:
+            bad("blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
+        if self.vram is not None and not 0 < self.vram <= 4096:
+            bad("vram", f"must be the GPU's memory in GB (e.g. 12), got {self.vram:g}")
+        if self.blocks_to_swap and self.compile:
+            bad("blocks_to_swap", "cannot be combined with --compile (the swap replaces weights between blocks, "
+                "which a compiled graph does not see); drop one of them")
         optim.parse_args(self.optimizer, self.optimizer_args)  # typed and known keys, refused in one line if not
         for f in fields(self):
             choices = f.metadata.get("choices")

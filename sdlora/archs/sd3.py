@@ -28,6 +28,7 @@ SPEC = ArchSpec(
     objective="flow", scheduler="FlowMatchEulerDiscreteScheduler", sampler="FlowMatchEulerDiscreteScheduler",
     sample_guidance=7.0, class_guidance=7.0,
     preset_columns=("transformer", "transformer_te"), network_kinds=("lora",), variant_of=_variant,
+    swap_blocks=("transformer_blocks",),  # the joint blocks: --blocks-to-swap N keeps the last N in host memory
     checkpoint_marker="joint_blocks.0.x_block.",  # any prefix (models.detect_checkpoint_arch)
     # kohya's `ss_base_model_version` is the MMDiT model type (these do not start with "sd3"), K sd3_utils.py
     versions={"5-medium": ("5-medium", "stable-diffusion-3-5-medium/lora"),

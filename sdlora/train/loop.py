@@ -34,7 +34,7 @@ from sdlora.lora.inject import add_lora, collect_modules, format_table, network_
 from sdlora.archs.spec import DENOISER
 from sdlora.lora.targets import check_rank, find_targets, preset_targets
 from sdlora.models import BUILTIN_MODELS, load_base
-from sdlora.train import DTYPES, ckpt, memory, optim, scale, speed
+from sdlora.train import DTYPES, ckpt, memory, optim, scale, speed, swap
 from sdlora.train import step as S
 from sdlora.train.monitor import Monitor, sample_prompts
 from sdlora.train.prior import ensure_class_images
@@ -52,6 +52,7 @@ class TrainResult:
     samples: list[Path] | None = None
     steady_seconds: float | None = None  # wall time of the steps after the first one (which pays for warm-up)
     restore: object = field(default=None, repr=False)  # gives released frozen modules their weights back
+    swap_stats: list | None = None  # --blocks-to-swap: per swapped block, its forward/backward uses and copies
 
     @property
     def base(self):
@@ -171,6 +172,9 @@ class _Run:
         if cfg.compile and cfg.compile_backend == "inductor":
             speed.check_compile(self.accelerator.device)
         self.fsdp = scale.check_fsdp(self.accelerator, cfg)
+        if cfg.blocks_to_swap and self.accelerator.num_processes > 1:
+            raise SdloraError("--blocks-to-swap runs in one process (DDP and FSDP need every weight of a process on its "
+                              "GPU); for several GPUs use FSDP without it (configs/accelerate-fsdp-flux.yaml)")
         self.main = self.accelerator.is_main_process
         self.say = self.log if self.main else _quiet
         if self.main:
@@ -183,6 +187,7 @@ class _Run:
         self.resolution = self.cfg.resolution or base.native_resolution
         self.objective = S.objective_for(base.spec, base.noise_scheduler, base.denoiser.config)
         check_family(self.cfg, base)
+        swap.check(base.spec, swap.lengths_of(base.spec, base.denoiser), self.cfg.blocks_to_swap)
         self.denoiser, self.vae = base.denoiser, base.vae
         self.tes = {c: te for c, (_, te) in base.text_encoders.items()}  # "te", or "te1" + "te2" for SDXL
         for m in base.modules.values():
@@ -270,10 +275,15 @@ class _Run:
         self.say(format_table([report(m, c) for c, m in adapted.items()]))
         # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
         self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
-        for m in (self.denoiser, *self.tes.values()):  # T5-XXL too: frozen, in the compute dtype
+        dtype_of = lambda p: torch.float32 if p.requires_grad else self.weight_dtype  # noqa: E731
+        # --blocks-to-swap: the swapped blocks' frozen weights stay in host memory (cast there), the rest moves
+        self.swap = swap.enable(base.spec, self.denoiser, cfg.blocks_to_swap, self.accelerator.device, dtype_of)
+        for m in ([] if self.swap else [self.denoiser]) + list(self.tes.values()):  # T5-XXL too: frozen, compute dtype
             # cast and moved one tensor at a time: never the fp32 base on the device, no second copy in memory
-            memory.move(m, self.accelerator.device, lambda p: torch.float32 if p.requires_grad else self.weight_dtype)
+            memory.move(m, self.accelerator.device, dtype_of)
             m.to(self.accelerator.device)  # buffers
+        if self.swap:
+            self.say(swap.describe(base.spec, self.denoiser, cfg.blocks_to_swap))
         speed.set_attention(self.denoiser, cfg.attention, self.accelerator.device)
         if cfg.channels_last:
             speed.channels_last(self.denoiser)
@@ -378,7 +388,9 @@ class _Run:
         # accelerate steps a prepared scheduler once per process, so its horizon is scaled the same way.
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * acc.num_processes,
                                      num_training_steps=self.steps * acc.num_processes)
-        self.denoiser_p, self.optimizer, self.lr_scheduler = acc.prepare(self.denoiser, optimizer, lr_scheduler)
+        # with block swap the denoiser is placed already (swapped weights in host memory): accelerate must not move it
+        self.denoiser_p, self.optimizer, self.lr_scheduler = acc.prepare(
+            self.denoiser, optimizer, lr_scheduler, device_placement=[not self.swap, None, None])
         # a module without trainable parameters must not be DDP-wrapped
         self.tes_p = {c: acc.prepare(m) if c in self.adapted else m for c, m in self.tes.items()}
         self.text_encoders_p = [(tok, self.tes_p[c]) for c, (tok, _) in self.base.text_encoders.items()]
@@ -495,6 +507,7 @@ class _Run:
         t_end = time.perf_counter()
         result = self.finish(loss_before, t_end - t0)
         result.steady_seconds = t_end - t_first if self.done > self.start_step + 1 else None
+        result.swap_stats = [dict(c) for c in self.swap.stats] if self.swap else None
         return result
 
     def read_losses(self, bar) -> None:
