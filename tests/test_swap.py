@@ -20,7 +20,7 @@ from tests.conftest import train_tiny
 @pytest.mark.parametrize("model,n,gc,preset", [("tiny-flux", 5, True, "full"), ("tiny-sd3", 6, False, "default")])
 def test_training_with_swap_is_bit_identical(tmp_path, model, n, gc, preset):
     steps = 2
-    kw = dict(model=model, steps=steps, gradient_checkpointing=gc, preset=preset, rank=2)
+    kw = {"model": model, "steps": steps, "gradient_checkpointing": gc, "preset": preset, "rank": 2}
     ref = train_tiny(tmp_path / "ref.safetensors", **kw)
     got = train_tiny(tmp_path / "swap.safetensors", blocks_to_swap=n, **kw)
     a, b = load_file(ref.path), load_file(got.path)
@@ -52,9 +52,9 @@ def _tiny_flux_with_lora():
 
 def _step(den, gen):
     h = torch.randn(1, 16, 64, generator=gen)
-    kw = dict(hidden_states=h, encoder_hidden_states=torch.randn(1, 7, 32, generator=gen),
-              pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
-              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(7, 3), guidance=torch.tensor([1.0]))
+    kw = {"hidden_states": h, "encoder_hidden_states": torch.randn(1, 7, 32, generator=gen),
+          "pooled_projections": torch.randn(1, 32, generator=gen), "timestep": torch.tensor([0.5]),
+          "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(7, 3), "guidance": torch.tensor([1.0])}
     den(**kw).sample.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in den.named_parameters() if p.requires_grad}
     den.zero_grad(set_to_none=True)
@@ -75,7 +75,7 @@ def test_swap_counts_each_block_forward_and_backward(gc):
     assert len(blocks) == 19 + 38  # N = 38 is every block of FLUX.1 (19 double + 38 single)
     host = {id(p) for b in blocks for p in b.parameters() if not p.requires_grad}
     s = swap.BlockSwap(den, blocks, torch.device("cpu"))
-    got = [_step(den, torch.Generator().manual_seed(1)) for _ in range(1)][0]
+    got = _step(den, torch.Generator().manual_seed(1))
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     for st in s.stats:
         assert st["forward"] == 1 and (st["backward"] == 1 if gc else st["backward"] >= 1)

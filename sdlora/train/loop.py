@@ -275,7 +275,7 @@ class _Run:
         self.say(format_table([report(m, c) for c, m in adapted.items()]))
         # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
         self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
-        dtype_of = lambda p: torch.float32 if p.requires_grad else self.weight_dtype  # noqa: E731
+        dtype_of = lambda p: torch.float32 if p.requires_grad else self.weight_dtype
         # --blocks-to-swap: the swapped blocks' frozen weights stay in host memory (cast there), the rest moves
         self.swap = swap.enable(base.spec, self.denoiser, cfg.blocks_to_swap, self.accelerator.device, dtype_of)
         for m in ([] if self.swap else [self.denoiser]) + list(self.tes.values()):  # T5-XXL too: frozen, compute dtype
