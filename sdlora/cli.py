@@ -120,6 +120,9 @@ SUBCOMMANDS = {
     "scan": ("sdlora.dataset", "show what training would see in an image folder, without loading a model",
              "List concepts (kohya N_words folders) and repeats, every image with its size, bucket and caption, and "
              "the problems training would warn about or stop on. Exits 1 when training would stop."),
+    "plan": ("sdlora.plan", "the settings that fit a run in a GPU's memory, with their byte counts (no weights loaded)",
+             "Choose base and text-encoder precision, block swap and gradient checkpointing for --vram GB and print "
+             "the bytes of weights, LoRA + optimizer state and activations (counted on the meta device)."),
     "eval": ("sdlora.toy.evaluate", "score an adapter: toy-world judge, or CLIP-I/CLIP-T/DINO on real models",
              "Generate with and without the adapter and score the images (subject fidelity, prompt fidelity)."),
 }

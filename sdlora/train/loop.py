@@ -147,6 +147,7 @@ class _Run:
 
     # ---- 1. data, checked before anything heavy loads: a bad file must not cost a model load
     def check_data(self) -> None:
+        self.check_memory()
         cfg = self.cfg
         self.plan = outputs.check_paths(cfg)  # outputs writable and harmless before anything loads (outputs.py)
         optim.load_package(cfg.optimizer)  # a missing optimizer package fails before the model loads
@@ -157,6 +158,30 @@ class _Run:
         folder = cfg.class_folder
         if cfg.class_prompt and not self.class_images and cfg.num_class_images == 0:
             raise SdloraError(f"no class images in {folder}; add some, or pass --num-class-images N to generate them")
+
+    def check_memory(self) -> None:
+        """--vram: plan the run for the GPU (no weights read) and take the plan's settings; --blocks-to-swap N: check
+        N against the model's blocks. Both before anything heavy loads."""
+        cfg = self.cfg
+        if not cfg.vram and not cfg.blocks_to_swap:
+            return
+        from sdlora import plan
+
+        if self.given_base is None and not cfg.vram:
+            try:
+                shape = plan.shape_of(cfg.model)
+            except SdloraError:  # a single file or an unknown hub id: checked once the model is loaded
+                return
+            swap.check(shape.spec, swap.lengths_of(shape.spec, shape.denoiser), cfg.blocks_to_swap)
+            return
+        planned = plan.Planner(plan.shape_of(cfg.model), plan.run_of(cfg)).plan(cfg.vram)
+        self.log(planned.text())
+        if not planned.fits:
+            c, need = planned.smallest
+            raise SdloraError(f"--vram {cfg.vram:g}: the run does not fit; the smallest plan ({c.flags()}) needs "
+                              f"{need / plan.GIB:.1f} GiB of {planned.budget / plan.GIB:.1f} GiB usable: lower "
+                              "--resolution or --batch-size")
+        self.cfg = plan.apply(cfg, planned)
 
     def setup(self) -> None:
         cfg = self.cfg
