@@ -91,3 +91,41 @@ def test_plan_reads_a_folder_from_its_headers(tmp_path, capsys):
 def test_plan_refuses_what_it_cannot_size(capsys):
     assert main(["plan", "--model", "someone/some-model", "--vram", "12"]) == 2
     assert "sdlora plan reads a local diffusers folder" in capsys.readouterr().err
+
+
+def test_every_preset_parses_through_train_config():
+    """Each configs/*.toml is valid for `sdlora train --config` (unknown keys and wrong types are refused there)."""
+    from sdlora.config import load_toml, make_config
+    from tests.conftest import DOG, ROOT
+
+    presets = sorted((ROOT / "configs").glob("*.toml"))
+    assert {p.stem for p in presets} >= {f"subject-flux-dev-{v}gb" for v in (8, 12, 16, 24)}
+    for path in presets:
+        cfg = make_config(load_toml(path) | {"images": str(DOG), "prompt": "sks dog"})
+        assert cfg.vram is None or cfg.vram in (8, 12, 16, 24), path
+
+
+def test_vram_plans_the_run_before_loading(tmp_path):
+    """--vram: the run takes the plan's settings (here: gradient checkpointing, which the card needs at this size)
+    and prints the plan; a card too small is refused in one line before the model loads."""
+    from tests.conftest import train_tiny
+
+    planner = plan.Planner(plan.shape_of("tiny-flux"), plan.Run(64, 1, 4))
+    need_gc = planner.total(plan.Choice(checkpointing=True))
+    assert need_gc < planner.total(plan.Choice())
+    vram = (need_gc + plan.CONTEXT) / plan.GIB / (1 - plan.FRAGMENTATION) + 1e-6
+    lines = []
+    from sdlora.config import make_config
+    from sdlora.train.loop import train
+    from tests.conftest import DOG
+
+    res = train(make_config({"images": str(DOG), "prompt": "sks dog", "model": "tiny-flux", "steps": 1,
+                             "resolution": 64, "out": str(tmp_path / "a.safetensors"), "vram": vram,
+                             "no_eval_loss": True}), log=lines.append)
+    assert res.path.exists()
+    assert any("chosen: --base-precision bf16 --te-precision bf16 --gradient-checkpointing" in str(x) for x in lines)
+    assert res.model.denoiser.gradient_checkpointing
+    from sdlora.errors import SdloraError
+
+    with pytest.raises(SdloraError, match=r"^--vram 0\.1: the run does not fit; the smallest plan .* needs"):
+        train_tiny(tmp_path / "b.safetensors", model="tiny-flux", resolution=64, vram=0.1)
