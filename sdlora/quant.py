@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -100,7 +101,8 @@ def check_mode(mode: str, device: str | torch.device, what: str = "--base-precis
         raise SdloraError(f"{what} {mode} needs bitsandbytes, which cannot load here ({_first(e)}); "
                           "pip install 'bitsandbytes>=0.46', or use --base-precision fp8") from e
     try:
-        layer = quantize_(nn.Sequential(nn.Linear(64, 64)), mode, torch.float32, skip=lambda n: False).to(device)
+        layer = quantize_(nn.Sequential(nn.Linear(64, 64)).requires_grad_(False), mode, torch.float32, skip=None)
+        layer = layer.to(device)
         x = torch.randn(2, 64, device=device, requires_grad=True)
         layer(x).sum().backward()
         ok = x.grad is not None and bool(torch.isfinite(x.grad).all())
@@ -123,18 +125,16 @@ def quantize_(module: nn.Module, mode: str, compute_dtype: torch.dtype,
     (or the replacement when `module` itself is a Linear). Works on a whole model or on one block at a time (a
     streaming loader): `prefix` is the block's name in its model ("transformer_blocks.3"), so that `skip(full name)`
     sees the names a whole-model call would; `skip=None` stores every Linear. Weights may be on the CPU or the
-    device; they are converted where they are, one layer at a time (no second copy of the module). Layers with
-    trainable weights are refused (only a frozen base is quantised)."""
+    device; they are converted where they are, one layer at a time (no second copy of the module). The stored layers
+    are frozen (requires_grad False): call it before adding LoRA, on the frozen parts only."""
     _check_name(mode, "precision")
     skip = skip or (lambda name: False)
     full = (lambda n: f"{prefix}.{n}" if n else prefix) if prefix else (lambda n: n)
     together = {_join(n, _UPCAST_TOGETHER[type(m).__name__]): m for n, m in module.named_modules()
                 if type(m).__name__ in _UPCAST_TOGETHER and hasattr(m, _UPCAST_TOGETHER[type(m).__name__])}
     layers = [(n, m) for n, m in module.named_modules() if type(m) is nn.Linear and not skip(full(n))]
-    for name, layer in layers:
-        if layer.weight.requires_grad:
-            raise SdloraError(f"{full(name)} trains; only frozen layers can be stored at {mode} (quantise before "
-                              "adding LoRA, and only the frozen parts)")
+    for _, layer in layers:
+        layer.requires_grad_(False)  # a stored layer is frozen: it gets no gradient (LoRA beside it does)
     if mode == "fp8" and together:
         _upcast_together(together, FLOAT["fp8"], compute_dtype)
     replaced = None
@@ -234,6 +234,38 @@ def _upcast_together(modules: dict[str, nn.Module], storage: torch.dtype, comput
         for child in parent.modules():
             if isinstance(child, nn.Linear):
                 setattr(child, MARK, "fp8")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What `apply` stores a loaded model at: `base` for the denoiser, `te` for the text encoders that stay frozen
+    (None: as loaded), computing in `compute`; `trained_te(spec)` names the text encoders (kohya components) that
+    train, which keep their precision (LoRA's base layers are only quantised when frozen)."""
+
+    base: str | None = None
+    te: str | None = None
+    compute: torch.dtype = torch.float32
+    trained_te: Callable | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.base or self.te)
+
+
+def apply(base, precision: Precision) -> list[str]:
+    """Store a loaded BaseModel's modules as `precision` says, module by module; the text encoders (kohya components)
+    left alone because they train."""
+    if precision.base:
+        quantize_(base.denoiser, precision.base, precision.compute)
+    kept = []
+    if precision.te:
+        trained = precision.trained_te(base.spec) if precision.trained_te else set()
+        for component, (_, te) in base.text_encoders.items():
+            if component in trained:
+                kept.append(component)
+            else:
+                quantize_(te, precision.te, precision.compute)
+    return kept
 
 
 def stored(module: nn.Module) -> bool:
