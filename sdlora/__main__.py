@@ -3,7 +3,11 @@
 import os
 import sys
 
-from sdlora.cli import main
+from sdlora import lazy
+
+lazy.hide()  # before anything imports diffusers: bitsandbytes loads only for runs that use it (sdlora/lazy.py)
+
+from sdlora.cli import main  # noqa: E402
 
 
 def run() -> None:
