@@ -20,10 +20,12 @@ import importlib.util
 import sys
 
 _NAME = "bitsandbytes"
+_hid = False  # whether `hide` set the mark (a mark set by someone else, e.g. a test, is left alone)
 
 
 def hide() -> None:
     """Mark bitsandbytes not importable until `bitsandbytes()` is called (the sdlora command calls this first)."""
+    global _hid
     if _NAME in sys.modules:  # imported already (or hidden): nothing to save
         return
     try:
@@ -32,20 +34,19 @@ def hide() -> None:
         installed = False
     if installed:
         sys.modules[_NAME] = None  # type: ignore[assignment]  # Python's own "not importable" mark
-
-
-def hidden() -> bool:
-    return _NAME in sys.modules and sys.modules[_NAME] is None
+        _hid = True
 
 
 def bitsandbytes():
-    """The bitsandbytes module, imported now (lifting `hide`'s mark); ImportError when it is not installed or cannot
-    load. Its logger is set to errors only: the "no CPU 4-bit kernels from kernels-community" notice at import is
+    """The bitsandbytes module, imported now (lifting `hide`'s mark, not anyone else's); ImportError when it is not
+    installed or cannot load. Its logger is set to errors only: the "no CPU 4-bit kernels from kernels-community" notice at import is
     about an optional faster kernel, bitsandbytes falls back to its own."""
     import logging
 
-    if hidden():
+    global _hid
+    if _hid and _NAME in sys.modules and sys.modules[_NAME] is None:
         del sys.modules[_NAME]
+    _hid = False
     logging.getLogger(_NAME).setLevel(logging.ERROR)
     import bitsandbytes
 
