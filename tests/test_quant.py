@@ -183,3 +183,24 @@ def test_a_default_train_does_not_import_bitsandbytes(tmp_path):
                        cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert loaded.search(p.stderr)  # a run that uses it imports it
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp8"])
+def test_a_released_quantised_text_encoder_comes_back_whole(mode):
+    """T5 leaves memory once its prompts are cached and is reloaded for sample grids (train/memory.py): its
+    quantised layers come back with their scales, giving the same output as before."""
+    from sdlora.train import memory
+
+    def t5():
+        base = load_base("tiny-flux")
+        return quant.quantize_(base.text_encoder_2.requires_grad_(False), mode, torch.float32), base.tokenizer_2
+
+    model, tok = t5()
+    ids = tok(["a photo of sks dog"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(ids)[0]
+        memory.release(model)
+        assert memory.released(model)
+        memory.restore(model, t5()[0], torch.device("cpu"))
+        assert not memory.released(model)
+        assert torch.equal(model(ids)[0], before)
