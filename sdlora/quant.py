@@ -131,8 +131,11 @@ def quantize_(module: nn.Module, mode: str, compute_dtype: torch.dtype,
     skip = skip or (lambda name: False)
     full = (lambda n: f"{prefix}.{n}" if n else prefix) if prefix else (lambda n: n)
     together = {_join(n, _UPCAST_TOGETHER[type(m).__name__]): m for n, m in module.named_modules()
-                if type(m).__name__ in _UPCAST_TOGETHER and hasattr(m, _UPCAST_TOGETHER[type(m).__name__])}
-    layers = [(n, m) for n, m in module.named_modules() if type(m) is nn.Linear and not skip(full(n))]
+                if type(m).__name__ in _UPCAST_TOGETHER and hasattr(m, _UPCAST_TOGETHER[type(m).__name__])
+                and not stored(getattr(m, _UPCAST_TOGETHER[type(m).__name__]))}
+    # plain nn.Linear only (not one stored already, nor a subclass such as PEFT's wrappers or bitsandbytes' layers)
+    layers = [(n, m) for n, m in module.named_modules()
+              if type(m) is nn.Linear and not stored(m) and not skip(full(n))]
     for _, layer in layers:
         layer.requires_grad_(False)  # a stored layer is frozen: it gets no gradient (LoRA beside it does)
     if mode == "fp8" and together:
