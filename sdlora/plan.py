@@ -31,17 +31,9 @@ STATE = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4, "schedulefre
 
 
 def _quant():
-    """bytes per weight and the layers left alone, from sdlora.quant when present (issue 23's quantised base)."""
-    try:
-        from sdlora.quant import bytes_per_param, default_skip
-    except ImportError:  # before sdlora/quant.py: the same numbers (bitsandbytes nf4 with double quantisation)
-        import re
+    """Bytes per weight at a precision and the layers the quantiser leaves alone (sdlora/quant.py)."""
+    from sdlora.quant import bytes_per_param, default_skip
 
-        table = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "fp8": 1.0, "int8": 1.0 + 4 / 3072,
-                 "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
-        skip = re.compile(r"(^|\.)[^.]*embed[^.]*(\.|$)|^(proj_out|norm_out|conv_in|conv_out|conv_norm_out|"
-                          r"text_projection|final_layer)(\.|$)")
-        return table.__getitem__, lambda name: bool(skip.search(name))
     return bytes_per_param, default_skip
 
 

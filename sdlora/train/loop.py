@@ -21,7 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from sdlora import outputs
+from sdlora import outputs, quant
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
 from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
@@ -204,11 +204,23 @@ class _Run:
         self.say = self.log if self.main else _quiet
         if self.main:
             outputs.remove_stale_temps(self.plan, self.say)
+        # Frozen weights compute in this dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
+        self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
+        for mode, flag in ((cfg.base_precision, "--base-precision"), (cfg.te_precision, "--te-precision")):
+            if mode:  # a mode this torch / bitsandbytes / device cannot run fails here, before the model loads
+                quant.check_mode(mode, self.accelerator.device, flag)
         set_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
 
     # ---- 2. model
     def load_model(self) -> None:
-        base = self.base = self.given_base or load_base(self.cfg.model, prediction_type=self.cfg.prediction_type)
+        cfg, precision = self.cfg, _precision(self.cfg)
+        if self.given_base is not None and precision.any:
+            self.given_base.kept_precision = quant.apply(self.given_base, precision)
+        base = self.base = self.given_base or load_base(cfg.model, prediction_type=cfg.prediction_type,
+                                                        precision=precision)
+        for c in base.kept_precision:
+            self.say(f"--te-precision {cfg.te_precision}: text encoder {c} trains, so it stays in "
+                     f"{str(self.weight_dtype).removeprefix('torch.')} (pass --no-text-encoder to store it too)")
         self.resolution = self.cfg.resolution or base.native_resolution
         self.objective = S.objective_for(base.spec, base.noise_scheduler, base.denoiser.config)
         check_family(self.cfg, base)
@@ -284,8 +296,7 @@ class _Run:
     def add_lora(self) -> None:
         cfg, base = self.cfg, self.base
         # the text encoders this preset trains in this family (CLIP only: T5-XXL stays frozen, its output cached)
-        trained_tes = {c: self.tes[c] for c in base.spec.trainable_te_components
-                       if not cfg.no_text_encoder and preset_targets(cfg.preset, c, base.spec)}
+        trained_tes = {c: self.tes[c] for c in _trained_te(cfg)(base.spec)}
         self.train_te = bool(trained_tes)
         adapted = self.adapted = {DENOISER: self.denoiser} | trained_tes
         self.targets = {c: find_targets(m, c, cfg.preset, base.spec) for c, m in adapted.items()}
@@ -298,8 +309,6 @@ class _Run:
         self.say(f"model {base.name} ({base.arch}, {base.prediction_type}); preset '{cfg.preset}', rank {cfg.rank}, "
                  f"alpha {cfg.network_alpha:g} (scale {cfg.network_alpha / cfg.rank:g})")
         self.say(format_table([report(m, c) for c, m in adapted.items()]))
-        # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
-        self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
         dtype_of = lambda p: torch.float32 if p.requires_grad else self.weight_dtype
         # --blocks-to-swap: the swapped blocks' frozen weights stay in host memory (cast there), the rest moves
         self.swap = swap.enable(base.spec, self.denoiser, cfg.blocks_to_swap, self.accelerator.device, dtype_of)
@@ -699,16 +708,33 @@ def _all_in(keys: set, cached: dict) -> bool:
 
 
 def _load_frozen(cfg: TrainConfig, base, attrs: list[str]) -> dict:
-    """Modules `attrs` of the base model loaded again, as load_model loaded them: from a diffusers folder or hub
-    id one component each (its weights memory-mapped); a built-in model or single file is rebuilt whole, and the
-    rest dropped."""
+    """Modules `attrs` of the base model loaded again, as load_model loaded them (at --te-precision too): from a
+    diffusers folder or hub id one component each (its weights memory-mapped); a built-in model or single file is
+    rebuilt whole, and the rest dropped."""
     name = cfg.model
     path = Path(name).expanduser()
+    precision = _precision(cfg)
     if name in BUILTIN_MODELS or path.suffix.lower() == ".safetensors":
-        fresh = load_base(name, prediction_type=cfg.prediction_type)
+        fresh = load_base(name, prediction_type=cfg.prediction_type, precision=precision)
         return {a: fresh.modules[a] for a in attrs}
     source = str(path) if path.exists() else name
-    return {a: type(base.modules[a]).from_pretrained(source, subfolder=a) for a in attrs}
+    out = {a: type(base.modules[a]).from_pretrained(source, subfolder=a) for a in attrs}
+    for a, m in out.items():  # released modules are frozen text encoders (and the VAE, never stored narrower)
+        if cfg.te_precision and any(quant.stored(s) for s in base.modules[a].modules()):
+            quant.quantize_(m, cfg.te_precision, precision.compute)
+    return out
+
+
+def _trained_te(cfg: TrainConfig):
+    """spec -> the text encoders (kohya components) this run trains: CLIP, unless --no-text-encoder or the preset
+    adapts none of it (T5-XXL always stays frozen)."""
+    return lambda spec: {c for c in spec.trainable_te_components
+                         if not cfg.no_text_encoder and preset_targets(cfg.preset, c, spec)}
+
+
+def _precision(cfg: TrainConfig) -> quant.Precision:
+    compute = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
+    return quant.Precision(cfg.base_precision, cfg.te_precision, compute, _trained_te(cfg))
 
 
 def _forwards(inst: list[Example], cls: list[Example]) -> list[list[Example]]:
