@@ -17,10 +17,15 @@ from sdlora.train import swap
 from tests.conftest import train_tiny
 
 
-@pytest.mark.parametrize("model,n,gc,preset", [("tiny-flux", 5, True, "full"), ("tiny-sd3", 6, False, "default")])
-def test_training_with_swap_is_bit_identical(tmp_path, model, n, gc, preset):
+@pytest.mark.parametrize("model,n,gc,preset,base", [("tiny-flux", 5, True, "full", None),
+                                                    ("tiny-sd3", 6, False, "default", None),
+                                                    ("tiny-flux", 6, False, "default", "fp8"),
+                                                    ("tiny-sd3", 4, True, "default", "nf4")])
+def test_training_with_swap_is_bit_identical(tmp_path, model, n, gc, preset, base):
+    """Also with a quantised base (--base-precision fp8 / nf4): the swapped copies are the stored weights."""
     steps = 2
-    kw = {"model": model, "steps": steps, "gradient_checkpointing": gc, "preset": preset, "rank": 2}
+    kw = {"model": model, "steps": steps, "gradient_checkpointing": gc, "preset": preset, "rank": 2,
+          "base_precision": base}
     ref = train_tiny(tmp_path / "ref.safetensors", **kw)
     got = train_tiny(tmp_path / "swap.safetensors", blocks_to_swap=n, **kw)
     a, b = load_file(ref.path), load_file(got.path)
