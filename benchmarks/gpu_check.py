@@ -16,7 +16,9 @@ their native resolution (512 / 1024 px) on random images by
    few class images where the preset does it): the memory each preset really needs;
 3. each other optimizer (adamw8bit, prodigy, adafactor, schedulefree; adamw is the grid's) at batch 1 on SD 1.5;
 4. speed options on SD 1.5 at batch 4: --channels-last, --attention efficient/flash, --compile;
-5. the optimizers on SDXL.
+5. the optimizers on SDXL;
+6. block swap: FLUX.1-dev with 16 and 28 blocks swapped, SD 3.5 Medium with 12 (after the grid), and the memory
+   presets (flux-dev-8/12/16/24gb, sd35l/sd35m-12/16gb, sdxl-8gb), which plan themselves with `vram`.
 
 Rows run in that order until `--budget-s` is near (the rest are listed as skipped); a row that fails (out of
 memory, a missing package) becomes a row saying why. it/s counts the steps after the first (which pays for
@@ -43,7 +45,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import: the loop'
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree")
 # shape -> (arch config folder in sdlora/archs, native resolution); quick mode uses sdlora's built-in tiny models
-SHAPES = {"sd15": ("sd15", 512), "sdxl": ("sdxl", 1024), "sd35m": ("sd35", 1024), "flux": ("flux1", 1024)}
+SHAPES = {"sd15": ("sd15", 512), "sdxl": ("sdxl", 1024), "sd35m": ("sd35", 1024), "flux": ("flux1", 1024),
+          "sd35l": ("sd35", 1024)}
+VARIANTS = {"sd35l": "_large"}  # shape -> the denoiser config file's suffix (SD 3.5 Large: transformer_large.json)
 QUICK_SHAPES = {"tiny": ("tiny", 64), "tiny-sdxl": ("tiny-sdxl", 64), "tiny-sd3": ("tiny-sd3", 64),
                 "tiny-flux": ("tiny-flux", 64)}
 
@@ -54,6 +58,8 @@ def _shape_of(model: str, quick: bool) -> str:
     family = "flux" if "flux" in m else "sd3" if "stable-diffusion-3" in m else "sdxl" if "xl" in m else "sd15"
     if quick:
         return {"flux": "tiny-flux", "sd3": "tiny-sd3", "sdxl": "tiny-sdxl", "sd15": "tiny"}[family]
+    if family == "sd3" and "large" in m:
+        return "sd35l"
     return {"flux": "flux", "sd3": "sd35m", "sdxl": "sdxl", "sd15": "sd15"}[family]
 
 
@@ -73,11 +79,20 @@ def plan(quick: bool, steps: int, resolution: int | None = None) -> list[Row]:
         common["resolution"] = resolution
     rows = []
     for shape, (_, res) in shapes.items():
+        if shape in VARIANTS:  # SD 3.5 Large: its presets only
+            continue
         res = resolution or res
         for bs in (1, 4):
             for gc_ in (False, True):
                 rows.append(Row(f"{shape} {res}px b{bs}{' gc' if gc_ else ''}", shape,
                                 common | {"batch_size": bs, "gradient_checkpointing": gc_}))
+    # block swap (issue 23): the same FLUX.1 / SD 3.5 Medium row with N blocks in host memory, so peak memory and
+    # s/step are measured against the unswapped row above (GPU figures pending until a GPU runs this)
+    dit = [k for k in shapes if k in ("flux", "sd35m", "tiny-flux", "tiny-sd3")]
+    for shape in dit:
+        for n in (16, 28) if "flux" in shape else (12,):
+            rows.append(Row(f"{shape} {resolution or shapes[shape][1]}px b1 gc swap {n}", shape,
+                            common | {"batch_size": 1, "gradient_checkpointing": True, "blocks_to_swap": n}))
     for path in sorted((ROOT / "configs").glob("*.toml")):
         rows.append(preset_row(path, steps, quick))
         if resolution:
@@ -108,6 +123,10 @@ def preset_row(path: Path, steps: int, quick: bool) -> Row:
         values["resolution"] = 64
     else:
         shape = _shape_of(model, quick)
+    if quick:  # a CPU has no VRAM to plan for: the preset's other settings on the tiny model
+        values.pop("vram", None)
+    elif "vram" in values:  # `--vram` plans from the preset's model (its public configs), not the random base
+        values["model"] = model
     if quick and values.get("mixed_precision") == "fp16":
         values["mixed_precision"] = "bf16"  # fp16 needs CUDA
     for k in ("epochs", "save_every", "sample_every", "keep_last", "num_class_images"):
@@ -144,7 +163,7 @@ def random_base(shape: str, device):
     torch.manual_seed(0)  # the same weights every row: the latent cache of the first row serves the others
     with torch.device(device):
         parts["vae"] = archs.build(archs.load_config(spec.id, "vae"))
-        parts[spec.denoiser] = archs.build(archs.load_config(spec.id, spec.denoiser))
+        parts[spec.denoiser] = archs.build(archs.load_config(spec.id, spec.denoiser + VARIANTS.get(shape, "")))
         for t in spec.text_encoders:
             tok = clip_tokenizer(t.pad_token)
             cfg = archs.load_config(spec.id, t.attr)

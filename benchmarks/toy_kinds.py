@@ -4,6 +4,8 @@ toy judge exactly as `sdlora eval --subject "a purple triangle"` does, print a m
     python benchmarks/toy_kinds.py                          # the kinds table in README (5 kinds x 3 seeds)
     python benchmarks/toy_kinds.py --configs default notext # the prior-drift study in README
     python benchmarks/toy_kinds.py --list                   # the configurations and their flags
+    python benchmarks/toy_kinds.py --configs base-fp32 base-bf16 base-fp8 base-int8 base-nf4 --out /tmp/toyruns/quant
+                                                            # a quantised base (README, RESULTS.md)
 
 Every run is the quick start (`sdlora train --model toy --images datasets/toy-purple-triangle --prompt "a sks
 triangle" --class-prompt "a triangle" --num-class-images 40 --steps 600 --lr 1e-3`) plus the configuration's flags
@@ -54,6 +56,12 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "noflip": (["--no-flip"], "`--no-flip`"),
     "prior2": (["--prior-loss-weight", "2"], "`--prior-loss-weight 2`"),
     "lr5e-4": (["--lr", "5e-4"], "`--lr 5e-4`"),
+    # a quantised frozen UNet (issue 23): the quick start with its Linear layers stored narrower, computing in fp32
+    "base-fp32": ([], "the quick start, fp32 base"),
+    "base-bf16": (["--base-precision", "bf16"], "`--base-precision bf16`"),
+    "base-fp8": (["--base-precision", "fp8"], "`--base-precision fp8`"),
+    "base-int8": (["--base-precision", "int8"], "`--base-precision int8`"),
+    "base-nf4": (["--base-precision", "nf4"], "`--base-precision nf4`"),
 }
 KINDS = ["lora", "dora", "locon", "loha", "lokr"]
 

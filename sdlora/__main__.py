@@ -3,6 +3,10 @@
 import os
 import sys
 
+from sdlora import lazy
+
+lazy.hide()  # before anything imports diffusers: bitsandbytes loads only for runs that use it (sdlora/lazy.py)
+
 from sdlora.cli import main
 
 

@@ -23,7 +23,8 @@ def _flag_type(f):
 TRAIN_GROUPS = {
     "data": ("images", "prompt", "trigger", "caption_dropout", "shuffle_tags", "keep_tags", "resolution",
              "force_resolution", "buckets", "no_flip", "repeats", "skip_bad_images", "cache_dir", "no_cache"),
-    "model": ("model", "prediction_type", "mixed_precision", "gradient_checkpointing", "compile", "compile_backend", "attention",
+    "model": ("model", "prediction_type", "mixed_precision", "base_precision", "te_precision",
+              "gradient_checkpointing", "compile", "compile_backend", "attention",
               "channels_last"),
     "LoRA": ("preset", "rank", "alpha", "no_text_encoder", "network", "dora", "conv_rank", "conv_alpha", "lokr_factor"),
     "training": ("steps", "epochs", "batch_size", "grad_accum", "lr", "te_lr", "lr_scheduler", "warmup_steps",
@@ -120,6 +121,9 @@ SUBCOMMANDS = {
     "scan": ("sdlora.dataset", "show what training would see in an image folder, without loading a model",
              "List concepts (kohya N_words folders) and repeats, every image with its size, bucket and caption, and "
              "the problems training would warn about or stop on. Exits 1 when training would stop."),
+    "plan": ("sdlora.plan", "the settings that fit a run in a GPU's memory, with their byte counts (no weights loaded)",
+             "Choose base and text-encoder precision, block swap and gradient checkpointing for --vram GB and print "
+             "the bytes of weights, LoRA + optimizer state and activations (counted on the meta device)."),
     "eval": ("sdlora.toy.evaluate", "score an adapter: toy-world judge, or CLIP-I/CLIP-T/DINO on real models",
              "Generate with and without the adapter and score the images (subject fidelity, prompt fidelity)."),
 }

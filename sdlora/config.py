@@ -19,6 +19,9 @@ from sdlora.train import optim
 from sdlora.train.speed import ATTENTION
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# storage precision of frozen weights: sdlora.quant.MODES (that module imports torch, this one must not)
+BASE_PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4")
+QUANTISED = ("fp8", "int8", "nf4")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -90,6 +93,14 @@ class TrainConfig:
     min_snr_gamma: float | None = _f(None, "min-SNR-γ loss weighting (5 is the paper's value); off by default")
     noise_offset: float = _f(0.0, "noise offset (e.g. 0.05) for darker darks and brighter brights")
     mixed_precision: str = _f("no", "mixed precision for the frozen base", choices=MIXED_PRECISION)
+    base_precision: str | None = _f(None, "storage precision of the frozen denoiser's Linear layers, computing in "
+                                    "--mixed-precision's dtype: fp8 (float8 e4m3, 1 byte a weight), int8 or nf4 "
+                                    "(bitsandbytes, 1 and ~0.52 bytes), or bf16/fp16/fp32; LoRA stays fp32 and the "
+                                    "file loads onto the full-precision model (default: the compute dtype)",
+                                    choices=BASE_PRECISIONS, group="model")
+    te_precision: str | None = _f(None, "storage precision of the frozen text encoders (T5-XXL above all), as "
+                                  "--base-precision; a text encoder that trains keeps its precision (said at start)",
+                                  choices=BASE_PRECISIONS, group="model")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet and text encoder")
     compile: bool = _f(False, "torch.compile the denoiser (and the text encoders when they train) with accelerate's "
                        "dynamo plugin, inductor: a slow first step while it compiles, then faster ones; on CPU it "
@@ -101,6 +112,14 @@ class TrainConfig:
                         choices=tuple(ATTENTION))
     channels_last: bool = _f(False, "keep the UNet's conv weights channels-last (NHWC): helps fp16/bf16 on tensor-core "
                              "GPUs, usually slows CPU training (benchmarks/bench_train.py)")
+    # ---- memory for big models (issue 23): block swap and the planner (sdlora/train/swap.py, sdlora/plan.py)
+    blocks_to_swap: int = _f(0, "keep N transformer blocks of the denoiser in host memory, each copied to the GPU for its "
+                             "forward and backward (kohya's --blocks_to_swap; FLUX.1: N // 2 double + the rest x2 single "
+                             "blocks, at most 38; SD 3.x: N joint blocks); 0: off", group="model")
+    vram: float | None = _f(None, "GPU memory to fit in, GB: choose base/text-encoder precision, block swap and gradient "
+                            "checkpointing for it and print the plan with its byte counts (`sdlora plan` prints it "
+                            "without training)", group="model", metavar="GB")
+    # ---- end of the big-model block
     no_eval_loss: bool = _f(False, "skip the loss on fixed noise printed at the end (2 images × 2 timesteps: 4 "
                             "denoiser forwards before and 4 after training)")
     seed: int = _f(0, "random seed: same seed, data and flags give the same adapter on CPU")
@@ -153,6 +172,9 @@ class TrainConfig:
             bad("rank", f"must be at least 1, got {self.rank}")
         if self.rank > MAX_RANK:
             bad("rank", f"must be at most {MAX_RANK}, got {self.rank} (a file of that rank is mostly redundant)")
+        if self.dora and self.base_precision in QUANTISED:
+            bad("dora", f"needs the base weights in a float dtype (DoRA normalises them); drop --dora or use "
+                f"--base-precision bf16, not {self.base_precision}")
         if self.dora and self.network not in ("lora", "locon"):
             bad("dora", f"applies to --network lora or locon, not {self.network}")
         if self.conv_rank is not None and not 1 <= self.conv_rank <= MAX_RANK:
@@ -197,6 +219,13 @@ class TrainConfig:
                   "keep_tags", "weight_decay", "max_grad_norm"):
             if getattr(self, f) < 0:
                 bad(f, f"must be >= 0, got {getattr(self, f)}")
+        if self.blocks_to_swap < 0:
+            bad("blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
+        if self.vram is not None and not 0 < self.vram <= 4096:
+            bad("vram", f"must be the GPU's memory in GB (e.g. 12), got {self.vram:g}")
+        if self.blocks_to_swap and self.compile:
+            bad("blocks_to_swap", "cannot be combined with --compile (the swap replaces weights between blocks, "
+                "which a compiled graph does not see); drop one of them")
         optim.parse_args(self.optimizer, self.optimizer_args)  # typed and known keys, refused in one line if not
         for f in fields(self):
             choices = f.metadata.get("choices")

@@ -63,6 +63,7 @@ class BaseModel:
     noise_scheduler: object  # the training noise schedule
     scheduler_config: dict = field(default_factory=dict)  # the model's own inference scheduler config
     native_resolution: int = 512
+    kept_precision: list = field(default_factory=list)  # text encoders --te-precision left alone (they train)
 
     def __getattr__(self, name: str):
         # only called for names that are not fields: the roles (base.unet, base.text_encoder_2, base.tokenizer)
@@ -233,11 +234,22 @@ def detect_arch(pipe) -> ArchSpec:
                       + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
 
 
-def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None = None) -> BaseModel:
+def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None = None, precision=None) -> BaseModel:
     """Load `name`: a built-in model, a hub id, a local diffusers folder, or a single-file .safetensors checkpoint.
 
     `prediction_type` ("epsilon" / "v_prediction") overrides what a single-file checkpoint's guess would be (the
-    weights do not say; see sdlora/formats/checkpoint.py); other models carry it in their scheduler config."""
+    weights do not say; see sdlora/formats/checkpoint.py); other models carry it in their scheduler config.
+    `precision` (a `sdlora.quant.Precision`): the frozen modules stored at --base-precision / --te-precision once
+    loaded, module by module (`BaseModel.kept_precision`: text encoders left alone because they train)."""
+    base = _load(name, dtype, prediction_type)
+    if precision is not None and precision.any:
+        from sdlora import quant
+
+        base.kept_precision = quant.apply(base, precision)
+    return base
+
+
+def _load(name: str, dtype, prediction_type: str | None) -> BaseModel:
     import torch
 
     if name in BUILTIN_MODELS:

@@ -16,7 +16,6 @@ that a full disk never loses the trained weights.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil

@@ -167,7 +167,9 @@ def test_gpu_check_dry_run_lists_every_row_without_torch_work(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     table = out.read_text(encoding="utf-8")
     for row in ("sd15 512px b1", "sd15 512px b4 gc", "sdxl 1024px b4", "sd15 b1 adamw8bit", "sd15 b1 schedulefree",
-                "preset subject-sdxl-12gb", "sd15 b4 compile", "sd15 b4 attention efficient"):
+                "preset subject-sdxl-12gb", "sd15 b4 compile", "sd15 b4 attention efficient",
+                "flux 1024px b1 gc swap 28", "sd35m 1024px b1 gc swap 12", "preset subject-flux-dev-8gb",
+                "preset subject-sd35l-12gb", "preset subject-sdxl-8gb"):
         assert f"| {row} |" in table
     assert table in p.stdout + "\n"
 

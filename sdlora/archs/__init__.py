@@ -19,12 +19,23 @@ from sdlora.archs import flux, sd1, sd2, sd3, sdxl
 from sdlora.archs.spec import ArchSpec, TextEncoderSpec
 from sdlora.errors import SdloraError
 
-__all__ = ["ArchSpec", "TextEncoderSpec", "SPECS", "IDS", "get", "label", "fits", "load_config", "meta_model", "meta_components"]
+__all__ = ["ArchSpec", "TextEncoderSpec", "SPECS", "IDS", "get", "label", "fits", "load_config", "meta_model", "meta_components", "PUBLIC_MODELS"]
 
 _HERE = Path(__file__).parent
 
 SPECS: dict[str, ArchSpec] = {s.id: s for s in (sd1.SPEC, sd2.SPEC, sdxl.SPEC, sd3.SPEC, flux.SPEC)}
 IDS = tuple(SPECS)
+
+# hub id -> (family, variant of its denoiser's config file here): the models `sdlora plan` can size with no download
+PUBLIC_MODELS = {
+    "black-forest-labs/FLUX.1-dev": ("flux", ""),
+    "black-forest-labs/FLUX.1-schnell": ("flux", "schnell"),
+    "stabilityai/stable-diffusion-3.5-large": ("sd3", "large"),
+    "stabilityai/stable-diffusion-3.5-medium": ("sd3", ""),
+    "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", ""),
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": ("sd1", ""),
+    "stabilityai/stable-diffusion-2-1": ("sd2", ""),
+}
 
 
 def get(arch: str | ArchSpec) -> ArchSpec:

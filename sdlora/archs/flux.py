@@ -11,6 +11,13 @@ def _variant(cfg: dict) -> str:
     return "dev" if cfg.get("guidance_embeds") else "schnell"
 
 
+def _swap_split(n: int) -> tuple[int, int]:
+    """kohya's meaning of `--blocks_to_swap N` for FLUX.1 (flux_models.py `enable_block_swap`): N // 2 double blocks
+    and twice the rest in single blocks (a double block holds about 2.4x a single block's weights), so that the
+    numbers in kohya's FLUX guide (16 at 12 GB, 28 at 8 GB) mean the same here."""
+    return n // 2, (n - n // 2) * 2
+
+
 SPEC = ArchSpec(
     id="flux", label="FLUX.1", config_dir="flux1",
     text_encoders=(
@@ -26,6 +33,7 @@ SPEC = ArchSpec(
     packed_latents=True, train_guidance=1.0, sample_guidance=3.5, class_guidance=3.5, negative_prompt=False,
     preset_columns=("transformer", "transformer_te"), network_kinds=("lora",), variant_of=_variant,
     kohya_network_module="networks.lora_flux",  # kohya sd-scripts' flux_train_network.py
+    swap_blocks=("transformer_blocks", "single_transformer_blocks"), swap_split=_swap_split,
     checkpoint_marker="double_blocks.0.img_attn.qkv.",  # any prefix (models.detect_checkpoint_arch)
     versions={"dev": ("flux1", "flux-1-dev/lora"), "schnell": ("flux1", "flux-1-schnell/lora")},
     kohya_version_prefix="flux1", modelspec_prefix="flux-1",

@@ -29,6 +29,7 @@ SPEC = ArchSpec(
     sample_guidance=7.0, class_guidance=7.0,
     preset_columns=("transformer", "transformer_te"), network_kinds=("lora",), variant_of=_variant,
     kohya_network_module="networks.lora_sd3", diffusers_kohya_reader=False,  # kohya sd-scripts' sd3_train_network.py
+    swap_blocks=("transformer_blocks",),  # the joint blocks: --blocks-to-swap N keeps the last N in host memory
     checkpoint_marker="joint_blocks.0.x_block.",  # any prefix (models.detect_checkpoint_arch)
     # kohya's `ss_base_model_version` is the MMDiT model type (these do not start with "sd3"), K sd3_utils.py
     versions={"5-medium": ("5-medium", "stable-diffusion-3-5-medium/lora"),

@@ -84,6 +84,11 @@ class ArchSpec:
     unet_head_channels: int = 64
     ambiguous_prediction: bool = False  # ε and v variants have the same weights layout (SD 2.x): the loader guesses
     tiny_denoiser: dict = field(default_factory=dict)  # denoiser config overrides of the built-in tiny model (sdlora.tiny)
+    # block swap (sdlora/train/swap.py): the denoiser's ModuleLists whose blocks `--blocks-to-swap N` may keep in
+    # host memory, in execution order, and how N splits over them (None: N blocks of the one list). Empty: the
+    # family has no block swap.
+    swap_blocks: tuple[str, ...] = ()
+    swap_split: Callable[[int], tuple[int, ...]] | None = None
 
     @property
     def components(self) -> dict[str, str]:

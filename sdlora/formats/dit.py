@@ -105,12 +105,14 @@ def _weighted_modules(model) -> dict[str, int]:
     """
     import torch
 
+    from sdlora.quant import weight_shape  # nf4 packs a Linear's weight: its shape is not [out, in]
+
     out = {}
     for name, m in model.named_modules():
         if ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B")):
             continue
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            out[name.replace(".base_layer", "")] = int(m.weight.shape[0])
+            out[name.replace(".base_layer", "")] = int(weight_shape(m)[0])
     return out
 
 

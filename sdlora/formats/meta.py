@@ -117,6 +117,9 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "ss_min_snr_gamma": str(cfg.min_snr_gamma),
         "ss_noise_offset": str(cfg.noise_offset),
         "ss_enable_bucket": str(cfg.buckets),
+        # storage precision of the frozen base the adapter was trained against ("default": the compute dtype)
+        "sdlora_base_precision": cfg.base_precision or "default",
+        "sdlora_te_precision": cfg.te_precision or "default",
         "sdlora_config": json.dumps({k: portable(v) if k in PATH_SETTINGS else v for k, v in cfg.to_dict().items()
                                      if k != "resume"}, default=str),
     }

@@ -10,7 +10,6 @@ import json
 import types
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sdlora import archs
 from sdlora.errors import cause

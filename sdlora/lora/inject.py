@@ -27,9 +27,11 @@ import sys
 
 import torch
 
-# peft imports bitsandbytes whenever it is installed (for quantised base layers, which sdlora does not use): ~1-2 s
+# peft imports bitsandbytes whenever it is installed (for its own LoRA classes over bitsandbytes layers): ~1-2 s
 # more per start and a warning about missing CPU kernels. Hidden while peft loads (peft caches "not available");
-# `--optimizer adamw8bit` imports it afterwards as usual.
+# `--optimizer adamw8bit` and --base-precision int8/nf4 import it afterwards (sdlora/lazy.py). peft then wraps a
+# bitsandbytes Linear8bitLt/Linear4bit (nn.Linear subclasses) in its plain `lora.Linear`, whose forward calls the
+# quantised layer and adds the LoRA path: what its bitsandbytes classes do in training (they add merging).
 _HIDE_BNB = "bitsandbytes" not in sys.modules and "peft" not in sys.modules
 if _HIDE_BNB:
     sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # Python's own "not importable" mark

@@ -82,12 +82,13 @@ def check_rank(models: dict[str, torch.nn.Module], targets: dict[str, list[str]]
     """A rank above the narrowest adapted layer's width only adds parameters (the delta's rank cannot exceed it);
     refuse it, naming that layer and the largest useful rank."""
     from sdlora.errors import SdloraError
+    from sdlora.quant import weight_shape
 
     narrowest = None
     for component, names in targets.items():
         for name in names:
-            w = models[component].get_submodule(name).weight
-            width = min(w.shape[0], w.shape[1])
+            shape = weight_shape(models[component].get_submodule(name))  # nf4 packs the weight itself
+            width = min(shape[0], shape[1])
             if narrowest is None or width < narrowest[0]:
                 narrowest = (width, f"{component}.{name}")
     if narrowest and rank > narrowest[0]:

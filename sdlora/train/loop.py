@@ -21,7 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from sdlora import bounds, outputs
+from sdlora import bounds, outputs, quant
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, once
 from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
@@ -34,7 +34,7 @@ from sdlora.lora.inject import add_lora, collect_modules, format_table, network_
 from sdlora.archs.spec import DENOISER
 from sdlora.lora.targets import check_rank, find_targets, preset_targets
 from sdlora.models import BUILTIN_MODELS, load_base
-from sdlora.train import DTYPES, ckpt, memory, optim, scale, speed
+from sdlora.train import DTYPES, ckpt, memory, optim, scale, speed, swap
 from sdlora.train import step as S
 from sdlora.train.monitor import Monitor, sample_prompts
 from sdlora.train.prior import ensure_class_images
@@ -52,6 +52,7 @@ class TrainResult:
     samples: list[Path] | None = None
     steady_seconds: float | None = None  # wall time of the steps after the first one (which pays for warm-up)
     restore: object = field(default=None, repr=False)  # gives released frozen modules their weights back
+    swap_stats: list | None = None  # --blocks-to-swap: per swapped block, its forward/backward uses and copies
 
     @property
     def base(self):
@@ -147,6 +148,7 @@ class _Run:
 
     # ---- 1. data, checked before anything heavy loads: a bad file must not cost a model load
     def check_data(self) -> None:
+        self.check_memory()
         cfg = self.cfg
         self.plan = outputs.check_paths(cfg)  # outputs writable and harmless before anything loads (outputs.py)
         optim.load_package(cfg.optimizer)  # a missing optimizer package fails before the model loads
@@ -160,6 +162,30 @@ class _Run:
         folder = cfg.class_folder
         if cfg.class_prompt and not self.class_images and cfg.num_class_images == 0:
             raise SdloraError(f"no class images in {folder}; add some, or pass --num-class-images N to generate them")
+
+    def check_memory(self) -> None:
+        """--vram: plan the run for the GPU (no weights read) and take the plan's settings; --blocks-to-swap N: check
+        N against the model's blocks. Both before anything heavy loads."""
+        cfg = self.cfg
+        if not cfg.vram and not cfg.blocks_to_swap:
+            return
+        from sdlora import plan
+
+        if self.given_base is None and not cfg.vram:
+            try:
+                shape = plan.shape_of(cfg.model)
+            except SdloraError:  # a single file or an unknown hub id: checked once the model is loaded
+                return
+            swap.check(shape.spec, swap.lengths_of(shape.spec, shape.denoiser), cfg.blocks_to_swap)
+            return
+        planned = plan.Planner(plan.shape_of(cfg.model), plan.run_of(cfg)).plan(cfg.vram)
+        self.log(planned.text())
+        if not planned.fits:
+            c, need = planned.smallest
+            raise SdloraError(f"--vram {cfg.vram:g}: the run does not fit; the smallest plan ({c.flags()}) needs "
+                              f"{need / plan.GIB:.1f} GiB of {planned.budget / plan.GIB:.1f} GiB usable: lower "
+                              "--resolution or --batch-size")
+        self.cfg = plan.apply(cfg, planned)
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -175,18 +201,34 @@ class _Run:
         if cfg.compile and cfg.compile_backend == "inductor":
             speed.check_compile(self.accelerator.device)
         self.fsdp = scale.check_fsdp(self.accelerator, cfg)
+        if cfg.blocks_to_swap and self.accelerator.num_processes > 1:
+            raise SdloraError("--blocks-to-swap runs in one process (DDP and FSDP need every weight of a process on its "
+                              "GPU); for several GPUs use FSDP without it (configs/accelerate-fsdp-flux.yaml)")
         self.main = self.accelerator.is_main_process
         self.say = self.log if self.main else _quiet
         if self.main:
             outputs.remove_stale_temps(self.plan, self.say)
+        # Frozen weights compute in this dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
+        self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
+        for mode, flag in ((cfg.base_precision, "--base-precision"), (cfg.te_precision, "--te-precision")):
+            if mode:  # a mode this torch / bitsandbytes / device cannot run fails here, before the model loads
+                quant.check_mode(mode, self.accelerator.device, flag)
         set_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
 
     # ---- 2. model
     def load_model(self) -> None:
-        base = self.base = self.given_base or load_base(self.cfg.model, prediction_type=self.cfg.prediction_type)
+        cfg, precision = self.cfg, _precision(self.cfg)
+        if self.given_base is not None and precision.any:
+            self.given_base.kept_precision = quant.apply(self.given_base, precision)
+        base = self.base = self.given_base or load_base(cfg.model, prediction_type=cfg.prediction_type,
+                                                        precision=precision)
+        for c in base.kept_precision:
+            self.say(f"--te-precision {cfg.te_precision}: text encoder {c} trains, so it stays in "
+                     f"{str(self.weight_dtype).removeprefix('torch.')} (pass --no-text-encoder to store it too)")
         self.resolution = self.cfg.resolution or base.native_resolution
         self.objective = S.objective_for(base.spec, base.noise_scheduler, base.denoiser.config)
         check_family(self.cfg, base)
+        swap.check(base.spec, swap.lengths_of(base.spec, base.denoiser), self.cfg.blocks_to_swap)
         self.denoiser, self.vae = base.denoiser, base.vae
         self.tes = {c: te for c, (_, te) in base.text_encoders.items()}  # "te", or "te1" + "te2" for SDXL
         for m in base.modules.values():
@@ -262,8 +304,7 @@ class _Run:
     def add_lora(self) -> None:
         cfg, base = self.cfg, self.base
         # the text encoders this preset trains in this family (CLIP only: T5-XXL stays frozen, its output cached)
-        trained_tes = {c: self.tes[c] for c in base.spec.trainable_te_components
-                       if not cfg.no_text_encoder and preset_targets(cfg.preset, c, base.spec)}
+        trained_tes = {c: self.tes[c] for c in _trained_te(cfg)(base.spec)}
         self.train_te = bool(trained_tes)
         adapted = self.adapted = {DENOISER: self.denoiser} | trained_tes
         self.targets = {c: find_targets(m, c, cfg.preset, base.spec) for c, m in adapted.items()}
@@ -276,12 +317,15 @@ class _Run:
         self.say(f"model {base.name} ({base.arch}, {base.prediction_type}); preset '{cfg.preset}', rank {cfg.rank}, "
                  f"alpha {cfg.network_alpha:g} (scale {cfg.network_alpha / cfg.rank:g})")
         self.say(format_table([self.file_report(m, c) for c, m in adapted.items()]))
-        # Frozen weights in the compute dtype, LoRA weights in fp32 (stable updates under fp16/bf16).
-        self.weight_dtype = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
-        for m in (self.denoiser, *self.tes.values()):  # T5-XXL too: frozen, in the compute dtype
+        dtype_of = lambda p: torch.float32 if p.requires_grad else self.weight_dtype
+        # --blocks-to-swap: the swapped blocks' frozen weights stay in host memory (cast there), the rest moves
+        self.swap = swap.enable(base.spec, self.denoiser, cfg.blocks_to_swap, self.accelerator.device, dtype_of)
+        for m in ([] if self.swap else [self.denoiser]) + list(self.tes.values()):  # T5-XXL too: frozen, compute dtype
             # cast and moved one tensor at a time: never the fp32 base on the device, no second copy in memory
-            memory.move(m, self.accelerator.device, lambda p: torch.float32 if p.requires_grad else self.weight_dtype)
+            memory.move(m, self.accelerator.device, dtype_of)
             m.to(self.accelerator.device)  # buffers
+        if self.swap:
+            self.say(swap.describe(base.spec, self.denoiser, cfg.blocks_to_swap))
         speed.set_attention(self.denoiser, cfg.attention, self.accelerator.device)
         if cfg.channels_last:
             speed.channels_last(self.denoiser)
@@ -398,7 +442,9 @@ class _Run:
         # accelerate steps a prepared scheduler once per process, so its horizon is scaled the same way.
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * acc.num_processes,
                                      num_training_steps=self.steps * acc.num_processes)
-        self.denoiser_p, self.optimizer, self.lr_scheduler = acc.prepare(self.denoiser, optimizer, lr_scheduler)
+        # with block swap the denoiser is placed already (swapped weights in host memory): accelerate must not move it
+        self.denoiser_p, self.optimizer, self.lr_scheduler = acc.prepare(
+            self.denoiser, optimizer, lr_scheduler, device_placement=[not self.swap, None, None])
         # a module without trainable parameters must not be DDP-wrapped
         self.tes_p = {c: acc.prepare(m) if c in self.adapted else m for c, m in self.tes.items()}
         self.text_encoders_p = [(tok, self.tes_p[c]) for c, (tok, _) in self.base.text_encoders.items()]
@@ -515,6 +561,7 @@ class _Run:
         t_end = time.perf_counter()
         result = self.finish(loss_before, t_end - t0)
         result.steady_seconds = t_end - t_first if self.done > self.start_step + 1 else None
+        result.swap_stats = [dict(c) for c in self.swap.stats] if self.swap else None
         return result
 
     def read_losses(self, bar) -> None:
@@ -681,16 +728,33 @@ def _all_in(keys: set, cached: dict) -> bool:
 
 
 def _load_frozen(cfg: TrainConfig, base, attrs: list[str]) -> dict:
-    """Modules `attrs` of the base model loaded again, as load_model loaded them: from a diffusers folder or hub
-    id one component each (its weights memory-mapped); a built-in model or single file is rebuilt whole, and the
-    rest dropped."""
+    """Modules `attrs` of the base model loaded again, as load_model loaded them (at --te-precision too): from a
+    diffusers folder or hub id one component each (its weights memory-mapped); a built-in model or single file is
+    rebuilt whole, and the rest dropped."""
     name = cfg.model
     path = Path(name).expanduser()
+    precision = _precision(cfg)
     if name in BUILTIN_MODELS or path.suffix.lower() == ".safetensors":
-        fresh = load_base(name, prediction_type=cfg.prediction_type)
+        fresh = load_base(name, prediction_type=cfg.prediction_type, precision=precision)
         return {a: fresh.modules[a] for a in attrs}
     source = str(path) if path.exists() else name
-    return {a: type(base.modules[a]).from_pretrained(source, subfolder=a) for a in attrs}
+    out = {a: type(base.modules[a]).from_pretrained(source, subfolder=a) for a in attrs}
+    for a, m in out.items():  # released modules are frozen text encoders (and the VAE, never stored narrower)
+        if cfg.te_precision and any(quant.stored(s) for s in base.modules[a].modules()):
+            quant.quantize_(m, cfg.te_precision, precision.compute)
+    return out
+
+
+def _trained_te(cfg: TrainConfig):
+    """spec -> the text encoders (kohya components) this run trains: CLIP, unless --no-text-encoder or the preset
+    adapts none of it (T5-XXL always stays frozen)."""
+    return lambda spec: {c for c in spec.trainable_te_components
+                         if not cfg.no_text_encoder and preset_targets(cfg.preset, c, spec)}
+
+
+def _precision(cfg: TrainConfig) -> quant.Precision:
+    compute = DTYPES["fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision]
+    return quant.Precision(cfg.base_precision, cfg.te_precision, compute, _trained_te(cfg))
 
 
 def _forwards(inst: list[Example], cls: list[Example]) -> list[list[Example]]:

@@ -22,18 +22,27 @@ def _bytes(modules) -> int:
     return n
 
 
-def move(module: torch.nn.Module, device: torch.device, dtype_of=lambda p: p.dtype) -> None:
+def move(module: torch.nn.Module, device: torch.device, dtype_of=lambda p: p.dtype, device_of=None) -> None:
     """Each parameter of `module` to `device` in `dtype_of(parameter)`, one at a time (buffers are left to
     `module.to`). Weights loaded from .safetensors are views of one memory-mapped file: each one's pages leave the
     process as soon as it is converted, so a conversion (fp32 -> bf16, CPU -> GPU) never holds the whole file
-    resident next to the new copy (SD 1.5's UNet to bf16: 5.3 GB -> 2.1 GB peak RSS)."""
+    resident next to the new copy (SD 1.5's UNet to bf16: 5.3 GB -> 2.1 GB peak RSS). `device_of(parameter)`, when
+    given, overrides `device` per parameter (block swap keeps some in host memory)."""
+    from sdlora import quant
+
     files = None
     for sub in module.modules():
+        if quant.stored(sub):  # stored at --base/--te-precision: keeps its dtype; bitsandbytes moves its own scales
+            first = next(sub.parameters(recurse=False), None)
+            target = device_of(first) if device_of and first is not None else device
+            if any(p.device != target for p in sub.parameters(recurse=False)):
+                sub.to(target)
+            continue
         for name, p in sub._parameters.items():
             if p is None or p.is_meta:
                 continue
             old = p.data
-            new = old.to(device, dtype_of(p))
+            new = old.to(device_of(p) if device_of else device, dtype_of(p))
             if new is old:
                 continue
             p.data = new
@@ -83,8 +92,9 @@ def release(module: torch.nn.Module) -> None:
     for sub in module.modules():
         for name, p in sub._parameters.items():
             if p is not None and not p.is_meta:
-                if id(p) not in done:
-                    done[id(p)] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=False)
+                if id(p) not in done:  # (a plain meta tensor: bitsandbytes' parameters cannot go to meta)
+                    meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                    done[id(p)] = torch.nn.Parameter(meta, requires_grad=False)
                 sub._parameters[name] = done[id(p)]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -97,6 +107,16 @@ def released(module: torch.nn.Module) -> bool:
 def restore(module: torch.nn.Module, source: torch.nn.Module, device: torch.device) -> None:
     """Give a `release`d module the weights of `source` (the same model, freshly loaded), each in the dtype it had,
     on `device`. A tensor already in that dtype and place is used as it is (no copy)."""
+    from sdlora import quant
+
+    # layers stored at a precision of their own (sdlora.quant) come back whole, as `source` loaded them: their
+    # quantised weights carry state (bitsandbytes' scales) that a tensor copy would lose
+    for name, sub in list(module.named_modules(remove_duplicate=False)):
+        if name and quant.stored(sub) and any(p.is_meta for p in sub.parameters()):
+            parent, _, attr = name.rpartition(".")
+            new = source.get_submodule(name)
+            move(new, device)
+            setattr(module.get_submodule(parent) if parent else module, attr, new)
     fresh = dict(source.named_parameters(remove_duplicate=False))  # tied weights under each of their names
     done: dict[int, torch.nn.Parameter] = {}
     for sub_name, sub in module.named_modules(remove_duplicate=False):

@@ -82,11 +82,10 @@ def load_package(name: str):
     if name == "adamw":
         return None
     if name == "adamw8bit":
-        import logging
+        from sdlora import lazy
 
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no CPU 4-bit kernels": only 8-bit AdamW is used
         try:
-            import bitsandbytes
+            bitsandbytes = lazy.bitsandbytes()  # also lifts the sdlora command's "not importable" mark (lazy.py)
         except Exception as e:  # ImportError, or a library that fails to find its native kernels
             raise SdloraError(f"--optimizer adamw8bit needs bitsandbytes, which cannot load here ({_first(e)}); "
                               "pip install 'sdlora[optim]', or use --optimizer adafactor for low memory") from e

@@ -1,0 +1,131 @@
+"""The memory planner (`sdlora plan`, `--vram`): weights counted from headers or the meta device, activations
+counted on meta tensors (checked against the same count on real tensors), and the choice it makes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdlora import plan
+from sdlora.cli import main
+from sdlora.lora.inject import add_lora
+from sdlora.lora.targets import find_targets
+from sdlora.models import load_base
+from sdlora.train import activations
+from sdlora.train import step as S
+
+
+def _count(model: str, device: str, resolution: int = 64, dtype=torch.float32) -> activations.Activations:
+    """Activations of one tiny-model forward with LoRA on the `full` targets, on real tensors or on meta ones.
+    float32: in bf16 the CPU's layer norm keeps its saved mean and rstd in bf16 where CUDA's (and the meta
+    kernels, which follow CUDA) keep float32."""
+    base = load_base(model)
+    den, spec = base.denoiser.requires_grad_(False), base.spec
+    add_lora(den, find_targets(den, "unet", "full", spec), 2, 2.0)
+    den.to(device=device, dtype=dtype)
+    objective = S.objective_for(spec, base.noise_scheduler, den.config)
+    g = torch.Generator().manual_seed(0)
+    side = resolution // 8
+    lat = torch.randn(1, base.vae.config.latent_channels, side, side, generator=g).to(device, dtype)
+    cond = torch.randn(1, 9, den.config.joint_attention_dim, generator=g).to(device, dtype)
+    added = {"pooled": torch.randn(1, den.config.pooled_projection_dim, generator=g).to(device, dtype)}
+    t = objective.fixed_timesteps(500, 1, device)
+    return activations.count(den, lambda: objective.predict(den, lat, t, cond, added))
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_meta_count_equals_the_count_on_real_tensors(model):
+    real, meta = _count(model, "cpu"), _count(model, "meta")
+    assert meta.units == real.units and meta.outside == real.outside
+    assert len(real.units) == (19 + 38 if model == "tiny-flux" else 24)  # one unit per transformer block
+    assert real.peak(True) < real.peak(False)
+
+
+def test_saved_bytes_are_affine_in_the_tokens():
+    """Every tensor a DiT block saves is per token (the fused-attention count has no token x token matrix), so the
+    bytes of a block at 3 resolutions lie on one line in the number of image tokens."""
+    counts = {r: _count("tiny-flux", "meta", r) for r in (32, 64, 128)}
+    tokens = {r: (r // 16) ** 2 for r in counts}
+    for i in (0, 19):  # a double and a single block
+        s = {r: counts[r].units[i][1] for r in counts}
+        assert (s[64] - s[32]) * (tokens[128] - tokens[64]) == (s[128] - s[64]) * (tokens[64] - tokens[32])
+
+
+@pytest.fixture(scope="module")
+def flux_planner():
+    return plan.Planner(plan.shape_of("black-forest-labs/FLUX.1-dev"), plan.Run(None, 1, 16))
+
+
+def test_flux_dev_plans(flux_planner):
+    p = flux_planner
+    params = sum(t.numel() for t in p.shape.denoiser.parameters() if not t.requires_grad)
+    assert params == 11_901_408_320  # FLUX.1-dev's transformer (BIG_MODELS.md: 11.90 B)
+    assert p.whole["bf16"] == 2 * params
+    assert 11.9e9 < p.whole["fp8"] < 12.1e9  # Linear weights at 1 byte, embedders and norms in bf16
+    plans = {v: p.plan(v) for v in (8, 12, 16, 24)}
+    assert all(x.fits and x.total <= x.budget for x in plans.values())
+    swaps = [plans[v].choice.swap for v in (8, 12, 16, 24)]
+    assert swaps == sorted(swaps, reverse=True) and swaps[0] > 0 and swaps[-1] == 0
+    assert all(x.choice.checkpointing for x in plans.values())
+    small = p.plan(4)
+    assert not small.fits and small.smallest[1] > small.budget
+    assert "does not fit" in small.text() and "--blocks-to-swap 38" in small.text()
+
+
+def test_plan_reads_a_folder_from_its_headers(tmp_path, capsys):
+    base = load_base("tiny-sd3")
+    base.pipeline().save_pretrained(tmp_path / "m")
+    shape = plan.shape_of(str(tmp_path / "m"))
+    for comp, module in (("unet", base.denoiser), ("te3", base.text_encoders["te3"][1]), ("vae", base.vae)):
+        # what the files hold: parameters and persistent buffers (SD3's position embedding), tied weights once
+        unique = {t.data_ptr(): t.numel() for t in module.state_dict().values()}
+        assert shape.header_params[comp] == sum(unique.values())
+    assert next(shape.denoiser.parameters()).is_meta
+    assert main(["plan", "--model", str(tmp_path / "m"), "--vram", "1", "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: --base-precision bf16" in out and "activations" in out and "measured on the meta device" in out
+    assert main(["plan", "--model", str(tmp_path / "m"), "--vram", "0.6", "--resolution", "64"]) == 1
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_plan_refuses_what_it_cannot_size(capsys):
+    assert main(["plan", "--model", "someone/some-model", "--vram", "12"]) == 2
+    assert "sdlora plan reads a local diffusers folder" in capsys.readouterr().err
+
+
+def test_every_preset_parses_through_train_config():
+    """Each configs/*.toml is valid for `sdlora train --config` (unknown keys and wrong types are refused there)."""
+    from sdlora.config import load_toml, make_config
+    from tests.conftest import DOG, ROOT
+
+    presets = sorted((ROOT / "configs").glob("*.toml"))
+    assert {p.stem for p in presets} >= {f"subject-flux-dev-{v}gb" for v in (8, 12, 16, 24)}
+    for path in presets:
+        cfg = make_config(load_toml(path) | {"images": str(DOG), "prompt": "sks dog"})
+        assert cfg.vram is None or cfg.vram in (8, 12, 16, 24), path
+
+
+def test_vram_plans_the_run_before_loading(tmp_path):
+    """--vram: the run takes the plan's settings (here: gradient checkpointing, which the card needs at this size)
+    and prints the plan; a card too small is refused in one line before the model loads."""
+    from tests.conftest import train_tiny
+
+    planner = plan.Planner(plan.shape_of("tiny-flux"), plan.Run(64, 1, 4))
+    need_gc = planner.total(plan.Choice(checkpointing=True))
+    assert need_gc < planner.total(plan.Choice())
+    vram = (need_gc + plan.CONTEXT) / plan.GIB / (1 - plan.FRAGMENTATION) + 1e-6
+    lines = []
+    from sdlora.config import make_config
+    from sdlora.train.loop import train
+    from tests.conftest import DOG
+
+    res = train(make_config({"images": str(DOG), "prompt": "sks dog", "model": "tiny-flux", "steps": 1,
+                             "resolution": 64, "out": str(tmp_path / "a.safetensors"), "vram": vram,
+                             "no_eval_loss": True}), log=lines.append)
+    assert res.path.exists()
+    assert any("chosen: --base-precision bf16 --te-precision bf16 --gradient-checkpointing" in str(x) for x in lines)
+    assert res.model.denoiser.gradient_checkpointing
+    from sdlora.errors import SdloraError
+
+    with pytest.raises(SdloraError, match=r"^--vram 0\.1: the run does not fit; the smallest plan .* needs"):
+        train_tiny(tmp_path / "b.safetensors", model="tiny-flux", resolution=64, vram=0.1)
