@@ -1,0 +1,137 @@
+"""FLUX.1 and SD 3.5 from the files people keep, loaded piece by piece (sdlora/bigload.py, sdlora/stream.py).
+
+The tiny models are written as BFL / SAI single files (the transformer in the original layout through
+`formats.dit.original_modules`, with the non-Linear tensors named as diffusers' converters read them — the table
+in tests/test_dit_names.py), their CLIP / T5 / VAE in the separate files ComfyUI keeps or embedded under SAI's
+prefixes; loading must give back tensors `torch.equal` to the model they were written from. The transformer map
+(`dit.tensor_sources`) is checked against diffusers' own single-file converters on the real-size key sets, by
+running each converter on tensors holding their own row numbers. Variant detection runs on real-size meta models.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from diffusers.loaders import single_file_utils as sfu
+from safetensors.torch import save_file
+
+from sdlora import archs
+from sdlora.bigload import LoadOptions, check_host_memory, file_components, folder_components
+from sdlora.errors import SdloraError
+from sdlora.formats import bigfiles, dit
+from sdlora.formats.checkpoint import META_PREFIX
+from sdlora.merge import vae_to_ldm_state
+from sdlora.models import load_base
+from tests.conftest import quiet
+from tests.test_dit_names import FLUX_PASSTHROUGH, SD3_PASSTHROUGH
+
+PASSTHROUGH = {"flux": FLUX_PASSTHROUGH, "sd3": SD3_PASSTHROUGH}
+
+
+def original_transformer(arch: str, model, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The BFL / SAI state dict of a diffusers transformer."""
+    mods = dict(model.named_modules())
+    out = {}
+    for original, parts in dit.original_modules(arch, model).items():
+        for attr in ("weight", "bias"):
+            out[f"{prefix}{original}.{attr}"] = torch.cat(
+                [getattr(mods[path], attr)[a:b] for path, a, b in parts]).clone()
+    for name, tensor in model.state_dict().items():
+        for rx, template in PASSTHROUGH[arch]:
+            m = re.fullmatch(rx, name)
+            if m:
+                out[prefix + m.expand(template)] = tensor.clone()
+    return out
+
+
+def hf_state(module, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers model in its own layout (CLIP with the `text_model.` level ComfyUI's files have)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if k.endswith("position_ids"):
+            continue
+        if type(module).__name__ == "CLIPTextModel":
+            k = "text_model." + k
+        out[prefix + k] = v.clone()
+    return out
+
+
+def _md(base, attrs) -> dict[str, str]:
+    """The config values the tiny tensors cannot show (heads, rotary axes, sample size) as sdlora's metadata."""
+    import json
+
+    out = {}
+    for a in attrs:
+        cfg = base.modules[a].config
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        keep = {"transformer": ("axes_dims_rope", "attention_head_dim", "sample_size", "pos_embed_max_size"),
+                "vae": ("norm_num_groups", "sample_size", "scaling_factor", "shift_factor")}.get(
+            a, ("num_attention_heads", "num_heads", "hidden_act", "projection_dim", "layer_norm_eps"))
+        out[META_PREFIX + a] = json.dumps({k: cfg[k] for k in keep if k in cfg})
+    return out
+
+
+def write_flux(base, folder, embedded: bool = False, prefix: str = ""):
+    """`flux1-dev.safetensors` (BFL layout), `clip_l`, `t5xxl`, `ae` beside it; or all in one file (`embedded`)."""
+    main = original_transformer("flux", base.transformer, prefix)
+    te, t5 = hf_state(base.text_encoder, ""), hf_state(base.text_encoder_2, "")
+    ae = {k.removeprefix("first_stage_model."): v for k, v in vae_to_ldm_state(base.vae).items()}
+    md = _md(base, ["transformer", "text_encoder", "text_encoder_2", "vae"])
+    path = folder / "flux1.safetensors"
+    if embedded:
+        main |= {"text_encoders.clip_l.transformer." + k: v for k, v in te.items()}
+        main |= {"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()}
+        main |= {"first_stage_model." + k: v for k, v in ae.items()}
+        save_file(main, str(path), md)
+        return path, {}
+    save_file(main, str(path), md)
+    parts = {"clip_l": folder / "clip_l.safetensors", "t5xxl": folder / "t5xxl.safetensors",
+             "ae": folder / "ae.safetensors"}
+    save_file(te, str(parts["clip_l"]), md)
+    save_file(t5, str(parts["t5xxl"]), md)
+    save_file(ae, str(parts["ae"]), md)
+    return path, {k: str(v) for k, v in parts.items()}
+
+
+def write_sd3(base, folder, embedded: bool = True):
+    """`sd3.5.safetensors` (SAI layout, `model.diffusion_model.`), CLIP-L, bigG, T5 and VAE embedded or beside."""
+    main = original_transformer("sd3", base.transformer, "model.diffusion_model.")
+    parts = {"clip_l": hf_state(base.text_encoder, ""), "clip_g": hf_state(base.text_encoder_2, ""),
+             "t5xxl": hf_state(base.text_encoder_3, "")}
+    md = _md(base, ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"])
+    path = folder / "sd3.5.safetensors"
+    main |= vae_to_ldm_state(base.vae)
+    if embedded:
+        for role, sd in parts.items():
+            main |= {f"text_encoders.{role}.transformer.{k}": v for k, v in sd.items()}
+        save_file(main, str(path), md)
+        return path, {}
+    save_file(main, str(path), md)
+    out = {}
+    for role, sd in parts.items():
+        out[role] = str(folder / f"{role}.safetensors")
+        save_file(sd, out[role], md)
+    return path, out
+
+
+def assert_same_model(a, b):
+    for attr, m in a.modules.items():
+        own, got = m.state_dict(), b.modules[attr].state_dict()
+        assert set(own) == set(got), (attr, sorted(set(own) ^ set(got))[:5])
+        for k, v in own.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (attr, k)
+        assert type(b.modules[attr]) is type(m)
+        if attr in ("transformer", "vae"):  # diffusers configs: every value (tuples and lists alike)
+            def norm(c):
+                return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(c).items() if not k.startswith("_")}
+            assert norm(m.config) == norm(b.modules[attr].config), attr
+
+
+def test_tiny_flux_single_file_with_parts_loads_exactly(tmp_path):
+    base = load_base("tiny-flux")
+    path, parts = write_flux(base, tmp_path)
+    got = load_base(str(path), options=LoadOptions(**parts))
+    assert_same_model(base, got)
+    assert got.variant == "dev" and got.spec.text_encoders[1].max_length == 512
