@@ -58,6 +58,14 @@ class LoadOptions:
         return self.te_precision or "fp32"
 
 
+def load_options(cfg, defer_denoiser: bool = False) -> LoadOptions:
+    """The LoadOptions a TrainConfig (or any object with its fields) asks for."""
+    return LoadOptions(base_precision=getattr(cfg, "base_precision", None),
+                       te_precision=getattr(cfg, "te_precision", None), clip_l=cfg.clip_l, clip_g=cfg.clip_g,
+                       t5xxl=cfg.t5xxl, ae=cfg.ae, t5_max_length=cfg.t5xxl_max_token_length,
+                       defer_denoiser=defer_denoiser)
+
+
 @dataclass
 class Component:
     """One module to build: its config, where its tensors are, and at what precision."""
@@ -238,7 +246,8 @@ def folder_components(path: Path, spec: ArchSpec, opts: LoadOptions) -> dict[str
         comp = Component(attr, json.loads((sub / "config.json").read_text()), files, None, opts.mode(attr, spec),
                          f"{path.name}/{attr}")
         model = comp.meta()
-        comp.sources = {n: ((n, None, None),) for n, _ in model.named_parameters() if n in files.where}
+        comp.sources = {n: ((n, None, None),) for n, _ in [*model.named_parameters(), *model.named_buffers()]
+                        if n in files.where}
         comps[attr] = comp
     _check_fit(spec, {a: c for a, c in comps.items()})
     return comps

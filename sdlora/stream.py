@@ -116,14 +116,17 @@ def _set(model: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
 
 def check_sources(model: torch.nn.Module, sources: dict, files: Files, what: str, flag: str) -> None:
     """Every parameter of `model` has a source in `files`, of the right shape: one line before anything is read."""
-    own = dict(model.named_parameters())
-    missing = sorted(set(own) - set(sources))
+    params = dict(model.named_parameters())
+    own = params | dict(model.named_buffers())
+    missing = sorted(set(params) - set(sources))
     absent = sorted({k for pieces in sources.values() for k, _, _ in pieces if k not in files.where})
     if missing or absent:
         first = missing[0] if missing else absent[0]
         raise SdloraError(f"{what} lacks {len(missing) + len(absent)} tensors (e.g. {first}); the file is "
                           f"incomplete or of another model{flag}")
     for name, pieces in sources.items():
+        if name not in own:
+            continue
         rows = sum((b - a) if a is not None else files.shapes[k][0] for k, a, b in pieces)
         k = pieces[0][0]
         shape = (rows, *files.shapes[k][1:]) if files.shapes[k] else files.shapes[k]
@@ -178,4 +181,8 @@ def materialise(model: torch.nn.Module, sources: dict, files: Files, dtype: torc
     rest = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     if rest:
         load("", rest)
+    buffers = {n: sources[n] for n, _ in model.named_buffers() if n in sources}  # SD3's positional table
+    for name, t in files.read(buffers, dtype).items():
+        mod_name, _, attr = name.rpartition(".")
+        (model.get_submodule(mod_name) if mod_name else model)._buffers[attr] = t
     return model.eval()

@@ -135,3 +135,26 @@ def test_tiny_flux_single_file_with_parts_loads_exactly(tmp_path):
     got = load_base(str(path), options=LoadOptions(**parts))
     assert_same_model(base, got)
     assert got.variant == "dev" and got.spec.text_encoders[1].max_length == 512
+
+
+def test_tiny_flux_single_file_trains_with_t5_before_the_transformer(tmp_path):
+    """`sdlora train` in-process on the BFL file: T5's outputs are cached and T5 released before the transformer
+    is read (the deferred denoiser), 2 steps, a kohya FLUX file that verifies."""
+    from sdlora.config import make_config
+    from sdlora.train.loop import train
+    from tests.conftest import DOG
+
+    path, parts = write_flux(load_base("tiny-flux"), tmp_path)
+    seen = []
+    result = train(make_config(dict(images=str(DOG), prompt="sks dog", model=str(path), steps=2, lr=1e-3,
+                                    out=str(tmp_path / "a.safetensors"), resolution=64, no_cache=True,
+                                    t5xxl_max_token_length=16, **parts)), log=seen.append)
+    assert result.path.is_file() and result.steps == 2
+    first = next(line for line in seen if line.startswith("text: "))
+    assert "text_encoder_2 left memory before the transformer loads" in first  # T5 gone, CLIP-L trains
+    assert seen.index(first) < next(i for i, line in enumerate(seen) if line.startswith("model "))
+    assert result.model.spec.text_encoders[1].max_length == 16
+    from safetensors import safe_open
+
+    with safe_open(str(result.path), "pt") as f:
+        assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in f.keys())
