@@ -113,8 +113,8 @@ class Component:
         if self.mode not in _DTYPES:
             from sdlora import quant
 
-            def quantize(_name, block):
-                quant.quantize_(block, self.mode, QUANTISED_COMPUTE)
+            def quantize(name, block):
+                quant.quantize_(block, self.mode, QUANTISED_COMPUTE, prefix=name)
         return materialise(model, self.sources, self.files, load_dtype(self.mode), quantize, counter)
 
 

@@ -158,3 +158,76 @@ def test_tiny_flux_single_file_trains_with_t5_before_the_transformer(tmp_path):
 
     with safe_open(str(result.path), "pt") as f:
         assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in f.keys())
+
+
+def test_tiny_flux_schnell_and_embedded_parts(tmp_path):
+    """A schnell-shaped file (no guidance_in) with CLIP-L, T5 and the VAE embedded under ComfyUI's prefixes and the
+    transformer under `model.diffusion_model.`: detected as schnell, T5 at 256 tokens, every tensor exact."""
+    from sdlora.tiny import tiny_components
+
+    spec = archs.get("flux")
+    parts = tiny_components(spec)
+    cfg = dict(parts["transformer"].config) | {"guidance_embeds": False}
+    torch.manual_seed(1)
+    parts["transformer"] = archs.build({k: v for k, v in cfg.items() if not k.startswith("_")}
+                                       | {"_class_name": "FluxTransformer2DModel"}).eval()
+    from sdlora.models import from_components
+
+    base = from_components("schnell", spec, parts, 64)
+    path, _ = write_flux(base, tmp_path, embedded=True, prefix="model.diffusion_model.")
+    got = load_base(str(path))
+    assert_same_model(base, got)
+    assert got.variant == "schnell" and got.spec.text_encoders[1].max_length == 256
+
+
+@pytest.mark.parametrize("embedded", [True, False], ids=["embedded", "separate"])
+def test_tiny_sd35_medium_file_loads_exactly(tmp_path, embedded):
+    base = load_base("tiny-sd3")
+    path, parts = write_sd3(base, tmp_path, embedded)
+    got = load_base(str(path), options=LoadOptions(**parts))
+    assert_same_model(base, got)
+    assert got.variant == "5-medium"
+
+
+def test_tiny_sd35_large_shaped_file_loads_exactly(tmp_path):
+    """SD 3.5 Large's tree (no dual attention, qk-norm) at toy widths."""
+    from sdlora.models import from_components
+    from sdlora.tiny import tiny_components
+
+    spec = archs.get("sd3")
+    parts = tiny_components(spec)
+    cfg = {k: v for k, v in dict(parts["transformer"].config).items() if not k.startswith("_")}
+    cfg |= {"dual_attention_layers": (), "num_layers": 5, "_class_name": "SD3Transformer2DModel"}
+    torch.manual_seed(2)
+    parts["transformer"] = archs.build(cfg).eval()
+    base = from_components("large", spec, parts, 64)
+    path, _ = write_sd3(base, tmp_path)
+    got = load_base(str(path))
+    assert_same_model(base, got)
+    assert got.variant == "5-large"
+
+
+def test_a_missing_part_is_named_with_its_flag(tmp_path):
+    path, parts = write_flux(load_base("tiny-flux"), tmp_path)
+    with pytest.raises(SdloraError) as e:
+        load_base(str(path), options=LoadOptions(ae=parts["ae"]))
+    assert str(e.value) == ("flux1.safetensors has no clip_l, t5xxl weights; pass --clip-l clip_l.safetensors and "
+                            "--t5xxl t5xxl_fp16.safetensors")
+    with pytest.raises(SdloraError, match=r"clip_l.safetensors \(given with --t5xxl\) holds no t5xxl weights") as e:
+        load_base(str(path), options=LoadOptions(clip_l=parts["clip_l"], t5xxl=parts["clip_l"], ae=parts["ae"]))
+    assert "\n" not in str(e.value)
+
+
+def test_a_t5_of_another_width_is_refused_before_loading(tmp_path):
+    """A T5 file whose width is not the transformer's text input: one line, before any weight is read."""
+    base = load_base("tiny-flux")
+    path, parts = write_flux(base, tmp_path)
+    from sdlora.tiny import _te, tiny_tokenizer
+
+    other = _te("flux", "text_encoder_2", tiny_tokenizer(), "t5")
+    other = archs.build(dict(other.config.to_dict()) | {"d_model": 48, "architectures": ["T5EncoderModel"]})
+    save_file(hf_state(other, ""), str(tmp_path / "t5_base.safetensors"))
+    with pytest.raises(SdloraError) as e:
+        load_base(str(path), options=LoadOptions(**parts | {"t5xxl": str(tmp_path / "t5_base.safetensors")}))
+    assert str(e.value) == ("t5_base.safetensors: a T5 encoder 48 wide; FLUX.1 dev takes T5-XXL (32 wide); pass the "
+                            "t5xxl file with --t5xxl")
