@@ -246,8 +246,7 @@ def folder_components(path: Path, spec: ArchSpec, opts: LoadOptions) -> dict[str
         comp = Component(attr, json.loads((sub / "config.json").read_text()), files, None, opts.mode(attr, spec),
                          f"{path.name}/{attr}")
         model = comp.meta()
-        comp.sources = {n: ((n, None, None),) for n, _ in [*model.named_parameters(), *model.named_buffers()]
-                        if n in files.where}
+        comp.sources = bigfiles.identity_sources(model, "", files.keys())
         comps[attr] = comp
     _check_fit(spec, {a: c for a, c in comps.items()})
     return comps

@@ -231,3 +231,108 @@ def test_a_t5_of_another_width_is_refused_before_loading(tmp_path):
         load_base(str(path), options=LoadOptions(**parts | {"t5xxl": str(tmp_path / "t5_base.safetensors")}))
     assert str(e.value) == ("t5_base.safetensors: a T5 encoder 48 wide; FLUX.1 dev takes T5-XXL (32 wide); pass the "
                             "t5xxl file with --t5xxl")
+
+
+# ---------------------------------------------------------------- real sizes, on the meta device
+
+REAL = [("flux", ""), ("flux", "schnell"), ("sd3", "large"), ("sd3", "")]
+
+
+def _real_original_shapes(arch: str, variant: str) -> tuple[torch.nn.Module, dict[str, tuple]]:
+    """The real-size meta transformer and the shapes of its original-layout file, per `dit.tensor_sources`."""
+    model = archs.meta_model(arch, "transformer", variant)
+    shapes = {n: tuple(p.shape) for n, p in [*model.named_parameters(), *model.named_buffers()]}
+    rows: dict[str, tuple] = {}
+    for name, pieces in dit.tensor_sources(arch, model).items():
+        for orig, a, b in pieces:
+            n = shapes[name][0] if a is None else b
+            rows[orig] = (max(n, rows.get(orig, (0,))[0]), *shapes[name][1:])
+    return model, rows
+
+
+@pytest.mark.parametrize("arch,variant", REAL, ids=["flux-dev", "flux-schnell", "sd35-large", "sd35-medium"])
+def test_tensor_sources_agree_with_diffusers_converters_at_real_size(arch, variant):
+    """Each original tensor becomes a 1-D tensor of its own row numbers (tensor id << 20 | row); diffusers'
+    converter renames, splits, concatenates and swaps them as it would the weights; every diffusers tensor must
+    then hold exactly the rows `tensor_sources` says, in its order, and the converter must consume every tensor."""
+    model, rows = _real_original_shapes(arch, variant)
+    names = sorted(rows)
+    ckpt = {k: (i << 20) + torch.arange(rows[k][0], dtype=torch.int64) for i, k in enumerate(names)}
+    convert = {"flux": sfu.convert_flux_transformer_checkpoint_to_diffusers,
+               "sd3": sfu.convert_sd3_transformer_checkpoint_to_diffusers}[arch]
+    table = None
+    if arch == "sd3":  # the positional table is renamed whole (the converter reads no shape of it)
+        table = ckpt["pos_embed"]
+    converted = convert(ckpt)
+    assert ckpt == {}, sorted(ckpt)[:5]  # every original tensor consumed
+    sources = dit.tensor_sources(arch, model)
+    assert set(sources) == set(converted)
+    for name, pieces in sources.items():
+        if name == "pos_embed.pos_embed":
+            assert pieces == (("pos_embed", None, None),) and converted[name] is table
+            continue
+        expect = torch.cat([(names.index(k) << 20) + torch.arange(a or 0, b if b is not None else rows[k][0])
+                            for k, a, b in pieces])
+        assert torch.equal(converted[name], expect), name
+
+
+@pytest.mark.parametrize("arch,variant", REAL, ids=["flux-dev", "flux-schnell", "sd35-large", "sd35-medium"])
+def test_variant_and_config_come_from_real_size_tensor_shapes(arch, variant):
+    _, rows = _real_original_shapes(arch, variant)
+    prefix = "model.diffusion_model." if arch == "sd3" else ""
+    shapes = {prefix + k: v for k, v in rows.items()}
+    assert bigfiles.denoiser_family(shapes) == (arch, prefix)
+    derived = bigfiles.denoiser_config(arch, shapes, prefix)
+    public = archs.load_config(arch, "transformer" + (f"_{variant}" if variant else ""))
+    for k, v in public.items():
+        assert derived[k] == v or (isinstance(v, list) and list(derived[k]) == v), (k, derived[k], v)
+    spec = archs.get(arch)
+    expect = {("flux", ""): "dev", ("flux", "schnell"): "schnell", ("sd3", "large"): "5-large",
+              ("sd3", ""): "5-medium"}[arch, variant]
+    assert spec.variant(derived, "flow") == expect
+
+
+# ---------------------------------------------------------------- folders, memory
+
+
+def test_sharded_diffusers_folder_loads_piece_by_piece_exactly(tmp_path):
+    base = load_base("tiny-flux")
+    base.pipeline().save_pretrained(tmp_path / "flux", max_shard_size="300KB")
+    assert len(list((tmp_path / "flux" / "transformer").glob("*.safetensors"))) > 2  # really sharded
+    got = load_base(str(tmp_path / "flux"))
+    assert got.loaders  # loaded by sdlora/bigload.py, not diffusers' from_pretrained
+    assert_same_model(base, got)
+
+
+def test_the_transformer_is_read_one_block_at_a_time(tmp_path):
+    """Counted materialised bytes: the unquantised weights held at once are one block's, not the model's."""
+    base = load_base("tiny-flux")
+    path, parts = write_flux(base, tmp_path)
+    spec, comps = file_components(path, "flux", "", LoadOptions(**parts))
+    counter = {}
+    model = comps["transformer"].build(counter)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    biggest = max(sum(p.numel() * p.element_size() for p in b.parameters())
+                  for b in [*model.transformer_blocks, *model.single_transformer_blocks])
+    assert counter["peak"] == biggest < total / 10
+
+
+def test_a_model_too_big_for_host_memory_is_refused_naming_what_fits():
+    """The real-size FLUX.1-dev at bf16 against 16 GB (this 24 GB machine's usual free memory): refused from the
+    planned sizes alone, naming a precision plan that fits; that plan passes the same check."""
+    from sdlora.bigload import Component
+    from sdlora.stream import Files
+
+    spec = archs.get("flux")
+    comps = {a: Component(a, archs.load_config("flux", a), Files(), {}, "bf16", a)
+             for a in ("transformer", "text_encoder", "text_encoder_2", "vae")}
+    opts = LoadOptions(base_precision="bf16", te_precision="bf16", defer_denoiser=True)
+    with pytest.raises(SdloraError) as e:
+        check_host_memory(spec, comps, opts, "flux-dev", available=16 * 10**9)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("flux-dev needs about 25.") and "transformer 23.8 GB" in msg
+    m = re.search(r"; --base-precision (\S+) --te-precision (\S+) needs about ([\d.]+) GB", msg)
+    assert m and m[1] == "fp8", msg
+    sizes = check_host_memory(spec, comps, LoadOptions(base_precision=m[1], te_precision=m[2], defer_denoiser=True),
+                              "flux-dev", available=16 * 10**9)
+    assert 11.5e9 < sizes["transformer"] < 12.5e9

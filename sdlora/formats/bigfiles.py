@@ -161,15 +161,20 @@ def vae_config(shapes: dict, spec: ArchSpec, prefix: str, metadata: dict | None 
     return archs.load_config(spec.id, "vae") | derive_vae_config(ldm) | _own(metadata, "vae")
 
 
+# one tensor saved under either name: T5's input embedding (transformers saves `shared.weight` alone, some
+# single files `encoder.embed_tokens.weight` too or instead)
+TIED = {"encoder.embed_tokens.weight": "shared.weight", "shared.weight": "encoder.embed_tokens.weight"}
+
+
 def identity_sources(model, prefix: str, keys) -> dict[str, tuple]:
-    """Sources of a part stored in its library's own layout under `prefix` (CLIP, T5): every parameter by its
-    own name, or with the `text_model.` level transformers 5's CLIPTextModel dropped. Tied parameters (T5's
-    shared embedding) are listed once, under the first name the file has."""
+    """Sources of a model stored in its library's own layout under `prefix` (a diffusers folder's components,
+    CLIP and T5 files): every parameter (and persistent buffer the file has) by its own name, or with the
+    `text_model.` level transformers 5's CLIPTextModel dropped, or under the other name of a tied tensor."""
     keys = set(keys)
     out = {}
-    for name, _ in model.named_parameters():
-        for cand in (name, "text_model." + name):
-            if prefix + cand in keys:
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        for cand in (name, "text_model." + name, TIED.get(name)):
+            if cand and prefix + cand in keys:
                 out[name] = ((prefix + cand, None, None),)
                 break
     return out
