@@ -278,7 +278,7 @@ def run_case(case: str, precision: str, steps: int, images: Path) -> dict:
     args = [sys.executable, "-m", "sdlora", "train", "--model", str(MODELS / model),
             *[str(MODELS / a) if a.endswith(".safetensors") else a for a in extra],
             "--images", str(images), "--prompt", "sks dog", "--base-precision", precision, "--te-precision", precision,
-            "--t5xxl-max-token-length", "77", "--resolution", "64", "--steps", str(steps), "--no-eval-loss",
+            "--t5xxl-max-token-length", "77", "--mixed-precision", "bf16", "--resolution", "64", "--steps", str(steps), "--no-eval-loss",
             "--out", str(out / "adapter.safetensors"), "--cache-dir", str(out / "cache")]
     env = dict(os.environ, SDLORA_STEP_TIMES=str(marks), PYTHONPATH=str(ROOT),
                SDLORA_T5_TOKENIZER=str(MODELS / "flux-files" / "tokenizers" / "tokenizer_2"))

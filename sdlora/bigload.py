@@ -114,7 +114,10 @@ class Component:
             from sdlora import quant
 
             def quantize(name, block):
-                quant.quantize_(block, self.mode, QUANTISED_COMPUTE, prefix=name)
+                new = quant.quantize_(block, self.mode, QUANTISED_COMPUTE, prefix=name)
+                if new is not block:  # the block was one Linear layer, replaced
+                    parent, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, attr, new)
         return materialise(model, self.sources, self.files, load_dtype(self.mode), quantize, counter)
 
 

@@ -41,6 +41,12 @@ class TrainConfig:
     prediction_type: str | None = _f(None, "the base model's objective, for single-file SD 2.x checkpoints whose ε/v "
                                      "guess is wrong (default: detected; see README)", choices=PREDICTION_TYPES,
                                      group="model")
+    # storage precision of the frozen base (sdlora/quant.py; names as big-quant's --base-precision/--te-precision)
+    base_precision: str | None = _f(None, "storage precision of the frozen denoiser: fp32, bf16, fp16, fp8, int8, nf4 "
+                                    "(default: as --mixed-precision computes)", group="model",
+                                    choices=("fp32", "bf16", "fp16", "fp8", "int8", "nf4"))
+    te_precision: str | None = _f(None, "storage precision of the frozen text encoders (T5-XXL above all)",
+                                  group="model", choices=("fp32", "bf16", "fp16", "fp8", "int8", "nf4"))
     # the separate parts of FLUX.1 / SD 3.5 single files (kohya's flag names), and T5's prompt length
     clip_l: str | None = _f(None, "CLIP-L weights (e.g. clip_l.safetensors) for a FLUX.1 / SD 3.5 single file "
                             "that lacks them", group="model", metavar="FILE")

@@ -109,8 +109,9 @@ def _weighted_modules(model) -> dict[str, int]:
     for name, m in model.named_modules():
         if ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B")):
             continue
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            out[name.replace(".base_layer", "")] = int(m.weight.shape[0])
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):  # out_features: a quantised weight is packed
+            rows = m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels
+            out[name.replace(".base_layer", "")] = int(rows)
     return out
 
 

@@ -58,9 +58,16 @@ def table_of(components: dict[str, torch.nn.Module], arch: str) -> dict[str, Mod
             continue
         for name, m in layers.items():
             path = kohya.te_path(name) if comp in kohya.TE_COMPONENTS else name
-            out[kohya.kohya_name(comp, path, arch)] = Module(comp, path, tuple(m.weight.shape),
+            out[kohya.kohya_name(comp, path, arch)] = Module(comp, path, _shape(m),
                                                              isinstance(m, torch.nn.Conv2d), name)
     return out
+
+
+def _shape(m: torch.nn.Module) -> tuple[int, ...]:
+    """A layer's logical weight shape: a Linear's (out, in) even when its weight is stored packed (nf4)."""
+    if isinstance(m, torch.nn.Linear):
+        return (m.out_features, m.in_features)
+    return tuple(m.weight.shape)
 
 
 def _original_table(arch: str, layers: dict[str, torch.nn.Module]) -> dict[str, Module]:
@@ -68,11 +75,11 @@ def _original_table(arch: str, layers: dict[str, torch.nn.Module]) -> dict[str, 
     module, fused q/k/v as one (formats/dit.py)."""
     out = {}
     for orig, parts in dit.original_modules(arch, _Plain(layers)).items():
-        first = layers[parts[0][0]].weight
+        first = _shape(layers[parts[0][0]])
         rows = sum(b - a for _, a, b in parts)
-        whole = len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == first.shape[0]
+        whole = len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == first[0]
         out[kohya.kohya_name(DENOISER, orig, arch)] = Module(
-            DENOISER, orig, (rows, *first.shape[1:]), first.dim() == 4, parts[0][0] if whole else "",
+            DENOISER, orig, (rows, *first[1:]), len(first) == 4, parts[0][0] if whole else "",
             () if whole else tuple(parts))
     return out
 

@@ -81,13 +81,16 @@ def find_targets(model: torch.nn.Module, component: str, preset: str, spec=None)
 def check_rank(models: dict[str, torch.nn.Module], targets: dict[str, list[str]], rank: int, model_name: str) -> None:
     """A rank above the narrowest adapted layer's width only adds parameters (the delta's rank cannot exceed it);
     refuse it, naming that layer and the largest useful rank."""
+    import torch
+
     from sdlora.errors import SdloraError
 
     narrowest = None
     for component, names in targets.items():
         for name in names:
-            w = models[component].get_submodule(name).weight
-            width = min(w.shape[0], w.shape[1])
+            m = models[component].get_submodule(name)  # a Linear's features: a quantised weight is packed
+            width = min(m.out_features, m.in_features) if isinstance(m, torch.nn.Linear) else \
+                min(m.weight.shape[0], m.weight.shape[1])
             if narrowest is None or width < narrowest[0]:
                 narrowest = (width, f"{component}.{name}")
     if narrowest and rank > narrowest[0]:

@@ -275,7 +275,7 @@ class _Run:
                 for p in self.prompts:
                     cache.get([p])
         self.release_cached()
-        gone = [a for a, m in base.modules.items() if memory.released(m)]
+        gone = [a for a, m in base.modules.items() if a not in base.deferred and memory.released(m)]
         self.say(f"text: {len(self.prompts)} prompts encoded first" + (f"; {', '.join(gone)} left memory before the "
                                                                         f"{base.spec.denoiser} loads" if gone else ""))
         base.materialise()
