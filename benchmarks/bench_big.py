@@ -282,7 +282,9 @@ def run_case(case: str, precision: str, steps: int, images: Path) -> dict:
             "--out", str(out / "adapter.safetensors"), "--cache-dir", str(out / "cache")]
     env = dict(os.environ, SDLORA_STEP_TIMES=str(marks), PYTHONPATH=str(ROOT),
                SDLORA_T5_TOKENIZER=str(MODELS / "flux-files" / "tokenizers" / "tokenizer_2"))
-    cmd = ["flock", "/tmp/sdlora-bigmem.lock", "timeout", "3000", "/usr/bin/time", "-v", *args]
+    started = out / "started.txt"  # when the lock was obtained and sdlora started (the lock may make it wait)
+    cmd = ["flock", "/tmp/sdlora-bigmem.lock", "sh", "-c", f'date +%s.%N > "{started}"; exec timeout 3000 '
+           '/usr/bin/time -v "$@"', "sh", *args]
     load = os.getloadavg()
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -293,7 +295,7 @@ def run_case(case: str, precision: str, steps: int, images: Path) -> dict:
     # marks: "start <unix time>" when the first step starts, "step N cached=K <unix time>" after each step
     times = [float(line.split()[-1]) for line in marks.read_text().splitlines()] if marks.exists() else []
     result = {"case": case, "precision": precision, "rc": p.returncode, "peak_rss_gb": rss / 1e9,
-              "wall_s": time.time() - t0, "load_s": (times[0] - t0) if times else None,
+              "wall_s": time.time() - t0, "load_s": (times[0] - float(started.read_text())) if times else None,
               "step_s": [b - a for a, b in zip(times, times[1:])], "loadavg": load,
               "verified": "does not verify" not in p.stdout + p.stderr and p.returncode == 0,
               "error": p.stderr.strip().splitlines()[-25:] if p.returncode else None,

@@ -171,7 +171,8 @@ def materialise(model: torch.nn.Module, sources: dict, files: Files, dtype: torc
             param = torch.nn.Parameter(t.reshape(shapes[key]) if t.shape != shapes[key] else t, requires_grad=False)
             for full in ties[id(_meta[key])]:
                 _set(model, full, param)
-            done[key] = param
+            if len(ties[id(_meta[key])]) > 1:  # kept only for a tied name in a later block: the others must go
+                done[key] = param  # when their block is quantised
 
     _meta = dict(model.named_parameters())
     for prefix, block in blocks(model):
