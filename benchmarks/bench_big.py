@@ -154,7 +154,7 @@ def write_component(root: Path, arch: str, attr: str, variant: str = "", link_fr
     entries = [(n, tuple(p.shape)) for n, p in [*model.named_parameters(), *model.named_buffers()] if n in persistent]
     diffusers_part = "_class_name" in cfg
     write_sharded(sub, entries, "diffusion_pytorch_model" if diffusers_part else "model",
-                  "diffusion_pytorch_model.safetensors.index.json" if diffusers_part else "model.safetensors.index.json",
+                  ("diffusion_pytorch_model" if diffusers_part else "model") + ".safetensors.index.json",
                   (lambda n, s: torch.float32) if attr == "vae" else _bf16)
 
 
@@ -278,7 +278,8 @@ def run_case(case: str, precision: str, steps: int, images: Path) -> dict:
     args = [sys.executable, "-m", "sdlora", "train", "--model", str(MODELS / model),
             *[str(MODELS / a) if a.endswith(".safetensors") else a for a in extra],
             "--images", str(images), "--prompt", "sks dog", "--base-precision", precision, "--te-precision", precision,
-            "--t5xxl-max-token-length", "77", "--mixed-precision", "bf16", "--resolution", "64", "--steps", str(steps), "--no-eval-loss",
+            "--t5xxl-max-token-length", "77", "--mixed-precision", "bf16", "--resolution", "64",
+            "--steps", str(steps), "--no-eval-loss",
             "--out", str(out / "adapter.safetensors"), "--cache-dir", str(out / "cache")]
     env = dict(os.environ, SDLORA_STEP_TIMES=str(marks), PYTHONPATH=str(ROOT),
                SDLORA_T5_TOKENIZER=str(MODELS / "flux-files" / "tokenizers" / "tokenizer_2"))

@@ -373,10 +373,8 @@ def with_t5_length(spec: ArchSpec, length: int | None, variant: str) -> ArchSpec
 
 
 def load(name: str, spec: ArchSpec, comps: dict[str, Component], opts: LoadOptions, folder: Path | None):
-    """The BaseModel of planned components: memory checked, text encoders and VAE built, the denoiser built now
-    or (deferred) on `BaseModel.materialise`."""
-    from sdlora.models import from_components
-
+    """(spec with T5's length, parts for `models.from_components`) of planned components: memory checked, text
+    encoders and VAE built, the denoiser built now or left on meta (`opts.defer_denoiser`)."""
     check_host_memory(spec, comps, opts, name)
     den = comps[spec.denoiser].cfg
     variant = spec.variant(den, "flow")
@@ -390,8 +388,4 @@ def load(name: str, spec: ArchSpec, comps: dict[str, Component], opts: LoadOptio
     else:
         parts["scheduler_config"] = archs.load_config(spec.id, "scheduler_schnell" if variant == "schnell"
                                                       and spec.id == "flux" else "scheduler")
-    base = from_components(name, with_t5_length(spec, opts.t5_max_length, variant), parts)
-    base.loaders = {attr: c.build for attr, c in comps.items()}
-    if opts.defer_denoiser:
-        base.deferred = {spec.denoiser}
-    return base
+    return with_t5_length(spec, opts.t5_max_length, variant), parts

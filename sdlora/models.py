@@ -246,7 +246,7 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None
 
             opts = options or bigload.LoadOptions()
             spec, comps = bigload.file_components(path, *denoiser_family(keys), opts)
-            return bigload.load(name, spec, comps, opts, None)
+            return _big(name, spec, comps, opts, None)
         from sdlora.formats.checkpoint import load_single_file
 
         # configs derived from the file's tensors, tokenizers shipped with sdlora: no network (formats/checkpoint.py)
@@ -262,13 +262,26 @@ def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None
             from sdlora import bigload
 
             opts = options or bigload.LoadOptions()
-            return bigload.load(name, dit, bigload.folder_components(path, dit, opts), opts, path)
+            return _big(name, dit, bigload.folder_components(path, dit, opts), opts, path)
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(path) if path.exists() else name, dtype=dtype,
                                                                safety_checker=None, requires_safety_checker=False)
         except Exception as e:
             raise _load_error(name, path.exists(), e) from e
     return from_pipeline(pipe, name, prediction_type)
+
+
+def _big(name: str, spec: ArchSpec, comps: dict, opts, folder: Path | None) -> BaseModel:
+    """The BaseModel of a model loaded piece by piece (sdlora/bigload.py), with each component's loader (for
+    reloading a released one) and its denoiser deferred when `opts` says."""
+    from sdlora import bigload
+
+    spec, parts = bigload.load(name, spec, comps, opts, folder)
+    base = from_components(name, spec, parts)
+    base.loaders = {attr: c.build for attr, c in comps.items()}
+    if opts.defer_denoiser:
+        base.deferred = {spec.denoiser}
+    return base
 
 
 def _dit_folder(path: Path) -> ArchSpec | None:

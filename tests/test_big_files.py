@@ -18,13 +18,12 @@ from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import save_file
 
 from sdlora import archs
-from sdlora.bigload import LoadOptions, check_host_memory, file_components, folder_components
+from sdlora.bigload import LoadOptions, check_host_memory, file_components
 from sdlora.errors import SdloraError
 from sdlora.formats import bigfiles, dit
 from sdlora.formats.checkpoint import META_PREFIX
 from sdlora.merge import vae_to_ldm_state
 from sdlora.models import load_base
-from tests.conftest import quiet
 from tests.test_dit_names import FLUX_PASSTHROUGH, SD3_PASSTHROUGH
 
 PASSTHROUGH = {"flux": FLUX_PASSTHROUGH, "sd3": SD3_PASSTHROUGH}
@@ -308,7 +307,7 @@ def test_the_transformer_is_read_one_block_at_a_time(tmp_path):
     """Counted materialised bytes: the unquantised weights held at once are one block's, not the model's."""
     base = load_base("tiny-flux")
     path, parts = write_flux(base, tmp_path)
-    spec, comps = file_components(path, "flux", "", LoadOptions(**parts))
+    _, comps = file_components(path, "flux", "", LoadOptions(**parts))
     counter = {}
     model = comps["transformer"].build(counter)
     total = sum(p.numel() * p.element_size() for p in model.parameters())

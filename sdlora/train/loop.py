@@ -22,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from sdlora import outputs
+from sdlora.bigload import load_options, with_t5_length
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir
 from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
@@ -33,7 +34,6 @@ from sdlora.formats.verify import verify
 from sdlora.lora.inject import add_lora, collect_modules, format_table, network_metadata, network_of, report
 from sdlora.archs.spec import DENOISER
 from sdlora.lora.targets import check_rank, find_targets, preset_targets
-from sdlora.bigload import load_options, with_t5_length
 from sdlora.models import BUILTIN_MODELS, load_base
 from sdlora.train import DTYPES, ckpt, memory, optim, scale, speed
 from sdlora.train import step as S
