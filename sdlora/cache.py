@@ -276,7 +276,9 @@ class EmbeddingCache:
 
     def __init__(self, text_encoders: list[tuple[object, torch.nn.Module]], spec, folder: Path | None, log=print):
         self.text_encoders, self.spec = text_encoders, spec
-        self.te_id = hashlib.sha256("".join(fingerprint(te) for _, te in text_encoders).encode()).hexdigest()
+        # T5's token count shapes its output (--t5xxl-max-token-length), so it is part of the key where it is set
+        lengths = "".join(f"|{t.max_length}" for t in spec.text_encoders if t.max_length)
+        self.te_id = hashlib.sha256(("".join(fingerprint(te) for _, te in text_encoders) + lengths).encode()).hexdigest()
         self.store = _Store(folder / "text" if folder else None, folder, log)
         self._shapes: dict[str, tuple[int, ...]] | None = None
 

@@ -44,6 +44,18 @@ class TrainConfig:
     prediction_type: str | None = _f(None, "the base model's objective, for single-file SD 2.x checkpoints whose ε/v "
                                      "guess is wrong (default: detected; see README)", choices=PREDICTION_TYPES,
                                      group="model")
+    # the separate parts of FLUX.1 / SD 3.5 single files (kohya's flag names), and T5's prompt length
+    clip_l: str | None = _f(None, "CLIP-L weights (e.g. clip_l.safetensors) for a FLUX.1 / SD 3.5 single file "
+                            "that lacks them", group="model", metavar="FILE")
+    clip_g: str | None = _f(None, "CLIP-G (OpenCLIP bigG) weights (clip_g.safetensors) for an SD 3.5 single file "
+                            "that lacks them", group="model", metavar="FILE")
+    t5xxl: str | None = _f(None, "T5-XXL weights (t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors) for a "
+                           "FLUX.1 / SD 3.5 single file that lacks them", group="model", metavar="FILE")
+    ae: str | None = _f(None, "VAE weights (ae.safetensors) for a FLUX.1 / SD 3.5 single file that lacks them",
+                        group="model", metavar="FILE")
+    t5xxl_max_token_length: int | None = _f(None, "T5-XXL tokens per prompt (SD3 and FLUX; default: 512 for "
+                                            "FLUX.1-dev, 256 for schnell and SD3); fewer is faster and lighter",
+                                            group="model")
     output_dir: str = _f("output", "folder for the adapter file")
     name: str | None = _f(None, "output name (file <output_dir>/<name>.safetensors); default: the images folder's name")
     out: str | None = _f(None, "exact output file path (overrides --output-dir/--name)")
@@ -208,6 +220,8 @@ class TrainConfig:
             raise SdloraError("--class-images needs --class-prompt (the prompt those class images show)")
         if self.epochs is not None and self.epochs < 1:
             bad("epochs", f"must be at least 1, got {self.epochs}")
+        if self.t5xxl_max_token_length is not None and not 1 <= self.t5xxl_max_token_length <= 512:
+            bad("t5xxl_max_token_length", f"must be between 1 and 512, got {self.t5xxl_max_token_length}")
         if self.repeats < 1:
             bad("repeats", f"must be at least 1, got {self.repeats}")
         self._check_bounds()

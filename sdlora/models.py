@@ -64,6 +64,10 @@ class BaseModel:
     scheduler_config: dict = field(default_factory=dict)  # the model's own inference scheduler config
     native_resolution: int = 512
     kept_precision: list = field(default_factory=list)  # text encoders --te-precision left alone (they train)
+    # big models loaded piece by piece (sdlora/bigload.py): each component's loader, for reloading a released one;
+    # `deferred`: components still on the meta device (configured, no weights) until `materialise`
+    loaders: dict = field(default_factory=dict)
+    deferred: set = field(default_factory=set)
 
     def __getattr__(self, name: str):
         # only called for names that are not fields: the roles (base.unet, base.text_encoder_2, base.tokenizer)
@@ -103,6 +107,12 @@ class BaseModel:
     @property
     def modelspec_architecture(self) -> str:
         return self.spec.modelspec_architecture(self.base_model_version, self.variant)
+
+    def materialise(self) -> None:
+        """Load the deferred components (the denoiser, once the prompts are encoded and T5 has left memory)."""
+        for attr in sorted(self.deferred):
+            self.modules[attr] = self.loaders[attr]()
+        self.deferred = set()
 
     def to(self, dtype) -> "BaseModel":
         for m in self.modules.values():
@@ -234,22 +244,25 @@ def detect_arch(pipe) -> ArchSpec:
                       + ", ".join(archs.label(a) for a in archs.IDS) + "; sdlora cannot train it")
 
 
-def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None = None, precision=None) -> BaseModel:
+def load_base(name: str = DEFAULT_MODEL, dtype=None, prediction_type: str | None = None, precision=None,
+              options=None) -> BaseModel:
     """Load `name`: a built-in model, a hub id, a local diffusers folder, or a single-file .safetensors checkpoint.
 
     `prediction_type` ("epsilon" / "v_prediction") overrides what a single-file checkpoint's guess would be (the
     weights do not say; see sdlora/formats/checkpoint.py); other models carry it in their scheduler config.
     `precision` (a `sdlora.quant.Precision`): the frozen modules stored at --base-precision / --te-precision once
-    loaded, module by module (`BaseModel.kept_precision`: text encoders left alone because they train)."""
-    base = _load(name, dtype, prediction_type)
-    if precision is not None and precision.any:
+    loaded, module by module (`BaseModel.kept_precision`: text encoders left alone because they train).
+    `options` (a `bigload.LoadOptions`): precisions, separate part files and T5's length for SD3/FLUX files and
+    folders, which load piece by piece (sdlora/bigload.py) and are stored at their precision block by block."""
+    base = _load(name, dtype, prediction_type, options)
+    if precision is not None and precision.any and not base.loaders:
         from sdlora import quant
 
         base.kept_precision = quant.apply(base, precision)
     return base
 
 
-def _load(name: str, dtype, prediction_type: str | None) -> BaseModel:
+def _load(name: str, dtype, prediction_type: str | None, options) -> BaseModel:
     import torch
 
     if name in BUILTIN_MODELS:
@@ -265,10 +278,15 @@ def _load(name: str, dtype, prediction_type: str | None) -> BaseModel:
         if not path.is_file():
             raise SdloraError(f"{name}: no such file; pass an existing .safetensors checkpoint, a diffusers folder, "
                               f"a hub id, or {OFFLINE_HINT}")
-        spec = detect_checkpoint_arch(checkpoint_keys(path))
-        if spec.denoiser_names == "original":
-            raise SdloraError(f"{name}: a single-file {spec.label} checkpoint; sdlora loads {spec.label} from its diffusers "
-                              "folder or hub id (e.g. black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium)")
+        keys = checkpoint_keys(path)
+        spec = detect_checkpoint_arch(keys)
+        if spec.denoiser_names == "original":  # FLUX.1 / SD 3.5 as BFL and SAI ship them, parts beside
+            from sdlora import bigload
+            from sdlora.formats.bigfiles import denoiser_family
+
+            opts = options or bigload.LoadOptions()
+            spec, comps = bigload.file_components(path, *denoiser_family(keys), opts)
+            return _big(name, spec, comps, opts, None)
         from sdlora.formats.checkpoint import load_single_file
 
         # configs derived from the file's tensors, tokenizers shipped with sdlora: no network (formats/checkpoint.py)
@@ -280,12 +298,41 @@ def _load(name: str, dtype, prediction_type: str | None) -> BaseModel:
                               f"diffusers model folder, a .safetensors checkpoint or a hub id, or {OFFLINE_HINT}")
         if not path.exists():
             _check_hub_id(name)
+        elif (dit := _dit_folder(path)) is not None:  # SD3/FLUX folders load piece by piece (sdlora/bigload.py)
+            from sdlora import bigload
+
+            opts = options or bigload.LoadOptions()
+            return _big(name, dit, bigload.folder_components(path, dit, opts), opts, path)
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(path) if path.exists() else name, dtype=dtype,
                                                                safety_checker=None, requires_safety_checker=False)
         except Exception as e:
             raise _load_error(name, path.exists(), e) from e
     return from_pipeline(pipe, name, prediction_type)
+
+
+def _big(name: str, spec: ArchSpec, comps: dict, opts, folder: Path | None) -> BaseModel:
+    """The BaseModel of a model loaded piece by piece (sdlora/bigload.py), with each component's loader (for
+    reloading a released one) and its denoiser deferred when `opts` says."""
+    from sdlora import bigload
+
+    spec, parts = bigload.load(name, spec, comps, opts, folder)
+    base = from_components(name, spec, parts)
+    base.loaders = {attr: c.build for attr, c in comps.items()}
+    if opts.defer_denoiser:
+        base.deferred = {spec.denoiser}
+    return base
+
+
+def _dit_folder(path: Path) -> ArchSpec | None:
+    """The DiT family (SD3, FLUX) of a diffusers folder, from its pipeline class; None for the others."""
+    import json
+
+    try:
+        cls = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    return next((s for s in archs.SPECS.values() if s.denoiser_names == "original" and s.pipeline == cls), None)
 
 
 def _builtin(name: str) -> BaseModel:

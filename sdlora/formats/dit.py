@@ -164,3 +164,54 @@ def original_modules(arch: str, model) -> dict[str, tuple[tuple[str, int, int], 
         out[original] = tuple(part for _, ps in sorted(parts) for part in ps)
     return out
 
+
+
+# The original trees' tensors that are not Linear/Conv2d weights or biases (qk-norm scales, SD3's positional
+# table): diffusers name -> original name, as diffusers' single-file converters rename them.
+_FLUX_OTHER = [
+    (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", r"double_blocks.\1.txt_attn.norm.query_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", r"double_blocks.\1.txt_attn.norm.key_norm.scale"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+]
+_SD3_OTHER = [
+    (r"pos_embed\.pos_embed", "pos_embed"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"joint_blocks.\1.x_block.attn.ln_q.weight"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"joint_blocks.\1.x_block.attn.ln_k.weight"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", r"joint_blocks.\1.context_block.attn.ln_q.weight"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", r"joint_blocks.\1.context_block.attn.ln_k.weight"),
+    (r"transformer_blocks\.(\d+)\.attn2\.norm_q\.weight", r"joint_blocks.\1.x_block.attn2.ln_q.weight"),
+    (r"transformer_blocks\.(\d+)\.attn2\.norm_k\.weight", r"joint_blocks.\1.x_block.attn2.ln_k.weight"),
+]
+_OTHER = {"flux": [(re.compile(p + r"\Z"), t) for p, t in _FLUX_OTHER],
+          "sd3": [(re.compile(p + r"\Z"), t) for p, t in _SD3_OTHER]}
+
+Piece = tuple[str, int | None, int | None]  # (original tensor name, row start, row stop); None, None: all of it
+
+
+def tensor_sources(arch: str, model) -> dict[str, tuple[Piece, ...]]:
+    """Where each tensor of the diffusers `model` (meta-device is enough) comes from in an original (BFL / SAI)
+    file: diffusers parameter name -> the original tensors' row ranges, concatenated in this order.
+
+    Derived from `original_modules` (a fused original weight's rows are its parts' rows in order; a swapped
+    module's diffusers rows [0, half) are the original's second half) plus the norm scales and positional table.
+    Streaming loaders read each tensor of a 24 GB file alone with it (sdlora/stream.py); tests/test_big_files.py
+    checks it against diffusers' converters run on the real-size key sets."""
+    out: dict[str, list[tuple[int, Piece]]] = {}
+    for original, parts in original_modules(arch, model).items():
+        offset = 0
+        for path, start, stop in parts:
+            for attr in ("weight", "bias"):
+                out.setdefault(f"{path}.{attr}", []).append((start, (f"{original}.{attr}", offset,
+                                                                     offset + stop - start)))
+            offset += stop - start
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    sources = {k: tuple(p for _, p in sorted(v)) for k, v in out.items() if k in names}
+    for name in names:
+        for rx, template in _OTHER[arch]:
+            m = rx.match(name)
+            if m:
+                sources[name] = ((m.expand(template), None, None),)
+    return sources

@@ -64,6 +64,13 @@ def table_of(components: dict[str, torch.nn.Module], arch: str) -> dict[str, Mod
     return out
 
 
+def _shape(m: torch.nn.Module) -> tuple[int, ...]:
+    """A layer's logical weight shape: a Linear's (out, in) even when its weight is stored packed (nf4)."""
+    if isinstance(m, torch.nn.Linear):
+        return (m.out_features, m.in_features)
+    return tuple(m.weight.shape)
+
+
 def _original_table(arch: str, layers: dict[str, torch.nn.Module]) -> dict[str, Module]:
     """The denoiser of a family kohya names by the original model's modules (SD 3.x, FLUX.1): one entry per original
     module, fused q/k/v as one (formats/dit.py)."""

@@ -81,6 +81,7 @@ def find_targets(model: torch.nn.Module, component: str, preset: str, spec=None)
 def check_rank(models: dict[str, torch.nn.Module], targets: dict[str, list[str]], rank: int, model_name: str) -> None:
     """A rank above the narrowest adapted layer's width only adds parameters (the delta's rank cannot exceed it);
     refuse it, naming that layer and the largest useful rank."""
+
     from sdlora.errors import SdloraError
     from sdlora.quant import weight_shape
 

@@ -22,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from sdlora import bounds, outputs, quant
+from sdlora.bigload import load_options, with_t5_length
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, once
 from sdlora.config import TrainConfig
 from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
@@ -140,6 +141,7 @@ class _Run:
             self.load_model()
             self.make_class_images()
             self.make_examples()
+            self.encode_first()
             self.add_lora()
             self.fill_caches()
             self.prepare_optimizer()
@@ -221,7 +223,10 @@ class _Run:
         if self.given_base is not None and precision.any:
             self.given_base.kept_precision = quant.apply(self.given_base, precision)
         base = self.base = self.given_base or load_base(cfg.model, prediction_type=cfg.prediction_type,
-                                                        precision=precision)
+                                                        precision=precision,
+                                                        options=load_options(cfg, defer_denoiser=True))
+        if cfg.t5xxl_max_token_length:  # built-in models too (big ones had it applied while loading)
+            base.spec = with_t5_length(base.spec, cfg.t5xxl_max_token_length, base.variant)
         for c in base.kept_precision:
             self.say(f"--te-precision {cfg.te_precision}: text encoder {c} trains, so it stays in "
                      f"{str(self.weight_dtype).removeprefix('torch.')} (pass --no-text-encoder to store it too)")
@@ -245,6 +250,9 @@ class _Run:
         cfg = self.cfg
         if not cfg.class_prompt or len(self.class_images) >= cfg.num_class_images or self.dataset.class_parent:
             return
+        if self.base.deferred:  # generating needs the denoiser now, with the text encoders
+            self.base.materialise()
+            self.denoiser = self.base.denoiser
         if self.main:
             for m in self.base.modules.values():  # generating needs the whole model on the device (fp32 here)
                 m.to(self.accelerator.device)
@@ -300,11 +308,39 @@ class _Run:
         return Schedule(self.instance, self.classes, cfg.batch_size, cfg.repeats, cfg.seed, acc.process_index,
                         acc.num_processes, position)
 
+    # ---- 4b. a big model loaded piece by piece (SD3/FLUX, sdlora/bigload.py) defers its denoiser: every prompt
+    # is encoded first, and the frozen text encoders whose outputs are all cached (T5-XXL above all) leave memory
+    # before the denoiser is read, so the two never share the host's memory
+    def encode_first(self) -> None:
+        base = self.base
+        if not base.deferred:
+            return
+        self.make_text_caches()
+        if self.text_cache is not None and self.pending_text:
+            for p in self.prompts:
+                self.text_cache.get([p])
+        for c, cache in self.frozen_text.items():
+            if c in self.pending_frozen:
+                for p in self.prompts:
+                    cache.get([p])
+        self.release_cached()
+        gone = [a for a, m in base.modules.items() if a not in base.deferred and memory.released(m)]
+        self.say(f"text: {len(self.prompts)} prompts encoded first" + (f"; {', '.join(gone)} left memory before the "
+                                                                        f"{base.spec.denoiser} loads" if gone else ""))
+        base.materialise()
+        self.denoiser = base.denoiser
+        self.denoiser.requires_grad_(False)
+
+    def trained_text_encoders(self) -> dict:
+        """The text encoders this preset trains in this family (CLIP only: T5-XXL stays frozen, its output cached)."""
+        cfg, spec = self.cfg, self.base.spec
+        return {c: self.tes[c] for c in spec.trainable_te_components
+                if not cfg.no_text_encoder and preset_targets(cfg.preset, c, spec)}
+
     # ---- 5. LoRA
     def add_lora(self) -> None:
         cfg, base = self.cfg, self.base
-        # the text encoders this preset trains in this family (CLIP only: T5-XXL stays frozen, its output cached)
-        trained_tes = {c: self.tes[c] for c in _trained_te(cfg)(base.spec)}
+        trained_tes = self.trained_text_encoders()
         self.train_te = bool(trained_tes)
         adapted = self.adapted = {DENOISER: self.denoiser} | trained_tes
         self.targets = {c: find_targets(m, c, cfg.preset, base.spec) for c, m in adapted.items()}
@@ -321,6 +357,8 @@ class _Run:
         # --blocks-to-swap: the swapped blocks' frozen weights stay in host memory (cast there), the rest moves
         self.swap = swap.enable(base.spec, self.denoiser, cfg.blocks_to_swap, self.accelerator.device, dtype_of)
         for m in ([] if self.swap else [self.denoiser]) + list(self.tes.values()):  # T5-XXL too: frozen, compute dtype
+            if memory.released(m):  # its outputs are all cached already (encode_first)
+                continue
             # cast and moved one tensor at a time: never the fp32 base on the device, no second copy in memory
             memory.move(m, self.accelerator.device, dtype_of)
             m.to(self.accelerator.device)  # buffers
@@ -354,28 +392,13 @@ class _Run:
         cfg, acc = self.cfg, self.accelerator
         self.cache_dir = cache_dir = (None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir
                                       else default_cache_dir())
-        say_damage = once(self.say)  # a damaged cache entry is recomputed and said once per run
-        self.latent_cache = LatentCache(self.vae, cache_dir, say_damage)
-        # with text encoders trained, the ones that stay frozen (SD3/FLUX's T5-XXL) have their outputs cached alone
-        spec = self.base.spec
-        self.frozen_text = {t.component: EmbeddingCache([self.base.text_encoders[t.component]],
-                                                        dataclasses.replace(spec, text_encoders=(t,)), cache_dir,
-                                                        say_damage)
-                            for t in spec.text_encoders if self.train_te and t.component not in self.adapted}
-        self.text_cache = (None if self.train_te
-                           else EmbeddingCache(list(self.base.text_encoders.values()), self.base.spec, cache_dir,
-                                               say_damage))
+        self.latent_cache = LatentCache(self.vae, cache_dir, self.say_damage())
+        self.make_text_caches()
         flips = (False,) if cfg.no_flip else (False, True)
         examples = self.instance + self.classes
         self.vae_offloaded = False
-        self.lazy = acc.num_processes == 1
-        # what the run can ask the caches for: every example in every flip; the prompts when they are a fixed set
+        # what the run can ask the caches for: every example in every flip
         self.pending_latents = {self.latent_cache.key(ex, f) for ex in examples for f in flips} if self.lazy else None
-        prompts = {e.caption for e in examples} | ({""} if cfg.caption_dropout else set())
-        self.pending_text = ({self.text_cache.key(p) for p in prompts}
-                             if self.lazy and self.text_cache is not None and not cfg.shuffle_tags else None)
-        self.pending_frozen = ({c: {cache.key(p) for p in prompts} for c, cache in self.frozen_text.items()}
-                               if self.lazy and not cfg.shuffle_tags else {})
         if self.lazy:
             return
         if self.main:
@@ -387,6 +410,37 @@ class _Run:
         # latents are cached: the VAE leaves the GPU until a sample grid needs it (a cache miss encodes on the CPU)
         self.vae_offloaded = memory.offload(self.vae, acc.device)
 
+    def say_damage(self):
+        """A damaged cache entry is recomputed and said once per run (all caches share the one message)."""
+        if not hasattr(self, "_say_damage"):
+            self._say_damage = once(self.say)
+        return self._say_damage
+
+    def make_text_caches(self) -> None:
+        """The text caches (once: `encode_first` may have filled them already) and the prompt keys they must hold
+        before their encoders may leave memory (None / {}: the prompts are not a fixed set)."""
+        if hasattr(self, "text_cache"):
+            return
+        cfg, acc, spec = self.cfg, self.accelerator, self.base.spec
+        cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        trained = self.trained_text_encoders()
+        train_te = bool(trained)
+        # with text encoders trained, the ones that stay frozen (SD3/FLUX's T5-XXL) have their outputs cached alone
+        self.frozen_text = {t.component: EmbeddingCache([self.base.text_encoders[t.component]],
+                                                        dataclasses.replace(spec, text_encoders=(t,)), cache_dir,
+                                                        self.say_damage())
+                            for t in spec.text_encoders if train_te and t.component not in trained}
+        self.text_cache = (None if train_te
+                           else EmbeddingCache(list(self.base.text_encoders.values()), spec, cache_dir,
+                                               self.say_damage()))
+        self.lazy = acc.num_processes == 1
+        examples = self.instance + self.classes
+        self.prompts = sorted({e.caption for e in examples} | ({""} if cfg.caption_dropout else set()))
+        self.pending_text = ({self.text_cache.key(p) for p in self.prompts}
+                             if self.lazy and self.text_cache is not None and not cfg.shuffle_tags else None)
+        self.pending_frozen = ({c: {cache.key(p) for p in self.prompts} for c, cache in self.frozen_text.items()}
+                               if self.lazy and not cfg.shuffle_tags else {})
+
     def say_latents(self) -> None:
         st = self.latent_cache.store
         self.say(f"latents: {st.hits} from cache, {st.misses} encoded"
@@ -395,7 +449,7 @@ class _Run:
 
     def release_cached(self) -> None:
         """Free the VAE once every latent is cached, and frozen text encoders once every prompt embedding is."""
-        if self.pending_latents and _all_in(self.pending_latents, self.latent_cache.store.memory):
+        if getattr(self, "pending_latents", None) and _all_in(self.pending_latents, self.latent_cache.store.memory):
             self.pending_latents = None
             self.say_latents()
             memory.release(self.vae)
@@ -731,6 +785,8 @@ def _load_frozen(cfg: TrainConfig, base, attrs: list[str]) -> dict:
     """Modules `attrs` of the base model loaded again, as load_model loaded them (at --te-precision too): from a
     diffusers folder or hub id one component each (its weights memory-mapped); a built-in model or single file is
     rebuilt whole, and the rest dropped."""
+    if base.loaders:  # loaded piece by piece (sdlora/bigload.py): each component alone, the same way
+        return {a: base.loaders[a]() for a in attrs}
     name = cfg.model
     path = Path(name).expanduser()
     precision = _precision(cfg)

@@ -98,6 +98,19 @@ def release(module: torch.nn.Module) -> None:
                 sub._parameters[name] = done[id(p)]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    trim()
+
+
+def trim() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim): a released T5-XXL's weights and the
+    temporaries of its forward are freed, but glibc keeps heap pages it may reuse, and the RSS would not fall
+    before the denoiser loads. Nothing happens without glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def released(module: torch.nn.Module) -> bool:
