@@ -102,6 +102,7 @@ def count(denoiser: torch.nn.Module, run, trace: list | None = None) -> Activati
     bytes) of each counted tensor to."""
     params = {_key(p) for p in denoiser.parameters()}
     seen: set[int] = set()
+    alive: list[torch.Tensor] = []  # every counted tensor held to the end: a freed storage's address is not reused
     acts = Activations()
     current: list[int | None] = [None]
 
@@ -112,6 +113,7 @@ def count(denoiser: torch.nn.Module, run, trace: list | None = None) -> Activati
             return t
         if k not in params and k not in seen:
             seen.add(k)
+            alive.append(t)
             n = t.untyped_storage().nbytes()
             if trace is not None:
                 trace.append((current[0], tuple(t.shape), t.dtype, n))
@@ -128,6 +130,7 @@ def count(denoiser: torch.nn.Module, run, trace: list | None = None) -> Activati
         for t in _tensors(list(args) + list(kwargs.values())):
             if _key(t) not in inputs and _key(t) not in params:
                 inputs.add(_key(t))
+                alive.append(t)
                 new += t.untyped_storage().nbytes()
         acts.units.append([type(fn).__name__, 0, new])
         prev, current[0] = current[0], len(acts.units) - 1
