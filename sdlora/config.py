@@ -7,10 +7,11 @@ given on the command line override the file. Everything is checked before any mo
 from __future__ import annotations
 
 import math
-import tomllib
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+
+import tomllib
 
 from sdlora.errors import SdloraError
 from sdlora.lora.targets import PRESETS

@@ -14,8 +14,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdlora import bounds
-from sdlora.data import (CAPTION_SUFFIXES, IMAGE_SUFFIXES, Example, PromptRules, build_examples, display_name,
-                         make_buckets, refuse_or_skip_bad, scan, small_images, warn_small)
+from sdlora.data import (
+    CAPTION_SUFFIXES,
+    IMAGE_SUFFIXES,
+    Example,
+    PromptRules,
+    build_examples,
+    display_name,
+    make_buckets,
+    refuse_or_skip_bad,
+    scan,
+    small_images,
+    warn_small,
+)
 from sdlora.errors import SdloraError
 
 CONCEPT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's `N_words`

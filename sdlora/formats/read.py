@@ -155,8 +155,11 @@ def _alpha_from(config: dict, path: str):
 
 def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None, where: str):
     """PEFT/diffusers-keyed tensors of one component -> ({path: (down, up, alpha or None)}, unknown keys)."""
-    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
-                                                  convert_unet_state_dict_to_peft)
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     alphas = {k[:-len(".alpha")]: _alpha(v, k, where) for k, v in sub.items() if k.endswith(".alpha")}
     # PEFT DoRA: `<path>.lora_magnitude_vector(.weight)`, one norm per output channel ([out] Linear, [1, out, 1, 1]

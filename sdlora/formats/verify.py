@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from sdlora import archs
 from sdlora.errors import cause
-from sdlora.models import model_kinds_help
 from sdlora.formats import kohya, layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 from sdlora.formats.read import read_adapter
+from sdlora.models import model_kinds_help
 
 
 @dataclass
@@ -79,8 +79,11 @@ def _diffusers_check(adapter: AdapterFile, arch: str, table: dict[str, layouts.M
     """Run diffusers' own kohya reading (the public `lora_state_dict` that `load_lora_weights` calls) and look the
     resulting PEFT module names up. Returns (modules that land on a real module, problems)."""
     import diffusers
-    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
-                                                  convert_unet_state_dict_to_peft)
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     spec = archs.get(arch)
     if spec.denoiser_names == "original":

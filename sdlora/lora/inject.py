@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
 
 import torch
 

@@ -22,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from sdlora import bounds, outputs, quant
+from sdlora.archs.spec import DENOISER
 from sdlora.bigload import load_options, with_t5_length
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, once
 from sdlora.config import TrainConfig
@@ -32,7 +33,6 @@ from sdlora.formats import kohya, layouts, meta
 from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
 from sdlora.lora.inject import add_lora, collect_modules, format_table, network_metadata, network_of, report
-from sdlora.archs.spec import DENOISER
 from sdlora.lora.targets import check_rank, find_targets, preset_targets
 from sdlora.models import BUILTIN_MODELS, load_base
 from sdlora.train import DTYPES, ckpt, memory, optim, scale, speed, swap
