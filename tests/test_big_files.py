@@ -141,7 +141,7 @@ def test_tiny_flux_single_file_trains_with_t5_before_the_transformer(tmp_path):
     is read (the deferred denoiser), 2 steps, a kohya FLUX file that verifies."""
     from sdlora.config import make_config
     from sdlora.train.loop import train
-    from tests.conftest import DOG
+    from tests.helpers import DOG
 
     path, parts = write_flux(load_base("tiny-flux"), tmp_path)
     seen = []

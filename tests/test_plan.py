@@ -96,7 +96,7 @@ def test_plan_refuses_what_it_cannot_size(capsys):
 def test_every_preset_parses_through_train_config():
     """Each configs/*.toml is valid for `sdlora train --config` (unknown keys and wrong types are refused there)."""
     from sdlora.config import load_toml, make_config
-    from tests.conftest import DOG, ROOT
+    from tests.helpers import DOG, ROOT
 
     presets = sorted((ROOT / "configs").glob("*.toml"))
     assert {p.stem for p in presets} >= {f"subject-flux-dev-{v}gb" for v in (8, 12, 16, 24)}
@@ -108,7 +108,7 @@ def test_every_preset_parses_through_train_config():
 def test_vram_plans_the_run_before_loading(tmp_path):
     """--vram: the run takes the plan's settings (here: gradient checkpointing, which the card needs at this size)
     and prints the plan; a card too small is refused in one line before the model loads."""
-    from tests.conftest import train_tiny
+    from tests.helpers import train_tiny
 
     planner = plan.Planner(plan.shape_of("tiny-flux"), plan.Run(64, 1, 4))
     need_gc = planner.total(plan.Choice(checkpointing=True))
@@ -117,7 +117,7 @@ def test_vram_plans_the_run_before_loading(tmp_path):
     lines = []
     from sdlora.config import make_config
     from sdlora.train.loop import train
-    from tests.conftest import DOG
+    from tests.helpers import DOG
 
     res = train(make_config({"images": str(DOG), "prompt": "sks dog", "model": "tiny-flux", "steps": 1,
                              "resolution": 64, "out": str(tmp_path / "a.safetensors"), "vram": vram,

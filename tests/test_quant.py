@@ -19,7 +19,7 @@ from sdlora.errors import SdloraError
 from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
 from sdlora.models import load_base
-from tests.conftest import DOG, ROOT, train_tiny
+from tests.helpers import DOG, ROOT, train_tiny
 
 
 def _mlp(seed=0) -> nn.Module:

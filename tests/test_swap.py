@@ -14,7 +14,7 @@ from sdlora.lora.inject import add_lora
 from sdlora.lora.targets import find_targets
 from sdlora.models import load_base
 from sdlora.train import swap
-from tests.conftest import train_tiny
+from tests.helpers import train_tiny
 
 
 @pytest.mark.parametrize("model,n,gc,preset,base", [("tiny-flux", 5, True, "full", None),

@@ -167,8 +167,11 @@ def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None
     mags = {k.split(PEFT_MAGNITUDE)[0]: v for k, v in sub.items() if PEFT_MAGNITUDE in k}
     sub = {k: v for k, v in sub.items() if not k.endswith(".alpha") and PEFT_MAGNITUDE not in k}
     if not any(".lora_A." in k or ".lora_B." in k for k in sub):  # older diffusers spellings
-        sub = convert_unet_state_dict_to_peft(sub) if comp == "unet" else \
-            convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
+        try:
+            sub = convert_unet_state_dict_to_peft(sub) if comp == "unet" else \
+                convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
+        except ValueError:  # diffusers cannot tell the spelling: the keys stay as they are and are reported unknown
+            pass
     out, unknown = {}, []
     for k, down in sub.items():
         if ".lora_A." not in k:
