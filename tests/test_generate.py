@@ -130,8 +130,8 @@ def test_one_adapter_equals_the_merged_model(adapters):
     assert_weights(weights(s.base), weights(load_base("tiny")), 0.0)  # adding alone changes nothing
     got = image(s, {"dog": 0.8})
     assert_weights(weights(s.base), weights(ref.base), 1e-6)
-    assert np.array_equal(got, image(ref))
-    assert not np.array_equal(got, image(Session("tiny")))
+    assert rounding_only(got, image(ref))  # weights equal to float rounding, so the images are too
+    assert not rounding_only(got, image(Session("tiny")))  # the adapter counts, far beyond rounding
 
 
 @pytest.mark.slow
