@@ -19,6 +19,7 @@ import argparse
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.cli import quiet_libraries
@@ -33,7 +34,8 @@ from sdlora.errors import SdloraError  # noqa: E402
 from sdlora.formats.a1111 import format_parameters  # noqa: E402
 from sdlora.infer.cli import save_images  # noqa: E402
 from sdlora.infer.library import MAX_UPLOAD_BYTES, Library  # noqa: E402
-from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings  # noqa: E402
+from sdlora.infer.session import Session  # noqa: E402
+from sdlora.infer.settings import STRENGTH_RANGE, Settings, widget  # noqa: E402
 from sdlora.models import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: E402
 
 # greyed-out rows (Gradio nests a group's classes); small images (toy: 32 px) shown as pixels, not blurred
@@ -93,156 +95,219 @@ def load_model(session: Session, library: Library, name: str, offered: list[str]
         raise SdloraError(f"model '{name}' could not be loaded; the server's log says why") from None
 
 
+def setting(name: str, **override):
+    """The widget of generation setting `name`, as its field describes it (sdlora.infer.settings.widget: label,
+    default, range). Interactive: its listeners are attached in the adapter rows' render, which Gradio does not see
+    when it decides which components take input."""
+    spec = widget(name) | override
+    return WIDGETS[spec.pop("kind")](interactive=True, **spec)
+
+
+WIDGETS = {"text": gr.Textbox, "number": gr.Number, "slider": gr.Slider, "choice": gr.Dropdown}
+NEW_ROW = (False, 1.0, 1.0, 1.0)  # an adapter's row before the user sets it: (advanced, strength, te, unet)
+
+
+@dataclass
+class Page:
+    """The page's components by name: `layout` builds them, the handlers read and update them by these names."""
+
+    model: gr.Dropdown
+    adapters: gr.Column  # the adapter rows, rendered in it (AdapterRow)
+    upload: gr.File
+    status: gr.Markdown
+    settings: dict  # field of sdlora.infer.settings.Settings -> its widget
+    dice: gr.Button
+    run: gr.Button
+    gallery: gr.Gallery
+    params: gr.Textbox
+    rows: gr.State  # the listed adapters (listing()), one row each, re-rendered when it changes
+    prefs: gr.State  # adapter key -> (advanced, strength, te, unet) as last set, kept across re-renders
+
+
+@dataclass
+class AdapterRow:
+    """One listed adapter's controls: a linked strength slider, or (advanced) separate text-encoder and UNet
+    sliders, as A1111's <lora:name:te:unet>."""
+
+    key: str  # its library key
+    name: str | None  # its name in the session's blend; None when it does not fit the model
+    enable: gr.Checkbox
+    advanced: gr.Checkbox
+    linked: gr.Slider
+    te: gr.Slider
+    unet: gr.Slider
+
+    @property
+    def settable(self) -> list:
+        """The controls whose values are kept across re-renders (`prefs`), in NEW_ROW's order."""
+        return [self.advanced, self.linked, self.te, self.unet]
+
+    def prefs(self, values: dict) -> tuple:
+        return tuple(values[c] for c in self.settable)
+
+    def strengths(self, values: dict) -> tuple[float, float]:
+        """(text encoder, UNet) strengths the row sets, from an event's values by component."""
+        if not values[self.enable]:
+            return 0.0, 0.0
+        if values[self.advanced]:
+            return float(values[self.te]), float(values[self.unet])
+        return float(values[self.linked]), float(values[self.linked])
+
+
+def layout(session: Session, rows0: list[dict], notes: str, models: list[str], allow_any: bool) -> Page:
+    """The page, inside a gr.Blocks: the model picker, a column for the adapter rows, the upload, the generation
+    settings (widgets from their fields), the button and the results."""
+    native, w = session.base.native_resolution, {}
+    gr.Markdown("# sdlora: blend LoRA adapters and generate")
+    rows, prefs = gr.State(rows0), gr.State({})
+    with gr.Row():
+        with gr.Column(scale=1):
+            model = gr.Dropdown(models, value=session.base.name, label="Base model", allow_custom_value=allow_any,
+                                interactive=True, elem_id="model")
+            adapters = gr.Column()  # the rows, rendered below once the other components exist
+            upload = gr.File(label="Add adapters (.safetensors)", file_types=[".safetensors"],
+                             file_count="multiple", type="filepath", interactive=True, elem_id="upload")
+            status = gr.Markdown(notes, elem_id="status")
+        with gr.Column(scale=1):
+            w["prompt"], w["negative"] = setting("prompt"), setting("negative")
+            with gr.Row():
+                w["seed"] = setting("seed")
+                dice = gr.Button("Random seed", scale=0, elem_id="random-seed")
+            with gr.Row():
+                w["steps"] = setting("steps")
+                w["guidance"] = setting("guidance", value=session.base.spec.sample_guidance)
+            with gr.Row():
+                w["scheduler"] = setting("scheduler")
+                w["width"], w["height"] = setting("width", value=native), setting("height", value=native)
+                w["num_images"] = setting("num_images")
+            run = gr.Button("Generate", variant="primary", elem_id="generate")
+            gallery = gr.Gallery(label="Results", format="png", columns=2, height="auto", elem_id="gallery")
+            params = gr.Textbox(label="Parameters (as saved in each PNG)", lines=3, interactive=False,
+                                elem_id="parameters")
+    return Page(model, adapters, upload, status, w, dice, run, gallery, params, rows, prefs)
+
+
+def adapter_row(i: int, r: dict, prefs: tuple) -> AdapterRow:
+    """Row i for listed adapter `r` (listing()), starting from `prefs` (advanced, strength, te, unet); greyed out
+    with the reason when it does not fit. The enable box starts as whether the adapter fits."""
+    fits, (adv, s, te_s, unet_s) = r["fits"], prefs
+    lo, hi, step = STRENGTH_RANGE
+    with gr.Group(elem_classes=[] if fits else ["unfit"], elem_id=f"lora-{i}"):
+        gr.Markdown(r["text"], elem_id=f"lora-{i}-info")
+        with gr.Row():
+            enable = gr.Checkbox(value=fits, label=f"enable {r['label']}", interactive=fits,
+                                 elem_id=f"lora-{i}-enable", scale=0, min_width=120)
+            advanced = gr.Checkbox(value=adv, label="TE / UNet", interactive=fits,
+                                   elem_id=f"lora-{i}-advanced", scale=0, min_width=100)
+            linked = gr.Slider(lo, hi, value=s, step=step, label="strength", interactive=fits,
+                               visible=not adv, elem_id=f"lora-{i}-strength", scale=3)
+        with gr.Row():
+            te = gr.Slider(lo, hi, value=te_s, step=step, label="text encoder", interactive=fits,
+                           visible=adv, elem_id=f"lora-{i}-te")
+            unet = gr.Slider(lo, hi, value=unet_s, step=step, label="UNet", interactive=fits,
+                             visible=adv, elem_id=f"lora-{i}-unet")
+
+    def split(on, s):
+        # advanced on: both sliders start from the linked strength; off: the linked one again
+        if on:
+            return gr.update(visible=False), gr.update(visible=True, value=s), gr.update(visible=True, value=s)
+        return gr.update(visible=True), gr.update(visible=False), gr.update(visible=False)
+
+    advanced.input(split, [advanced, linked], [linked, te, unet], queue=False)
+    return AdapterRow(r["key"], r["name"] if fits else None, enable, advanced, linked, te, unet)
+
+
+class Handlers:
+    """What the page's events do. Each handler takes its inputs' values by component (Gradio passes a set of inputs
+    as one dict) and returns {component: new value}; components it leaves out keep theirs."""
+
+    def __init__(self, page: Page, session: Session, library: Library, outdir: Path, models: list[str],
+                 allow_any: bool):
+        self.page, self.session, self.library, self.outdir = page, session, library, outdir
+        self.models, self.allow_any = models, allow_any
+
+    def generate(self, rows: list[AdapterRow], values: dict) -> dict:
+        p = self.page
+        asked = {name: values[c] for name, c in p.settings.items()}
+        strengths = {r.name: r.strengths(values) for r in rows if r.name is not None}
+        seed = asked["seed"]
+        asked["seed"] = random.randrange(2**32) if seed is None or seed < 0 else int(seed)
+        try:
+            results = self.session.generate(Settings(**asked), strengths)
+            paths = save_images(str(self.outdir), results, format_parameters)
+            texts = [format_parameters(params) for _, params in results]
+        except SdloraError as e:
+            return {p.status: f"**Error:** {e}"}
+        return {p.gallery: [(str(path), f"seed {r.seed}") for path, (_, r) in zip(paths, results)],
+                p.params: texts[0], p.status: f"{len(results)} image(s) saved in {self.outdir}"}
+
+    def upload(self, files, visitor: str) -> dict:
+        # an upload is this visitor's alone: listed on its page only, read once (keyed on its bytes), its temp file
+        # deleted once read, dropped from memory when the page closes (leave)
+        messages = []
+        for path in files or []:
+            why = self.library.upload(path, visitor)
+            messages.append(f"**Refused:** {why}" if why else f"{Path(path).name}: loaded")
+        p = self.page
+        return {p.rows: listing(self.session, self.library, visitor=visitor), p.status: "\n\n".join(messages),
+                p.upload: None}
+
+    def switch_model(self, name: str, visitor: str) -> dict:
+        p, session = self.page, self.session
+        try:
+            rows = load_model(session, self.library, name, self.models, self.allow_any, visitor)
+        except SdloraError as e:
+            return {p.rows: listing(session, self.library, visitor=visitor), p.status: f"**Error:** {e}",
+                    p.model: gr.update(value=session.base.name)}
+        fit = sum(r["fits"] for r in rows)
+        msg = "\n\n".join([f"model {name} loaded; {fit} of {len(rows)} adapters fit it"]
+                          + ([notes(self.library)] if self.library.refused else []))
+        native = session.base.native_resolution
+        # each family's own default guidance (FLUX.1-dev: 3.5, its distilled guidance)
+        return {p.rows: rows, p.status: msg, p.settings["width"]: native, p.settings["height"]: native,
+                p.settings["guidance"]: session.base.spec.sample_guidance}
+
+    def keeping(self, fn, rows: list[AdapterRow], source):
+        """`fn`(the value of `source`, the visitor: Gradio's per-page session)'s outputs, and the prefs updated with
+        what the rows show now (the rows are built again when the list changes)."""
+        def run_it(request: gr.Request, values: dict) -> dict:
+            now = {r.key: r.prefs(values) for r in rows}
+            return fn(values[source], visitor_of(request)) | {self.page.prefs: values[self.page.prefs] | now}
+        return run_it
+
+    def wire(self, rows: list[AdapterRow]) -> None:
+        """The events that read the rows, attached again at each render of them."""
+        p, heavy = self.page, dict(concurrency_id="model", concurrency_limit=1)  # one model: one request at a time
+        settings = {*p.settings.values(), *(c for r in rows if r.name is not None for c in (r.enable, r.advanced,
+                                                                                              r.linked, r.te, r.unet))}
+        shown = [p.gallery, p.params, p.status]
+        p.run.click(lambda values: self.generate(rows, values), settings, shown, **heavy)
+        p.settings["prompt"].submit(lambda values: self.generate(rows, values), settings, shown, **heavy)
+        kept = {p.prefs, *(c for r in rows for c in r.settable)}
+        p.upload.upload(self.keeping(self.upload, rows, p.upload), {p.upload, *kept},
+                        [p.rows, p.status, p.upload, p.prefs], **heavy)
+        sized = [p.settings[name] for name in ("width", "height", "guidance")]
+        p.model.change(self.keeping(self.switch_model, rows, p.model), {p.model, *kept},
+                       [p.rows, p.status, p.model, *sized, p.prefs], **heavy)
+
+
+def notes(library: Library) -> str:
+    return "\n\n".join(f"**Refused:** {m}" for m in library.refused.values())
+
+
 def build(session: Session, library: Library, outdir: Path, models: list[str], allow_any: bool = False) -> gr.Blocks:
-    rows0 = listing(session, library)
-    native = session.base.native_resolution
-
-    def notes() -> str:
-        return "\n\n".join(f"**Refused:** {m}" for m in library.refused.values())
-
+    """The app: `layout`, then the rows of the listed adapters rendered in it (one per adapter, however many; the
+    ones that do not fit greyed out with the reason) and the `Handlers` wired to them."""
     # delete_cache: Gradio's copies of uploads and shown images older than an hour go, and all of them at exit
     with gr.Blocks(title="sdlora", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
-        gr.Markdown("# sdlora: blend LoRA adapters and generate")
-        rows_state = gr.State(rows0)  # the listed adapters (listing()), one row each, re-rendered when it changes
-        prefs_state = gr.State({})  # adapter key -> (advanced, strength, te, unet) as last set, kept across re-renders
-        with gr.Row():
-            with gr.Column(scale=1):
-                model = gr.Dropdown(models, value=session.base.name, label="Base model", allow_custom_value=allow_any,
-                                    interactive=True,
-                                    elem_id="model")
-                adapters = gr.Column()  # the rows, rendered below once the other components exist
-                upload = gr.File(label="Add adapters (.safetensors)", file_types=[".safetensors"],
-                                 file_count="multiple", type="filepath", interactive=True, elem_id="upload")
-                status = gr.Markdown(notes(), elem_id="status")
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=2, interactive=True, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", lines=1, interactive=True, elem_id="negative")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed (-1: random)", interactive=True, elem_id="seed")
-                    dice = gr.Button("Random seed", scale=0, elem_id="random-seed")
-                with gr.Row():
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", interactive=True, elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=session.base.spec.sample_guidance, step=0.5,
-                                         label="Guidance (CFG; FLUX.1: distilled guidance)", interactive=True,
-                                         elem_id="guidance")
-                with gr.Row():
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler",
-                                            interactive=True, elem_id="scheduler")
-                    width = gr.Slider(8, 1536, value=native, step=8, label="Width", interactive=True, elem_id="width")
-                    height = gr.Slider(8, 1536, value=native, step=8, label="Height", interactive=True,
-                                       elem_id="height")
-                    count = gr.Slider(1, 8, value=1, step=1, label="Images", interactive=True, elem_id="num-images")
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
-                gallery = gr.Gallery(label="Results", format="png", columns=2, height="auto", elem_id="gallery")
-                params = gr.Textbox(label="Parameters (as saved in each PNG)", lines=3, interactive=False,
-                                    elem_id="parameters")
-
-        heavy = dict(concurrency_id="model", concurrency_limit=1)  # one model: requests run one after another
-        # the generation's inputs (interactive=True above, as for the model and the upload: their listeners are
-        # attached in the render below, which Gradio does not see when it decides which components take input)
-        settings_inputs = [prompt, negative, seed, steps, guidance, scheduler, width, height, count]
-
-        def on_generate(names, prompt, negative, seed, steps, guidance, scheduler, width, height, count, *rows):
-            # per listed adapter that fits: enabled, advanced, linked strength, text-encoder and UNet strengths
-            strengths = {}
-            for i, n in enumerate(names):
-                on, advanced, linked, te, unet = rows[5 * i:5 * i + 5]
-                te, unet = (float(te), float(unet)) if advanced else (float(linked), float(linked))
-                strengths[n] = (te, unet) if on else (0.0, 0.0)
-            seed = random.randrange(2**32) if seed is None or seed < 0 else int(seed)
-            try:
-                settings = Settings(prompt=prompt, negative=negative, seed=seed, steps=int(steps),
-                                    guidance=float(guidance), scheduler=scheduler, width=int(width),
-                                    height=int(height), num_images=int(count))
-                results = session.generate(settings, strengths)
-                paths = save_images(str(outdir), results, format_parameters)
-                texts = [format_parameters(p) for _, p in results]
-            except SdloraError as e:
-                return gr.update(), gr.update(), f"**Error:** {e}"
-            return [(str(p), f"seed {r.seed}") for p, (_, r) in zip(paths, results)], texts[0], \
-                f"{len(results)} image(s) saved in {outdir}"
-
-        def on_upload(files, visitor):
-            # an upload is this visitor's alone: listed on its page only, read once (keyed on its bytes), its
-            # temp file deleted once read, dropped from memory when the page closes (on_leave)
-            messages = []
-            for path in files or []:
-                why = library.upload(path, visitor)
-                messages.append(f"**Refused:** {why}" if why else f"{Path(path).name}: loaded")
-            return [listing(session, library, visitor=visitor), "\n\n".join(messages), None]
-
-        def on_model(name, visitor):
-            try:
-                rows = load_model(session, library, name, models, allow_any, visitor)
-            except SdloraError as e:
-                return [listing(session, library, visitor=visitor), f"**Error:** {e}",
-                        gr.update(value=session.base.name),
-                        gr.update(), gr.update(), gr.update()]
-            native = session.base.native_resolution
-            fit = sum(r["fits"] for r in rows)
-            msg = "\n\n".join([f"model {name} loaded; {fit} of {len(rows)} adapters fit it"]
-                              + ([notes()] if library.refused else []))
-            # each family's own default guidance (FLUX.1-dev: 3.5, its distilled guidance)
-            return [rows, msg, gr.update(), gr.update(value=native), gr.update(value=native),
-                    gr.update(value=session.base.spec.sample_guidance)]
-
-        with adapters:
-            @gr.render(inputs=[rows_state, prefs_state], triggers=[rows_state.change, demo.load])
+        page = layout(session, listing(session, library), notes(library), models, allow_any)
+        handlers = Handlers(page, session, library, outdir, models, allow_any)
+        with page.adapters:
+            @gr.render(inputs=[page.rows, page.prefs], triggers=[page.rows.change, demo.load])
             def adapter_rows(rows, prefs):
-                """One row per listed adapter, however many: a linked strength slider, or (advanced) separate
-                text-encoder and UNet sliders, as A1111's <lora:name:te:unet>. Adapters that do not fit are greyed
-                out with the reason. The rows are built again when the list changes (an upload, a model load): the
-                events that change it also save what the user set per adapter (`prefs`: advanced, strength, te,
-                unet) for the new rows to start from; the enable box starts as whether the adapter fits."""
-                names, controls, settable = [], [], []
-                for i, r in enumerate(rows):
-                    fits, (adv, s, te_s, unet_s) = r["fits"], prefs.get(r["key"], (False, 1.0, 1.0, 1.0))
-                    with gr.Group(elem_classes=[] if fits else ["unfit"], elem_id=f"lora-{i}"):
-                        gr.Markdown(r["text"], elem_id=f"lora-{i}-info")
-                        with gr.Row():
-                            enable = gr.Checkbox(value=fits, label=f"enable {r['label']}", interactive=fits,
-                                                 elem_id=f"lora-{i}-enable", scale=0, min_width=120)
-                            advanced = gr.Checkbox(value=adv, label="TE / UNet", interactive=fits,
-                                                   elem_id=f"lora-{i}-advanced", scale=0, min_width=100)
-                            linked = gr.Slider(-2, 2, value=s, step=0.05, label="strength", interactive=fits,
-                                               visible=not adv, elem_id=f"lora-{i}-strength", scale=3)
-                        with gr.Row():
-                            te = gr.Slider(-2, 2, value=te_s, step=0.05, label="text encoder", interactive=fits,
-                                           visible=adv, elem_id=f"lora-{i}-te")
-                            unet = gr.Slider(-2, 2, value=unet_s, step=0.05, label="UNet", interactive=fits,
-                                             visible=adv, elem_id=f"lora-{i}-unet")
+                handlers.wire([adapter_row(i, r, prefs.get(r["key"], NEW_ROW)) for i, r in enumerate(rows)])
 
-                    def split(on, s):
-                        # advanced on: both sliders start from the linked strength; off: the linked one again
-                        if on:
-                            return gr.update(visible=False), gr.update(visible=True, value=s), \
-                                gr.update(visible=True, value=s)
-                        return gr.update(visible=True), gr.update(visible=False), gr.update(visible=False)
-
-                    advanced.input(split, [advanced, linked], [linked, te, unet], queue=False)
-                    settable += [advanced, linked, te, unet]
-                    if fits:
-                        names.append(r["name"])
-                        controls += [enable, advanced, linked, te, unet]
-
-                def keeping(fn):
-                    """`fn`'s outputs (given the visitor: Gradio's per-page session), then the prefs updated with
-                    what the rows show now."""
-                    def run_it(request: gr.Request, arg, prefs, *values):
-                        now = {r["key"]: tuple(values[4 * i:4 * i + 4]) for i, r in enumerate(rows)}
-                        return [*fn(arg, visitor_of(request)), prefs | now]
-                    return run_it
-
-                names_state = gr.State(names)
-                inputs = [names_state, *settings_inputs, *controls]
-                run.click(on_generate, inputs, [gallery, params, status], **heavy)
-                prompt.submit(on_generate, inputs, [gallery, params, status], **heavy)
-                upload.upload(keeping(on_upload), [upload, prefs_state, *settable],
-                              [rows_state, status, upload, prefs_state], **heavy)
-                model.change(keeping(on_model), [model, prefs_state, *settable],
-                             [rows_state, status, model, width, height, guidance, prefs_state], **heavy)
-
-        dice.click(lambda: -1, None, seed)
+        page.dice.click(lambda: -1, None, page.settings["seed"])
 
         def on_leave(request: gr.Request):
             library.forget(visitor_of(request))

@@ -12,7 +12,8 @@ from sdlora.errors import SdloraError
 from sdlora.formats import io
 from sdlora.formats.a1111 import format_parameters
 from sdlora.formats.read import read_adapter
-from sdlora.infer.session import DEFAULT_SCHEDULER, SCHEDULERS, Session, Settings, refuse_misfits, sampler_for
+from sdlora.infer.session import Session, refuse_misfits, sampler_for
+from sdlora.infer.settings import SCHEDULERS, Settings, add_flags
 from sdlora.models import DEFAULT_MODEL, model_kinds_help
 
 
@@ -39,15 +40,6 @@ def parse_lora_spec(spec: str) -> tuple[str, float, float]:
         raise SdloraError(f"--lora {spec}: strength '{last}' is not a number; use FILE:0.8 "
                           "or FILE:TE_STRENGTH:UNET_STRENGTH")
     return spec, 1.0, 1.0
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """`512` or `512x768` (width x height)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
-    if not m:
-        raise SdloraError(f"--size {text}: use WIDTHxHEIGHT, e.g. 512x768, or one number for a square")
-    w = int(m.group(1))
-    return w, int(m.group(2) or w)
 
 
 def named_paths(out: str, n: int) -> list[Path] | None:
@@ -109,17 +101,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="kohya LoRA file, repeatable; FILE:S applies strength S (default 1), "
                         "FILE:TE:UNET separate text-encoder and UNet strengths (A1111 order)")
-    p.add_argument("--prompt", required=True, metavar="TEXT",
-                   help="required: the prompt (add the adapters' trigger words yourself)")
-    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the first image; image i uses seed+i (default: 0)")
-    p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (default: 20)")
-    p.add_argument("--guidance", type=float, default=None, metavar="CFG",
-                   help="guidance scale (default: 7; FLUX.1: 3.5, its distilled guidance)")
-    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=tuple(SCHEDULERS),
-                   help=f"sampler (default: {DEFAULT_SCHEDULER}; SD 3.x and FLUX.1 always use flow-euler)")
-    p.add_argument("--size", default=None, metavar="WxH", help="WIDTHxHEIGHT or one number (default: the model's native resolution)")
-    p.add_argument("--num-images", type=int, default=1, metavar="N", help="images to make (default: 1)")
+    add_flags(p)  # the settings of the images: prompt, seed, steps, guidance, sampler, size, count
     p.add_argument("--out", default="output", metavar="PATH", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
     p.add_argument("--overwrite", action="store_true", help="replace the --out .png file(s) if they exist")
 
@@ -133,11 +115,7 @@ def cmd_generate(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     specs = [parse_lora_spec(s) for s in args.lora]
-    width, height = parse_size(args.size) if args.size else (None, None)
-    settings = Settings(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
-                        guidance=7.0 if args.guidance is None else args.guidance, scheduler=args.scheduler, width=width, height=height,
-                        num_images=args.num_images)
-    settings.check()
+    settings = Settings.from_flags(args)
     check_outputs(args.out, settings.num_images, args.overwrite,
                   {"--model": args.model, "--lora": [p for p, _, _ in specs]})
     files = [read_adapter(path) for path, _, _ in specs]  # every file is checked before the model loads

@@ -3,65 +3,20 @@ for the same settings."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import threading
-from dataclasses import dataclass
 
 import torch
 
 import sdlora
-from sdlora import archs, bounds
+from sdlora import archs
 from sdlora.errors import SdloraError
-from sdlora.formats.a1111 import ImageParams, LoraRef
+from sdlora.formats.a1111 import LoraRef
 from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender, Resolved
+from sdlora.infer.settings import DEFAULT_SCHEDULER, SCHEDULERS, Settings  # noqa: F401 (their home before)
 from sdlora.models import BUILTIN_MODELS, load_base, model_arch, model_identity
-
-# --scheduler value -> (diffusers class, extra config, A1111 sampler name written into the PNG)
-SCHEDULERS = {
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-    # rectified-flow models (SD 3.x, FLUX.1) sample with their own flow-matching Euler, whatever is chosen
-    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
-}
-DEFAULT_SCHEDULER = "dpm++2m"
-
-
-@dataclass
-class Settings:
-    prompt: str
-    negative: str = ""
-    seed: int = 0
-    steps: int = 20
-    guidance: float = 7.0
-    scheduler: str = DEFAULT_SCHEDULER
-    width: int | None = None  # None: the model's native resolution
-    height: int | None = None
-    num_images: int = 1
-
-    def check(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise SdloraError(f"unknown scheduler '{self.scheduler}'; use one of: {', '.join(SCHEDULERS)}")
-        if self.steps < 1:
-            raise SdloraError(f"steps must be at least 1, got {self.steps}")
-        if self.num_images < 1:
-            raise SdloraError(f"the number of images must be at least 1, got {self.num_images}")
-        if not math.isfinite(self.guidance):
-            raise SdloraError(f"guidance must be a finite number, got {self.guidance}")
-        for v in (self.width, self.height):
-            if v is not None and (v < 8 or v % 8):
-                raise SdloraError(f"image size must be a positive multiple of 8, got {v}")
-        if self.width is not None or self.height is not None:
-            bounds.image_size(self.width or self.height, self.height or self.width)
-        bounds.at_most("steps", self.steps, bounds.MAX_SAMPLE_STEPS, "20-50 steps are usual")
-        bounds.at_most("the number of images", self.num_images, bounds.MAX_IMAGES, "make them in several runs")
-        if not 0 <= self.seed < 2**63:
-            raise SdloraError(f"seed must be between 0 and 2^63-1, got {self.seed}")
 
 
 def refuse_misfits(files: list[AdapterFile], model: str) -> None:
@@ -147,28 +102,23 @@ class Session:
         With `progress`, each image's denoising steps show as a bar labelled "image i/N"."""
         settings.check()
         base = self.base
-        width = settings.width or base.native_resolution
-        height = settings.height or base.native_resolution
         with self.lock:
             self.blender.set_strengths(strengths)
             model_name, model_hash = self.identity
             extra = ({"Model hash": model_hash} if model_hash else {}) | {"Version": f"sdlora {sdlora.__version__}"}
             loras = [LoraRef(r.file.name, te, u, r.file.short_hash) for r, te, u in self.blender.active()]
-            sampler = sampler_for(base.spec, settings.scheduler)
-            pipe = base.pipeline(scheduler=make_scheduler(sampler, base.scheduler_config))
-            call = {"negative_prompt": settings.negative or None} if base.spec.negative_prompt else {}
+            # what the model settles: its native size where none is asked, the sampler its family uses
+            s = dataclasses.replace(settings, width=settings.width or base.native_resolution,
+                                    height=settings.height or base.native_resolution,
+                                    scheduler=sampler_for(base.spec, settings.scheduler))
+            pipe = base.pipeline(scheduler=make_scheduler(s.scheduler, base.scheduler_config))
+            call = {"negative_prompt": s.negative or None} if base.spec.negative_prompt else {}
             call |= base.generation_kwargs()  # T5 tokens: as many as training encodes
             out = []
-            n = settings.num_images
-            for i in range(n):
-                pipe.set_progress_bar_config(disable=not progress, desc=f"image {i + 1}/{n}", unit="step")
-                seed = settings.seed + i
-                image = pipe(prompt=settings.prompt, **call, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                             width=width, height=height, generator=torch.Generator("cpu").manual_seed(seed),
+            for i in range(s.num_images):
+                pipe.set_progress_bar_config(disable=not progress, desc=f"image {i + 1}/{s.num_images}", unit="step")
+                image = pipe(prompt=s.prompt, **call, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                             width=s.width, height=s.height, generator=torch.Generator("cpu").manual_seed(s.seed + i),
                              output_type="pil").images[0]
-                params = ImageParams(prompt=settings.prompt, negative=settings.negative, steps=settings.steps,
-                                     sampler=SCHEDULERS[sampler][2], cfg=settings.guidance, seed=seed,
-                                     width=width, height=height, model=model_name, loras=loras,
-                                     extra=dict(extra))
-                out.append((image, params))
+                out.append((image, s.image_params(i, model_name, loras, extra)))
             return out
