@@ -18,6 +18,7 @@ MAX_SAMPLE_STEPS = 1_000  # denoising steps: the noise schedules have 1000 train
 MAX_SIDE = 4096  # pixels per side of a generated image (as training's --resolution)
 MAX_PIXELS = 4096 * 2048  # pixels of a generated image (8.4 MP; SDXL and FLUX are made for about 1 MP)
 MAX_IMAGES = 1_000  # images of one `generate` call or app request
+MAX_IMAGE_SEED = 2**63  # seeds of generated images: torch.Generator.manual_seed takes a signed 64-bit number
 MAX_CLASS_IMAGES = 100_000  # --num-class-images
 MAX_STRENGTH = 10.0  # |adapter strength|: A1111 users go to ±2; far beyond, the fused weights overflow (a black image)
 SHOWN_CHARS = 200  # what is printed or stored in metadata of one caption or tag

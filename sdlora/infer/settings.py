@@ -32,7 +32,6 @@ SCHEDULERS = {
 DEFAULT_SCHEDULER = "dpm++2m"
 # the app's strength sliders (minimum, maximum, step): A1111 users' range; bounds.strength refuses past ±MAX_STRENGTH
 STRENGTH_RANGE = (-2.0, 2.0, 0.05)
-MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -95,7 +94,7 @@ class Settings:
             bounds.image_size(self.width or self.height, self.height or self.width)
         bounds.at_most("steps", self.steps, bounds.MAX_SAMPLE_STEPS, "20-50 steps are usual")
         bounds.at_most("the number of images", self.num_images, bounds.MAX_IMAGES, "make them in several runs")
-        if not 0 <= self.seed < MAX_SEED:
+        if not 0 <= self.seed < bounds.MAX_IMAGE_SEED:
             raise SdloraError(f"seed must be between 0 and 2^63-1, got {self.seed}")
 
     def image_params(self, i: int, model: str, loras: list[LoraRef], extra: dict[str, str]) -> ImageParams:
