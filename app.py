@@ -138,6 +138,11 @@ class AdapterRow:
     unet: gr.Slider
 
     @property
+    def controls(self) -> list:
+        """What a generation reads from the row."""
+        return [self.enable, *self.settable]
+
+    @property
     def settable(self) -> list:
         """The controls whose values are kept across re-renders (`prefs`), in NEW_ROW's order."""
         return [self.advanced, self.linked, self.te, self.unet]
@@ -154,7 +159,7 @@ class AdapterRow:
         return float(values[self.linked]), float(values[self.linked])
 
 
-def layout(session: Session, rows0: list[dict], notes: str, models: list[str], allow_any: bool) -> Page:
+def layout(session: Session, rows0: list[dict], status_text: str, models: list[str], allow_any: bool) -> Page:
     """The page, inside a gr.Blocks: the model picker, a column for the adapter rows, the upload, the generation
     settings (widgets from their fields), the button and the results."""
     native, w = session.base.native_resolution, {}
@@ -167,7 +172,7 @@ def layout(session: Session, rows0: list[dict], notes: str, models: list[str], a
             adapters = gr.Column()  # the rows, rendered below once the other components exist
             upload = gr.File(label="Add adapters (.safetensors)", file_types=[".safetensors"],
                              file_count="multiple", type="filepath", interactive=True, elem_id="upload")
-            status = gr.Markdown(notes, elem_id="status")
+            status = gr.Markdown(status_text, elem_id="status")
         with gr.Column(scale=1):
             w["prompt"], w["negative"] = setting("prompt"), setting("negative")
             with gr.Row():
@@ -278,11 +283,10 @@ class Handlers:
     def wire(self, rows: list[AdapterRow]) -> None:
         """The events that read the rows, attached again at each render of them."""
         p, heavy = self.page, dict(concurrency_id="model", concurrency_limit=1)  # one model: one request at a time
-        settings = {*p.settings.values(), *(c for r in rows if r.name is not None for c in (r.enable, r.advanced,
-                                                                                              r.linked, r.te, r.unet))}
+        asked = {*p.settings.values(), *(c for r in rows if r.name is not None for c in r.controls)}
         shown = [p.gallery, p.params, p.status]
-        p.run.click(lambda values: self.generate(rows, values), settings, shown, **heavy)
-        p.settings["prompt"].submit(lambda values: self.generate(rows, values), settings, shown, **heavy)
+        p.run.click(lambda values: self.generate(rows, values), asked, shown, **heavy)
+        p.settings["prompt"].submit(lambda values: self.generate(rows, values), asked, shown, **heavy)
         kept = {p.prefs, *(c for r in rows for c in r.settable)}
         p.upload.upload(self.keeping(self.upload, rows, p.upload), {p.upload, *kept},
                         [p.rows, p.status, p.upload, p.prefs], **heavy)

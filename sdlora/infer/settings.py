@@ -78,7 +78,7 @@ class Settings:
     def check(self) -> None:
         """Types, then values: one-line SdloraErrors naming the setting and the fix."""
         for f in fields(self):
-            setattr(self, f.name, _typed(f.name, getattr(self, f.name), field_type(f), optional(f)))
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), field_type(f), f.default is None))
         if self.scheduler not in SCHEDULERS:
             raise SdloraError(f"unknown scheduler '{self.scheduler}'; use one of: {', '.join(SCHEDULERS)}")
         if self.steps < 1:
@@ -121,10 +121,6 @@ def field_type(f) -> type:
     return args[0] if args else t
 
 
-def optional(f) -> bool:
-    return f.default is None
-
-
 def _typed(name: str, v, t: type, may_be_none: bool):
     """`v` as a `t`: a whole float (a widget's 20.0) is an int, an int a float; anything else is refused."""
     if v is None and may_be_none:
@@ -145,7 +141,7 @@ def _dest(f) -> str:
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field (`--field-name`, or the flag fields share), with the field's help, type and default."""
-    from sdlora.cli import _with_default
+    from sdlora.cli import _with_default  # the train flags' "(default: X)" rule, here too
 
     seen = set()
     for f in fields(Settings):
