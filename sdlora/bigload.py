@@ -33,7 +33,7 @@ from sdlora.stream import Files, check_sources, materialise
 GB = 1e9
 # bytes per parameter of the weights that quantisation leaves alone (norms, biases) and of modes without `quant`
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTISED_COMPUTE = torch.bfloat16  # what fp8/int8/nf4 weights compute in, and are read as before quantising
+QUANTISED_READ = torch.bfloat16  # what fp8/int8/nf4 weights are read as before quantising (files are bf16 or fp8)
 
 
 @dataclass
@@ -49,6 +49,9 @@ class LoadOptions:
     ae: str | None = None
     t5_max_length: int | None = None
     defer_denoiser: bool = False
+    # what fp8/int8/nf4 layers compute in: the run's mixed precision (bf16 on most GPUs); fp32 without one, as on a
+    # CPU without bf16 instructions, where a bf16 matmul is several times slower than an fp32 one
+    compute: torch.dtype = torch.bfloat16
 
     def mode(self, attr: str, spec: ArchSpec) -> str:
         if attr == spec.denoiser:
@@ -63,7 +66,12 @@ def load_options(cfg, defer_denoiser: bool = False) -> LoadOptions:
     return LoadOptions(base_precision=getattr(cfg, "base_precision", None),
                        te_precision=getattr(cfg, "te_precision", None), clip_l=cfg.clip_l, clip_g=cfg.clip_g,
                        t5xxl=cfg.t5xxl, ae=cfg.ae, t5_max_length=cfg.t5xxl_max_token_length,
-                       defer_denoiser=defer_denoiser)
+                       defer_denoiser=defer_denoiser, compute=compute_dtype(getattr(cfg, "mixed_precision", "bf16")))
+
+
+def compute_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype quantised layers compute in under `--mixed-precision` ("no": fp32)."""
+    return _DTYPES["fp32" if mixed_precision == "no" else mixed_precision]
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Component:
     what: str  # for messages: "flux1-dev.safetensors's transformer", "t5xxl.safetensors"
     flag: str = ""  # "; pass the right file with --t5xxl" for messages
     prefix: str = ""
+    compute: torch.dtype = torch.bfloat16  # what its quantised layers compute in (LoadOptions.compute)
     _counts: tuple | None = None
 
     def meta(self):
@@ -114,7 +123,7 @@ class Component:
             from sdlora import quant
 
             def quantize(name, block):
-                new = quant.quantize_(block, self.mode, QUANTISED_COMPUTE, prefix=name)
+                new = quant.quantize_(block, self.mode, self.compute, prefix=name)
                 if new is not block:  # the block was one Linear layer, replaced
                     parent, _, attr = name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, attr, new)
@@ -122,7 +131,7 @@ class Component:
 
 
 def load_dtype(mode: str) -> torch.dtype:
-    return _DTYPES.get(mode, QUANTISED_COMPUTE)
+    return _DTYPES.get(mode, QUANTISED_READ)
 
 
 def bytes_per_param(mode: str) -> float:
@@ -176,7 +185,8 @@ def _existing(given: str, flag: str) -> Path:
 
 
 def _denoiser(spec, cfg, files, prefix, opts, name) -> Component:
-    comp = Component(spec.denoiser, cfg, files, None, opts.mode(spec.denoiser, spec), f"{name}'s transformer")
+    comp = Component(spec.denoiser, cfg, files, None, opts.mode(spec.denoiser, spec), f"{name}'s transformer",
+                     compute=opts.compute)
     model = comp.meta()
     comp.sources = {k: tuple((prefix + o, a, b) for o, a, b in v)
                     for k, v in dit.tensor_sources(spec.id, model).items()}
@@ -192,7 +202,7 @@ def _part(spec, attr, role, files, prefix, opts, what, flag) -> Component:
         cfg = bigfiles.t5_config(files.shapes, spec, attr, prefix, md)
     else:
         cfg = bigfiles.clip_config(files.shapes, spec, attr, prefix, md)
-    comp = Component(attr, cfg, files, None, opts.mode(attr, spec), what, flag, prefix)
+    comp = Component(attr, cfg, files, None, opts.mode(attr, spec), what, flag, prefix, compute=opts.compute)
     comp.sources = bigfiles.identity_sources(comp.meta(), prefix, files.keys())
     return comp
 
@@ -247,7 +257,7 @@ def folder_components(path: Path, spec: ArchSpec, opts: LoadOptions) -> dict[str
                               "folder: convert it to .safetensors)")
         files = Files.open(shards)
         comp = Component(attr, json.loads((sub / "config.json").read_text()), files, None, opts.mode(attr, spec),
-                         f"{path.name}/{attr}")
+                         f"{path.name}/{attr}", compute=opts.compute)
         model = comp.meta()
         comp.sources = bigfiles.identity_sources(model, "", files.keys())
         comps[attr] = comp

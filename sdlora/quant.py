@@ -55,7 +55,10 @@ _BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0 + 4 / 3
 # for google/flan-t5-xxl"). With an fp8 `wo` that would round activations to fp8, with an nf4 one (uint8 storage) it
 # would turn them into bytes. So in these modules fp8 upcasts all children together before the module's forward
 # (diffusers' layerwise-casting hook on the module: T5 runs without autograd, its outputs are cached), and nf4 stores
-# that child in int8, the one quantised dtype the check lets through.
+# that child's packed 4-bit bytes viewed as the compute dtype (bitsandbytes' `quant_storage`, made for FSDP): the
+# module's cast is then to the dtype the layer computes in anyway. (It stored them in int8 before, the one quantised
+# dtype the check lets through: twice the bytes, and bitsandbytes' CPU int8 matmul made one T5-XXL prompt take
+# minutes.)
 _UPCAST_TOGETHER = {"T5DenseActDense": "wo", "T5DenseGatedActDense": "wo"}
 
 # Left in the compute dtype by default: embedders (timestep, guidance, pooled text, patch and position embeddings:
@@ -144,8 +147,7 @@ def quantize_(module: nn.Module, mode: str, compute_dtype: torch.dtype,
     for name, layer in layers:
         if mode == "fp8" and name in together:
             continue  # stored in fp8 by its parent's hook
-        layer_mode = "int8" if mode == "nf4" and name in together else mode
-        new = _convert(layer, layer_mode, compute_dtype)
+        new = _convert(layer, mode, compute_dtype, storage_as_compute=name in together)
         if new is not layer:
             replaced = _put(module, name, new) or replaced
     return replaced or module
@@ -163,9 +165,9 @@ def _put(module: nn.Module, name: str, new: nn.Module) -> nn.Module | None:
     return None
 
 
-def _convert(layer: nn.Linear, mode: str, compute: torch.dtype) -> nn.Module:
+def _convert(layer: nn.Linear, mode: str, compute: torch.dtype, storage_as_compute: bool = False) -> nn.Module:
     if mode in BNB_MODES:
-        return _bnb(layer, mode, compute)
+        return _bnb(layer, mode, compute, storage_as_compute)
     storage = FLOAT[mode]
     with torch.no_grad():
         layer.weight.data = layer.weight.data.to(storage)
@@ -178,7 +180,7 @@ def _convert(layer: nn.Linear, mode: str, compute: torch.dtype) -> nn.Module:
     return layer
 
 
-def _bnb(layer: nn.Linear, mode: str, compute: torch.dtype) -> nn.Module:
+def _bnb(layer: nn.Linear, mode: str, compute: torch.dtype, storage_as_compute: bool = False) -> nn.Module:
     from sdlora import lazy
 
     bnb = lazy.bitsandbytes()
@@ -190,10 +192,11 @@ def _bnb(layer: nn.Linear, mode: str, compute: torch.dtype) -> nn.Module:
         # Int8Params quantises when moved from the CPU to a device (the CPU included); from another device, via CPU
         new.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
     else:
+        storage = compute if storage_as_compute else torch.uint8  # see _UPCAST_TOGETHER
         new = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=has_bias, compute_dtype=compute,
-                                compress_statistics=True, quant_type="nf4", device="meta")
+                                compress_statistics=True, quant_type="nf4", quant_storage=storage, device="meta")
         new.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                       blocksize=NF4_BLOCK, module=new)
+                                       blocksize=NF4_BLOCK, module=new, quant_storage=storage)
     if has_bias:
         new.bias = nn.Parameter(layer.bias.data.to(compute), requires_grad=False)
     new.weight = new.weight.to(device)  # quantises (bitsandbytes does it on this move)

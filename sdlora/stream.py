@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import SdloraError, cause
+from sdlora.train.memory import trim
 
 Piece = tuple[str, int | None, int | None]  # (tensor name in its file, row start, row stop)
 
@@ -179,6 +180,8 @@ def materialise(model: torch.nn.Module, sources: dict, files: Files, dtype: torc
         load(prefix, [f"{prefix}.{n}" for n, p in block.named_parameters(remove_duplicate=False) if p.is_meta])
         if quantize is not None:
             quantize(prefix, block)
+            trim()  # the block's unquantised copy and bitsandbytes' temporaries back to the system, not kept by
+            # glibc for reuse: without it the host RSS grew by 1.5 GB more than the weights over 6 FLUX blocks
     rest = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     if rest:
         load("", rest)

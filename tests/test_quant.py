@@ -92,16 +92,19 @@ def test_default_skip_keeps_embedders_and_final_layers_per_block_or_whole():
 
 
 def test_t5_feed_forward_stays_in_its_compute_dtype():
-    """transformers' T5 casts its hidden states to wo.weight.dtype: wo is upcast with its block (fp8) or kept int8
-    (nf4), so T5's output stays close to the full-precision one."""
+    """transformers' T5 casts its hidden states to wo.weight.dtype: wo is upcast with its block (fp8), or (nf4) its
+    packed bytes are viewed as the compute dtype, so T5's output stays close to the full-precision one."""
     base = load_base("tiny-flux")
     t5 = base.text_encoder_2
     ids = base.tokenizer_2(["a photo of sks dog"], return_tensors="pt").input_ids
     with torch.no_grad():
         ref = t5(ids)[0]
-        for mode, wo_dtype in (("fp8", torch.float8_e4m3fn), ("nf4", torch.int8)):
+        for mode, wo_dtype in (("fp8", torch.float8_e4m3fn), ("nf4", torch.float32)):
             q = quant.quantize_(copy.deepcopy(t5), mode, torch.float32)
-            assert q.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == wo_dtype
+            wo = q.encoder.block[0].layer[1].DenseReluDense.wo
+            assert wo.weight.dtype == wo_dtype
+            if mode == "nf4":  # 4 bits a weight: the packed bytes, 4 of them to a float32 element
+                assert wo.weight.numel() * wo.weight.element_size() * 2 == wo.in_features * wo.out_features
             out = q(ids)[0]
             assert out.dtype == torch.float32 and torch.isfinite(out).all()
             assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.95, mode
