@@ -136,7 +136,8 @@ def _config_of(arch: str, attr: str, variant: str = "") -> dict:
     return archs.load_config(arch, attr + (f"_{variant}" if variant else ""))
 
 
-def write_component(root: Path, arch: str, attr: str, variant: str = "", link_from: Path | None = None) -> None:
+def write_component(root: Path, arch: str, attr: str, variant: str = "", link_from: Path | None = None,
+                    override: dict | None = None) -> None:
     """One component of a diffusers folder: config.json and shards of its meta model's parameters (bf16; the VAE
     fp32). `link_from`: an identical component folder whose files are hard-linked instead (T5-XXL)."""
     sub = root / attr
@@ -146,7 +147,7 @@ def write_component(root: Path, arch: str, attr: str, variant: str = "", link_fr
             if not (sub / f.name).exists():
                 os.link(f, sub / f.name)
         return
-    cfg = _config_of(arch, attr, variant)
+    cfg = _config_of(arch, attr, variant) | (override or {})
     (sub / "config.json").write_text(json.dumps(cfg, indent=2))
     with torch.device("meta"):
         model = archs.build(cfg)
@@ -190,6 +191,16 @@ def write_folder(root: Path, arch: str, variant: str = "", t5_from: Path | None 
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
     index["scheduler"] = ["diffusers", sched["_class_name"]]
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_shallow(root: Path, full: Path, arch: str = "flux", depth: dict | None = None) -> None:
+    """The full-width model with a few blocks (`depth`, FLUX: 2 double + 4 single): its text encoders, VAE and
+    tokenizers hard-linked from the full folder `full`. Every per-phase memory figure of the full run but the
+    transformer's own (which grows per block, linearly) shows in minutes instead of an hour."""
+    import shutil
+
+    shutil.copytree(full, root, copy_function=os.link, ignore=shutil.ignore_patterns("transformer"))
+    write_component(root, arch, "transformer", override=depth or {"num_layers": 2, "num_single_layers": 4})
 
 
 def original_entries(arch: str, variant: str, fp8: bool) -> list[tuple[str, tuple, torch.dtype]]:
@@ -264,12 +275,73 @@ CASES = {  # name -> (model path under MODELS, extra sdlora arguments)
                    ["--clip-l", "flux-files/clip_l.safetensors", "--t5xxl", "flux-files/t5xxl_fp8_e4m3fn.safetensors",
                     "--ae", "flux-files/ae.safetensors"]),
     "sd35-folder": ("sd35-folder", []),
+    "flux-shallow": ("flux-shallow", []),
 }
 
 
-def run_case(case: str, precision: str, steps: int, images: Path) -> dict:
-    """`sdlora train` on a written model in a child process under /usr/bin/time -v (peak RSS) and the shared
-    big-memory lock; load time = process start to the first step, s/step from the step marks (SDLORA_STEP_TIMES)."""
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def traced(args: list[str], env: dict, trace: Path, timeout: float) -> tuple[int, int, str]:
+    """Run `args`, writing `trace` (seconds, RSS GB, peak-so-far GB, the output line or "") with one row a second
+    and one per line of output (progress bars split at carriage returns), so each phase's memory can be read off.
+    (exit code, peak RSS bytes from the kernel's rusage, all output)."""
+    import threading
+
+    t0 = time.time()
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    rows, out, peak = [], [], [0]
+
+    def note(line: str) -> None:
+        r = _rss(p.pid)
+        peak[0] = max(peak[0], r)
+        rows.append(f"{time.time() - t0:.1f}\t{r / GB:.3f}\t{peak[0] / GB:.3f}\t{line}")
+
+    def reader() -> None:
+        buf = b""
+        while chunk := p.stdout.read1(4096):
+            buf += chunk
+            *lines, buf = buf.replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                if line.strip():
+                    text = line.decode(errors="replace")
+                    out.append(text)
+                    note(text)
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    status = None
+    while status is None:
+        pid, st, usage = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            status = os.waitstatus_to_exitcode(st)
+            break
+        if time.time() - t0 > timeout:
+            p.kill()
+        note("")
+        time.sleep(1.0)
+    th.join(5)
+    p.returncode = status
+    trace.write_text("\n".join(rows) + "\n")
+    return status, usage.ru_maxrss * 1024, "\n".join(out)
+
+
+GB = 1e9
+
+
+def run_case(case: str, precision: str, steps: int, images: Path, timeout: float = 5400, mixed: str = "no") -> dict:
+    """`sdlora train` on a written model in a child process, under the shared big-memory lock (flock on
+    /tmp/sdlora-bigmem.lock, so two big jobs never share the 24 GB), its memory traced (`traced`); load time =
+    process start to the first step, s/step from the step marks (SDLORA_STEP_TIMES)."""
+    import fcntl
+
     model, extra = CASES[case]
     out = MODELS / "runs" / f"{case}-{precision}"
     out.mkdir(parents=True, exist_ok=True)
@@ -278,29 +350,25 @@ def run_case(case: str, precision: str, steps: int, images: Path) -> dict:
     args = [sys.executable, "-m", "sdlora", "train", "--model", str(MODELS / model),
             *[str(MODELS / a) if a.endswith(".safetensors") else a for a in extra],
             "--images", str(images), "--prompt", "sks dog", "--base-precision", precision, "--te-precision", precision,
-            "--t5xxl-max-token-length", "77", "--mixed-precision", "bf16", "--resolution", "64",
-            "--steps", str(steps), "--no-eval-loss",
+            "--t5xxl-max-token-length", "77", "--mixed-precision", mixed, "--resolution", "64",
+            "--steps", str(steps), "--no-eval-loss", "--overwrite",
             "--out", str(out / "adapter.safetensors"), "--cache-dir", str(out / "cache")]
     env = dict(os.environ, SDLORA_STEP_TIMES=str(marks), PYTHONPATH=str(ROOT),
                SDLORA_T5_TOKENIZER=str(MODELS / "flux-files" / "tokenizers" / "tokenizer_2"))
-    started = out / "started.txt"  # when the lock was obtained and sdlora started (the lock may make it wait)
-    cmd = ["flock", "/tmp/sdlora-bigmem.lock", "sh", "-c", f'date +%s.%N > "{started}"; exec timeout 3000 '
-           '/usr/bin/time -v "$@"', "sh", *args]
-    load = os.getloadavg()
-    t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    (out / "stdout.txt").write_text(p.stdout)
-    (out / "stderr.txt").write_text(p.stderr)
-    rss = next((int(line.split()[-1]) * 1024 for line in p.stderr.splitlines()
-                if "Maximum resident set size" in line), 0)
+    with open("/tmp/sdlora-bigmem.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        load = os.getloadavg()
+        t0 = time.time()
+        rc, rss, text = traced(args, env, out / "trace.tsv", timeout)
+    (out / "output.txt").write_text(text)
     # marks: "start <unix time>" when the first step starts, "step N cached=K <unix time>" after each step
     times = [float(line.split()[-1]) for line in marks.read_text().splitlines()] if marks.exists() else []
-    result = {"case": case, "precision": precision, "rc": p.returncode, "peak_rss_gb": rss / 1e9,
-              "wall_s": time.time() - t0, "load_s": (times[0] - float(started.read_text())) if times else None,
+    result = {"case": case, "precision": precision, "mixed_precision": mixed, "rc": rc, "peak_rss_gb": rss / GB,
+              "wall_s": time.time() - t0, "load_s": (times[0] - t0) if times else None,
               "step_s": [b - a for a, b in zip(times, times[1:])], "loadavg": load,
-              "verified": "does not verify" not in p.stdout + p.stderr and p.returncode == 0,
-              "error": p.stderr.strip().splitlines()[-25:] if p.returncode else None,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(cmd)}
+              "verified": "does not verify" not in text and rc == 0,
+              "error": text.strip().splitlines()[-25:] if rc else None,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(args)}
     with open(MODELS / "results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     return result
@@ -321,9 +389,13 @@ def table(path: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=("write", "run", "delete", "table"))
-    ap.add_argument("case", nargs="?", choices=("flux-folder", "flux-files", "sd35-folder", "sd35-files"))
+    ap.add_argument("case", nargs="?", choices=("flux-folder", "flux-files", "sd35-folder", "sd35-files",
+                                                         "flux-shallow"))
     ap.add_argument("precision", nargs="?", default="nf4")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=5400, help="seconds before the run is killed")
+    ap.add_argument("--mixed-precision", default="no", help="what quantised layers compute in: 'no' (fp32) on a CPU "
+                    "without bf16 instructions (AVX-512 BF16/AMX), where bf16 matmuls are ~3x slower; bf16 on a GPU")
     args = ap.parse_args()
     MODELS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -339,13 +411,16 @@ def main() -> None:
         elif args.case == "sd35-folder":
             t5 = MODELS / "flux-folder" / "text_encoder_2"
             write_folder(MODELS / "sd35-folder", "sd3", "large", t5 if t5.exists() else None)
+        elif args.case == "flux-shallow":
+            write_shallow(MODELS / "flux-shallow", MODELS / "flux-folder")
         elif args.case == "flux-files":
             write_files(MODELS / "flux-files", "flux", "", fp8=True, t5_fp8=True)
         else:
             write_files(MODELS / "sd35-files", "sd3", "large", fp8=False, t5_fp8=True)
         print(f"{args.case} written in {time.time() - t0:.0f} s")
     else:
-        r = run_case(args.case, args.precision, args.steps, ROOT / "datasets" / "dog")
+        r = run_case(args.case, args.precision, args.steps, ROOT / "datasets" / "dog", args.timeout,
+                     args.mixed_precision)
         print(json.dumps(r, indent=1))
 
 
