@@ -127,7 +127,24 @@ class Component:
                 if new is not block:  # the block was one Linear layer, replaced
                     parent, _, attr = name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, attr, new)
-        return materialise(model, self.sources, self.files, load_dtype(self.mode), quantize, counter)
+        model = materialise(model, self.sources, self.files, load_dtype(self.mode), quantize, counter)
+        if quantize is not None:
+            _to_compute(model, self.compute)
+        return model
+
+
+def _to_compute(model: torch.nn.Module, compute: torch.dtype) -> None:
+    """The weights quantisation left alone (norms, biases, embedders), read as QUANTISED_READ, to the dtype the
+    quantised layers compute in: an fp8 layer returns `compute`, and a bf16 LayerNorm after it refuses an fp32
+    input on the CPU ("mixed dtype")."""
+    from sdlora import quant
+
+    for sub in model.modules():
+        if quant.stored(sub):
+            continue
+        for name, t in [*sub._parameters.items(), *sub._buffers.items()]:
+            if t is not None and t.is_floating_point() and t.dtype != compute:
+                t.data = t.data.to(compute)
 
 
 def load_dtype(mode: str) -> torch.dtype:

@@ -17,7 +17,7 @@ import torch
 from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import save_file
 
-from sdlora import archs
+from sdlora import archs, quant
 from sdlora.bigload import LoadOptions, check_host_memory, file_components
 from sdlora.errors import SdloraError
 from sdlora.formats import bigfiles, dit
@@ -157,6 +157,25 @@ def test_tiny_flux_single_file_trains_with_t5_before_the_transformer(tmp_path):
 
     with safe_open(str(result.path), "pt") as f:
         assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in f.keys())
+
+
+@pytest.mark.parametrize("mode,mixed", [("fp8", "no"), ("nf4", "no"), ("fp8", "bf16")])
+def test_tiny_flux_single_file_trains_on_a_quantised_base_computing_in_the_run_dtype(tmp_path, mode, mixed):
+    """Quantised layers compute in --mixed-precision's dtype (fp32 with "no"), and the weights quantisation left
+    alone (norms, embedders) are in that dtype too: an fp8 CLIP layer's fp32 output meets an fp32 LayerNorm."""
+    from sdlora.config import make_config
+    from sdlora.train.loop import train
+    from tests.helpers import DOG
+
+    path, parts = write_flux(load_base("tiny-flux"), tmp_path)
+    result = train(make_config(dict(images=str(DOG), prompt="sks dog", model=str(path), steps=1, lr=1e-3,
+                                    out=str(tmp_path / "a.safetensors"), resolution=64, no_cache=True,
+                                    base_precision=mode, te_precision=mode, mixed_precision=mixed,
+                                    no_text_encoder=True, t5xxl_max_token_length=16, **parts)), log=lambda s: None)
+    assert result.path.is_file() and torch.isfinite(torch.tensor(result.loss_after))
+    compute = torch.float32 if mixed == "no" else torch.bfloat16
+    den = result.model.denoiser
+    assert {m.compute_dtype for m in den.modules() if quant.stored(m)} == {compute}
 
 
 def test_tiny_flux_schnell_and_embedded_parts(tmp_path):
