@@ -114,7 +114,12 @@ class TrainConfig:
     te_precision: str | None = _f(None, "storage precision of the frozen text encoders (T5-XXL above all), as "
                                   "--base-precision; a text encoder that trains keeps its precision (said at start)",
                                   choices=BASE_PRECISIONS, group="model")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet and text encoder")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet and text encoder (on by itself "
+                                      "when --base-precision is fp8/int8/nf4: see --no-gradient-checkpointing)")
+    no_gradient_checkpointing: bool = _f(False, "keep every activation for the backward even with a quantised base "
+                                         "(--base-precision fp8/int8/nf4 turns gradient checkpointing on: whoever "
+                                         "stores the base narrower is short of memory, and FLUX.1's activations "
+                                         "outweigh its nf4 weights at 1024 px)")
     compile: bool = _f(False, "torch.compile the denoiser (and the text encoders when they train) with accelerate's "
                        "dynamo plugin, inductor: a slow first step while it compiles, then faster ones; on CPU it "
                        "needs a C++ compiler (g++)")
@@ -153,6 +158,14 @@ class TrainConfig:
                          "checkpoints, samples) or a file that is not a sdlora adapter; without it they are kept")
     force_resolution: bool = _f(False, f"allow --resolution above {MAX_RESOLUTION} (memory and cache grow with its square)")
 
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the run uses gradient checkpointing: asked for, or (unless --no-gradient-checkpointing) the base
+        is stored at a quantised precision."""
+        if self.no_gradient_checkpointing:
+            return False
+        return self.gradient_checkpointing or self.base_precision in QUANTISED
+
     def __post_init__(self):
         def bad(flag, why):
             raise SdloraError(f"--{flag.replace('_', '-')} {why}")
@@ -185,6 +198,8 @@ class TrainConfig:
             bad("rank", f"must be at least 1, got {self.rank}")
         if self.rank > MAX_RANK:
             bad("rank", f"must be at most {MAX_RANK}, got {self.rank} (a file of that rank is mostly redundant)")
+        if self.gradient_checkpointing and self.no_gradient_checkpointing:
+            bad("no_gradient_checkpointing", "contradicts --gradient-checkpointing; give one of them")
         if self.dora and self.base_precision in QUANTISED:
             bad("dora", f"needs the base weights in a float dtype (DoRA normalises them); drop --dora or use "
                 f"--base-precision bf16, not {self.base_precision}")

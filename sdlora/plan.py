@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sdlora.config import QUANTISED
 from sdlora.errors import SdloraError
 
 GIB = 2**30
@@ -158,6 +159,7 @@ class Choice:
     def flags(self) -> str:
         out = f"--base-precision {self.base} --te-precision {self.te}"
         out += " --gradient-checkpointing" if self.checkpointing else ""
+        out += " --no-gradient-checkpointing" if not self.checkpointing and self.base in QUANTISED else ""
         out += f" --blocks-to-swap {self.swap}" if self.swap else ""
         return out + ("" if self.train_te else " --no-text-encoder")
 
@@ -356,7 +358,8 @@ def run_of(cfg) -> Run:
 def apply(cfg, plan: Plan):
     """`cfg` with the plan's choices (block swap, gradient checkpointing, text encoder frozen, precisions)."""
     c = plan.choice
-    changes = {"blocks_to_swap": c.swap, "gradient_checkpointing": c.checkpointing, "no_text_encoder": not c.train_te}
+    changes = {"blocks_to_swap": c.swap, "gradient_checkpointing": c.checkpointing,
+               "no_gradient_checkpointing": not c.checkpointing, "no_text_encoder": not c.train_te}
     for name, value in (("base_precision", c.base), ("te_precision", c.te)):
         if hasattr(cfg, name):
             changes[name] = value

@@ -24,8 +24,8 @@ from tests.helpers import train_tiny
 def test_training_with_swap_is_bit_identical(tmp_path, model, n, gc, preset, base):
     """Also with a quantised base (--base-precision fp8 / nf4): the swapped copies are the stored weights."""
     steps = 2
-    kw = {"model": model, "steps": steps, "gradient_checkpointing": gc, "preset": preset, "rank": 2,
-          "base_precision": base}
+    kw = {"model": model, "steps": steps, "gradient_checkpointing": gc, "no_gradient_checkpointing": not gc,
+          "preset": preset, "rank": 2, "base_precision": base}
     ref = train_tiny(tmp_path / "ref.safetensors", **kw)
     got = train_tiny(tmp_path / "swap.safetensors", blocks_to_swap=n, **kw)
     a, b = load_file(ref.path), load_file(got.path)

@@ -367,7 +367,7 @@ class _Run:
         speed.set_attention(self.denoiser, cfg.attention, self.accelerator.device)
         if cfg.channels_last:
             speed.channels_last(self.denoiser)
-        if cfg.gradient_checkpointing:
+        if cfg.checkpointing:  # asked for, or the base is stored narrower (TrainConfig.checkpointing)
             self.denoiser.enable_gradient_checkpointing()
             for c, m in adapted.items():
                 if c != DENOISER:
