@@ -39,7 +39,7 @@ def no_model_loads(monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("a base model was loaded before the refusal")
 
-    for where in ("sdlora.train.loop", "sdlora.infer.session", "sdlora.merge"):
+    for where in ("sdlora.train.prepare", "sdlora.infer.session", "sdlora.merge"):
         monkeypatch.setattr(f"{where}.load_base", boom)
 
 

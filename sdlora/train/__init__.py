@@ -1,4 +1,5 @@
-"""Training: the loop (loop.py), the math of a step (step.py), checkpoints, class images and monitoring.
+"""Training: the run (loop.py, its phases in prepare.py, caches.py, trainable.py, export.py), the math of a step
+(step.py), checkpoints, class images and monitoring.
 
 Light at import: `sdlora.config` imports `sdlora.train.optim` for validation, which must not load torch."""
 

@@ -1,7 +1,7 @@
 """Memory of a run: frozen modules whose every output is cached leave memory (`release`; they come back for sample
-grids and for the caller, `restore`), the frozen VAE of a multi-process run leaves the training device once
-latents are cached, an estimate of what training holds is printed before the first step, and the measured peak
-after the last (host RSS; CUDA when training there)."""
+grids and for the caller, `restore`; train/caches.py decides when), the frozen VAE of a multi-process run leaves the
+training device once latents are cached, an estimate of what training holds is printed before the first step, and
+the measured peak after the last (host RSS; CUDA when training there)."""
 
 from __future__ import annotations
 
