@@ -297,12 +297,13 @@ def traced(args: list[str], env: dict, trace: Path, timeout: float) -> tuple[int
 
     t0 = time.time()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    rows, out, peak = [], [], [0]
+    out, peak = [], [0]
+    rows = open(trace, "w", buffering=1)  # written as it goes: `tail -f` it to watch a run
 
     def note(line: str) -> None:
         r = _rss(p.pid)
         peak[0] = max(peak[0], r)
-        rows.append(f"{time.time() - t0:.1f}\t{r / GB:.3f}\t{peak[0] / GB:.3f}\t{line}")
+        rows.write(f"{time.time() - t0:.1f}\t{r / GB:.3f}\t{peak[0] / GB:.3f}\t{line}\n")
 
     def reader() -> None:
         buf = b""
@@ -329,7 +330,7 @@ def traced(args: list[str], env: dict, trace: Path, timeout: float) -> tuple[int
         time.sleep(1.0)
     th.join(5)
     p.returncode = status
-    trace.write_text("\n".join(rows) + "\n")
+    rows.close()
     return status, usage.ru_maxrss * 1024, "\n".join(out)
 
 
@@ -347,6 +348,9 @@ def run_case(case: str, precision: str, steps: int, images: Path, timeout: float
     out.mkdir(parents=True, exist_ok=True)
     marks = out / "marks.txt"
     marks.unlink(missing_ok=True)
+    import shutil
+
+    shutil.rmtree(out / "cache", ignore_errors=True)  # every run encodes its text and latents itself
     args = [sys.executable, "-m", "sdlora", "train", "--model", str(MODELS / model),
             *[str(MODELS / a) if a.endswith(".safetensors") else a for a in extra],
             "--images", str(images), "--prompt", "sks dog", "--base-precision", precision, "--te-precision", precision,
