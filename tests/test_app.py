@@ -1,6 +1,8 @@
 """app.py in a real browser (Debian's chromium driven by Playwright) against the real server, on the `toy` model.
 
-Adapters are trained with `sdlora train` (two on `toy`, one on `tiny`) into the folder the app lists. The page
+Adapters are trained with `sdlora train` (two on `toy`, one on `tiny`; in-process through `sdlora.cli.main`, as
+the reference images are generated: only the app and the browser need processes of their own) into the folder the
+app lists. The page
 shows the toy adapters with sliders and the tiny one greyed out with the reason; switching the model to `tiny`
 and back scans the folder again (a file added meanwhile appears) and swaps which adapters are usable. The page
 then moves one toy adapter's slider and splits the other's into text-encoder and UNet sliders set apart; uploads
@@ -32,6 +34,7 @@ from PIL import Image
 from sdlora.formats import kohya
 from sdlora.formats.a1111 import parse_parameters, read_parameters
 from sdlora.formats.io import load as load_safetensors
+from tests.helpers import run_main
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess]
 
@@ -56,15 +59,11 @@ if not CHROMIUM.exists():
                 allow_module_level=True)
 
 
-def sdlora(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sdlora", *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
-    return out
+def sdlora(capsys, *args: str) -> str:
+    """`sdlora ARGS` in-process (what a subprocess would print, without paying its imports): its stdout."""
+    r = run_main(capsys, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
 
 
 def free_port() -> int:
@@ -73,7 +72,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, app: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+def wait_for(url: str, app: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if app.poll() is not None:
@@ -87,19 +86,18 @@ def wait_for(url: str, app: subprocess.Popen, log: Path, timeout: float = 180) -
     pytest.fail(f"app.py did not answer at {url} within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
+def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path, capsys):
     from playwright.sync_api import expect, sync_playwright
 
     trained = tmp_path / "trained"
-    toy = ["--model", "toy", "--images", "datasets/toy-purple-triangle", "--steps", TOY_STEPS, "--lr", "1e-3"]
-    jobs = [sdlora("train", *toy, "--prompt", "a sks triangle", "--seed", "0",
-                   "--out", str(trained / "triangle.safetensors")),
-            sdlora("train", *toy, "--prompt", "a zwx triangle", "--seed", "2", "--rank", "2",
-                   "--out", str(trained / "style.safetensors")),
-            sdlora("train", "--model", "tiny", "--images", "datasets/dog", "--prompt", "sks dog", "--steps", "4",
-                   "--seed", "1", "--out", str(trained / "dog.safetensors"))]
-    for j in jobs:
-        finish(j)
+    toy = ["--model", "toy", "--images", str(REPO / "datasets/toy-purple-triangle"), "--steps", TOY_STEPS,
+           "--lr", "1e-3"]
+    sdlora(capsys, "train", *toy, "--prompt", "a sks triangle", "--seed", "0",
+           "--out", str(trained / "triangle.safetensors"))
+    sdlora(capsys, "train", *toy, "--prompt", "a zwx triangle", "--seed", "2", "--rank", "2",
+           "--out", str(trained / "style.safetensors"))
+    sdlora(capsys, "train", "--model", "tiny", "--images", str(REPO / "datasets/dog"), "--prompt", "sks dog",
+           "--steps", "4", "--seed", "1", "--out", str(trained / "dog.safetensors"))
     # The app gets its own copy of the folder, deleted before generating: sliders must not need the files.
     shown = tmp_path / "adapters"
     shown.mkdir()
@@ -111,10 +109,10 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
                                 str(shown), "--port", str(port), "--outdir", str(outdir)],
                                cwd=REPO, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
     try:
-        cli_base = sdlora("generate", "--model", "toy", *GEN, "--out", str(tmp_path / "base.png"))
-        cli_blend = sdlora("generate", "--model", "toy", *GEN, "--out", str(tmp_path / "blend.png"),
-                           *[a for n, (te, u) in STRENGTHS.items()
-                             for a in ("--lora", f"{trained / n}.safetensors:{te:g}:{u:g}")])
+        # the CLI's images, made while the app starts
+        sdlora(capsys, "generate", "--model", "toy", *GEN, "--out", str(tmp_path / "base.png"))
+        sdlora(capsys, "generate", "--model", "toy", *GEN, "--out", str(tmp_path / "blend.png"),
+               *[a for n, (te, u) in STRENGTHS.items() for a in ("--lora", f"{trained / n}.safetensors:{te:g}:{u:g}")])
         url = f"http://127.0.0.1:{port}/"
         wait_for(url, app, log)
         with sync_playwright() as p:
@@ -124,7 +122,8 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
 
             def usable(i: int, text: str) -> None:
                 expect(page.locator(f"#lora-{i}-info")).to_contain_text(text, timeout=120_000)
-                expect(page.locator(f"#lora-{i}-info")).not_to_contain_text("not for this model")
+                # the rows re-render after the status line: wait for the stale text to go, not 5 s
+                expect(page.locator(f"#lora-{i}-info")).not_to_contain_text("not for this model", timeout=120_000)
                 expect(page.locator(f"#lora-{i}-enable input")).to_be_enabled()
                 expect(page.locator(f"#lora-{i}-enable input")).to_be_checked()
                 expect(page.locator(f"#lora-{i}.unfit")).to_have_count(0)
@@ -213,7 +212,6 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path):
             shown_png = page.request.get(img.get_attribute("src")).body()
             params_text = page.locator("#parameters textarea").input_value()
             browser.close()
-        finish(cli_base), finish(cli_blend)
     finally:
         app.terminate()
         app.wait(timeout=30)

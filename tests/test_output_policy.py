@@ -322,11 +322,14 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
         pass
 
 
-@pytest.mark.subprocess
-def test_the_app_checks_its_output_folder_before_loading_a_model(tmp_path, read_only):
+def test_the_app_checks_its_output_folder_before_loading_a_model(tmp_path, read_only, capsys):
+    sys.path.insert(0, str(ROOT))
+    import app  # its main() in-process, as `python app.py` calls it: the exit code it returns, what it printed
+
     for outdir, needle in [(_file(tmp_path / "notes.txt"), "is a file; pass a folder"),
                            (read_only / "images", "Read-only file system")]:
-        p = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--outdir", str(outdir)],
-                           capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert p.returncode == 2 and needle in p.stderr and "loading model" not in p.stdout, p.stderr
+        capsys.readouterr()
+        code = app.main(["--model", "tiny", "--outdir", str(outdir)])
+        out, err = capsys.readouterr()
+        assert code == 2 and needle in err and "loading model" not in out, err
     assert (tmp_path / "notes.txt").read_bytes() == b"something the user has: notes.txt"

@@ -173,6 +173,8 @@ def test_config_precisions_are_the_quant_modes():
     assert BASE_PRECISIONS == quant.MODES
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_default_train_does_not_import_bitsandbytes(tmp_path):
     """The sdlora command loads bitsandbytes only for a run that uses it (sdlora/lazy.py)."""
     out = tmp_path / "a.safetensors"
