@@ -118,7 +118,7 @@ SUBCOMMANDS = {
               "Fuse LoRA adapters at given strengths into a model and save it."),
     "resize": ("sdlora.resize", "reduce a LoRA's rank by SVD",
                "Lower the rank of every module by truncated SVD; prints the energy kept."),
-    "scan": ("sdlora.dataset", "show what training would see in an image folder, without loading a model",
+    "scan": ("sdlora.data.scan_command", "show what training would see in an image folder, without loading a model",
              "List concepts (kohya N_words folders) and repeats, every image with its size, bucket and caption, and "
              "the problems training would warn about or stop on. Exits 1 when training would stop."),
     "plan": ("sdlora.plan", "the settings that fit a run in a GPU's memory, with their byte counts (no weights loaded)",

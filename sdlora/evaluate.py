@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdlora.data import checked_images
+from sdlora.data.images import checked_images
 from sdlora.errors import SdloraError
 from sdlora.metrics import DEFAULT_CLIP, DEFAULT_DINO, LIVE_CLASSES, FeatureModels, dreambooth_prompts
 

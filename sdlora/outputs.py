@@ -75,7 +75,7 @@ def planned(cfg) -> Planned:
 
 def _count_images(folder: Path | None) -> int:
     """Image files in `folder` by name (a class folder holding enough images is only read, never written)."""
-    from sdlora.data import IMAGE_SUFFIXES
+    from sdlora.data.images import IMAGE_SUFFIXES
 
     try:
         return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
@@ -282,12 +282,12 @@ def remove_stale_temps(plan: Planned, log=print) -> list[Path]:
         except OSError:
             young.append(p)
     if removed:
-        from sdlora.data import display_name
+        from sdlora.data.images import display_name
 
         log(f"removed {len(removed)} temp file(s) left by an interrupted save: "
             + ", ".join(display_name(p, full=True) for p in removed[:3]) + (" ..." if len(removed) > 3 else ""))
     if young:
-        from sdlora.data import display_name
+        from sdlora.data.images import display_name
 
         log(f"note: {len(young)} recent temp file(s), maybe another run saving: "
             + ", ".join(display_name(p, full=True) for p in young[:3]) + "; left alone")

@@ -26,17 +26,9 @@ import torch
 from PIL import Image
 
 from sdlora.config import make_config
-from sdlora.data import (
-    PromptRules,
-    build_examples,
-    checked_images,
-    decode_caption,
-    display_name,
-    image_size,
-    load_image,
-    read_caption,
-    scan,
-)
+from sdlora.data.captions import PromptRules, decode_caption, read_caption
+from sdlora.data.examples import build_examples
+from sdlora.data.images import checked_images, display_name, image_size, load_image, scan
 from sdlora.errors import SdloraError
 from sdlora.formats.io import load
 from sdlora.train.loop import train

@@ -1,15 +1,12 @@
-"""Image folders: scan and check them before any model loads; captions, prompts and aspect-ratio buckets.
+"""Image files: find and fully decode the images of a folder before any model loads (unreadable files are named,
+or skipped with --skip-bad-images), and load one as a training tensor (EXIF-oriented, RGB, cover-crop).
 
-Everything here is pure data handling (no models), so it is tested directly.
+Pure data handling (no models), so it is tested directly.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import random
-import re
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +15,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-CAPTION_SUFFIXES = (".txt", ".caption")
-MAX_CAPTION_CHARS = 10_000  # what training reads of a caption (T5-XXL's 512 tokens are about 2,500 characters)
-MAX_CAPTION_WORDS = MAX_CAPTION_CHARS // 2
 
 
 @dataclass
@@ -73,18 +67,8 @@ def refuse_or_skip_bad(folder: Path, bad: list[tuple[Path, str]], skip_bad: bool
             + ", ".join(f"{display_name(p)} ({why})" for p, why in bad))
 
 
-def warn_small(examples: list["Example"], log=print) -> None:
-    """Warn, naming them, about images smaller than the size they train at (they are upscaled)."""
-    small = small_images(examples)
-    if small:
-        names = ", ".join(f"{display_name(e.path)} ({e.orig_size[0]}x{e.orig_size[1]} < {e.size[0]}x{e.size[1]})"
-                          for e in small[:3])
-        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
-        log(f"warning: {len(small)} image(s) smaller than the training size are upscaled (softer results): "
-            f"{names}{more}; use larger images or a lower --resolution")
-
-
-def checked_images(folder: Path, what: str = "--images", skip_bad: bool = False, allow_empty: bool = False) -> list[Path]:
+def checked_images(folder: Path, what: str = "--images", skip_bad: bool = False,
+                   allow_empty: bool = False) -> list[Path]:
     """The images of `folder`, or an SdloraError naming the problem (no images, unreadable files)."""
     res = scan(folder)
     refuse_or_skip_bad(folder, res.bad, skip_bad)
@@ -145,127 +129,12 @@ def decode(path: Path) -> Image.Image:
                 rgb.load()
                 return rgb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(path, f"decompression bomb: {_first_line(e)}") from e
+        raise BadImage(path, f"decompression bomb: {cause(e)}") from e
     except MemoryError as e:
         raise BadImage(path, "too large to decode in memory") from e
-    except Exception as e:  # Pillow raises many types on corrupt data (OSError, ValueError, SyntaxError, struct.error, ...)
-        raise BadImage(path, _first_line(e)) from e
+    except Exception as e:  # Pillow raises many types on corrupt data (OSError, ValueError, struct.error, ...)
+        raise BadImage(path, cause(e)) from e
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0][:200] or type(e).__name__
-
-
-# ---------------------------------------------------------------- captions and prompts
-
-_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
-
-
-def decode_caption(raw: bytes, path: Path) -> str:
-    """Caption text in any common encoding: UTF-8 (with or without BOM), UTF-16 with BOM, else Windows-1252 /
-    Latin-1 as older editors write it. Binary content (NUL or control bytes) is an error naming the file."""
-    text = None
-    for bom, enc in _BOMS:
-        if raw.startswith(bom):
-            try:
-                text = raw.decode(enc)
-            except UnicodeDecodeError as e:
-                raise SdloraError(f"caption {display_name(path, full=True)}: invalid {enc} text (byte {e.start}); "
-                                  "re-save it as UTF-8") from e
-            break
-    if text is None:
-        for enc in ("utf-8", "cp1252", "latin-1"):
-            try:
-                text = raw.decode(enc)
-                break
-            except UnicodeDecodeError:
-                continue
-    bad = [c for c in text if unicodedata.category(c) == "Cc" and not c.isspace()]  # NUL, ESC, C1 controls
-    if bad:
-        raise SdloraError(f"caption {display_name(path, full=True)}: not text (holds control byte "
-                          f"{bad[0].encode('unicode_escape').decode('ascii')}); re-save it as UTF-8 text")
-    return text
-
-
-def read_caption(image: Path) -> str | None:
-    """The sidecar caption of `image` (`name.txt` or `name.caption`, first found), stripped; None if there is none."""
-    for suffix in CAPTION_SUFFIXES:
-        side = image.with_suffix(suffix)
-        if side.is_file():
-            try:
-                raw = side.read_bytes()
-            except OSError as e:
-                raise SdloraError(f"caption {display_name(side, full=True)}: cannot read it ({e.strerror or e}); "
-                                  "check its permissions") from e
-            # cut first: a megabyte of caption would be split, tokenized and shuffled every step (the text
-            # encoders read a few hundred tokens of it); train.step.long_captions says so
-            text = " ".join(decode_caption(raw, side).split()[:MAX_CAPTION_WORDS])[:MAX_CAPTION_CHARS]
-            return text or None
-    return None
-
-
-@dataclass(frozen=True)
-class PromptRules:
-    """How a caption becomes the prompt of one training step."""
-
-    prompt: str  # the prompt of images without a caption
-    trigger: str  # substituted for {trigger}; put first when a caption does not contain it
-    shuffle_tags: bool = False  # shuffle the comma-separated tags ...
-    keep_tags: int = 0  # ... keeping the first N in place (the trigger is usually one of them)
-    dropout: float = 0.0  # probability of training on the empty prompt (helps the adapter work unprompted)
-
-    def base_caption(self, caption: str | None) -> str:
-        """The caption with the trigger in it; the instance prompt when the image has no caption."""
-        if not caption:
-            return self.prompt
-        if "{trigger}" in caption:
-            return caption.replace("{trigger}", self.trigger)
-        if self.trigger and not re.search(rf"(?<!\w){re.escape(self.trigger)}(?!\w)", caption):  # whole words only
-            return f"{self.trigger}, {caption}"
-        return caption
-
-    def final(self, caption: str, rng: random.Random) -> str:
-        """The prompt for one step: maybe dropped, maybe tag-shuffled (keeping the first `keep_tags`)."""
-        if self.dropout and rng.random() < self.dropout:
-            return ""
-        if not self.shuffle_tags:
-            return caption
-        tags = [t.strip() for t in caption.split(",") if t.strip()]
-        head, tail = tags[: self.keep_tags], tags[self.keep_tags:]
-        rng.shuffle(tail)
-        return ", ".join(head + tail)
-
-
-def tag_frequency(captions: list[str]) -> dict[str, int]:
-    """kohya's ss_tag_frequency counts per dataset folder: comma-separated tags."""
-    freq: dict[str, int] = {}
-    for c in captions:
-        for tag in (t.strip()[:200] for t in c.split(",")):  # a tag is a few words; bounds.SHOWN_CHARS
-            if tag:
-                freq[tag] = freq.get(tag, 0) + 1
-    return freq
-
-
-# ---------------------------------------------------------------- buckets
-
-def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(width, height) pairs, multiples of `step`, with about resolution² pixels and aspect ratio up to `max_ratio`."""
-    area = resolution * resolution
-    out = set()
-    w = step
-    while w <= resolution * max_ratio:
-        h = (area // w) // step * step
-        if h >= step and max(w / h, h / w) <= max_ratio:
-            out.add((w, h))
-        w += step
-    out.add((resolution, resolution))
-    return sorted(out)
-
-
-def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to `size`'s (in log space, so 2:1 and 1:2 are equally far from 1:1)."""
-    w, h = size
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(w / h)), -b[0] * b[1]))
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -275,7 +144,7 @@ def image_size(path: Path) -> tuple[int, int]:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except Exception as e:  # a file changed since the scan, or unreadable EXIF
-        raise BadImage(path, _first_line(e)) from e
+        raise BadImage(path, cause(e)) from e
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -301,105 +170,3 @@ def load_image(path: Path, size: tuple[int, int] | int) -> torch.Tensor:
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
-
-# ---------------------------------------------------------------- the training set
-
-@dataclass
-class Example:
-    path: Path
-    caption: str  # with the trigger substituted; tag shuffle/dropout happen per step
-    size: tuple[int, int]  # (width, height) it is trained at
-    is_class: bool = False
-    orig_size: tuple[int, int] = (0, 0)  # (width, height) of the file, after EXIF orientation
-    crop_top_left: tuple[int, int] = (0, 0)  # where the centre crop starts in the resized image
-    has_caption: bool = False  # a .txt/.caption sidecar was found
-    repeats: int = 1  # times per epoch (times the run's --repeats): its concept folder's N (kohya `N_words`)
-
-    def sdxl_time_ids(self) -> list[int]:
-        """SDXL's size/crop micro-conditioning: original (h, w), crop (top, left), target (h, w)."""
-        return [self.orig_size[1], self.orig_size[0], *self.crop_top_left, self.size[1], self.size[0]]
-
-
-def build_examples(images: list[Path], rules: PromptRules, resolution: int, bucket_list: list[tuple[int, int]] | None,
-                   fixed_caption: str | None = None, is_class: bool = False, repeats: int = 1,
-                   warn: bool = True) -> list[Example]:
-    """One Example per image: its caption (sidecar, or the prompt) and its training size (bucket or square)."""
-    out = []
-    for p in images:
-        sidecar = None if fixed_caption is not None else read_caption(p)
-        caption = fixed_caption if fixed_caption is not None else rules.base_caption(sidecar)
-        orig = image_size(p)
-        size = nearest_bucket(orig, bucket_list) if bucket_list else (resolution, resolution)
-        _, _, left, top = cover_crop(*orig, *size)
-        out.append(Example(p, caption, size, is_class, orig, (top, left), sidecar is not None, repeats))
-    if warn:
-        warn_small(out)
-    return out
-
-
-def small_images(examples: list[Example]) -> list[Example]:
-    """Examples whose file is smaller than the size they train at, in either direction (they get upscaled)."""
-    return [e for e in examples if e.orig_size[0] < e.size[0] or e.orig_size[1] < e.size[1]]
-
-
-def epoch_batches(examples: list[Example], batch_size: int, repeats: int, epoch: int, seed: int) -> list[list[int]]:
-    """The batches of one epoch: each example `repeats` × its own `repeats` times, shuffled by (seed, epoch), grouped
-    so that a batch holds one size only; the last, short batch of a size is kept. Deterministic, so a resumed run
-    replays it."""
-    rng = random.Random(seed * 100_003 + epoch)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_size.setdefault(ex.size, []).extend([i] * (repeats * ex.repeats))
-    batches = []
-    for size in sorted(by_size):
-        idx = by_size[size]
-        rng.shuffle(idx)
-        batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-class Schedule:
-    """Which examples each micro-step trains on: deterministic in (seed, epoch), so a resumed run replays it.
-
-    Process `rank` of `world` gets every world-th batch of an epoch; class examples (prior preservation) follow
-    one shuffled order, as many per micro-step as instance examples. `position` continues a saved schedule.
-    """
-
-    def __init__(self, instance: list[Example], classes: list[Example], batch_size: int, repeats: int, seed: int,
-                 rank: int = 0, world: int = 1, position: dict | None = None):
-        self.instance, self.classes = instance, classes
-        self.batch_size, self.repeats, self.seed, self.rank, self.world = batch_size, repeats, seed, rank, world
-        pos = position or {"epoch": 0, "batch": 0, "micro": 0}
-        self.epoch, self.batch, self.micro = pos["epoch"], pos["batch"], pos["micro"]
-        self.class_order = list(range(len(classes)))
-        random.Random(seed + 17).shuffle(self.class_order)
-        self._batches = None
-
-    def batches_per_epoch(self) -> int:
-        return len(self._epoch(0)) // self.world
-
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        b = epoch_batches(self.instance, self.batch_size, self.repeats, epoch, self.seed)
-        b += b[: (-len(b)) % self.world]  # every process gets the same number of batches
-        return b
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "micro": self.micro}
-
-    def next(self) -> tuple[list[Example], list[Example]]:
-        """The instance examples and class examples of the next micro-step."""
-        if self._batches is None:
-            self._batches = self._epoch(self.epoch)
-        if self.batch * self.world >= len(self._batches):
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._batches = self._epoch(self.epoch)
-        idx = self._batches[self.batch * self.world + self.rank]
-        self.batch += 1
-        inst = [self.instance[i] for i in idx]
-        cls = []
-        if self.classes:
-            start = (self.micro * self.world + self.rank) * len(idx)
-            cls = [self.classes[self.class_order[(start + j) % len(self.classes)]] for j in range(len(idx))]
-        self.micro += 1
-        return inst, cls

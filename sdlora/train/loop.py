@@ -26,8 +26,12 @@ from sdlora.archs.spec import DENOISER
 from sdlora.bigload import load_options, with_t5_length
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, once
 from sdlora.config import TrainConfig
-from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets, tag_frequency
-from sdlora.dataset import scan_dataset, scan_folder
+from sdlora.data.buckets import make_buckets
+from sdlora.data.captions import PromptRules, tag_frequency
+from sdlora.data.examples import Example
+from sdlora.data.images import display_name
+from sdlora.data.kohya_folders import scan_dataset, scan_folder
+from sdlora.data.schedule import Schedule
 from sdlora.errors import SdloraError
 from sdlora.formats import kohya, layouts, meta
 from sdlora.formats.read import parse

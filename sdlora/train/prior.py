@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdlora.data import checked_images
+from sdlora.data.images import checked_images
 from sdlora.formats.io import atomic_write
 
 
