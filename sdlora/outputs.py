@@ -30,8 +30,8 @@ from pathlib import Path
 from sdlora.errors import SdloraError
 
 STALE_AGE_S = 300  # a temp file untouched this long belongs to a killed save, not to a save in progress
-_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # formats.io.atomic_write (mkstemp)
-_TMP_DIR = re.compile(r"^\.(?P<name>step-\d+)\.[A-Za-z0-9_]{8}$")  # formats.io.atomic_write_dir (mkdtemp)
+_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # formats.file_io.atomic_write (mkstemp)
+_TMP_DIR = re.compile(r"^\.(?P<name>step-\d+)\.[A-Za-z0-9_]{8}$")  # formats.file_io.atomic_write_dir (mkdtemp)
 MIB = 2**20
 
 

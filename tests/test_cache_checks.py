@@ -25,7 +25,7 @@ from sdlora.cache import CACHE_MARKER, EmbeddingCache, LatentCache, _Store, is_c
 from sdlora.config import make_config
 from sdlora.data.examples import Example
 from sdlora.errors import SdloraError
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.tiny import tiny_components
 from sdlora.train import ckpt
 from sdlora.train.loop import train

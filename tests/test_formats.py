@@ -12,7 +12,7 @@ from sdlora.archs import get as arch_spec
 from sdlora.archs import load_config, meta_components
 from sdlora.config import make_config
 from sdlora.errors import SdloraError
-from sdlora.formats import convert, io, kohya, layouts, meta, read, verify
+from sdlora.formats import convert, file_io, kohya, layouts, meta, read, verify
 from sdlora.lora.targets import find_targets
 from tests.helpers import kohya_fixture
 
@@ -256,8 +256,8 @@ def test_convert_there_and_back_is_identical(tmp_path, arch, to):
     rep = convert.convert(src, mid, to)
     assert (rep.converted, rep.skipped, rep.unknown) == (len(sd) // 3 + (len(sd) % 3 > 0), [], [])
     convert.convert(mid, tmp_path / "back.safetensors", "kohya")
-    a, ma = io.load(src)
-    b, mb = io.load(tmp_path / "back.safetensors")
+    a, ma = file_io.load(src)
+    b, mb = file_io.load(tmp_path / "back.safetensors")
     assert set(a) == set(b) and ma == mb
     assert all(torch.equal(a[n], b[n]) and a[n].dtype == b[n].dtype for n in a)
 
@@ -302,7 +302,7 @@ def test_detect_format(tmp_path):
     table = layouts.kohya_table("sd1")
     src = tmp_path / "k.safetensors"
     pattern = r"down_blocks_0_attentions_0_.*attn2_to_q$|layers_0_self_attn_q_proj$"
-    io.atomic_save(kohya_fixture(table, pattern), src, {})
+    file_io.atomic_save(kohya_fixture(table, pattern), src, {})
     convert.convert(src, tmp_path / "d.safetensors", "diffusers")
     convert.convert(src, tmp_path / "peft", "peft")
     files = {"kohya": [src], "diffusers": [tmp_path / "d.safetensors"],
@@ -310,4 +310,4 @@ def test_detect_format(tmp_path):
     assert set(files) == set(convert.FORMATS) and len(files["peft"]) == 2  # unet/, text_encoder/
     for fmt, paths in files.items():
         for f in paths:
-            assert read.detect_format(io.load(f)[0]) == fmt, f
+            assert read.detect_format(file_io.load(f)[0]) == fmt, f

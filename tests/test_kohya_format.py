@@ -10,7 +10,7 @@ import torch
 
 from sdlora.archs import meta_model
 from sdlora.formats import meta
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.models import load_base
 from tests.helpers import train_tiny
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sdlora import archs
-from sdlora.formats import io, meta
+from sdlora.formats import file_io, meta
 from sdlora.formats.adapter import AdapterFile, AdapterModule
 
 # component -> key prefix. SD 1.x/2.x have a single text encoder: `lora_te`, never `lora_te1` (kohya rejects it).
@@ -354,5 +354,5 @@ def save(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> Pa
     """Write kohya `tensors` atomically with `metadata` and kohya's `sshs_*` hashes (recomputed)."""
     metadata = {k: v for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = meta.addnet_hashes(tensors, metadata)
-    io.atomic_save(tensors, Path(path), metadata)
+    file_io.atomic_save(tensors, Path(path), metadata)
     return Path(path)

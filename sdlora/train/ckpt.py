@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdlora.errors import SdloraError
-from sdlora.formats.io import atomic_write_dir
+from sdlora.formats.file_io import atomic_write_dir
 
 FORMAT = 1
 MANIFEST_KEYS = ("format", "step", "identity", "data", "position", "optimizer_param_groups", "lr_scheduler",

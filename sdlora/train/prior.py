@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdlora.data.images import checked_images
-from sdlora.formats.io import atomic_write
+from sdlora.formats.file_io import atomic_write
 
 
 def slug(text: str, n: int = 40) -> str:
