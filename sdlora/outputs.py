@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 STALE_AGE_S = 300  # a temp file untouched this long belongs to a killed save, not to a save in progress
 _TMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # formats.file_io.atomic_write (mkstemp)
@@ -384,7 +384,7 @@ def _reason(e: BaseException) -> str:
                    "Input/output error", "File too large"):
         if phrase in text:
             return phrase
-    return (text.splitlines() or [type(e).__name__])[0][:120]
+    return cause(e, 120)
 
 
 def rescue_folders() -> list[Path]:
