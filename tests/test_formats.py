@@ -42,7 +42,7 @@ def preset_names(arch: str, preset: str) -> set[str]:
 def test_full_preset_counts_match_kohyas_verified_numbers(arch, counts):
     names = preset_names(arch, "full")
     got = {c: sum(n.startswith(kohya.PREFIX[c] + "_") for n in names) for c in counts}
-    assert got == counts  # KOHYA_FORMAT.md §1, verified against kohya's reference files
+    assert got == counts  # docs/kohya-format.md §1, verified against kohya's reference files
     assert names <= set(layouts.kohya_table(arch))
 
 
@@ -113,7 +113,7 @@ def test_unet_ldm_examples():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A1111 mapping (KOHYA_FORMAT.md §5) against LDM names
+# A1111 mapping (docs/kohya-format.md §5) against LDM names
 
 
 @pytest.mark.parametrize("arch", ARCHS)

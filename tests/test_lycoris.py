@@ -45,7 +45,7 @@ def draw(*shape):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# independent reference formulas (float64; written from LYCORIS_AND_DIT_FORMATS.md, explicit index sums)
+# independent reference formulas (float64; written from docs/lycoris-and-dit.md, explicit index sums)
 
 
 def ref_mm(a, b):

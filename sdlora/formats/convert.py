@@ -9,7 +9,7 @@
   `adapter_model.safetensors` + `adapter_config.json`), what `PeftModel.from_pretrained(component, folder/unet)`
   loads.
 The kohya metadata (`ss_*`, `modelspec.*`, `sshs_*`) travels in the header of every format, so kohya -> other ->
-kohya gives the same tensors and metadata.
+kohya gives the same tensors and metadata. The command line is in `sdlora/cli_formats.py`.
 """
 
 from __future__ import annotations

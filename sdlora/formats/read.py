@@ -163,7 +163,7 @@ def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None
 
     alphas = {k[:-len(".alpha")]: _alpha(v, k, where) for k, v in sub.items() if k.endswith(".alpha")}
     # PEFT DoRA: `<path>.lora_magnitude_vector(.weight)`, one norm per output channel ([out] Linear, [1, out, 1, 1]
-    # conv; LYCORIS_AND_DIT_FORMATS.md §4.3), kept as the [out, 1(, 1, 1)] magnitude LyCORIS writes for that axis
+    # conv; docs/lycoris-and-dit.md §4.3), kept as the [out, 1(, 1, 1)] magnitude LyCORIS writes for that axis
     mags = {k.split(PEFT_MAGNITUDE)[0]: v for k, v in sub.items() if PEFT_MAGNITUDE in k}
     sub = {k: v for k, v in sub.items() if not k.endswith(".alpha") and PEFT_MAGNITUDE not in k}
     if not any(".lora_A." in k or ".lora_B." in k for k in sub):  # older diffusers spellings

@@ -1,7 +1,8 @@
 """What `sdlora verify` checks: does a LoRA file load, fully and with the right shapes, in kohya, diffusers,
-ComfyUI and A1111, and will A1111 list it? Checks names against the real architecture (meta device, no weights) or a loaded model;
-never needs a download. Works on the neutral `AdapterFile` (formats/read.py), so any layout sdlora reads is checked
-the same way; a damaged file (NaN, rank 0, bad shapes) is refused by the reader with one line.
+ComfyUI and A1111, and will A1111 list it? Checks names against the real architecture (meta device, no weights)
+or a loaded model; never needs a download. Works on the neutral `AdapterFile` (formats/read.py), so any layout
+sdlora reads is checked the same way; a damaged file (NaN, rank 0, bad shapes) is refused by the reader with one
+line. The command line is in `sdlora/cli_formats.py`.
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
 
 def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metadata: dict[str, str], arch: str,
                     table: dict[str, layouts.Module]) -> None:
-    """diffusers reads plain LoRA/LoCon pairs only (LYCORIS_AND_DIT_FORMATS.md §5.3): other kinds are a note, not a
+    """diffusers reads plain LoRA/LoCon pairs only (docs/lycoris-and-dit.md §5.3): other kinds are a note, not a
     problem of the file, and the check runs on what diffusers can read."""
     n = len(modules)
     plain = {k: m for k, m in modules.items() if m.kind in ("lora", "locon", "dora") and "mid" not in m.tensors}
