@@ -12,7 +12,8 @@ from sdlora.toy import world
 def add_eval_args(p) -> None:
     p.add_argument("--adapter", required=True, metavar="FILE", help="required: the LoRA .safetensors to score")
     p.add_argument("--subject", default=None,
-                   help="toy model: what the trigger prompt should show, as a toy-world caption, e.g. 'a purple triangle'")
+                   help="toy model: what the trigger prompt should show, as a toy-world caption, "
+                   "e.g. 'a purple triangle'")
     p.add_argument("--reference-images", default=None,
                    help="real models: folder of the real subject's photos (CLIP-I/DINO compare against them)")
     p.add_argument("--class-noun", default=None, help="real models: the subject's class, e.g. 'dog'")
@@ -45,7 +46,8 @@ def cmd_eval(args) -> int:
         raise SdloraError("--subject is required with the toy model, e.g. --subject 'a purple triangle'")
     if "shape" not in world.parse_caption(args.subject):
         raise SdloraError(f"--subject {args.subject!r}: name a colour and a shape of the toy world, e.g. "
-                          f"'a purple triangle' (shapes: {', '.join(world.SHAPES)}; colours: {', '.join(world.COLOURS)})")
+                          f"'a purple triangle' (shapes: {', '.join(world.SHAPES)}; "
+                          f"colours: {', '.join(world.COLOURS)})")
     if args.num_images < 1:
         raise SdloraError(f"--num-images must be at least 1, got {args.num_images}")
     f = read_adapter(args.adapter)  # checked before the model loads
