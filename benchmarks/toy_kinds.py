@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # noqa: F401  (after the subprocess-only part)
 
+    from sdlora.eval.toy_score import score_adapter
     from sdlora.models import load_base
-    from sdlora.toy.evaluate import score_adapter
 
     base, cache = load_base("toy"), {}
     rpath = a.out / "results.json"

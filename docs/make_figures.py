@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sdlora.config import make_config  # noqa: E402
-from sdlora.formats.io import save_png  # noqa: E402
+from sdlora.formats.file_io import save_png  # noqa: E402
 from sdlora.infer.session import Session, Settings  # noqa: E402
 from sdlora.train.loop import train  # noqa: E402
 

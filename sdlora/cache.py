@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sdlora.data import Example, display_name, load_image
+from sdlora.data.examples import Example
+from sdlora.data.images import display_name, load_image
 from sdlora.errors import SdloraError, cause
-from sdlora.formats.io import atomic_save, atomic_write
+from sdlora.formats.file_io import atomic_save, atomic_write
 from sdlora.train.step import encode_text
 
 CACHE_VERSION = "1"

@@ -107,24 +107,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 SUBCOMMANDS = {
     "generate": ("sdlora.infer.cli", "generate images with LoRA adapters blended into a base model",
                  "Generate PNGs (with A1111 'parameters') from a base model and kohya LoRA files."),
-    "verify": ("sdlora.formats.verify", "check a LoRA file loads fully in kohya, diffusers, ComfyUI and A1111",
+    "verify": ("sdlora.cli_formats", "check a LoRA file loads fully in kohya, diffusers, ComfyUI and A1111",
                "Check names, shapes, NaN/Inf, empty delta and alpha; print which tools list the file. "
                "Exits 1 on any problem."),
-    "inspect": ("sdlora.inspect", "show a LoRA file's architecture, targets, rank/alpha, trigger and metadata",
+    "inspect": ("sdlora.inspect_lora", "show a LoRA file's architecture, targets, rank/alpha, trigger and metadata",
                 "Describe a LoRA file from kohya, OneTrainer, ai-toolkit, diffusers or PEFT."),
-    "convert": ("sdlora.formats.convert", "convert a LoRA between kohya, diffusers and PEFT layouts",
+    "convert": ("sdlora.cli_formats", "convert a LoRA between kohya, diffusers and PEFT layouts",
                 "Convert a LoRA file; alpha is carried through; prints converted/skipped/unknown."),
     "merge": ("sdlora.merge", "bake LoRAs into a base model (single-file LDM checkpoint or diffusers folder)",
               "Fuse LoRA adapters at given strengths into a model and save it."),
     "resize": ("sdlora.resize", "reduce a LoRA's rank by SVD",
                "Lower the rank of every module by truncated SVD; prints the energy kept."),
-    "scan": ("sdlora.dataset", "show what training would see in an image folder, without loading a model",
+    "scan": ("sdlora.data.scan_command", "show what training would see in an image folder, without loading a model",
              "List concepts (kohya N_words folders) and repeats, every image with its size, bucket and caption, and "
              "the problems training would warn about or stop on. Exits 1 when training would stop."),
     "plan": ("sdlora.plan", "the settings that fit a run in a GPU's memory, with their byte counts (no weights loaded)",
              "Choose base and text-encoder precision, block swap and gradient checkpointing for --vram GB and print "
              "the bytes of weights, LoRA + optimizer state and activations (counted on the meta device)."),
-    "eval": ("sdlora.toy.evaluate", "score an adapter: toy-world judge, or CLIP-I/CLIP-T/DINO on real models",
+    "eval": ("sdlora.eval.command", "score an adapter: toy-world judge, or CLIP-I/CLIP-T/DINO on real models",
              "Generate with and without the adapter and score the images (subject fidelity, prompt fidelity)."),
 }
 

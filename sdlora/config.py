@@ -184,7 +184,7 @@ class TrainConfig:
                 bad(name, f"must be {what}, got {v!r}")
         if not self.images:
             bad("images", "is required")
-        from sdlora.dataset import is_concept_parent  # the folders name their prompts: kohya's N_words
+        from sdlora.data.kohya_folders import is_concept_parent  # the folders name their prompts: kohya's N_words
 
         if not self.prompt and not is_concept_parent(Path(self.images)):
             bad("prompt", "is required (the prompt of images without a caption file), unless --images is a parent "

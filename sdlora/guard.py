@@ -139,7 +139,7 @@ def _listing(folder: Path) -> list[str]:
 def write_folder(out, fill, overwrite: bool = False) -> Path:
     """`fill(tmp_folder)` beside `out`, then swap it in: a crash never leaves half a folder, and nothing sdlora did
     not write is deleted. Call `check_folder` first; this checks again (the folder may have changed meanwhile)."""
-    from sdlora.formats.io import usual_permissions
+    from sdlora.formats.file_io import usual_permissions
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import torch
 
 from sdlora import guard
 from sdlora.errors import SdloraError
-from sdlora.formats import checkpoint, io, kohya
+from sdlora.formats import checkpoint, file_io, kohya
 from sdlora.formats.meta import portable
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
@@ -154,7 +154,7 @@ def _merge(model: str, loras, files, out: Path, dtype: str, base, overwrite: boo
             raise SdloraError(f"the merged weights hold NaN or Inf (first: {bad[0]}); nothing was written; check the "
                               "base model and the adapters (`sdlora verify FILE`)")
         merged = ", ".join(f"{portable(p)}:{te}:{u}" for p, te, u in loras)  # no local absolute paths
-        io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": merged}
+        file_io.atomic_save(sd, out, {"format": "pt", "sdlora.merged": merged}
                        | checkpoint.ldm_metadata(base))
         if detect_checkpoint_arch(checkpoint_keys(out)) is not base.spec:  # reads back as the same family
             raise SdloraError(f"{out} was written but does not read back as a {base.spec.label} checkpoint; this is a "

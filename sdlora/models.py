@@ -16,7 +16,7 @@ from pathlib import Path
 from sdlora import archs
 from sdlora.archs import ArchSpec
 from sdlora.errors import SdloraError, cause
-from sdlora.formats.io import PICKLE_SUFFIXES
+from sdlora.formats.file_io import PICKLE_SUFFIXES
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # built-in offline models -> (what they are, for help texts)

@@ -27,11 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 STALE_AGE_S = 300  # a temp file untouched this long belongs to a killed save, not to a save in progress
-_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # formats.io.atomic_write (mkstemp)
-_TMP_DIR = re.compile(r"^\.(?P<name>step-\d+)\.[A-Za-z0-9_]{8}$")  # formats.io.atomic_write_dir (mkdtemp)
+_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # formats.file_io.atomic_write (mkstemp)
+_TMP_DIR = re.compile(r"^\.(?P<name>step-\d+)\.[A-Za-z0-9_]{8}$")  # formats.file_io.atomic_write_dir (mkdtemp)
 MIB = 2**20
 
 
@@ -75,7 +75,7 @@ def planned(cfg) -> Planned:
 
 def _count_images(folder: Path | None) -> int:
     """Image files in `folder` by name (a class folder holding enough images is only read, never written)."""
-    from sdlora.data import IMAGE_SUFFIXES
+    from sdlora.data.images import IMAGE_SUFFIXES
 
     try:
         return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
@@ -282,12 +282,12 @@ def remove_stale_temps(plan: Planned, log=print) -> list[Path]:
         except OSError:
             young.append(p)
     if removed:
-        from sdlora.data import display_name
+        from sdlora.data.images import display_name
 
         log(f"removed {len(removed)} temp file(s) left by an interrupted save: "
             + ", ".join(display_name(p, full=True) for p in removed[:3]) + (" ..." if len(removed) > 3 else ""))
     if young:
-        from sdlora.data import display_name
+        from sdlora.data.images import display_name
 
         log(f"note: {len(young)} recent temp file(s), maybe another run saving: "
             + ", ".join(display_name(p, full=True) for p in young[:3]) + "; left alone")
@@ -384,7 +384,7 @@ def _reason(e: BaseException) -> str:
                    "Input/output error", "File too large"):
         if phrase in text:
             return phrase
-    return (text.splitlines() or [type(e).__name__])[0][:120]
+    return cause(e, 120)
 
 
 def rescue_folders() -> list[Path]:

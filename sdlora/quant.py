@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 MODES = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4")  # storage precision of frozen weights
 FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,7 +101,7 @@ def check_mode(mode: str, device: str | torch.device, what: str = "--base-precis
     try:
         lazy.bitsandbytes()
     except Exception as e:  # ImportError, or a library that fails to find its native kernels
-        raise SdloraError(f"{what} {mode} needs bitsandbytes, which cannot load here ({_first(e)}); "
+        raise SdloraError(f"{what} {mode} needs bitsandbytes, which cannot load here ({cause(e)}); "
                           "pip install 'bitsandbytes>=0.46', or use --base-precision fp8") from e
     try:
         layer = quantize_(nn.Sequential(nn.Linear(64, 64)).requires_grad_(False), mode, torch.float32, skip=None)
@@ -110,16 +110,11 @@ def check_mode(mode: str, device: str | torch.device, what: str = "--base-precis
         layer(x).sum().backward()
         ok = x.grad is not None and bool(torch.isfinite(x.grad).all())
     except Exception as e:
-        raise SdloraError(f"{what} {mode}: the installed bitsandbytes cannot run it on {device.type} ({_first(e)}); "
+        raise SdloraError(f"{what} {mode}: the installed bitsandbytes cannot run it on {device.type} ({cause(e)}); "
                           "upgrade it (pip install -U bitsandbytes; CPU needs >= 0.46), or use fp8") from e
     if not ok:
         raise SdloraError(f"{what} {mode}: bitsandbytes gives no finite gradient on {device.type}; upgrade it "
                           "(pip install -U bitsandbytes), or use fp8")
-
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def quantize_(module: nn.Module, mode: str, compute_dtype: torch.dtype,

@@ -33,7 +33,7 @@ from PIL import Image
 
 from sdlora.formats import kohya
 from sdlora.formats.a1111 import parse_parameters, read_parameters
-from sdlora.formats.io import load as load_safetensors
+from sdlora.formats.file_io import load as load_safetensors
 from tests.helpers import run_main
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdlora.archs import meta_components
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.formats.verify import verify_file
 from sdlora.lora.targets import find_targets
 from sdlora.models import load_base

@@ -23,7 +23,7 @@ from sdlora import bounds
 from sdlora.cli import main
 from sdlora.config import make_config
 from sdlora.errors import SdloraError
-from sdlora.formats import io, kohya, layouts
+from sdlora.formats import file_io, kohya, layouts
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
 from sdlora.models import load_base
@@ -186,6 +186,6 @@ def test_a_huge_caption_is_cut_and_the_token_limit_is_said(tmp_path):
     warn = next(ln for ln in lines if "caption(s) are longer than the text encoder reads" in ln)
     assert "1 caption(s)" in warn and "img_0.png" in warn and "CLIP the first 77" in warn, warn
     assert all(len(ln) < 2000 for ln in lines), max(map(len, lines))
-    _, md = io.load(out)
+    _, md = file_io.load(out)
     assert max(len(v) for v in md.values()) < 20_000, max(len(v) for v in md.values())
     assert load_file(out)  # the adapter was written

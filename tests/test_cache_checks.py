@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 from sdlora.archs import get as arch_spec
 from sdlora.cache import CACHE_MARKER, EmbeddingCache, LatentCache, _Store, is_cache_dir
 from sdlora.config import make_config
-from sdlora.data import Example
+from sdlora.data.examples import Example
 from sdlora.errors import SdloraError
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.tiny import tiny_components
 from sdlora.train import ckpt
 from sdlora.train.loop import train

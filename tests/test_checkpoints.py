@@ -190,7 +190,7 @@ def test_incomplete_checkpoint_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_a_single_file_checkpoint_offline(tmp_path, offline):
-    from sdlora.formats.io import load
+    from sdlora.formats.file_io import load
     from tests.helpers import train_tiny
 
     path = _write(load_base("tiny-sd2"), tmp_path / "sd2-v.safetensors")

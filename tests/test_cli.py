@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from tests.helpers import ROOT, SDLORA, error_line, main_error, make_images, run_main, run_sdlora, sub_env, train_tiny
 
 
@@ -143,7 +143,7 @@ def test_save_precision_fp16_casts_every_tensor_alpha_included(tmp_path):
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     from safetensors.torch import save_file
 
-    from sdlora.formats.io import atomic_save
+    from sdlora.formats.file_io import atomic_save
 
     path = tmp_path / "a.safetensors"
     save_file({"x": torch.ones(2)}, path)
@@ -187,7 +187,7 @@ def test_cache_command_counts_and_clears_the_entries_training_wrote(tmp_path, do
 
 def test_atomic_folder_write_replaces_whole_and_gets_normal_permissions(tmp_path):
 
-    from sdlora.formats.io import atomic_write_dir
+    from sdlora.formats.file_io import atomic_write_dir
 
     out = tmp_path / "model"
     atomic_write_dir(out, lambda d: (d / "a.txt").write_text("one"))

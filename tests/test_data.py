@@ -13,18 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.data import (
-    Example,
-    PromptRules,
-    build_examples,
-    epoch_batches,
-    image_size,
-    load_image,
-    make_buckets,
-    nearest_bucket,
-    read_caption,
-    tag_frequency,
-)
+from sdlora.data.buckets import make_buckets, nearest_bucket
+from sdlora.data.captions import PromptRules, read_caption, tag_frequency
+from sdlora.data.examples import Example, build_examples
+from sdlora.data.images import image_size, load_image
+from sdlora.data.schedule import epoch_batches
 
 
 def _png(path: Path, size=(16, 16), color=(200, 10, 10), mode="RGB") -> Path:
@@ -187,7 +180,7 @@ def test_epoch_batches_never_mix_sizes_and_yield_each_example_repeats_times():
 
 
 def test_trigger_is_matched_as_a_whole_word():
-    from sdlora.data import PromptRules
+    from sdlora.data.captions import PromptRules
 
     rules = PromptRules("a sks dog", "sks")
     assert rules.base_caption("sksx on grass") == "sks, sksx on grass"  # "sksx" is another word

@@ -10,10 +10,11 @@ from collections import Counter
 import pytest
 
 from sdlora.config import make_config
-from sdlora.data import PromptRules, epoch_batches
-from sdlora.dataset import is_concept_parent, scan_dataset
+from sdlora.data.captions import PromptRules
+from sdlora.data.kohya_folders import is_concept_parent, scan_dataset
+from sdlora.data.schedule import epoch_batches
 from sdlora.errors import SdloraError
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from tests.helpers import make_images, run_main, train_tiny
 
 

@@ -381,7 +381,7 @@ def test_flux_resume_with_bf16_and_gradient_checkpointing_equals_the_uninterrupt
     """Mixed precision, gradient checkpointing and checkpoint/resume on a transformer: a run resumed from its
     step-2 checkpoint ends with the same adapter, bit for bit, as the run that never stopped."""
     from sdlora.config import make_config
-    from sdlora.formats.io import load
+    from sdlora.formats.file_io import load
     from sdlora.train import ckpt
     from sdlora.train.loop import train
 
@@ -426,7 +426,7 @@ def test_the_app_lists_a_flux_adapter_as_fitting_only_the_flux_model(trained, tm
 def test_verify_names_kohyas_split_qkv_alpha_pitfall(tmp_path):
     """A kohya FLUX file trained with split_qkv=True: block-diagonal q/k/v saved fused with the per-part alpha
     (kohya-ss/sd-scripts#2204). verify says so, with the fix; sdlora's own fused files (alpha x parts) do not."""
-    from sdlora.formats.io import atomic_save
+    from sdlora.formats.file_io import atomic_save
     from sdlora.formats.verify import verify_file
 
     base = load_base("tiny-flux")
@@ -451,7 +451,7 @@ def test_attention_kernels_reach_the_transformer_through_diffusers_dispatch(tmp_
     """--attention on SD3/FLUX goes through diffusers' attention dispatch (set_attention_backend): the math kernel
     trains the same adapter as the default; the UNet-only eager processor is refused in one line."""
     from sdlora.errors import SdloraError
-    from sdlora.formats.io import load
+    from sdlora.formats.file_io import load
 
     a = train_tiny(tmp_path / "a.safetensors", model="tiny-flux", steps=2, no_eval_loss=True)
     b = train_tiny(tmp_path / "b.safetensors", model="tiny-flux", steps=2, no_eval_loss=True, attention="math")

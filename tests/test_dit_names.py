@@ -4,7 +4,7 @@ For small random FLUX / SD3 models with the real block structure, an ORIGINAL (B
 the diffusers model's own weights through the map under test (fused rows concatenated in the map's order, swapped
 halves in the map's order), diffusers' `convert_*_transformer_checkpoint_to_diffusers` turns it back into diffusers
 names, and every tensor must come back exactly. Then the real sizes on the meta device: kohya's module names,
-counts and shapes (LYCORIS_AND_DIT_FORMATS.md §7.1/§7.2).
+counts and shapes (docs/lycoris-and-dit.md §7.1/§7.2).
 """
 
 from __future__ import annotations

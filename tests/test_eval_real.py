@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.metrics import FeatureModels, dreambooth_prompts
+from sdlora.eval.dreambooth_metrics import FeatureModels, dreambooth_prompts
 from tests.helpers import DOG
 
 
@@ -37,7 +37,7 @@ def feature_dirs(tmp_path_factory):
 
 
 def test_prompt_lists_are_the_papers_25_per_kind():
-    from sdlora.evaluate import PROMPTS_FILE
+    from sdlora.eval.real_model import PROMPTS_FILE
 
     live, objects = dreambooth_prompts(PROMPTS_FILE, live=True), dreambooth_prompts(PROMPTS_FILE, live=False)
     assert len(live) == len(objects) == 25
@@ -124,7 +124,7 @@ def test_identical_images_score_one_and_different_ones_less(feature_dirs, expect
 def test_eval_cli_reports_the_adapter_and_base_scores_of_the_dreambooth_protocol(trained, feature_dirs, expected_scores,
                                                                                 capsys, monkeypatch):
     from sdlora.cli import main
-    from sdlora.evaluate import PROMPTS_FILE
+    from sdlora.eval.real_model import PROMPTS_FILE
     from sdlora.infer.session import Session
 
     calls = []  # what `sdlora eval` generated: (settings, strengths, images); the real generate runs

@@ -12,7 +12,7 @@ from sdlora.archs import get as arch_spec
 from sdlora.archs import load_config, meta_components
 from sdlora.config import make_config
 from sdlora.errors import SdloraError
-from sdlora.formats import convert, io, kohya, layouts, meta, read, verify
+from sdlora.formats import convert, file_io, kohya, layouts, meta, read, verify
 from sdlora.lora.targets import find_targets
 from tests.helpers import kohya_fixture
 
@@ -42,7 +42,7 @@ def preset_names(arch: str, preset: str) -> set[str]:
 def test_full_preset_counts_match_kohyas_verified_numbers(arch, counts):
     names = preset_names(arch, "full")
     got = {c: sum(n.startswith(kohya.PREFIX[c] + "_") for n in names) for c in counts}
-    assert got == counts  # KOHYA_FORMAT.md §1, verified against kohya's reference files
+    assert got == counts  # docs/kohya-format.md §1, verified against kohya's reference files
     assert names <= set(layouts.kohya_table(arch))
 
 
@@ -113,7 +113,7 @@ def test_unet_ldm_examples():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A1111 mapping (KOHYA_FORMAT.md §5) against LDM names
+# A1111 mapping (docs/kohya-format.md §5) against LDM names
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -256,8 +256,8 @@ def test_convert_there_and_back_is_identical(tmp_path, arch, to):
     rep = convert.convert(src, mid, to)
     assert (rep.converted, rep.skipped, rep.unknown) == (len(sd) // 3 + (len(sd) % 3 > 0), [], [])
     convert.convert(mid, tmp_path / "back.safetensors", "kohya")
-    a, ma = io.load(src)
-    b, mb = io.load(tmp_path / "back.safetensors")
+    a, ma = file_io.load(src)
+    b, mb = file_io.load(tmp_path / "back.safetensors")
     assert set(a) == set(b) and ma == mb
     assert all(torch.equal(a[n], b[n]) and a[n].dtype == b[n].dtype for n in a)
 
@@ -302,7 +302,7 @@ def test_detect_format(tmp_path):
     table = layouts.kohya_table("sd1")
     src = tmp_path / "k.safetensors"
     pattern = r"down_blocks_0_attentions_0_.*attn2_to_q$|layers_0_self_attn_q_proj$"
-    io.atomic_save(kohya_fixture(table, pattern), src, {})
+    file_io.atomic_save(kohya_fixture(table, pattern), src, {})
     convert.convert(src, tmp_path / "d.safetensors", "diffusers")
     convert.convert(src, tmp_path / "peft", "peft")
     files = {"kohya": [src], "diffusers": [tmp_path / "d.safetensors"],
@@ -310,4 +310,4 @@ def test_detect_format(tmp_path):
     assert set(files) == set(convert.FORMATS) and len(files["peft"]) == 2  # unet/, text_encoder/
     for fmt, paths in files.items():
         for f in paths:
-            assert read.detect_format(io.load(f)[0]) == fmt, f
+            assert read.detect_format(file_io.load(f)[0]) == fmt, f

@@ -11,7 +11,7 @@ import torch
 
 from sdlora import cli
 from sdlora.errors import SdloraError
-from sdlora.formats import io, kohya, layouts
+from sdlora.formats import file_io, kohya, layouts
 from sdlora.formats.a1111 import ImageParams, LoraRef, format_parameters, parse_parameters, read_parameters
 from sdlora.formats.kohya import save as save_adapter
 from sdlora.infer.cli import parse_lora_spec
@@ -57,7 +57,7 @@ def merged_base(blend: list[tuple[Path, float, float]]):
     table = layouts.table_of(base.components, base.arch)
     with torch.no_grad():
         for path, te, unet in blend:
-            tensors, _ = io.load(path)
+            tensors, _ = file_io.load(path)
             for mod, parts in reference.group(tensors).items():
                 where = table[mod]
                 w = base.components[where.component].get_submodule(where.module_path).weight
@@ -158,7 +158,7 @@ def test_two_adapters_blend_to_the_sum_of_deltas_without_reading_disk(adapters, 
 @pytest.mark.slow
 def test_wrong_adapters_are_refused(adapters, tmp_path):
     s = Session("tiny")
-    tensors, md = io.load(adapters["dog"])
+    tensors, md = file_io.load(adapters["dog"])
     save_adapter(tensors, tmp_path / "xl.safetensors", md | {"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(SdloraError, match=r"xl.safetensors: this adapter is for SDXL .* model 'tiny' is SD 1.x"):
         s.add(tmp_path / "xl.safetensors")

@@ -17,7 +17,7 @@ import torch
 
 from sdlora.cli import main
 from sdlora.config import make_config
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.formats.meta import portable
 from sdlora.formats.verify import verify_file
 from sdlora.train.loop import train

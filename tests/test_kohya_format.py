@@ -10,7 +10,7 @@ import torch
 
 from sdlora.archs import meta_model
 from sdlora.formats import meta
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.models import load_base
 from tests.helpers import train_tiny
 
@@ -41,7 +41,7 @@ def test_default_preset_file_has_exactly_the_sd15_kohya_names(trained):
     want = expected_sd15_names(r".*attn2\.to_[qv]", r".*self_attn\.(q|k|v|out)_proj")
     assert len(want) == 32 + 48  # 16 transformer blocks x (q, v); 12 layers x 4 projections
     assert modules_in(state) == want
-    # names every loader matches (shared/KOHYA_FORMAT.md §1), spelled out
+    # names every loader matches (docs/kohya-format.md §1), spelled out
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q" in want
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v" in want
     assert "lora_te_text_model_encoder_layers_11_self_attn_v_proj" in want

@@ -87,7 +87,7 @@ def test_a_short_run_lowers_the_loss_on_fixed_noise_and_timesteps(tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_gives_the_same_adapter_and_another_seed_does_not(tmp_path):
-    from sdlora.formats.io import load
+    from sdlora.formats.file_io import load
 
     a = load(train_tiny(tmp_path / "a.safetensors", steps=5, seed=7).path)[0]
     b = load(train_tiny(tmp_path / "b.safetensors", steps=5, seed=7).path)[0]

@@ -45,7 +45,7 @@ def draw(*shape):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# independent reference formulas (float64; written from LYCORIS_AND_DIT_FORMATS.md, explicit index sums)
+# independent reference formulas (float64; written from docs/lycoris-and-dit.md, explicit index sums)
 
 
 def ref_mm(a, b):
@@ -354,7 +354,7 @@ def test_each_kind_trains_verifies_and_generates(trained_files):
 @pytest.mark.xdist_group("lycoris-trained")
 def test_other_kinds_are_refused_where_a_layout_cannot_hold_them(trained_files, tmp_path):
     from sdlora.formats.convert import convert
-    from sdlora.inspect import describe
+    from sdlora.inspect_lora import describe
     from sdlora.resize import resize
 
     loha = trained_files["loha"]

@@ -12,7 +12,7 @@ import torch
 
 from sdlora.config import TrainConfig, make_config
 from sdlora.errors import SdloraError
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.train import ckpt
 from tests.helpers import DOG, ROOT, train_tiny
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sdlora.cli import main
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.guard import RECORD, OutputLock, lock_path, reserve
 from tests.helpers import DOG, ROOT, train_tiny
 

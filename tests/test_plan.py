@@ -59,7 +59,7 @@ def flux_planner():
 def test_flux_dev_plans(flux_planner):
     p = flux_planner
     params = sum(t.numel() for t in p.shape.denoiser.parameters() if not t.requires_grad)
-    assert params == 11_901_408_320  # FLUX.1-dev's transformer (BIG_MODELS.md: 11.90 B)
+    assert params == 11_901_408_320  # FLUX.1-dev's transformer (docs/big-models.md: 11.90 B)
     assert p.whole["bf16"] == 2 * params
     assert 11.9e9 < p.whole["fp8"] < 12.1e9  # Linear weights at 1 byte, embedders and norms in bf16
     plans = {v: p.plan(v) for v in (8, 12, 16, 24)}

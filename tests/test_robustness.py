@@ -26,19 +26,11 @@ import torch
 from PIL import Image
 
 from sdlora.config import make_config
-from sdlora.data import (
-    PromptRules,
-    build_examples,
-    checked_images,
-    decode_caption,
-    display_name,
-    image_size,
-    load_image,
-    read_caption,
-    scan,
-)
+from sdlora.data.captions import PromptRules, decode_caption, read_caption
+from sdlora.data.examples import build_examples
+from sdlora.data.images import checked_images, display_name, image_size, load_image, scan
 from sdlora.errors import SdloraError
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.train.loop import train
 from tests.helpers import DOG, ROOT, SDLORA, main_error, make_images, sub_env
 
@@ -201,7 +193,7 @@ def test_a_subfolder_of_the_images_folder_is_a_fine_output_place(tmp_path, dog):
 def _killed_save(target: Path, folder: bool = False) -> Path:
     """Run sdlora's own atomic writer for `target` in a forked child that is SIGKILLed halfway through the write;
     returns the temp file/folder it leaves behind."""
-    from sdlora.formats.io import atomic_write, atomic_write_dir
+    from sdlora.formats.file_io import atomic_write, atomic_write_dir
 
     before = set(target.parent.iterdir()) if target.parent.exists() else set()
     pid = os.fork()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from tests.helpers import ROOT, make_images, sub_env, train_tiny
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from sdlora.formats import convert, io, kohya, layouts, verify
+from sdlora.formats import convert, file_io, kohya, layouts, verify
 from sdlora.formats.kohya import save
 from sdlora.formats.read import read_adapter
 from sdlora.models import load_base
@@ -40,11 +40,11 @@ def files(base, tmp_path_factory):
 
 
 def test_fixture_is_in_kohyas_layout(files):
-    state, _ = io.load(files["locon"])
+    state, _ = file_io.load(files["locon"])
     k = "lora_unet_down_blocks_0_resnets_1_conv2"
     assert state[f"{k}.lora_down.weight"].shape[2:] == (3, 3) and state[f"{k}.lora_up.weight"].shape[2:] == (1, 1)
     assert state[f"{k}.alpha"].dim() == 0 and state[f"{k}.alpha"].item() == 2.0
-    assert not any(k.endswith(".alpha") for k in io.load(files["noalpha"])[0])
+    assert not any(k.endswith(".alpha") for k in file_io.load(files["noalpha"])[0])
 
 
 @pytest.mark.slow
@@ -65,12 +65,12 @@ def test_verify_cli_exit_codes(files, capsys):
 
 def test_verify_against_a_loaded_model(files, base):
     rep = verify.verify_file(files["locon"], model=base)
-    assert rep.ok and rep.modules == len(io.load(files["locon"])[0]) // 3
+    assert rep.ok and rep.modules == len(file_io.load(files["locon"])[0]) // 3
     assert rep.against == "the loaded model 'tiny'"
 
 
 def test_inspect_reads_kohya_diffusers_and_peft_alike(files, capsys):
-    from sdlora.inspect import describe
+    from sdlora.inspect_lora import describe
 
     kinds = [describe(files[k]) for k in ("locon", "diffusers", "peft")]
     assert [d["format"] for d in kinds] == ["kohya", "diffusers", "peft"]
@@ -86,18 +86,18 @@ def test_inspect_reads_kohya_diffusers_and_peft_alike(files, capsys):
 
 
 def test_convert_cli_prints_counts_and_round_trips(files, tmp_path, capsys):
-    n = len(io.load(files["locon"])[0]) // 3
+    n = len(file_io.load(files["locon"])[0]) // 3
     r = run_main(capsys, "convert", files["diffusers"], tmp_path / "back.safetensors", "--to", "kohya")
     assert r.returncode == 0, r.stderr
     assert f"{n} modules converted, 0 keys skipped, 0 unknown" in r.stdout
-    a, b = io.load(files["locon"])[0], io.load(tmp_path / "back.safetensors")[0]
+    a, b = file_io.load(files["locon"])[0], file_io.load(tmp_path / "back.safetensors")[0]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_no_alpha_gets_an_explicit_alpha_only_when_asked(files, tmp_path):
     convert.convert(files["noalpha"], tmp_path / "d.safetensors", "diffusers")
     convert.convert(tmp_path / "d.safetensors", tmp_path / "k.safetensors", "kohya")
-    assert not any(k.endswith(".alpha") for k in io.load(tmp_path / "k.safetensors")[0])  # still as it was
+    assert not any(k.endswith(".alpha") for k in file_io.load(tmp_path / "k.safetensors")[0])  # still as it was
     convert.convert(files["noalpha"], tmp_path / "fixed.safetensors", "kohya", alpha_if_missing=4)
     assert verify.verify_file(tmp_path / "fixed.safetensors").ok
 
@@ -162,7 +162,7 @@ def test_merge_single_file_loads_in_diffusers_with_the_fused_output(files, tmp_p
     base.pipeline().save_pretrained(tmp_path / "cfg")
     loras = [(str(files["locon"]), 0.8, 0.8), (str(files["noalpha"]), 0.5, 0.25)]
     merge("tiny", loras, tmp_path / "merged.safetensors", dtype="fp32")
-    keys = io.load(tmp_path / "merged.safetensors")[0]
+    keys = file_io.load(tmp_path / "merged.safetensors")[0]
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight" in keys
     assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
     assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
@@ -214,7 +214,7 @@ def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path, capsys):
 
     # same rank: the delta is unchanged
     frac, _ = resize(files["locon"], tmp_path / "r4.safetensors", 4)
-    a, b = io.load(files["locon"])[0], io.load(tmp_path / "r4.safetensors")[0]
+    a, b = file_io.load(files["locon"])[0], file_io.load(tmp_path / "r4.safetensors")[0]
     ga, gb = reference.group(a), reference.group(b)
     for m in ga:
         da = reference.lora_delta(ga[m]["lora_down.weight"], ga[m]["lora_up.weight"], ga[m]["alpha"].item())
@@ -224,7 +224,7 @@ def test_resize_keeps_scale_and_reports_the_energy(files, tmp_path, capsys):
     # rank 2: the best rank-2 approximation; energy fraction from singular values computed here
     r = run_main(capsys, "resize", files["locon"], "--rank", "2", "--out", tmp_path / "r2.safetensors")
     assert r.returncode == 0, r.stderr
-    c = reference.group(io.load(tmp_path / "r2.safetensors")[0])
+    c = reference.group(file_io.load(tmp_path / "r2.safetensors")[0])
     kept = total = 0.0
     for m in ga:
         d = reference.lora_delta(ga[m]["lora_down.weight"], ga[m]["lora_up.weight"], ga[m]["alpha"].item())

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from sdlora.eval import toy_judge, toy_score
 from sdlora.tiny import tiny_components
-from sdlora.toy import BASE_DIR, TOY_RESOLUTION, evaluate, judge, toy_components, world
+from sdlora.toy import BASE_DIR, TOY_RESOLUTION, toy_components, world
 from tests.helpers import ROOT, run_main
 
 SUBJECT_DIR = ROOT / "datasets" / "toy-purple-triangle"
@@ -67,12 +68,12 @@ def test_tokenizer_has_one_token_per_word_and_falls_back_to_characters():
 def test_judge_is_accurate_on_held_out_renders_clean_and_degraded():
     # Measured: 100.0% on 1000 clean and 1000 degraded (blur σ 0.3-1.2 px, noise, colour shift) renders of
     # every colour × shape (held-out ones included). A judge below 98% would make the base's figures meaningless.
-    clean = judge.accuracy_on_renders(400)
-    degraded = judge.accuracy_on_renders(400, degraded=True)
+    clean = toy_judge.accuracy_on_renders(400)
+    degraded = toy_judge.accuracy_on_renders(400, degraded=True)
     assert clean["all"] >= 0.99, clean
     assert degraded["all"] >= 0.98, degraded
     blank = np.full((32, 32, 3), 120, np.uint8)
-    assert judge.judge(blank).shape == "none"
+    assert toy_judge.judge(blank).shape == "none"
 
 
 def test_toy_base_is_a_small_safetensors_diffusers_folder_sdlora_can_adapt():
@@ -103,10 +104,10 @@ def base_run():
     base = load_base("toy")
     cache: dict = {}
     prompts = [TRIGGER, CLASS] + world.seen_prompts(backgrounds=False)
-    imgs = evaluate.generate(base, prompts, N)
+    imgs = toy_score.generate(base, prompts, N)
     want = {TRIGGER: world.parse_caption(SUBJECT), CLASS: world.parse_caption(SUBJECT)}
-    subj = evaluate.judged({p: imgs[p] for p in prompts[:2]}, want)
-    acc = evaluate.judged({p: imgs[p] for p in prompts[2:]})
+    subj = toy_score.judged({p: imgs[p] for p in prompts[:2]}, want)
+    acc = toy_score.judged({p: imgs[p] for p in prompts[2:]})
     cache[(tuple(prompts), N, 0)] = (subj, acc)
     return base, cache, subj, acc
 
@@ -143,14 +144,14 @@ def _dreambooth(base, cache, tmp_path, seed: int, classes=None):
     prior = dict(class_prompt=CLASS, class_images=str(classes), num_class_images=40) if classes else {}
     train(_config(images=str(SUBJECT_DIR), prompt=TRIGGER, model="toy", steps=600, lr=1e-3, seed=seed,
                   out=str(out), no_cache=True, **prior), log=lambda *a: None)
-    return out, evaluate.score_adapter(base, out, TRIGGER, SUBJECT, CLASS, n=N, base_cache=cache)
+    return out, toy_score.score_adapter(base, out, TRIGGER, SUBJECT, CLASS, n=N, base_cache=cache)
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("toy-base-run")
 def test_dreambooth_learns_a_held_out_subject_without_drifting_other_prompts(base_run, tmp_path, capsys):
     base, cache, _, _ = base_run
-    classes = evaluate.class_images(base, CLASS, tmp_path / "class", n=40)
+    classes = toy_score.class_images(base, CLASS, tmp_path / "class", n=40)
     runs = {}
     for seed, cls in ((0, classes), (1, classes), (0, None)):
         runs[seed, cls is not None] = _dreambooth(base, cache, tmp_path, seed, cls)

@@ -23,9 +23,10 @@ from PIL import Image
 from sdlora.archs import get as arch_spec
 from sdlora.cache import EmbeddingCache, LatentCache
 from sdlora.config import load_toml, make_config
-from sdlora.data import Example, load_image
+from sdlora.data.examples import Example
+from sdlora.data.images import load_image
 from sdlora.errors import SdloraError
-from sdlora.formats.io import load
+from sdlora.formats.file_io import load
 from sdlora.models import load_base
 from sdlora.tiny import tiny_components
 from sdlora.train import ckpt

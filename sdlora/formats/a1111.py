@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from sdlora.errors import SdloraError
-from sdlora.formats import io
+from sdlora.formats import file_io
 
 
 @dataclass
@@ -112,7 +112,7 @@ def parse_parameters(text: str) -> ImageParams:
 
 def read_parameters(path) -> ImageParams:
     """The `parameters` chunk of a PNG, parsed."""
-    text = io.png_text(path).get("parameters")
+    text = file_io.png_text(path).get("parameters")
     if text is None:
         raise SdloraError(f"{path}: PNG has no 'parameters' text chunk")
     return parse_parameters(text)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 from sdlora.lora import math as M
 from sdlora.lora.math import lora_delta, lora_delta_shape, lora_scale
 
@@ -205,7 +205,7 @@ def check_module(m: AdapterModule, where: str) -> None:
         try:  # inner dimensions and the two factors' shapes must agree
             d = m._scaled({k: v.to("meta") for k, v in t.items()})
         except (RuntimeError, IndexError, KeyError) as e:
-            raise bad(f"has {m.kind} factors whose shapes do not fit together ({str(e).splitlines()[0][:80]})") from e
+            raise bad(f"has {m.kind} factors whose shapes do not fit together ({cause(e, 80)})") from e
         if math.prod(d.shape) != math.prod(m.shape):
             raise bad(f"has {m.kind} factors whose shapes do not fit together")
     if m.dora:

@@ -24,7 +24,7 @@ import torch
 
 from sdlora import archs
 from sdlora.archs import ArchSpec
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -280,7 +280,7 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise SdloraError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:200]}); re-download "
+        raise SdloraError(f"{path}: not a readable .safetensors file ({cause(e)}); re-download "
                           "or re-export it") from e
 
 

@@ -1,4 +1,4 @@
-"""`sdlora convert`: kohya <-> diffusers <-> PEFT LoRA files, alpha carried through (never assumed = rank).
+"""What `sdlora convert` does: kohya <-> diffusers <-> PEFT LoRA files, alpha carried through (never assumed = rank).
 
 - kohya: one .safetensors, `lora_unet_*` / `lora_te*_*` + `.lora_down.weight` / `.lora_up.weight` / `.alpha`.
 - diffusers: one .safetensors as `save_lora_weights` writes it: `unet.<path>.lora_A.weight`, `.lora_B.weight`,
@@ -9,7 +9,7 @@
   `adapter_model.safetensors` + `adapter_config.json`), what `PeftModel.from_pretrained(component, folder/unet)`
   loads.
 The kohya metadata (`ss_*`, `modelspec.*`, `sshs_*`) travels in the header of every format, so kohya -> other ->
-kohya gives the same tensors and metadata.
+kohya gives the same tensors and metadata. The command line is in `sdlora/cli_formats.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from sdlora import archs
 from sdlora.errors import SdloraError
-from sdlora.formats import io, kohya, layouts
+from sdlora.formats import file_io, kohya, layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule
 from sdlora.formats.read import ADAPTER_META, MISSING_ALPHA, PEFT_PREFIX, read_adapter
 
@@ -176,7 +176,7 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
         kohya.save(kohya.to_tensors(named), out, md)  # recomputes kohya's sshs_* hashes
     elif to == "diffusers":
         tensors, md = to_diffusers(placed, adapter, arch)
-        io.atomic_save(tensors, out, md)
+        file_io.atomic_save(tensors, out, md)
     elif to == "peft":
         def fill(tmp: Path) -> None:
             for comp, mods in _by_component(placed, arch).items():
@@ -189,7 +189,7 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
                 cfg = _peft_config(mods) | {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
                                             "init_lora_weights": True, "inference_mode": True}
                 (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-                io.atomic_save(tensors, d / "adapter_model.safetensors", _carry(adapter) | {"format": "pt"})
+                file_io.atomic_save(tensors, d / "adapter_model.safetensors", _carry(adapter) | {"format": "pt"})
         from sdlora.guard import write_folder
 
         write_folder(out, fill, overwrite)
@@ -237,23 +237,3 @@ def convert(src, out, to: str, arch: str | None = None, alpha_if_missing: float 
     adapter = read_adapter(src)
     with guard.OutputLock(out, "output"):
         return write(adapter, arch or adapter.arch or next(iter(archs.SPECS)), out, to, alpha_if_missing, overwrite)
-
-
-def add_convert_args(p) -> None:
-    p.add_argument("input", help="LoRA file (.safetensors: kohya, diffusers or PEFT) or a PEFT folder")
-    p.add_argument("output", help="output .safetensors (kohya, diffusers) or folder (peft)")
-    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    p.add_argument("--arch", choices=archs.IDS, default=None, help="architecture (default: from metadata and names)")
-    p.add_argument("--alpha-if-missing", type=float, default=None, metavar="ALPHA",
-                   help="write this alpha for modules that have none (default: keep them as they are)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output file, or what sdlora wrote in an existing output folder")
-
-
-def cmd_convert(args) -> int:
-    rep = convert(args.input, args.output, args.to, args.arch, args.alpha_if_missing, args.overwrite)
-    print(rep.line())
-    for n in rep.notes:
-        print(f"note: {n}")
-    print(args.output)
-    return 0

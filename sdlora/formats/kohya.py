@@ -1,4 +1,4 @@
-"""kohya LoRA key names and tensors (shared/KOHYA_FORMAT.md). Pure functions on names and dicts.
+"""kohya LoRA key names and tensors (docs/kohya-format.md). Pure functions on names and dicts.
 
 Only this module knows key names. A module `<path>` of component `c` becomes `<prefix>_<path with . -> _>`
 with three tensors: `.lora_down.weight` [r, in(, 1, 1)], `.lora_up.weight` [out, r(, 1, 1)] and a 0-dim `.alpha`.
@@ -9,7 +9,7 @@ Per family (`arch`: an `sdlora.archs` id; its spec says which components exist a
   `lora_te1_text_model_...`) and "te2" (bigG, `lora_te2_text_model_...`).
 Writing the neutral `AdapterFile` as a kohya file (`to_tensors`, `save`) is here too.
 The diffusers <-> LDM UNet name maps (`unet_to_ldm`, `unet_from_ldm`) and A1111's kohya -> compvis mapping
-(`a1111_name`, KOHYA_FORMAT.md §5) are here too.
+(`a1111_name`, docs/kohya-format.md §5) are here too.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from sdlora import archs
-from sdlora.formats import io, meta
+from sdlora.formats import file_io, meta
 from sdlora.formats.adapter import AdapterFile, AdapterModule
 
 # component -> key prefix. SD 1.x/2.x have a single text encoder: `lora_te`, never `lora_te1` (kohya rejects it).
 PREFIX = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2", "te3": "lora_te3"}
 TE_COMPONENTS = ("te", "te1", "te2", "te3")
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
-# key suffix of each role, per kind (LyCORIS's names, LYCORIS_AND_DIT_FORMATS.md §1-5; what A1111 and ComfyUI read)
+# key suffix of each role, per kind (LyCORIS's names, docs/lycoris-and-dit.md §1-5; what A1111 and ComfyUI read)
 _LORA = {"down": DOWN, "up": UP, "mid": "lora_mid.weight", "magnitude": "dora_scale"}
 ROLE_SUFFIX = {
     "lora": _LORA, "locon": _LORA, "dora": _LORA,
@@ -185,7 +185,7 @@ def unet_from_ldm(path: str, arch="sd1") -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# AUTOMATIC1111's mapping (extensions-builtin/Lora/networks.py, KOHYA_FORMAT.md §5)
+# AUTOMATIC1111's mapping (extensions-builtin/Lora/networks.py, docs/kohya-format.md §5)
 
 _A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
                  "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
@@ -354,5 +354,5 @@ def save(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> Pa
     """Write kohya `tensors` atomically with `metadata` and kohya's `sshs_*` hashes (recomputed)."""
     metadata = {k: v for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = meta.addnet_hashes(tensors, metadata)
-    io.atomic_save(tensors, Path(path), metadata)
+    file_io.atomic_save(tensors, Path(path), metadata)
     return Path(path)

@@ -128,8 +128,8 @@ def model_table(components: dict[str, torch.nn.Module], arch: str) -> dict[str, 
 
 def aliases(table: dict[str, Module], arch: str) -> dict[str, str]:
     """Non-canonical names that kohya also loads -> canonical name: UNet modules under diffusers-style names where
-    kohya names them by LDM paths (SDXL; kohya converts them, KOHYA_FORMAT.md §1); FLUX's T5 under OneTrainer's
-    `lora_te2_` besides kohya's `lora_te3_` (ComfyUI maps both, LYCORIS_AND_DIT_FORMATS.md §7.3)."""
+    kohya names them by LDM paths (SDXL; kohya converts them, docs/kohya-format.md §1); FLUX's T5 under OneTrainer's
+    `lora_te2_` besides kohya's `lora_te3_` (ComfyUI maps both, docs/lycoris-and-dit.md §7.3)."""
     if archs.get(arch).denoiser_names == "original":
         t5_te2 = "te2" not in archs.get(arch).components
         return {"lora_te2_" + k.removeprefix("lora_te3_"): k for k, m in table.items()

@@ -129,9 +129,9 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
 def dataset_metadata(dataset, repeats: int, instance: list, classes: list, trigger: str = "") -> dict[str, str]:
     """kohya's dataset keys (library/train_util.py, DreamBooth datasets): `ss_dataset_dirs` and `ss_reg_dataset_dirs`
     ({folder name: {"n_repeats", "img_count"}}), `ss_num_train_images` / `ss_num_reg_images` counting repeats, and
-    `ss_tag_frequency` per folder (instance and class). `dataset` is an `sdlora.dataset.Dataset`, `repeats` the run's
-    --repeats (it multiplies each folder's N), `instance`/`classes` the examples trained on (their final captions).
-    Without a `trigger` (--trigger/--prompt), the trigger phrase is the concept folders' words."""
+    `ss_tag_frequency` per folder (instance and class). `dataset` is an `sdlora.data.kohya_folders.Dataset`,
+    `repeats` the run's --repeats (it multiplies each folder's N), `instance`/`classes` the examples trained on
+    (their final captions). Without a `trigger` (--trigger/--prompt), the trigger phrase is the concept folders' words."""
     captions: dict = {}
     for e in list(instance) + list(classes):
         captions.setdefault(e.path.parent, []).append(e.caption)

@@ -6,7 +6,7 @@ older `.lora.down.weight` / `to_q_lora` spellings, PEFT configs in the `lora_ada
 (`base_model.model.<path>.lora_A.weight`, `adapter_config.json` beside them: `lora_alpha`, `alpha_pattern`) and
 PEFT folders (one `adapter_model.safetensors` + `adapter_config.json`, or one such folder per component as
 `sdlora convert --to peft` writes). Parsing (`parse`) is pure: tensors and metadata in, dataclasses out; file I/O
-is `formats/io.py`'s. Every module is sanity-checked (`adapter.check_module`); keys that are not parts of a module
+is `formats/file_io.py`'s. Every module is sanity-checked (`adapter.check_module`); keys that are not parts of a module
 sdlora can apply are kept in `AdapterFile.unknown`, never dropped silently.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from sdlora import archs
 from sdlora.errors import SdloraError
-from sdlora.formats import io, kohya
+from sdlora.formats import file_io, kohya
 from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 
 ADAPTER_META = "lora_adapter_metadata"  # diffusers' header entry with the PEFT configs per component
@@ -163,7 +163,7 @@ def _peft_component(comp: str, sub: dict[str, torch.Tensor], config: dict | None
 
     alphas = {k[:-len(".alpha")]: _alpha(v, k, where) for k, v in sub.items() if k.endswith(".alpha")}
     # PEFT DoRA: `<path>.lora_magnitude_vector(.weight)`, one norm per output channel ([out] Linear, [1, out, 1, 1]
-    # conv; LYCORIS_AND_DIT_FORMATS.md §4.3), kept as the [out, 1(, 1, 1)] magnitude LyCORIS writes for that axis
+    # conv; docs/lycoris-and-dit.md §4.3), kept as the [out, 1(, 1, 1)] magnitude LyCORIS writes for that axis
     mags = {k.split(PEFT_MAGNITUDE)[0]: v for k, v in sub.items() if PEFT_MAGNITUDE in k}
     sub = {k: v for k, v in sub.items() if not k.endswith(".alpha") and PEFT_MAGNITUDE not in k}
     if not any(".lora_A." in k or ".lora_B." in k for k in sub):  # older diffusers spellings
@@ -358,9 +358,9 @@ def read_adapter(path) -> AdapterFile:
     path = Path(path)
     if path.is_dir():
         return _read_folder(path)
-    if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in io.PICKLE_SUFFIXES:
+    if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in file_io.PICKLE_SUFFIXES:
         raise SdloraError(f"{path}: an adapter must be a .safetensors file or a PEFT folder")
-    tensors, metadata = io.load(path)
+    tensors, metadata = file_io.load(path)
     side = path.with_name("adapter_config.json")
     configs = {"*": _config(side)} if side.is_file() else None
     a = parse(tensors, metadata, configs, where=str(path))
@@ -377,7 +377,7 @@ def _read_folder(path: Path) -> AdapterFile:
         for comp in DIFFUSERS_COMPONENTS:
             f = path / comp / "adapter_model.safetensors"
             if f.is_file():
-                t, md = io.load(f)
+                t, md = file_io.load(f)
                 tensors |= {f"{comp}.{k.removeprefix(PEFT_PREFIX)}": v for k, v in t.items()}
                 cfg = path / comp / "adapter_config.json"
                 configs[comp] = _config(cfg) if cfg.is_file() else {}

@@ -1,7 +1,8 @@
-"""`sdlora verify`: does a LoRA file load, fully and with the right shapes, in kohya, diffusers, ComfyUI and A1111,
-and will A1111 list it? Checks names against the real architecture (meta device, no weights) or a loaded model;
-never needs a download. Works on the neutral `AdapterFile` (formats/read.py), so any layout sdlora reads is checked
-the same way; a damaged file (NaN, rank 0, bad shapes) is refused by the reader with one line.
+"""What `sdlora verify` checks: does a LoRA file load, fully and with the right shapes, in kohya, diffusers,
+ComfyUI and A1111, and will A1111 list it? Checks names against the real architecture (meta device, no weights)
+or a loaded model; never needs a download. Works on the neutral `AdapterFile` (formats/read.py), so any layout
+sdlora reads is checked the same way; a damaged file (NaN, rank 0, bad shapes) is refused by the reader with one
+line. The command line is in `sdlora/cli_formats.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from sdlora.errors import cause
 from sdlora.formats import kohya, layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 from sdlora.formats.read import read_adapter
-from sdlora.models import model_kinds_help
 
 
 @dataclass
@@ -290,7 +290,7 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
 
 def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metadata: dict[str, str], arch: str,
                     table: dict[str, layouts.Module]) -> None:
-    """diffusers reads plain LoRA/LoCon pairs only (LYCORIS_AND_DIT_FORMATS.md §5.3): other kinds are a note, not a
+    """diffusers reads plain LoRA/LoCon pairs only (docs/lycoris-and-dit.md §5.3): other kinds are a note, not a
     problem of the file, and the check runs on what diffusers can read."""
     n = len(modules)
     plain = {k: m for k, m in modules.items() if m.kind in ("lora", "locon", "dora") and "mid" not in m.tensors}
@@ -350,27 +350,3 @@ def _a1111_tool(rep: VerifyReport, names: list[str], metadata: dict[str, str], a
 def verify_file(path, arch: str | None = None, model=None) -> VerifyReport:
     """Read and verify a LoRA file or PEFT folder (see `verify`)."""
     return verify(read_adapter(path), arch=arch, model=model, path=str(path))
-
-
-def add_verify_args(p) -> None:
-    p.add_argument("file", help="LoRA .safetensors (kohya, diffusers, PEFT) or PEFT folder")
-    p.add_argument("--model", default=None, help="check against this loaded model instead of the architecture "
-                   "built from public configs; " + model_kinds_help(None))
-    p.add_argument("--arch", choices=archs.IDS, default=None, help="architecture to check against (default: "
-                   "from the metadata and key names)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def cmd_verify(args) -> int:
-    model = None
-    if args.model:
-        from sdlora.models import load_base
-
-        model = load_base(args.model)
-    rep = verify_file(args.file, arch=args.arch, model=model)
-    if args.json:
-        print(json.dumps({"ok": rep.ok, "arch": rep.arch, "modules": rep.modules, "keys": rep.keys,
-                          "problems": rep.problems, "notes": rep.notes, "tools": rep.tools}, indent=2))
-    else:
-        print("\n".join(rep.lines()))
-    return 0 if rep.ok else 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sdlora import archs, bounds
 from sdlora.errors import SdloraError
-from sdlora.formats import io
+from sdlora.formats import file_io as io
 from sdlora.formats.a1111 import format_parameters
 from sdlora.formats.read import read_adapter
 from sdlora.infer.session import Session, refuse_misfits, sampler_for

@@ -5,8 +5,8 @@
 UNet2DConditionModel with cross-attention (so sdlora's LoRA presets apply as on SD 1.5). It was trained from
 scratch by `python -m sdlora.toy pretrain` on renders of the toy world (`sdlora/toy/world.py`): one coloured
 shape on a plain background, captioned "a red circle on a black background". Some subjects are held out of
-pretraining (a purple triangle; any ring) so DreamBooth has something new to teach; `sdlora/toy/judge.py`
-tells what a generated image shows, and `sdlora/toy/evaluate.py` measures prompt and subject fidelity.
+pretraining (a purple triangle; any ring) so DreamBooth has something new to teach; `sdlora/eval/toy_judge.py`
+tells what a generated image shows, and `sdlora/eval/toy_score.py` measures prompt and subject fidelity.
 """
 
 from __future__ import annotations

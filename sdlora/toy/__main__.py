@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         base = from_components("toy", archs.get(TOY_ARCH), toy_components(args.base), TOY_RESOLUTION)
         report(base, n=args.n, backgrounds=not args.no_backgrounds, log=lambda s: print(s, flush=True))
     elif args.cmd == "dataset":
-        from sdlora.toy.evaluate import subject_images
+        from sdlora.toy.world import subject_images
 
         print(subject_images(args.subject, args.out, args.n))
     return 0

@@ -133,7 +133,7 @@ def save_base(out: Path, vae, unet, te, tokenizer, info: dict) -> None:
     scheduler = PNDMScheduler.from_config(arch.load_config("sd15", "scheduler"))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    from sdlora.formats.io import atomic_write_dir
+    from sdlora.formats.file_io import atomic_write_dir
 
     def fill(tmp: Path) -> None:
         pipe.save_pretrained(str(tmp), safe_serialization=True)

@@ -24,6 +24,7 @@ bytes on every machine, and `sample_scene(seed)` the same scene.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -163,3 +164,21 @@ def seen_prompts(backgrounds: bool = True) -> list[str]:
     if not backgrounds:
         return [caption(c, s) for c, s in SEEN_COMBOS]
     return [caption(c, s, b) for c, s in SEEN_COMBOS for b in BACKGROUNDS]
+
+
+def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_000_000) -> Path:
+    """Render `n` images of a world subject (e.g. "a purple triangle": any background, any position/size)."""
+    from PIL import Image
+
+    from sdlora.formats.file_io import save_png
+
+    want = parse_caption(subject)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    bgs = list(BACKGROUNDS)
+    for i in range(n):
+        bg = want.get("background") or bgs[i % len(bgs)]
+        scene = place(rng, want["colour"], want["shape"], bg)
+        save_png(Image.fromarray(render(scene)), folder / f"{i:02d}.png")
+    return folder

@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sdlora.errors import SdloraError
-from sdlora.formats.io import atomic_write_dir
+from sdlora.errors import SdloraError, cause
+from sdlora.formats.file_io import atomic_write_dir
 
 FORMAT = 1
 MANIFEST_KEYS = ("format", "step", "identity", "data", "position", "optimizer_param_groups", "lr_scheduler",
@@ -165,7 +165,7 @@ def load(folder: Path, identity: dict, data: dict) -> tuple[dict, dict[str, torc
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SdloraError(f"{folder}: corrupt checkpoint manifest.json ({_first_line(e)}); resume from another "
+        raise SdloraError(f"{folder}: corrupt checkpoint manifest.json ({cause(e)}); resume from another "
                           "checkpoint (they sit beside it) or start a new run") from e
     check_manifest(folder, manifest)
     diffs = [f"{k}: checkpoint {manifest['identity'].get(k)!r}, now {identity.get(k)!r}"
@@ -181,7 +181,7 @@ def load(folder: Path, identity: dict, data: dict) -> tuple[dict, dict[str, torc
     try:
         tensors = load_file(folder / "state.safetensors")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SdloraError(f"{folder}: state.safetensors is truncated or corrupt ({_first_line(e)}); resume from "
+        raise SdloraError(f"{folder}: state.safetensors is truncated or corrupt ({cause(e)}); resume from "
                           "another checkpoint (they sit beside it) or start a new run") from e
     needed = {"rng/train", "rng/torch"}
     if not needed <= set(tensors) or not any(k.startswith("lora/") for k in tensors):
@@ -200,10 +200,6 @@ def check_params(folder: Path, tensors: dict[str, torch.Tensor], params: dict[st
                               "use the same settings or start a new run")
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
-
-
 def restore(folder: Path, identity: dict, data: dict, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler,
             rng: dict) -> dict:
     """Load checkpoint `folder` into the LoRA `params`, the optimizer, the LR schedule and the RNGs (`rng`: the
@@ -220,7 +216,7 @@ def restore(folder: Path, identity: dict, data: dict, *, params: dict[str, torch
         torch.set_rng_state(tensors["rng/torch"])
         rng["python"].setstate(_tuples(manifest["python_rng"]))
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as e:
-        raise SdloraError(f"{folder}: checkpoint state does not fit this run ({_first_line(e)[:120]}); resume from "
+        raise SdloraError(f"{folder}: checkpoint state does not fit this run ({cause(e, 120)}); resume from "
                           "another checkpoint or start a new run") from e
     return manifest
 

@@ -11,7 +11,7 @@ import torch
 
 from sdlora import outputs
 from sdlora.config import TrainConfig
-from sdlora.data import tag_frequency
+from sdlora.data.captions import tag_frequency
 from sdlora.errors import SdloraError
 from sdlora.formats import kohya, layouts, meta
 from sdlora.formats.read import parse

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sdlora import outputs
 from sdlora.config import TrainConfig
-from sdlora.data import Example
+from sdlora.data.examples import Example
 from sdlora.errors import SdloraError
 from sdlora.train import caches as C
 from sdlora.train import ckpt, memory, optim, prepare, scale, speed, trainable

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from sdlora.formats.io import atomic_write
+from sdlora.formats.file_io import atomic_write
 
 UNRELATED_PROMPT = "a photo of a mountain lake at sunrise"
 

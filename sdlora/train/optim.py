@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 FLOATS = "floats"  # a tuple of floats, written (0.9,0.999)
 
@@ -87,7 +87,7 @@ def load_package(name: str):
         try:
             bitsandbytes = lazy.bitsandbytes()  # also lifts the sdlora command's "not importable" mark (lazy.py)
         except Exception as e:  # ImportError, or a library that fails to find its native kernels
-            raise SdloraError(f"--optimizer adamw8bit needs bitsandbytes, which cannot load here ({_first(e)}); "
+            raise SdloraError(f"--optimizer adamw8bit needs bitsandbytes, which cannot load here ({cause(e, 160)}); "
                               "pip install 'sdlora[optim]', or use --optimizer adafactor for low memory") from e
         return bitsandbytes
     if name == "adafactor":
@@ -137,11 +137,7 @@ def check_runs(optimizer, device) -> None:
             F.quantize_blockwise(torch.zeros(256, device=device))
         except Exception as e:
             raise SdloraError(f"--optimizer adamw8bit: bitsandbytes has no kernels for {device.type} here "
-                              f"({_first(e)}); use --optimizer adamw or adafactor") from e
-
-
-def _first(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:160]
+                              f"({cause(e, 160)}); use --optimizer adamw or adafactor") from e
 
 
 def unwrap(optimizer):

@@ -16,8 +16,12 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from sdlora import bounds, outputs, quant
 from sdlora.bigload import load_options, with_t5_length
 from sdlora.config import TrainConfig
-from sdlora.data import Example, PromptRules, Schedule, display_name, make_buckets
-from sdlora.dataset import scan_dataset, scan_folder
+from sdlora.data.buckets import make_buckets
+from sdlora.data.captions import PromptRules
+from sdlora.data.examples import Example
+from sdlora.data.images import display_name
+from sdlora.data.kohya_folders import scan_dataset, scan_folder
+from sdlora.data.schedule import Schedule
 from sdlora.errors import SdloraError
 from sdlora.lora.targets import preset_targets
 from sdlora.models import load_base

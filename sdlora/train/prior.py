@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdlora.data import checked_images
-from sdlora.formats.io import atomic_write
+from sdlora.data.images import checked_images
+from sdlora.formats.file_io import atomic_write
 
 
 def slug(text: str, n: int = 40) -> str:

@@ -10,7 +10,7 @@ and, for SDPA, PyTorch's kernel choice (`torch.nn.attention.sdpa_kernel`).
 
 from __future__ import annotations
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, cause
 
 # --attention NAME -> what it is (for --help); "sdpa" is what diffusers uses when nothing is set
 ATTENTION = {
@@ -56,8 +56,7 @@ def compile_error(e: BaseException) -> SdloraError | None:
         return None
     if not isinstance(e, (TorchDynamoException, InductorError)):
         return None
-    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-    return SdloraError(f"torch.compile failed ({type(e).__name__}: {first[:200]}); train without --compile")
+    return SdloraError(f"torch.compile failed ({type(e).__name__}: {cause(e)}); train without --compile")
 
 
 # --attention NAME -> diffusers' attention-dispatch backend, for the denoisers whose processors dispatch through

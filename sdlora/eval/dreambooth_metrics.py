@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdlora.errors import cause
+
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the paper's CLIP ViT-B/32
 DEFAULT_DINO = "facebook/dino-vits16"  # the paper's DINO ViT-S/16
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -73,12 +75,12 @@ class FeatureModels:
             self.clip = CLIPModel.from_pretrained(clip, local_files_only=True).eval()
             self.clip_tok = CLIPTokenizer.from_pretrained(clip, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means "not available here"
-            why = f"CLIP model {clip!r} not available locally ({_first_line(e)}); download it once or pass --clip-model DIR"
+            why = f"CLIP model {clip!r} not available locally ({cause(e, 160)}); download it once or pass --clip-model DIR"
             self.skipped |= {"CLIP-I": why, "CLIP-T": why}
         try:
             self.dino = AutoModel.from_pretrained(dino, local_files_only=True).eval()
         except Exception as e:  # noqa: BLE001
-            self.skipped["DINO"] = f"DINO model {dino!r} not available locally ({_first_line(e)}); pass --dino-model DIR"
+            self.skipped["DINO"] = f"DINO model {dino!r} not available locally ({cause(e, 160)}); pass --dino-model DIR"
 
     @torch.no_grad()
     def clip_images(self, images) -> torch.Tensor:
@@ -109,9 +111,3 @@ class FeatureModels:
         if self.dino is not None:
             s.values["DINO"] = (self.dino_images(images) @ self.dino_images(references).T).mean().item()
         return s
-
-
-def _first_line(e: BaseException) -> str:
-    from sdlora.errors import cause
-
-    return cause(e, 160)

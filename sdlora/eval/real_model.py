@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdlora.data import checked_images
+from sdlora.data.images import checked_images
 from sdlora.errors import SdloraError
-from sdlora.metrics import DEFAULT_CLIP, DEFAULT_DINO, LIVE_CLASSES, FeatureModels, dreambooth_prompts
+from sdlora.eval.dreambooth_metrics import DEFAULT_CLIP, DEFAULT_DINO, LIVE_CLASSES, FeatureModels, dreambooth_prompts
 
 PROMPTS_FILE = Path(__file__).with_name("dreambooth_prompts.txt")
 

@@ -1,20 +1,21 @@
-"""Judged accuracy of the toy base and of adapters on it: what `sdlora eval` and the toy tests measure.
+"""Judged accuracy of the toy base and of adapters on it: what `sdlora eval --model toy` and the toy tests
+measure.
 
 Images are generated with fixed seeds (image i of prompt p: seed `seed + 1000·p + i`, independent of batch
-size) and judged by `sdlora.toy.judge`. An image is right for a prompt when every attribute the prompt names
+size) and judged by `sdlora.eval.toy_judge`. An image is right for a prompt when every attribute the prompt names
 (colour, shape, background; see `world.parse_caption`) is what the judge sees.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sdlora.toy import judge, world
+from sdlora.eval import toy_judge
+from sdlora.toy import world
 
 STEPS = 20  # DPM-Solver++ steps
 GUIDANCE = 5.0  # classifier-free guidance scale used for all toy measurements
@@ -53,7 +54,7 @@ def judged(images: dict[str, list[np.ndarray]], want: dict[str, dict[str, str]] 
     acc = {}
     for p, imgs in images.items():
         w = (want or {}).get(p) or world.parse_caption(p)
-        acc[p] = float(np.mean([judge.judge(im).matches(w) for im in imgs]))
+        acc[p] = float(np.mean([toy_judge.judge(im).matches(w) for im in imgs]))
     return acc
 
 
@@ -136,104 +137,10 @@ def class_images(base, prompt: str, folder: str | Path, n: int = 20, seed: int =
     """Generate `n` class images for prior preservation with the base into `folder` (PNG files)."""
     from PIL import Image
 
-    from sdlora.formats.io import save_png
+    from sdlora.formats.file_io import save_png
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(generate(base, [prompt], n, seed)[prompt]):
         save_png(Image.fromarray(im), folder / f"{i:03d}.png")
     return folder
-
-
-def subject_images(subject: str, folder: str | Path, n: int = 5, seed: int = 20_000_000) -> Path:
-    """Render `n` images of a world subject (e.g. "a purple triangle": any background, any position/size)."""
-    from PIL import Image
-
-    from sdlora.formats.io import save_png
-
-    want = world.parse_caption(subject)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    bgs = list(world.BACKGROUNDS)
-    for i in range(n):
-        bg = want.get("background") or bgs[i % len(bgs)]
-        scene = world.place(rng, want["colour"], want["shape"], bg)
-        save_png(Image.fromarray(world.render(scene)), folder / f"{i:02d}.png")
-    return folder
-
-
-# ----------------------------------------------------------------------------------------------------------
-# `sdlora eval`
-
-
-def add_eval_args(p) -> None:
-    p.add_argument("--adapter", required=True, metavar="FILE", help="required: the LoRA .safetensors to score")
-    p.add_argument("--subject", default=None,
-                   help="toy model: what the trigger prompt should show, as a toy-world caption, e.g. 'a purple triangle'")
-    p.add_argument("--reference-images", default=None,
-                   help="real models: folder of the real subject's photos (CLIP-I/DINO compare against them)")
-    p.add_argument("--class-noun", default=None, help="real models: the subject's class, e.g. 'dog'")
-    p.add_argument("--token", default="sks", help="real models: the trigger word in the prompts (default: sks)")
-    p.add_argument("--clip-model", default=None, help="real models: local CLIP (default: openai/clip-vit-base-patch32 "
-                   "from the local Hugging Face cache)")
-    p.add_argument("--dino-model", default=None, help="real models: local DINO (default: facebook/dino-vits16 from "
-                   "the local cache)")
-    p.add_argument("--steps", type=int, default=30, help="real models: denoising steps (default: 30)")
-    p.add_argument("--prompt", default=None,
-                   help="trigger prompt (default: the adapter's trigger from its metadata, e.g. 'a sks triangle')")
-    p.add_argument("--class-prompt", default=None, help="class prompt checked for leaks (default: 'a <shape>')")
-    p.add_argument("--model", default="toy", help="base model: 'toy' (judged by the toy world's judge), or a real "
-                   "model scored with the DreamBooth metrics CLIP-I, CLIP-T and DINO (default: toy)")
-    p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default: 1)")
-    p.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
-
-
-def cmd_eval(args) -> int:
-    from sdlora.errors import SdloraError
-    from sdlora.formats.read import read_adapter
-    from sdlora.models import load_base
-
-    if args.model != "toy":
-        from sdlora.evaluate import cmd_eval_real
-
-        return cmd_eval_real(args)
-    if not args.subject:
-        raise SdloraError("--subject is required with the toy model, e.g. --subject 'a purple triangle'")
-    if "shape" not in world.parse_caption(args.subject):
-        raise SdloraError(f"--subject {args.subject!r}: name a colour and a shape of the toy world, e.g. "
-                          f"'a purple triangle' (shapes: {', '.join(world.SHAPES)}; colours: {', '.join(world.COLOURS)})")
-    if args.num_images < 1:
-        raise SdloraError(f"--num-images must be at least 1, got {args.num_images}")
-    f = read_adapter(args.adapter)  # checked before the model loads
-    from sdlora.infer.session import refuse_misfits
-
-    refuse_misfits([f], "toy")  # an adapter of another family or built-in model, named before the toy model loads
-    prompt = args.prompt or f.trigger
-    if not prompt:
-        raise SdloraError(f"{args.adapter}: its metadata names no trigger; pass --prompt 'a sks triangle'")
-    print("loading the toy base model", flush=True)
-    base = load_base("toy")
-    print(f"scoring {args.adapter} at strength {args.strength:g}: {args.num_images} images for each prompt (the "
-          "trigger, the class and every seen colour x shape), without the adapter, then with it", flush=True)
-    bars = {}
-
-    def progress(label, done, n):
-        from tqdm import tqdm
-
-        if label not in bars:
-            bars[label] = tqdm(total=n, desc=label, unit="prompt", file=sys.stderr)
-        bars[label].update(done - bars[label].n)
-        if done == n:
-            bars[label].close()
-
-    s = score_adapter(base, args.adapter, prompt, args.subject, args.class_prompt, n=args.num_images,
-                      strength=args.strength, seed=args.seed, progress=progress)
-    print(f"adapter {args.adapter} at strength {args.strength:g} on the toy base; trigger prompt {prompt!r}, "
-          f"subject {args.subject!r}, {args.num_images} images per prompt")
-    for line in s.lines():
-        print(line)
-    worst = sorted(((p, a, b) for p, (a, b) in s.per_prompt.items() if b < a), key=lambda x: x[2] - x[1])[:3]
-    print("largest drops: " + (", ".join(f"{p!r} {100 * a:.0f}% -> {100 * b:.0f}%" for p, a, b in worst) or "none"))
-    return 0
