@@ -51,6 +51,54 @@ def test_saved_bytes_are_affine_in_the_tokens():
         assert (s[64] - s[32]) * (tokens[128] - tokens[64]) == (s[128] - s[64]) * (tokens[64] - tokens[32])
 
 
+def _injected(module: torch.nn.Module, targets: list[str], rank: int) -> int:
+    """LoRA values PEFT adds to `module` on `targets` (what training trains)."""
+    before = {id(q) for q in module.parameters()}
+    add_lora(module, targets, rank, float(rank))
+    return sum(q.numel() for q in module.parameters() if id(q) not in before)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_lora_values_counted_from_shapes_equal_the_injected_ones_tiny(model):
+    """The planner counts LoRA values from the targeted layers' shapes (no injection); each component and preset
+    gives what PEFT's injection adds, on the targets `find_targets` picks for training."""
+    seen = 0
+    for preset in ("default", "attn", "full"):
+        base = load_base(model)  # a fresh one per preset: the injection changes it
+        parts = {"unet": base.denoiser} | {c: te for c, (_, te) in base.text_encoders.items()}
+        for comp, module in parts.items():
+            targets = find_targets(module, comp, preset, base.spec)
+            if targets:
+                assert plan.lora_values(module, targets, 3) == _injected(module, targets, 3) > 0, (preset, comp)
+                seen += 1
+    assert seen >= 3
+
+
+@pytest.mark.parametrize(("arch", "variant", "preset"), [("sd1", "", "full"), ("sdxl", "", "attn"),
+                                                         ("sd3", "large", "default"), ("flux", "", "full")])
+def test_lora_values_counted_from_shapes_equal_the_injected_ones_real_size(arch, variant, preset):
+    from sdlora import archs
+
+    spec = archs.get(arch)
+    den = archs.meta_model(arch, spec.denoiser, variant).requires_grad_(False)
+    targets = find_targets(den, "unet", preset, spec)
+    assert plan.lora_values(den, targets, 16) == _injected(den, targets, 16) > 0
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3", "tiny-sdxl", "black-forest-labs/FLUX.1-dev"])
+def test_repeated_blocks_are_replayed_with_the_same_count(model, monkeypatch):
+    """The activation count replays a block identical to one already run instead of running it: every unit's
+    bytes, what is saved outside the units and each counted tensor are those of running every block."""
+    traces, acts = {}, {}
+    count = activations.count
+    for repeat in (False, True):
+        monkeypatch.setattr(activations, "count", lambda d, r, trace=None, repeat=True, _rep=repeat: count(
+            d, r, trace=traces.setdefault(_rep, []), repeat=_rep))
+        acts[repeat] = plan.Planner(plan.shape_of(model), plan.Run(64 if model.startswith("tiny") else None)).acts
+    assert acts[True].units == acts[False].units and acts[True].outside == acts[False].outside
+    assert traces[True] == traces[False] and len(traces[True]) > 100
+
+
 @pytest.fixture(scope="module")
 def flux_planner():
     return plan.Planner(plan.shape_of("black-forest-labs/FLUX.1-dev"), plan.Run(None, 1, 16))
