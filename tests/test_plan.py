@@ -3,6 +3,8 @@ counted on meta tensors (checked against the same count on real tensors), and th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -134,6 +136,34 @@ def test_plan_reads_a_folder_from_its_headers(tmp_path, capsys):
     assert "chosen: --base-precision bf16" in out and "activations" in out and "measured on the meta device" in out
     assert main(["plan", "--model", str(tmp_path / "m"), "--vram", "0.6", "--resolution", "64"]) == 1
     assert "does not fit" in capsys.readouterr().out
+
+
+def test_text_encoders_encoding_first_cost_the_larger_phase_not_the_sum(tmp_path):
+    """A FLUX folder loads piece by piece: frozen text encoders encode every prompt and leave before the transformer
+    loads, so the GPU holds the larger phase. On a card where T5 fits alone but not next to the transformer, the
+    plan takes the first choice; the same model planned as one phase (text encoders beside the transformer until
+    every prompt is cached: built-in models, hub ids) needs more than that card."""
+    load_base("tiny-flux").pipeline().save_pretrained(tmp_path / "m")
+    planner = plan.Planner(plan.shape_of(str(tmp_path / "m")), plan.Run(64, 1, 4, train_te=False))
+    assert planner.shape.encode_first
+    first = plan.Choice()
+    (_, text), (_, train) = planner.phases(first)
+    text_sum, train_sum = (sum(n for w, n, _ in rows if not w.startswith("  ")) for rows in (text, train))
+    t5 = planner.te_bytes["te3", "bf16"]
+    assert [w for w, _, _ in text] == ["text encoder te1 (bf16)", "text encoder te3 (bf16)", "VAE weights (fp32)"]
+    assert not any(w.startswith("text encoder") for w, _, _ in train)
+    assert planner.total(first) == max(text_sum, train_sum)
+    # (a fresh shape: a planner adds LoRA layers to its shape's denoiser to count the activations)
+    one_phase = plan.Planner(dataclasses.replace(plan.shape_of(str(tmp_path / "m")), encode_first=False),
+                             planner.run)
+    assert one_phase.total(first) == train_sum + text_sum - planner.vae[0]  # every row once
+    budget = (max(text_sum, train_sum) + one_phase.total(first)) / 2
+    assert t5 <= budget < t5 + train_sum  # T5 fits alone, not next to the transformer
+    vram = (budget + plan.CONTEXT) / plan.GIB / (1 - plan.FRAGMENTATION)
+    chosen = planner.plan(vram)
+    assert chosen.choice == first and chosen.total == max(text_sum, train_sum)
+    assert "text encoding (prompts encoded first" in chosen.text() and "  training: " in chosen.text()
+    assert one_phase.plan(vram).choice != first
 
 
 def test_plan_refuses_what_it_cannot_size(capsys):
