@@ -85,6 +85,51 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, groups: dict[str, t
                            or ("N" if t is int else f.name.upper()))
 
 
+# train's flags for the separate parts of FLUX.1 / SD 3.5 single files and T5's length (and the frozen model's
+# storage precisions), given to `generate` and `merge` from the same TrainConfig fields: same names, types and help
+PART_FLAGS = ("clip_l", "clip_g", "t5xxl", "ae", "t5xxl_max_token_length")
+PRECISION_FLAGS = ("base_precision", "te_precision")
+
+
+def add_part_args(parser: argparse.ArgumentParser, precision: bool = False) -> None:
+    """--clip-l, --clip-g, --t5xxl, --ae, --t5xxl-max-token-length (and --base-precision, --te-precision) as
+    `sdlora train` has them, in a "model parts" group."""
+    from dataclasses import field, make_dataclass
+
+    from sdlora.config import TrainConfig
+
+    names = PART_FLAGS + (PRECISION_FLAGS if precision else ())
+    parts = make_dataclass("Parts", [(f.name, f.type, field(default=f.default, metadata=dict(f.metadata) | {
+        "group": "model parts (FLUX.1 / SD 3.5 single files)"})) for f in fields(TrainConfig) if f.name in names])
+    add_dataclass_args(parser, parts)
+
+
+def part_values(args: argparse.Namespace) -> dict:
+    """The part flags given (the others None), checked as `sdlora train` checks them (one-line SdloraError)."""
+    values = {n: getattr(args, n, None) for n in PART_FLAGS + PRECISION_FLAGS}
+    n = values["t5xxl_max_token_length"]
+    if n is not None and not 1 <= n <= 512:
+        raise SdloraError(f"--t5xxl-max-token-length must be between 1 and 512, got {n}")
+    return values
+
+
+def load_model(model: str, values: dict):
+    """`model` loaded as `sdlora train` loads it (sdlora.models.load_base; SD3/FLUX files and folders piece by piece,
+    sdlora/bigload.py) with the part flags `values` (`part_values`); frozen weights at their precisions, computing in
+    fp32. A precision this torch / bitsandbytes cannot run is refused before the model loads."""
+    from types import SimpleNamespace
+
+    from sdlora import quant
+    from sdlora.bigload import load_options
+    from sdlora.models import load_base
+
+    for name in PRECISION_FLAGS:
+        if values[name]:
+            quant.check_mode(values[name], "cpu", "--" + name.replace("_", "-"))
+    precision = quant.Precision(values["base_precision"], values["te_precision"], trained_te=lambda spec: set())
+    return load_base(model, precision=precision, options=load_options(SimpleNamespace(**values)))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sdlora.config import load_toml, make_config
 

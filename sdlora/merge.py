@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdlora import guard
+from sdlora.cli import add_part_args, load_model, part_values
 from sdlora.errors import SdloraError
 from sdlora.formats import checkpoint, file_io, kohya
 from sdlora.formats.meta import portable
@@ -119,9 +120,10 @@ def check_out(model: str, loras: list[tuple[str, float, float]], out, overwrite:
 
 
 def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, parts: dict | None = None) -> Path:
     """Fuse `loras` [(file, text-encoder strength, unet strength)] into `model` and write `out`: a `.safetensors`
-    single file (LDM layout) or a diffusers folder."""
+    single file (LDM layout) or a diffusers folder. `parts`: the part flags of a FLUX.1 / SD 3.5 single file
+    (`sdlora.cli.part_values`)."""
     if not loras:
         raise SdloraError("merge needs at least one --lora FILE[:STRENGTH]")
     if dtype not in DTYPES:
@@ -129,12 +131,12 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
     check_out(model, loras, out, overwrite)
     files = [read_adapter(p) for p, _, _ in loras]
     with guard.OutputLock(out):
-        return _merge(model, loras, files, Path(out), dtype, base, overwrite)
+        return _merge(model, loras, files, Path(out), dtype, base, overwrite, parts)
 
 
-def _merge(model: str, loras, files, out: Path, dtype: str, base, overwrite: bool) -> Path:
+def _merge(model: str, loras, files, out: Path, dtype: str, base, overwrite: bool, parts: dict | None) -> Path:
     if base is None:
-        base = load_base(model)
+        base = load_model(model, parts) if parts else load_base(model)
     if Path(out).suffix.lower() == ".safetensors" and base.spec.denoiser_names == "original":
         raise SdloraError(f"--out {out}: a single-file checkpoint is written for SD 1.x/2.x/XL only; for "
                           f"{base.spec.label} pass a folder (--out FOLDER: a diffusers model ComfyUI and diffusers load)")
@@ -175,10 +177,11 @@ def add_merge_args(p) -> None:
                    help="dtype of the single file (default: fp16)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out file, or what sdlora wrote in an existing --out folder")
+    add_part_args(p)
 
 
 def cmd_merge(args) -> int:
     loras = [parse_lora_spec(s) for s in args.lora]
-    out = merge(args.model, loras, args.out, args.dtype, overwrite=args.overwrite)
+    out = merge(args.model, loras, args.out, args.dtype, overwrite=args.overwrite, parts=part_values(args))
     print(out)
     return 0

@@ -11,6 +11,13 @@ nf4; within a base precision, gradient checkpointing off when it fits; then the 
 and block swap, where an fp8 text encoder costs as much as swapping 15 % of the denoiser's weights and nf4 40 % (the
 text encoders only encode the prompts once, the swap costs every step). Latents and text embeddings are always
 cached (they only save memory), and the text encoders frozen unless the run trains them and that fits.
+
+Two phases where SD3/FLUX load piece by piece (a local folder or single files; `Shape.encode_first`): with frozen
+text encoders every prompt is encoded first and the encoders leave memory before the denoiser loads
+(`_Run.encode_first` in sdlora/train/loop.py), so the GPU holds the larger of the text-encoding phase (the frozen
+encoders, the VAE) and the training phase (denoiser, VAE, LoRA, activations, trained encoders), not their sum. Elsewhere
+(built-in models, hub ids, UNet families) the text encoders share the GPU with the denoiser until every prompt is
+cached: one phase, the sum.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class Shape:
     scheduler_config: dict
     source: str  # where the parameter counts come from
     header_params: dict = field(default_factory=dict)  # component -> parameters counted in safetensors headers
+    encode_first: bool = False  # loaded piece by piece (SD3/FLUX folders, files): prompts encoded before the denoiser
 
 
 def _numel(files: list[Path]) -> int:
@@ -85,7 +93,13 @@ def _folder(path: Path) -> Shape:
     counts = {c: _numel(sorted((path / sub).glob("*.safetensors"))) for c, sub in comps.items()}
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return Shape(str(path), spec, meta(spec.denoiser), {t.component: meta(t.attr) for t in spec.text_encoders},
-                 meta("vae"), sched, "safetensors headers (counts), config.json on the meta device (layers)", counts)
+                 meta("vae"), sched, "safetensors headers (counts), config.json on the meta device (layers)", counts,
+                 _piece_by_piece(spec))
+
+
+def _piece_by_piece(spec) -> bool:
+    """Does sdlora load this family's folders and single files piece by piece (sdlora/bigload.py: SD3, FLUX)?"""
+    return spec.denoiser_names == "original"
 
 
 def shape_of(model: str) -> Shape:
@@ -172,7 +186,7 @@ class Plan:
     vram: float
     choice: Choice | None
     rows: list[tuple[str, float, str]]  # (what, bytes, how it was obtained)
-    total: float
+    total: float  # the GPU's peak: the larger phase's sum when the text encoders go first, else every row's
     budget: float
     smallest: tuple[Choice, float] | None = None
 
@@ -192,7 +206,7 @@ class Plan:
             return "\n".join(lines)
         lines.append(f"  chosen: {self.choice.flags()}; latents and text embeddings cached")
         for what, n, how in self.rows:
-            lines.append(f"  {what:<46} {n / GIB:7.2f} GiB  {how}")
+            lines.append(f"  {what:<46} {n / GIB:7.2f} GiB  {how}" if n is not None else f"  {what}")
         lines.append(f"  {'total':<46} {self.total / GIB:7.2f} GiB  of {self.budget / GIB:.2f} GiB usable ("
                      f"{self.vram:g} GiB less {CONTEXT / GIB:.1f} GiB CUDA context and {FRAGMENTATION:.0%} "
                      "for the allocator: estimated)")
@@ -275,7 +289,8 @@ class Planner:
                      else {"pooled": pooled} if pooled is not None else None)
             t = objective.fixed_timesteps(500, b, "meta")
         # outside the device context: under `torch.device` every op goes through a Python mode (5x slower)
-        return activations.count(probe, lambda: objective.predict(probe, latents, t, cond, added).float().square().mean())
+        return activations.count(probe, lambda: objective.predict(probe, latents, t, cond, added).float().square()
+                                 .mean())
 
     def vae_bytes(self) -> tuple[float, float]:
         """(fp32 weights, encoding activations: three feature maps of its first width in bf16, estimated)."""
@@ -289,7 +304,36 @@ class Planner:
             self._rows[c] = self._rows_of(c)
         return self._rows[c]
 
+    def first(self, c: Choice) -> list[str]:
+        """The text encoders that encode every prompt and leave the GPU before the denoiser loads (none unless the
+        model loads piece by piece): the frozen ones (all, or T5-XXL beside trained CLIP encoders)."""
+        if not self.shape.encode_first:
+            return []
+        return [comp for comp in self.shape.text_encoders if not (c.train_te and comp in self.lora)]
+
+    def phases(self, c: Choice) -> list[tuple[str, list[tuple[str, float, str]]]]:
+        """(phase, rows) in order: the text-encoding phase when the frozen encoders go first, then training."""
+        first = self.first(c)
+        vae_w, _ = self.vae
+        text = [(f"text encoder {comp} ({c.te})", self.te_bytes[comp, c.te], "counted") for comp in first]
+        train = self._training_rows(c, [comp for comp in self.shape.text_encoders if comp not in first])
+        if not first:
+            return [("", train)]
+        return [("text encoding (prompts encoded first; then the encoders leave the GPU)",
+                 text + [("VAE weights (fp32)", vae_w, "counted")]), ("training", train)]
+
     def _rows_of(self, c: Choice) -> list[tuple[str, float, str]]:
+        phases = self.phases(c)
+        if len(phases) == 1:
+            return phases[0][1]
+        rows = []
+        for name, rs in phases:
+            rows.append((f"{name}: {sum(n for what, n, _ in rs if not what.startswith('  ')) / GIB:.2f} GiB", None,
+                         ""))
+            rows += [("  " + what, n, how) for what, n, how in rs]
+        return rows
+
+    def _training_rows(self, c: Choice, tes: list[str]) -> list[tuple[str, float, str]]:
         from sdlora.train import swap
 
         spec, run = self.shape.spec, self.run
@@ -301,7 +345,7 @@ class Planner:
             rows.append((f"  block swap saves ({what})", self.whole[c.base] - dev,
                          (f"counted: {host / GIB:.1f} GiB in pinned host memory, {swap.CAPACITY + 1} blocks' "
                           "copies on the GPU at once; not in the total")))
-        for comp in self.shape.text_encoders:
+        for comp in tes:
             mode = "bf16" if (c.train_te and comp in self.lora) else c.te
             rows.append((f"text encoder {comp} ({mode})", self.te_bytes[comp, mode], "counted"))
         vae_w, vae_a = self.vae
@@ -318,7 +362,8 @@ class Planner:
         return rows
 
     def total(self, c: Choice) -> float:
-        return sum(n for what, n, _ in self.rows(c) if not what.startswith("  "))  # "  ": informative rows
+        """The GPU's peak: the larger phase ("  " rows are informative: not counted)."""
+        return max(sum(n for what, n, _ in rows if not what.startswith("  ")) for _, rows in self.phases(c))
 
     def candidates(self):
         """Every choice, in the order of preference (module docstring), with its cost within a base precision."""

@@ -354,3 +354,39 @@ def test_a_model_too_big_for_host_memory_is_refused_naming_what_fits():
     sizes = check_host_memory(spec, comps, LoadOptions(base_precision=m[1], te_precision=m[2], defer_denoiser=True),
                               "flux-dev", available=16 * 10**9)
     assert 11.5e9 < sizes["transformer"] < 12.5e9
+
+
+def test_generate_and_merge_take_a_flux_single_file_with_train_s_part_flags(tmp_path, capsys):
+    """`sdlora generate` / `sdlora merge` on a BFL single file with --clip-l, --t5xxl, --ae (train's flags, the same
+    loading code): the image equals the built-in model's (the same weights), the merged folder holds the weights
+    merging onto the built-in model gives; a missing part is one line naming its flag, before anything loads."""
+    from PIL import Image
+
+    from sdlora.cli import main
+    from sdlora.formats import kohya, layouts
+    from tests.helpers import kohya_fixture
+
+    base = load_base("tiny-flux")
+    path, parts = write_flux(base, tmp_path)
+    flags = [x for role, f in parts.items() for x in (f"--{role.replace('_', '-')}", f)]
+    gen = ["generate", "--prompt", "sks dog", "--steps", "2", "--size", "64", "--seed", "3"]
+    assert main([*gen, "--model", "tiny-flux", "--out", str(tmp_path / "builtin.png")]) == 0
+    assert main([*gen, "--model", str(path), *flags, "--out", str(tmp_path / "file.png")]) == 0
+    with Image.open(tmp_path / "builtin.png") as a, Image.open(tmp_path / "file.png") as b:
+        assert a.tobytes() == b.tobytes()
+    capsys.readouterr()
+    assert main([*gen, "--model", str(path), "--clip-l", parts["clip_l"], "--ae", parts["ae"],
+                 "--out", str(tmp_path / "none.png")]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("sdlora: error:")]
+    assert len(errors) == 1 and "--t5xxl" in errors[0] and not (tmp_path / "none.png").exists()
+
+    table = layouts.table_of(base.components, base.arch)
+    lora = kohya.save(kohya_fixture(table, r"^lora_unet_double_blocks_0_img_attn"), tmp_path / "l.safetensors", {})
+    assert main(["merge", "--model", "tiny-flux", "--lora", str(lora), "--out", str(tmp_path / "m1")]) == 0
+    assert main(["merge", "--model", str(path), *flags, "--lora", str(lora), "--out", str(tmp_path / "m2")]) == 0
+    assert_same_model(load_base(str(tmp_path / "m1")), load_base(str(tmp_path / "m2")))
+    capsys.readouterr()
+    assert main(["merge", "--model", str(path), "--t5xxl", parts["t5xxl"], "--ae", parts["ae"], "--lora", str(lora),
+                 "--out", str(tmp_path / "m3")]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("sdlora: error:")]
+    assert len(errors) == 1 and "--clip-l" in errors[0] and not (tmp_path / "m3").exists()

@@ -3,6 +3,8 @@ counted on meta tensors (checked against the same count on real tensors), and th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -51,6 +53,54 @@ def test_saved_bytes_are_affine_in_the_tokens():
         assert (s[64] - s[32]) * (tokens[128] - tokens[64]) == (s[128] - s[64]) * (tokens[64] - tokens[32])
 
 
+def _injected(module: torch.nn.Module, targets: list[str], rank: int) -> int:
+    """LoRA values PEFT adds to `module` on `targets` (what training trains)."""
+    before = {id(q) for q in module.parameters()}
+    add_lora(module, targets, rank, float(rank))
+    return sum(q.numel() for q in module.parameters() if id(q) not in before)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_lora_values_counted_from_shapes_equal_the_injected_ones_tiny(model):
+    """The planner counts LoRA values from the targeted layers' shapes (no injection); each component and preset
+    gives what PEFT's injection adds, on the targets `find_targets` picks for training."""
+    seen = 0
+    for preset in ("default", "attn", "full"):
+        base = load_base(model)  # a fresh one per preset: the injection changes it
+        parts = {"unet": base.denoiser} | {c: te for c, (_, te) in base.text_encoders.items()}
+        for comp, module in parts.items():
+            targets = find_targets(module, comp, preset, base.spec)
+            if targets:
+                assert plan.lora_values(module, targets, 3) == _injected(module, targets, 3) > 0, (preset, comp)
+                seen += 1
+    assert seen >= 3
+
+
+@pytest.mark.parametrize(("arch", "variant", "preset"), [("sd1", "", "full"), ("sdxl", "", "attn"),
+                                                         ("sd3", "large", "default"), ("flux", "", "full")])
+def test_lora_values_counted_from_shapes_equal_the_injected_ones_real_size(arch, variant, preset):
+    from sdlora import archs
+
+    spec = archs.get(arch)
+    den = archs.meta_model(arch, spec.denoiser, variant).requires_grad_(False)
+    targets = find_targets(den, "unet", preset, spec)
+    assert plan.lora_values(den, targets, 16) == _injected(den, targets, 16) > 0
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3", "tiny-sdxl", "black-forest-labs/FLUX.1-dev"])
+def test_repeated_blocks_are_replayed_with_the_same_count(model, monkeypatch):
+    """The activation count replays a block identical to one already run instead of running it: every unit's
+    bytes, what is saved outside the units and each counted tensor are those of running every block."""
+    traces, acts = {}, {}
+    count = activations.count
+    for repeat in (False, True):
+        monkeypatch.setattr(activations, "count", lambda d, r, trace=None, repeat=True, _rep=repeat: count(
+            d, r, trace=traces.setdefault(_rep, []), repeat=_rep))
+        acts[repeat] = plan.Planner(plan.shape_of(model), plan.Run(64 if model.startswith("tiny") else None)).acts
+    assert acts[True].units == acts[False].units and acts[True].outside == acts[False].outside
+    assert traces[True] == traces[False] and len(traces[True]) > 100
+
+
 @pytest.fixture(scope="module")
 def flux_planner():
     return plan.Planner(plan.shape_of("black-forest-labs/FLUX.1-dev"), plan.Run(None, 1, 16))
@@ -86,6 +136,34 @@ def test_plan_reads_a_folder_from_its_headers(tmp_path, capsys):
     assert "chosen: --base-precision bf16" in out and "activations" in out and "measured on the meta device" in out
     assert main(["plan", "--model", str(tmp_path / "m"), "--vram", "0.6", "--resolution", "64"]) == 1
     assert "does not fit" in capsys.readouterr().out
+
+
+def test_text_encoders_encoding_first_cost_the_larger_phase_not_the_sum(tmp_path):
+    """A FLUX folder loads piece by piece: frozen text encoders encode every prompt and leave before the transformer
+    loads, so the GPU holds the larger phase. On a card where T5 fits alone but not next to the transformer, the
+    plan takes the first choice; the same model planned as one phase (text encoders beside the transformer until
+    every prompt is cached: built-in models, hub ids) needs more than that card."""
+    load_base("tiny-flux").pipeline().save_pretrained(tmp_path / "m")
+    planner = plan.Planner(plan.shape_of(str(tmp_path / "m")), plan.Run(64, 1, 4, train_te=False))
+    assert planner.shape.encode_first
+    first = plan.Choice()
+    (_, text), (_, train) = planner.phases(first)
+    text_sum, train_sum = (sum(n for w, n, _ in rows if not w.startswith("  ")) for rows in (text, train))
+    t5 = planner.te_bytes["te3", "bf16"]
+    assert [w for w, _, _ in text] == ["text encoder te1 (bf16)", "text encoder te3 (bf16)", "VAE weights (fp32)"]
+    assert not any(w.startswith("text encoder") for w, _, _ in train)
+    assert planner.total(first) == max(text_sum, train_sum)
+    # (a fresh shape: a planner adds LoRA layers to its shape's denoiser to count the activations)
+    one_phase = plan.Planner(dataclasses.replace(plan.shape_of(str(tmp_path / "m")), encode_first=False),
+                             planner.run)
+    assert one_phase.total(first) == train_sum + text_sum - planner.vae[0]  # every row once
+    budget = (max(text_sum, train_sum) + one_phase.total(first)) / 2
+    assert t5 <= budget < t5 + train_sum  # T5 fits alone, not next to the transformer
+    vram = (budget + plan.CONTEXT) / plan.GIB / (1 - plan.FRAGMENTATION)
+    chosen = planner.plan(vram)
+    assert chosen.choice == first and chosen.total == max(text_sum, train_sum)
+    assert "text encoding (prompts encoded first" in chosen.text() and "  training: " in chosen.text()
+    assert one_phase.plan(vram).choice != first
 
 
 def test_plan_refuses_what_it_cannot_size(capsys):

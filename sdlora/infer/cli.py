@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sdlora import archs, bounds
+from sdlora.cli import add_part_args, load_model, part_values
 from sdlora.errors import SdloraError
 from sdlora.formats import file_io as io
 from sdlora.formats.a1111 import format_parameters
@@ -104,6 +105,7 @@ def add_generate_args(p) -> None:
     add_flags(p)  # the settings of the images: prompt, seed, steps, guidance, sampler, size, count
     p.add_argument("--out", default="output", metavar="PATH", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
     p.add_argument("--overwrite", action="store_true", help="replace the --out .png file(s) if they exist")
+    add_part_args(p, precision=True)
 
 
 def _num(x: float) -> str:
@@ -120,8 +122,9 @@ def cmd_generate(args) -> int:
                   {"--model": args.model, "--lora": [p for p, _, _ in specs]})
     files = [read_adapter(path) for path, _, _ in specs]  # every file is checked before the model loads
     refuse_misfits(files, args.model)  # and its family (or built-in model) too
+    parts = part_values(args)
     say(f"loading model {args.model}")
-    session = Session(args.model)
+    session = Session(args.model, base=load_model(args.model, parts))
     base = session.base
     say(f"model {args.model}: {archs.label(base.arch)}, {base.prediction_type}, native size {base.native_resolution} px")
     if args.guidance is None:
