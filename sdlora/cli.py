@@ -127,7 +127,7 @@ def load_model(model: str, values: dict):
         if values[name]:
             quant.check_mode(values[name], "cpu", "--" + name.replace("_", "-"))
     precision = quant.Precision(values["base_precision"], values["te_precision"], trained_te=lambda spec: set())
-    return load_base(model, precision=precision, options=load_options(SimpleNamespace(**values)))
+    return load_base(model, precision=precision, options=load_options(SimpleNamespace(mixed_precision="no", **values)))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
