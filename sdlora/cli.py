@@ -24,7 +24,7 @@ TRAIN_GROUPS = {
     "data": ("images", "prompt", "trigger", "caption_dropout", "shuffle_tags", "keep_tags", "resolution",
              "force_resolution", "buckets", "no_flip", "repeats", "skip_bad_images", "cache_dir", "no_cache"),
     "model": ("model", "prediction_type", "mixed_precision", "base_precision", "te_precision",
-              "gradient_checkpointing", "compile", "compile_backend", "attention",
+              "gradient_checkpointing", "no_gradient_checkpointing", "compile", "compile_backend", "attention",
               "channels_last"),
     "LoRA": ("preset", "rank", "alpha", "no_text_encoder", "network", "dora", "conv_rank", "conv_alpha", "lokr_factor"),
     "training": ("steps", "epochs", "batch_size", "grad_accum", "lr", "te_lr", "lr_scheduler", "warmup_steps",
