@@ -39,7 +39,7 @@ class Network:
     LoCon, LoHa and LoKr add (None: the linear rank/alpha, LyCORIS's default), LoKr's factor (-1: the most square
     split)."""
 
-    kind: str = "lora"
+    kind: str = kinds.LORA.name
     dora: bool = False
     conv_rank: int | None = None
     conv_alpha: float | None = None
