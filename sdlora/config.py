@@ -14,6 +14,7 @@ from pathlib import Path
 import tomllib
 
 from sdlora.errors import SdloraError
+from sdlora.lora import kinds
 from sdlora.lora.targets import PRESETS
 from sdlora.models import DEFAULT_MODEL, model_kinds_help
 from sdlora.train import optim
@@ -65,8 +66,7 @@ class TrainConfig:
     rank: int = _f(4, "LoRA rank r")
     alpha: float | None = _f(None, "LoRA alpha; the delta is scaled by alpha/r (default: alpha = rank, scale 1)")
     no_text_encoder: bool = _f(False, "train the UNet only (no LoRA on the text encoder)")
-    network: str = _f("lora", "adapter kind: lora (kohya), locon (LoRA + the UNet's 3x3 convs), loha (Hadamard), lokr "
-                      "(Kronecker); LyCORIS layout, read by ComfyUI and A1111", choices=("lora", "locon", "loha", "lokr"))
+    network: str = _f(kinds.LORA.name, kinds.network_help(), choices=kinds.NETWORKS)
     dora: bool = _f(False, "DoRA (weight-decomposed LoRA, a DoRA scale per input channel) on lora/locon")
     conv_rank: int | None = _f(None, "rank of the 3x3 convs (ResNet blocks, down/up-samplers) locon/loha/lokr adapt "
                                "(default: --rank); with --network lora, adds them")
@@ -203,8 +203,8 @@ class TrainConfig:
         if self.dora and self.base_precision in QUANTISED:
             bad("dora", f"needs the base weights in a float dtype (DoRA normalises them); drop --dora or use "
                 f"--base-precision bf16, not {self.base_precision}")
-        if self.dora and self.network not in ("lora", "locon"):
-            bad("dora", f"applies to --network lora or locon, not {self.network}")
+        if self.dora and self.network not in kinds.DORA_BASES:
+            bad("dora", f"applies to --network {' or '.join(kinds.DORA_BASES)}, not {self.network}")
         if self.conv_rank is not None and not 1 <= self.conv_rank <= MAX_RANK:
             bad("conv_rank", f"must be between 1 and {MAX_RANK}, got {self.conv_rank}")
         if self.conv_alpha is not None and self.conv_alpha <= 0:

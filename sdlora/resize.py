@@ -41,7 +41,7 @@ def resize(src, out, rank: int, overwrite: bool = False) -> tuple[float, float]:
     guard.check_file(out, inputs={"FILE": src}, overwrite=overwrite)
     adapter = read_adapter(src)
     other = sorted({m.kind + (" (Tucker)" if "mid" in m.tensors else "") for m in adapter.modules.values()
-                    if m.kind not in ("lora", "locon") or "mid" in m.tensors})
+                    if not m.kind_spec.plain_pair or "mid" in m.tensors})
     if other:
         raise SdloraError(f"{src}: resize lowers the rank of LoRA/LoCon pairs; this file holds {', '.join(other)} "
                           "modules, whose rank is not a truncated SVD; retrain at a lower rank instead")

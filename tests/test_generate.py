@@ -16,7 +16,7 @@ from sdlora.formats.a1111 import ImageParams, LoraRef, format_parameters, parse_
 from sdlora.formats.kohya import save as save_adapter
 from sdlora.infer.cli import parse_lora_spec
 from sdlora.infer.session import Session, Settings
-from sdlora.lora.math import lora_delta
+from sdlora.lora.kinds.lora import lora_delta
 from sdlora.models import load_base
 from tests import reference
 from tests.helpers import run_main

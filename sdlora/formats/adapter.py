@@ -2,12 +2,14 @@
 
 An `AdapterFile` is a set of `AdapterModule`s, each named by its canonical kohya module name (`lora_unet_…`,
 `lora_te_…`: the name every loader matches and the one key space shared by kohya, LyCORIS, diffusers and PEFT
-files once read), with its kind (`lora` today; `locon`, `loha`, `lokr`, `dora`, `full` have room), its tensors by
-role, and its alpha (None when the file had none).
+files once read), with its kind (a name in `sdlora.lora.kinds.KINDS`: lora, locon, loha, lokr, dora, full), its
+tensors by role, and its alpha (None when the file had none).
 Roles per kind (key names are `formats/kohya.py`'s): lora / locon / dora: down, up (+ mid for Tucker LoCon); loha:
 w1a, w1b, w2a, w2b (+ t1, t2); lokr: w1 | w1a, w1b and w2 | w2a, w2b (+ t2); full: diff (+ diff_b). Any kind but
-full may carry `magnitude` (DoRA's `dora_scale`); a lora/locon module that does is of kind "dora". Parsing files into it is in `formats/read.py`; writing it back
-in `formats/kohya.py` and `formats/convert.py`. The delta ΔW of a module is `AdapterModule.delta()`.
+full may carry `magnitude` (DoRA's `dora_scale`); a lora/locon module that does is of kind "dora". Each kind's
+record (`AdapterModule.kind_spec`, sdlora/lora/kinds/) holds its rank, scale, shape and ΔW formula. Parsing files
+into it is in `formats/read.py`; writing it back in `formats/kohya.py` and `formats/convert.py`. The delta ΔW of a
+module is `AdapterModule.delta()`.
 """
 
 from __future__ import annotations
@@ -19,33 +21,27 @@ from pathlib import Path
 
 import torch
 
-from sdlora.errors import SdloraError, cause
-from sdlora.lora import math as M
-from sdlora.lora.math import lora_delta, lora_delta_shape, lora_scale
-
-KINDS = ("lora", "locon", "loha", "lokr", "dora", "full")
-
-
-REQUIRED = {"lora": ("down", "up"), "locon": ("down", "up"), "dora": ("down", "up", "magnitude"),
-            "loha": ("w1a", "w1b", "w2a", "w2b"), "lokr": (), "full": ("diff",)}
+from sdlora.errors import SdloraError
+from sdlora.lora import kinds
+from sdlora.lora.kinds.dora import dora_delta
 
 
 @dataclass
 class AdapterModule:
     name: str  # canonical kohya module name
-    kind: str  # one of KINDS
+    kind: str  # a name in sdlora.lora.kinds.KINDS
     tensors: dict[str, torch.Tensor]  # by role (see the module docstring)
     alpha: float | None  # None: the file had none (every loader then uses scale 1)
 
     @property
+    def kind_spec(self) -> kinds.KindSpec:
+        """The record of its kind: roles, rank, scale, shape and ΔW formula (sdlora/lora/kinds/)."""
+        return kinds.get(self.kind)
+
+    @property
     def rank(self) -> int:
         """r of alpha/r; for a full diff or a LoKr with two full factors (scale 1), the rank bound min(out, in)."""
-        t = self.tensors
-        if "down" in t:
-            return int(t["down"].shape[0])
-        if self.kind == "loha":
-            return int(t["w1b"].shape[0])
-        r = M.lokr_rank(t) if self.kind == "lokr" else None
+        r = self.kind_spec.rank(self.tensors)
         if r is not None:
             return r
         s = self.shape
@@ -54,9 +50,7 @@ class AdapterModule:
     @property
     def scale(self) -> float:
         """The factor every loader applies to ΔW: alpha/r, 1 for a full diff and a LoKr with two full factors."""
-        if self.kind == "full" or (self.kind == "lokr" and M.lokr_rank(self.tensors) is None):
-            return 1.0
-        return lora_scale(self.alpha, self.rank)
+        return self.kind_spec.scale(self.alpha, self.tensors)
 
     @property
     def dora(self) -> bool:
@@ -66,32 +60,14 @@ class AdapterModule:
     def shape(self) -> tuple[int, ...]:
         """Shape of the base weight the module adapts; for a plain LoHa/LoKr conv, whose factors are 2-D, the
         flattened [out, in·kh·kw] (compare with `fits`)."""
-        t = self.tensors
-        if self.kind == "full":
-            return tuple(t["diff"].shape)
-        if self.kind == "loha":
-            if "t1" in t:
-                return (t["w1a"].shape[1], t["w1b"].shape[1], *t["t1"].shape[2:])
-            return (t["w1a"].shape[0], t["w1b"].shape[1])
-        if self.kind == "lokr":
-            w1 = t["w1"].shape if "w1" in t else (t["w1a"].shape[0], t["w1b"].shape[1])
-            if "w2" in t:
-                w2 = tuple(t["w2"].shape)
-            elif "t2" in t:
-                w2 = (t["w2a"].shape[1], t["w2b"].shape[1], *t["t2"].shape[2:])
-            else:
-                w2 = (t["w2a"].shape[0], t["w2b"].shape[1])
-            return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
-        if "mid" in t:
-            return (t["up"].shape[0], t["down"].shape[1], *t["mid"].shape[2:])
-        return lora_delta_shape(t["down"], t["up"])
+        return self.kind_spec.shape(self.tensors)
 
     def fits(self, shape) -> bool:
         """Can the delta be applied to a weight of `shape` (as loaders do: reshaped to it when the counts agree)?"""
         own, shape = tuple(self.shape), tuple(shape)
         if own == shape:
             return True
-        flat = len(own) == 2 and self.kind in ("loha", "lokr")
+        flat = len(own) == 2 and self.kind_spec.flat_conv
         return flat and len(shape) == 4 and own == (shape[0], math.prod(shape[1:]))
 
     @property
@@ -111,22 +87,12 @@ class AdapterModule:
         if self.dora:
             if base is None:
                 raise SdloraError(f"module {self.name} is DoRA: its delta depends on the base weight; pass it")
-            d = M.dora_delta(base.to(d.device), d, t["magnitude"])
+            d = dora_delta(base.to(d.device), d, t["magnitude"])
         return d
 
     def _scaled(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """scale·ΔW without DoRA, in the shape the kind's formula gives (2-D for a plain LoHa/LoKr conv)."""
-        if self.kind == "full":
-            d = t["diff"].float()
-        elif self.kind == "loha":
-            d = M.loha_delta(t, self.alpha)
-        elif self.kind == "lokr":
-            d = M.lokr_delta(t, self.alpha)
-        elif "mid" in t:
-            d = M.locon_tucker_delta(t["down"], t["mid"], t["up"], self.alpha)
-        else:
-            d = lora_delta(t["down"], t["up"], self.alpha)
-        return d
+        return self.kind_spec.delta(t, self.alpha)
 
     def bias_delta(self) -> torch.Tensor | None:
         """A full diff's bias delta (`diff_b`), added to the layer's bias at the same strength; None for others."""
@@ -183,34 +149,18 @@ def check_module(m: AdapterModule, where: str) -> None:
                            "retrain it")
 
     t = m.tensors
-    if m.kind not in KINDS:
+    spec = kinds.KINDS.get(m.kind)
+    if spec is None:
         raise bad(f"has kind {m.kind!r}")
-    missing = [r for r in REQUIRED[m.kind] if r not in t]
-    if m.kind == "lokr" and not (("w1" in t or {"w1a", "w1b"} <= set(t)) and ("w2" in t or {"w2a", "w2b"} <= set(t))):
-        missing = ["w1 and w2 factors"]
+    missing = spec.missing(t)
     if missing:
         raise bad(f"lacks its {', '.join(missing)} weight(s)")
-    if m.kind in ("lora", "locon", "dora"):
-        down, up = t["down"], t["up"]
-        if down.dim() not in (2, 4) or up.dim() != down.dim():
-            raise bad(f"has down {list(down.shape)} / up {list(up.shape)}: a LoRA pair is 2-d (Linear) or 4-d (conv)")
-        if down.shape[0] < 1 or up.shape[1] != down.shape[0]:
-            raise bad(f"has rank {down.shape[0]} in lora_down but {up.shape[1]} in lora_up"
-                      if down.shape[0] >= 1 else "has rank 0")
-        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-            raise bad(f"has an up weight {list(up.shape)}: only 1x1 up convolutions exist")
-        if "mid" in t and (t["mid"].dim() != 4 or tuple(t["mid"].shape[:2]) != (down.shape[0], down.shape[0])):
-            raise bad(f"has a Tucker core {list(t['mid'].shape)} for rank {down.shape[0]}")
-    elif m.kind != "full":
-        try:  # inner dimensions and the two factors' shapes must agree
-            d = m._scaled({k: v.to("meta") for k, v in t.items()})
-        except (RuntimeError, IndexError, KeyError) as e:
-            raise bad(f"has {m.kind} factors whose shapes do not fit together ({cause(e, 80)})") from e
-        if math.prod(d.shape) != math.prod(m.shape):
-            raise bad(f"has {m.kind} factors whose shapes do not fit together")
+    why = _pair_problem(t) if spec.pair else spec.problem(t, m.alpha)
+    if why:
+        raise bad(why)
     if m.dora:
         mag, shape = t["magnitude"], m.shape
-        flat_in = math.prod(shape[1:]) if m.kind in ("loha", "lokr") and len(shape) == 2 else shape[1]
+        flat_in = math.prod(shape[1:]) if spec.flat_conv and len(shape) == 2 else shape[1]
         if mag.numel() not in (shape[0], shape[1], flat_in) or mag.dim() not in (2, 4):
             raise bad(f"has a DoRA scale {list(mag.shape)} that fits neither axis of {list(shape)}")
     if m.alpha is not None and not math.isfinite(m.alpha):
@@ -218,3 +168,19 @@ def check_module(m: AdapterModule, where: str) -> None:
     for role, v in t.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise bad(f"holds NaN or Inf values in its {role} weight")
+
+
+def _pair_problem(t: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a down/up pair (lora, locon, dora; here, as the messages name kohya's keys), None if sound."""
+    down, up = t["down"], t["up"]
+    if down.dim() not in (2, 4) or up.dim() != down.dim():
+        return f"has down {list(down.shape)} / up {list(up.shape)}: a LoRA pair is 2-d (Linear) or 4-d (conv)"
+    if down.shape[0] < 1:
+        return "has rank 0"
+    if up.shape[1] != down.shape[0]:
+        return f"has rank {down.shape[0]} in lora_down but {up.shape[1]} in lora_up"
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        return f"has an up weight {list(up.shape)}: only 1x1 up convolutions exist"
+    if "mid" in t and (t["mid"].dim() != 4 or tuple(t["mid"].shape[:2]) != (down.shape[0], down.shape[0])):
+        return f"has a Tucker core {list(t['mid'].shape)} for rank {down.shape[0]}"
+    return None

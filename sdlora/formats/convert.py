@@ -26,6 +26,7 @@ from sdlora.errors import SdloraError
 from sdlora.formats import file_io, kohya, layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule
 from sdlora.formats.read import ADAPTER_META, MISSING_ALPHA, PEFT_PREFIX, read_adapter
+from sdlora.lora import kinds
 
 FORMATS = ("kohya", "diffusers", "peft")
 
@@ -118,7 +119,7 @@ def split_parts(where: layouts.Module, m: AdapterModule) -> dict[str, AdapterMod
         if not bool(cols.any()):
             continue  # a part that was not trained
         r = int(cols.sum())
-        out[p] = AdapterModule(p, "lora", {"down": down[cols].contiguous(), "up": u[:, cols].contiguous()},
+        out[p] = AdapterModule(p, kinds.LORA.name, {"down": down[cols].contiguous(), "up": u[:, cols].contiguous()},
                                m.scale * r)
     return out
 
@@ -163,7 +164,7 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
         raise SdloraError(f"{adapter.path}: none of its modules could be converted ({rep.line()}); is it a LoRA for "
                           + ", ".join(archs.label(a) for a in archs.IDS) + "?")
     other = sorted({m.kind + (" (Tucker)" if "mid" in m.tensors else "") for _, m in placed.values()
-                    if m.kind not in ("lora", "locon") or "mid" in m.tensors})
+                    if not m.kind_spec.plain_pair or "mid" in m.tensors})
     if to != "kohya" and other:
         raise SdloraError(f"{adapter.path}: a {to} file holds LoRA pairs only (lora_A/lora_B); this one has "
                           f"{', '.join(other)} modules; convert --to kohya (the LyCORIS layout ComfyUI and A1111 read)")

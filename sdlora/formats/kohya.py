@@ -23,20 +23,22 @@ import torch
 from sdlora import archs
 from sdlora.formats import file_io, meta
 from sdlora.formats.adapter import AdapterFile, AdapterModule
+from sdlora.lora import kinds
 
 # component -> key prefix. SD 1.x/2.x have a single text encoder: `lora_te`, never `lora_te1` (kohya rejects it).
 PREFIX = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2", "te3": "lora_te3"}
 TE_COMPONENTS = ("te", "te1", "te2", "te3")
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
-# key suffix of each role, per kind (LyCORIS's names, docs/lycoris-and-dit.md §1-5; what A1111 and ComfyUI read)
+# key suffix of each role, per kind record (sdlora.lora.kinds; LyCORIS's names, docs/lycoris-and-dit.md §1-5;
+# what A1111 and ComfyUI read). A new kind adds its line here.
 _LORA = {"down": DOWN, "up": UP, "mid": "lora_mid.weight", "magnitude": "dora_scale"}
-ROLE_SUFFIX = {
-    "lora": _LORA, "locon": _LORA, "dora": _LORA,
-    "loha": {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1",
+ROLE_SUFFIX: dict[kinds.KindSpec, dict[str, str]] = {
+    kinds.LORA: _LORA, kinds.LOCON: _LORA, kinds.DORA: _LORA,
+    kinds.LOHA: {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1",
              "t2": "hada_t2", "magnitude": "dora_scale"},
-    "lokr": {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a",
+    kinds.LOKR: {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a",
              "w2b": "lokr_w2_b", "t2": "lokr_t2", "magnitude": "dora_scale"},
-    "full": {"diff": "diff", "diff_b": "diff_b"},
+    kinds.FULL: {"diff": "diff", "diff_b": "diff_b"},
 }
 SUFFIXES = (ALPHA, *sorted({s for roles in ROLE_SUFFIX.values() for s in roles.values()}, key=len, reverse=True))
 
@@ -46,17 +48,17 @@ def kind_of(suffixes) -> str | None:
     module: hada_* LoHa, lokr_* LoKr, diff full, lora_down/lora_up LoRA (locon for a conv with a kernel or a Tucker
     core: the caller decides from shapes; dora with a dora_scale)."""
     suffixes = set(suffixes) - {ALPHA, "dora_scale"}
-    for kind in ("loha", "lokr", "full"):
-        if suffixes and suffixes <= set(ROLE_SUFFIX[kind].values()):
-            return kind
+    for spec, table in ROLE_SUFFIX.items():
+        if not spec.pair and suffixes and suffixes <= set(table.values()):
+            return spec.name
     if {DOWN, UP} <= suffixes and suffixes <= set(_LORA.values()):
-        return "lora"
+        return kinds.LORA.name
     return None
 
 
 def roles_of(kind: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{suffix: tensor} of one module -> {role: tensor}."""
-    back = {v: k for k, v in ROLE_SUFFIX[kind].items()}
+    back = {v: k for k, v in ROLE_SUFFIX[kinds.get(kind)].items()}
     return {back[k]: v for k, v in parts.items() if k in back}
 _LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 
@@ -284,9 +286,9 @@ def to_tensors(adapter: AdapterFile, dtype: torch.dtype | None = None, alpha_if_
     for name, m in adapter.modules.items():
         dt = dtype or next(iter(m.tensors.values())).dtype
         for role, t in m.tensors.items():
-            out[f"{name}.{ROLE_SUFFIX[m.kind][role]}"] = t.detach().to(dt).contiguous()
+            out[f"{name}.{ROLE_SUFFIX[m.kind_spec][role]}"] = t.detach().to(dt).contiguous()
         alpha = m.alpha if m.alpha is not None else alpha_if_missing
-        if alpha is not None and m.kind != "full":
+        if alpha is not None and m.kind_spec.has_alpha:
             out[f"{name}.{ALPHA}"] = torch.tensor(float(alpha), dtype=dt)
     return out
 
@@ -313,7 +315,7 @@ def fuse(mods: dict[str, tuple[str, dict[str, torch.Tensor], float]],
         groups.setdefault(owner[path], {})[path] = v
     out = {}
     for orig, trained in groups.items():
-        if {k for k, _, _ in trained.values()} != {"lora"}:
+        if {k for k, _, _ in trained.values()} != {kinds.LORA.name}:
             raise ValueError(f"{orig}: only plain LoRAs fuse")
         parts = originals[orig]
         order = list(dict.fromkeys(p for p, _, _ in parts if p in trained))
@@ -330,7 +332,7 @@ def fuse(mods: dict[str, tuple[str, dict[str, torch.Tensor], float]],
                 up[i:i + b - a, cols[j]:cols[j] + ranks[j]] = ups[p][a:b]
             i += b - a
         alpha = trained[order[0]][2] * len(order) if same else float(sum(ranks))
-        out[orig] = ("lora", {"down": torch.cat([trained[p][1]["down"] for p in order]), "up": up}, alpha)
+        out[orig] = (kinds.LORA.name, {"down": torch.cat([trained[p][1]["down"] for p in order]), "up": up}, alpha)
     return out
 
 

@@ -21,6 +21,7 @@ from sdlora import archs
 from sdlora.errors import SdloraError
 from sdlora.formats import file_io, kohya
 from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
+from sdlora.lora import kinds
 
 ADAPTER_META = "lora_adapter_metadata"  # diffusers' header entry with the PEFT configs per component
 MISSING_ALPHA = "sdlora.kohya_modules_without_alpha"  # kohya modules that had no alpha (restored on the way back)
@@ -114,14 +115,6 @@ def _other_kind(key: str) -> str | None:
     return next((kind for part, kind in OTHER_KINDS.items() if part in key and kind), None)
 
 
-def lora_kind(roles: dict[str, torch.Tensor]) -> str:
-    """A down/up module's kind: "dora" with a magnitude, "locon" for a conv with a kernel or a Tucker core."""
-    if "magnitude" in roles:
-        return "dora"
-    down = roles["down"]
-    return "locon" if "mid" in roles or (down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)) else "lora"
-
-
 def _kohya_modules(tensors, where: str) -> tuple[dict[str, AdapterModule], list[str], list[str]]:
     """kohya tensors -> (modules, unknown keys, notes)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -140,7 +133,7 @@ def _kohya_modules(tensors, where: str) -> tuple[dict[str, AdapterModule], list[
             continue
         alpha = parts.get(kohya.ALPHA)
         roles = kohya.roles_of(kind, parts)
-        modules[name] = AdapterModule(name, lora_kind(roles) if kind == "lora" else kind, roles,
+        modules[name] = AdapterModule(name, kinds.pair_kind(roles) if kinds.get(kind).pair else kind, roles,
                                       None if alpha is None else _alpha(alpha, f"{name}.{kohya.ALPHA}", where))
     return modules, unknown, []
 
@@ -248,7 +241,7 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
             alpha = float(down.shape[0])  # the scale diffusers and PEFT load a module without alpha with
             defaulted += 1
         roles = {"down": down, "up": up} | ({"magnitude": mag} if mag is not None else {})
-        modules[name] = AdapterModule(name, lora_kind(roles), roles, alpha)
+        modules[name] = AdapterModule(name, kinds.pair_kind(roles), roles, alpha)
     notes = [f"{defaulted} module(s) carry no alpha: read as alpha = rank, the scale diffusers and PEFT load them "
              "with"] if defaulted else []
     return modules, unknown, notes, arch
@@ -275,7 +268,7 @@ def _fuse_original(spec, found: dict) -> tuple[dict, list[str]]:
         full = {p: max(b for q, _, b in parts if q == p) for p, _, _ in parts}
         f = next(mods[p][1].shape[0] / full[p] for p, _, _ in parts if p in mods)
         scaled[o] = tuple((p, round(a * f), round(b * f)) for p, a, b in parts)
-    trained = {p: ("lora", {"down": d, "up": u}, a if a is not None else float(d.shape[0]))
+    trained = {p: (kinds.LORA.name, {"down": d, "up": u}, a if a is not None else float(d.shape[0]))
                for p, (d, u, a, mag) in mods.items()}
     out = {(c, p): v for (c, p), v in found.items() if c != spec.denoiser}
     for o, (_, t, alpha) in kohya.fuse(trained, scaled).items():

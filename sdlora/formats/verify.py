@@ -17,6 +17,7 @@ from sdlora.errors import cause
 from sdlora.formats import kohya, layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 from sdlora.formats.read import read_adapter
+from sdlora.lora import kinds
 
 
 @dataclass
@@ -55,7 +56,7 @@ def file_arch(metadata: dict[str, str]) -> str | None:
 
 
 def _shape_problem(m: AdapterModule, want: layouts.Module) -> str | None:
-    if m.kind not in ("lora", "locon", "dora") or "mid" in m.tensors:
+    if not m.kind_spec.pair or "mid" in m.tensors:
         if m.fits(want.shape):
             return None
         return f"{m.kind} delta {list(m.shape)} where the model's weight is {list(want.shape)}"
@@ -135,7 +136,7 @@ def _split_qkv_pitfall(metadata: dict[str, str], modules: dict[str, AdapterModul
     n = 0
     for name, m in modules.items():
         parts = {p for p, _, _ in table[name].parts} if name in table else set()
-        if len(parts) > 1 and m.kind == "lora" and m.alpha is not None and m.rank % len(parts) == 0 \
+        if len(parts) > 1 and m.kind_spec is kinds.LORA and m.alpha is not None and m.rank % len(parts) == 0 \
                 and m.alpha <= m.rank // len(parts):
             n += 1
     return n
@@ -293,7 +294,7 @@ def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metada
     """diffusers reads plain LoRA/LoCon pairs only (docs/lycoris-and-dit.md §5.3): other kinds are a note, not a
     problem of the file, and the check runs on what diffusers can read."""
     n = len(modules)
-    plain = {k: m for k, m in modules.items() if m.kind in ("lora", "locon", "dora") and "mid" not in m.tensors}
+    plain = {k: m for k, m in modules.items() if m.kind_spec.pair and "mid" not in m.tensors}
     other = Counter(m.kind if "mid" not in m.tensors else "locon (Tucker)" for k, m in modules.items() if k not in plain)
     dora = sum(m.dora for m in plain.values())
     if plain:

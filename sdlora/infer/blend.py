@@ -3,7 +3,7 @@ for the UNet and for the text encoder(s) of each adapter. N adapters cost no tim
 
 Fusion is hand-written rather than diffusers' `load_lora_weights` + `set_adapters`, because diffusers' kohya
 loader rejects valid kohya files (a text-encoder part with only q/k/v projections: "Could not automatically
-infer state dict type", shared/KOHYA_FORMAT.md §6) which kohya, A1111 and ComfyUI load, and because PEFT's
+infer state dict type", docs/kohya-format.md §6) which kohya, A1111 and ComfyUI load, and because PEFT's
 weighted mix has not matched A1111's sum of deltas (huggingface/peft#643). Every adapter is read once (into the
 neutral `AdapterFile`); each strength change recomputes the touched weights from a CPU fp32 backup of the
 original weights, so moving a slider reads nothing from disk and repeated changes never drift.

@@ -10,7 +10,7 @@ from pathlib import Path
 from sdlora import archs, bounds
 from sdlora.cli import add_part_args, load_model, part_values
 from sdlora.errors import SdloraError
-from sdlora.formats import file_io as io
+from sdlora.formats import file_io
 from sdlora.formats.a1111 import format_parameters
 from sdlora.formats.read import read_adapter
 from sdlora.infer.session import Session, refuse_misfits, sampler_for
@@ -88,7 +88,7 @@ def save_images(out: str, results, text_of, overwrite: bool = False) -> list[Pat
     for i, (image, params) in enumerate(results):
         path = paths[i] if paths else reserve_path(out, params.seed)
         try:
-            io.save_png(image, path, {"parameters": text_of(params)})
+            file_io.save_png(image, path, {"parameters": text_of(params)})
         except BaseException:
             if not paths:
                 path.unlink(missing_ok=True)  # the empty reserved name

@@ -22,7 +22,7 @@ _DIT_ALL = (r"(single_)?transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out
 PRESETS: dict[str, dict[str, tuple[str, str]]] = {
     # The DreamBooth-LoRA default: the UNet's cross-attention query/value (where text meets image) and the
     # text encoder's four attention projections. q/k/v/out rather than q/v for the text encoder, because
-    # diffusers' kohya loader rejects a text-encoder part with only q/v (see shared/KOHYA_FORMAT.md §6).
+    # diffusers' kohya loader rejects a text-encoder part with only q/v (see docs/kohya-format.md §6).
     # SD 3.x / FLUX.1: the joint (and single-stream) attention's q, k, v and out projections of both streams, as
     # diffusers' SD3/FLUX DreamBooth-LoRA scripts default to; no text encoder.
     "default": {
@@ -98,7 +98,7 @@ def check_rank(models: dict[str, torch.nn.Module], targets: dict[str, list[str]]
 
 
 # The kxk convolutions LyCORIS's `full` preset adds to the attention Linear layers: every conv inside the UNet's
-# ResNet blocks and down/up-samplers (LYCORIS_AND_DIT_FORMATS.md §1.4; ResnetBlock2D, Downsample2D, Upsample2D).
+# ResNet blocks and down/up-samplers (docs/lycoris-and-dit.md §1.4; ResnetBlock2D, Downsample2D, Upsample2D).
 CONV_PATTERN = re.compile(r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.0\.conv|upsamplers\.0\.conv)")
 
 
