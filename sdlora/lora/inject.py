@@ -29,7 +29,7 @@ finally:
     if _HIDE_BNB:
         del sys.modules["bitsandbytes"]
 
-# below the peft import on purpose: bitsandbytes is hidden while peft loads (above), before anything else imports it
+# kept below the peft block above, as before: peft loads first, while bitsandbytes is hidden
 from sdlora.lora import kinds  # noqa: E402
 from sdlora.lora.targets import conv_targets  # noqa: E402
 
