@@ -7,7 +7,7 @@ from sdlora import lazy
 
 lazy.hide()  # before anything imports diffusers: bitsandbytes loads only for runs that use it (sdlora/lazy.py)
 
-from sdlora.cli import main
+from sdlora.cli import main  # noqa: E402  (after lazy.hide() above, on purpose)
 
 
 def run() -> None:

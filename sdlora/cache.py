@@ -26,7 +26,8 @@ CACHE_VERSION = "1"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SDLORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlora")
+    return Path(os.environ.get("SDLORA_CACHE")
+                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlora")
 
 
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.safetensors$")
@@ -279,7 +280,8 @@ class EmbeddingCache:
         self.text_encoders, self.spec = text_encoders, spec
         # T5's token count shapes its output (--t5xxl-max-token-length), so it is part of the key where it is set
         lengths = "".join(f"|{t.max_length}" for t in spec.text_encoders if t.max_length)
-        self.te_id = hashlib.sha256(("".join(fingerprint(te) for _, te in text_encoders) + lengths).encode()).hexdigest()
+        self.te_id = hashlib.sha256(
+            ("".join(fingerprint(te) for _, te in text_encoders) + lengths).encode()).hexdigest()
         self.store = _Store(folder / "text" if folder else None, folder, log)
         self._shapes: dict[str, tuple[int, ...]] | None = None
 

@@ -13,7 +13,8 @@ from sdlora.errors import SdloraError
 
 
 def _flag_type(f):
-    t = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing) | {"float": float, "int": int, "str": str, "bool": bool})
+    t = (f.type if not isinstance(f.type, str)
+         else eval(f.type, vars(typing) | {"float": float, "int": int, "str": str, "bool": bool}))
     if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
         t = next(a for a in typing.get_args(t) if a is not type(None))
     return t
@@ -28,7 +29,8 @@ TRAIN_GROUPS = {
               "channels_last"),
     "LoRA": ("preset", "rank", "alpha", "no_text_encoder", "network", "dora", "conv_rank", "conv_alpha", "lokr_factor"),
     "training": ("steps", "epochs", "batch_size", "grad_accum", "lr", "te_lr", "lr_scheduler", "warmup_steps",
-                 "optimizer", "optimizer_args", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "seed"),
+                 "optimizer", "optimizer_args", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset",
+                 "seed"),
     "prior preservation": ("class_prompt", "class_images", "num_class_images", "prior_loss_weight"),
     "output": ("output_dir", "name", "out", "overwrite", "save_precision"),
     "checkpoints": ("save_every", "keep_last", "resume"),
@@ -210,7 +212,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 def _add_cache(sub) -> None:
     p = sub.add_parser("cache", help="show or clear the latent/text-embedding cache")
     p.add_argument("--clear", action="store_true",
-                   help="delete every cache entry (only files sdlora wrote as cache entries; nothing else in the folder)")
+                   help="delete every cache entry (only files sdlora wrote as cache entries; "
+                        "nothing else in the folder)")
     p.add_argument("--dir", help="cache folder (default: ~/.cache/sdlora or $SDLORA_CACHE)")
     p.set_defaults(func=_cmd_cache)
 
@@ -220,13 +223,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     import torch, are listed by name)."""
     from sdlora.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer with kohya-format output.")
+    parser = argparse.ArgumentParser(prog="sdlora",
+                                     description="Stable Diffusion LoRA trainer with kohya-format output.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="DreamBooth-LoRA training from a folder of images",
                        usage="sdlora train --images DIR --prompt TEXT [options]",
                        description="Train a LoRA on a folder of images; writes a kohya-format .safetensors. "
-                                   "--images is required (on the command line or in --config), and --prompt unless --images "
-                                   "holds kohya-style N_words concept folders.",
+                                   "--images is required (on the command line or in --config), and --prompt unless "
+                                   "--images holds kohya-style N_words concept folders.",
                        epilog="Example (offline, about a minute on a CPU): sdlora train --model toy --images "
                               "datasets/toy-purple-triangle --prompt 'a sks triangle' --steps 600 --lr 1e-3")
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below (keys as the flags "

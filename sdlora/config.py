@@ -71,20 +71,25 @@ class TrainConfig:
     conv_rank: int | None = _f(None, "rank of the 3x3 convs (ResNet blocks, down/up-samplers) locon/loha/lokr adapt "
                                "(default: --rank); with --network lora, adds them")
     conv_alpha: float | None = _f(None, "alpha of those convs (default: --alpha, or --conv-rank when that is given)")
-    lokr_factor: int = _f(-1, "LoKr: the small Kronecker factor's size, dividing each dimension (-1: the most square split)")
+    lokr_factor: int = _f(-1, "LoKr: the small Kronecker factor's size, dividing each dimension "
+                          "(-1: the most square split)")
     # captions
-    trigger: str | None = _f(None, "replaces {trigger} in captions and is put first in captions lacking it (default: --prompt)")
+    trigger: str | None = _f(None, "replaces {trigger} in captions and is put first in captions lacking it "
+                             "(default: --prompt)")
     caption_dropout: float = _f(0.0, "probability of training a step on the empty prompt")
     shuffle_tags: bool = _f(False, "shuffle the comma-separated tags of captions every step")
     keep_tags: int = _f(1, "with --shuffle-tags, keep the first N tags in place")
     # prior preservation
     class_prompt: str | None = _f(None, "class prompt for prior preservation, e.g. 'a photo of a dog'")
-    class_images: str | None = _f(None, "folder of class images (default with --class-prompt: <output_dir>/class_images/<prompt>)")
-    num_class_images: int = _f(100, "with --class-prompt, generate class images with the base model until the class folder holds this many")
+    class_images: str | None = _f(None, "folder of class images "
+                                  "(default with --class-prompt: <output_dir>/class_images/<prompt>)")
+    num_class_images: int = _f(100, "with --class-prompt, generate class images with the base model until the class "
+                               "folder holds this many")
     prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss")
     # images
     resolution: int | None = _f(None, "training resolution in pixels (default: the model's native size)")
-    buckets: bool = _f(False, "aspect-ratio bucketing: train each image near its own aspect ratio at ~resolution² pixels")
+    buckets: bool = _f(False, "aspect-ratio bucketing: train each image near its own aspect ratio at "
+                       "~resolution² pixels")
     no_flip: bool = _f(False, "disable random horizontal flips")
     repeats: int = _f(1, "times each instance image appears per epoch")
     # budget and optimisation
@@ -126,17 +131,18 @@ class TrainConfig:
     compile_backend: str = _f("inductor", "the torch.compile backend of --compile: inductor (generated kernels, the "
                               "fast one) or aot_eager (graph capture and AOTAutograd without code generation: for "
                               "checking that a model compiles, in seconds)", choices=("inductor", "aot_eager"))
-    attention: str = _f("sdpa", "attention of the denoiser (default: sdpa): " + "; ".join(f"{k}: {v}" for k, v in ATTENTION.items()),
+    attention: str = _f("sdpa", "attention of the denoiser (default: sdpa): "
+                        + "; ".join(f"{k}: {v}" for k, v in ATTENTION.items()),
                         choices=tuple(ATTENTION))
     channels_last: bool = _f(False, "keep the UNet's conv weights channels-last (NHWC): helps fp16/bf16 on tensor-core "
                              "GPUs, usually slows CPU training (benchmarks/bench_train.py)")
     # ---- memory for big models (issue 23): block swap and the planner (sdlora/train/swap.py, sdlora/plan.py)
-    blocks_to_swap: int = _f(0, "keep N transformer blocks of the denoiser in host memory, each copied to the GPU for its "
-                             "forward and backward (kohya's --blocks_to_swap; FLUX.1: N // 2 double + the rest x2 single "
-                             "blocks, at most 38; SD 3.x: N joint blocks); 0: off", group="model")
-    vram: float | None = _f(None, "GPU memory to fit in, GB: choose base/text-encoder precision, block swap and gradient "
-                            "checkpointing for it and print the plan with its byte counts (`sdlora plan` prints it "
-                            "without training)", group="model", metavar="GB")
+    blocks_to_swap: int = _f(0, "keep N transformer blocks of the denoiser in host memory, each copied to the GPU "
+                             "for its forward and backward (kohya's --blocks_to_swap; FLUX.1: N // 2 double + the rest "
+                             "x2 single blocks, at most 38; SD 3.x: N joint blocks); 0: off", group="model")
+    vram: float | None = _f(None, "GPU memory to fit in, GB: choose base/text-encoder precision, block swap and "
+                            "gradient checkpointing for it and print the plan with its byte counts "
+                            "(`sdlora plan` prints it without training)", group="model", metavar="GB")
     # ---- end of the big-model block
     no_eval_loss: bool = _f(False, "skip the loss on fixed noise printed at the end (2 images × 2 timesteps: 4 "
                             "denoiser forwards before and 4 after training)")
@@ -146,7 +152,8 @@ class TrainConfig:
     no_cache: bool = _f(False, "keep the latent/text caches in memory only (nothing written to disk)")
     # monitoring and saving
     sample_every: int = _f(0, "every N steps save a fixed-seed sample grid (trigger, class, unrelated prompt); 0: off")
-    sample_prompts: str | None = _f(None, "prompts of the sample grid, separated by ';' (default: trigger, class, unrelated)")
+    sample_prompts: str | None = _f(None, "prompts of the sample grid, separated by ';' "
+                                    "(default: trigger, class, unrelated)")
     sample_steps: int = _f(20, "denoising steps of sample images")
     tensorboard: bool = _f(False, "log loss, learning rate and sample grids to TensorBoard (<output>-logs/)")
     save_every: int = _f(0, "every N steps write a checkpoint to resume from (and its adapter); 0: off")
@@ -156,7 +163,8 @@ class TrainConfig:
     skip_bad_images: bool = _f(False, "skip unreadable images with a warning instead of stopping")
     overwrite: bool = _f(False, "replace what an earlier run left at the output path (adapter, loss curve, "
                          "checkpoints, samples) or a file that is not a sdlora adapter; without it they are kept")
-    force_resolution: bool = _f(False, f"allow --resolution above {MAX_RESOLUTION} (memory and cache grow with its square)")
+    force_resolution: bool = _f(False, f"allow --resolution above {MAX_RESOLUTION} "
+                                "(memory and cache grow with its square)")
 
     @property
     def checkpointing(self) -> bool:

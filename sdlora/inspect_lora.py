@@ -13,7 +13,8 @@ from sdlora.formats.read import read_adapter
 
 
 def module_kind(component: str, path: str) -> str:
-    """A module's group: its path with block/layer indices folded (`attn2.to_q`, `resnets.conv1`, `self_attn.q_proj`)."""
+    """A module's group: its path with block/layer indices folded (`attn2.to_q`, `resnets.conv1`, \
+`self_attn.q_proj`)."""
     if component in kohya.TE_COMPONENTS:
         return re.sub(r"^encoder\.(layers|block)\.\d+\.", "", path)
     # SD 3.x / FLUX.1 original paths: `joint_blocks.3.x_block.attn.qkv` -> `x_block.attn.qkv`,
@@ -59,7 +60,8 @@ def describe(path) -> dict:
             tags.update(folder)
     except (ValueError, AttributeError):
         pass
-    return {"file": str(path), "format": adapter.source, "size_bytes": size, "arch": arch, "modules": len(adapter.modules),
+    return {"file": str(path), "format": adapter.source, "size_bytes": size, "arch": arch,
+            "modules": len(adapter.modules),
             "parameters": params, "groups": rows, "trigger": trigger, "top_tags": tags.most_common(10),
             "skipped": adapter.unknown, "unknown": unknown, "metadata": metadata,
             "base_model_version": metadata.get("ss_base_model_version", "")}
@@ -77,8 +79,8 @@ def format_description(d: dict) -> str:
         lines.append(f"  not LoRA      {len(d['skipped'])} skipped keys, {len(d['unknown'])} unknown modules")
     lines.append("  targets (component / group: kind, modules, rank, alpha, effective scale alpha/rank)")
     for r in d["groups"]:
-        lines.append(f"    {r['component']:4s} {r['group']:32s} {r['kind']:6s} {r['modules']:4d}  rank {r['rank']:6s} alpha {r['alpha']:8s} "
-                     f"scale {r['scale']}")
+        lines.append(f"    {r['component']:4s} {r['group']:32s} {r['kind']:6s} {r['modules']:4d}  "
+                     f"rank {r['rank']:6s} alpha {r['alpha']:8s} scale {r['scale']}")
     lines.append("  metadata")
     for k in sorted(d["metadata"]):
         v = d["metadata"][k]

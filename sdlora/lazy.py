@@ -39,7 +39,8 @@ def hide() -> None:
 
 def bitsandbytes():
     """The bitsandbytes module, imported now (lifting `hide`'s mark, not anyone else's); ImportError when it is not
-    installed or cannot load. Its logger is set to errors only: the "no CPU 4-bit kernels from kernels-community" notice at import is
+    installed or cannot load. Its logger is set to errors only: the "no CPU 4-bit kernels from kernels-community" \
+notice at import is
     about an optional faster kernel, bitsandbytes falls back to its own."""
     import logging
 

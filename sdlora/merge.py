@@ -52,7 +52,8 @@ def vae_to_ldm_state(vae) -> dict[str, torch.Tensor]:
                      lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.", key)
         key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
         key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
-        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.", key)
+        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+                     lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.", key)
         key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
                      lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.", key)
         key = key.replace(".conv_shortcut.", ".nin_shortcut.")
@@ -139,7 +140,8 @@ def _merge(model: str, loras, files, out: Path, dtype: str, base, overwrite: boo
         base = load_model(model, parts) if parts else load_base(model)
     if Path(out).suffix.lower() == ".safetensors" and base.spec.denoiser_names == "original":
         raise SdloraError(f"--out {out}: a single-file checkpoint is written for SD 1.x/2.x/XL only; for "
-                          f"{base.spec.label} pass a folder (--out FOLDER: a diffusers model ComfyUI and diffusers load)")
+                          f"{base.spec.label} pass a folder (--out FOLDER: "
+                          "a diffusers model ComfyUI and diffusers load)")
     blender = Blender(base)
     strengths = {}
     for f, (_, te, unet) in zip(files, loras):
@@ -171,7 +173,8 @@ def add_merge_args(p) -> None:
     p.add_argument("--model", required=True, help="required: the " + model_kinds_help(None))
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA to bake in, repeatable; FILE:S or FILE:TE:UNET as in `sdlora generate`")
-    p.add_argument("--out", required=True, metavar="PATH", help="required: OUT.safetensors (single file, LDM layout for A1111/ComfyUI) or a "
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="required: OUT.safetensors (single file, LDM layout for A1111/ComfyUI) or a "
                    "folder (diffusers)")
     p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"),
                    help="dtype of the single file (default: fp16)")

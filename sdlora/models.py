@@ -197,7 +197,8 @@ def detect_checkpoint_arch(keys: list[str]) -> ArchSpec:
         if spec.denoiser_names == "original" and any(spec.checkpoint_marker in k for k in keys):
             return spec
     raise SdloraError("the checkpoint has no text-encoder weights of " + ", ".join(archs.label(a) for a in archs.IDS)
-                      + "; pass a Stable Diffusion checkpoint (an SDXL refiner or inpainting-only file is not supported)")
+                      + "; pass a Stable Diffusion checkpoint (an SDXL refiner or inpainting-only file is not "
+                      "supported)")
 
 
 def model_arch(name: str) -> str | None:

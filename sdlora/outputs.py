@@ -166,7 +166,8 @@ def check_paths(cfg) -> Planned:
             raise SdloraError(f"{p} is in the way: the run writes a folder there; move that file or choose "
                               f"another {flag}")
     if plan.loss_curve.is_dir():
-        raise SdloraError(f"{plan.loss_curve} is a folder in the way of the loss curve; move it or choose another {flag}")
+        raise SdloraError(f"{plan.loss_curve} is a folder in the way of the loss curve; "
+                          f"move it or choose another {flag}")
     probed: dict[Path, OSError | None] = {}
     for folder, option in plan.folders(flag):
         anc = _existing_ancestor(folder)
@@ -417,7 +418,8 @@ def save_or_rescue(write, path: Path, what: str = "adapter") -> Path:
             continue
         raise SdloraError(f"could not write the {what} {path} ({reason}); it was saved to {saved} instead: "
                           "free space or fix permissions, then move it where you want it") from first
-    raise SdloraError(f"could not write the {what} {path} ({reason}), nor into {', '.join(map(str, rescue_folders()))}; "
+    raise SdloraError(f"could not write the {what} {path} ({reason}), "
+                      f"nor into {', '.join(map(str, rescue_folders()))}; "
                       "free some disk space and run again") from first
 
 

@@ -2,7 +2,8 @@
 
 `get("sdxl")` is the spec; `SPECS` lists them all. Folders `sd15` (SD 1.5), `sd21` (SD 2.1, 768-v), `sdxl`
 (SDXL base 1.0), `sd35` (SD 3.5 Medium; `transformer_large.json`: 3.5 Large) and `flux1` (FLUX.1-dev;
-`*_schnell.json`: schnell) hold the diffusers configs of the UNet, text encoder(s), VAE and scheduler exactly as the public
+`*_schnell.json`: schnell) hold the diffusers configs of the UNet, text encoder(s), VAE and scheduler exactly as the \
+public
 repositories ship them (see their README), used to build the real models on the meta device and to scale down
 the tiny ones.
 
@@ -19,7 +20,8 @@ from sdlora.archs import flux, sd1, sd2, sd3, sdxl
 from sdlora.archs.spec import ArchSpec, TextEncoderSpec
 from sdlora.errors import SdloraError
 
-__all__ = ["ArchSpec", "TextEncoderSpec", "SPECS", "IDS", "get", "label", "fits", "load_config", "meta_model", "meta_components", "PUBLIC_MODELS"]
+__all__ = ["ArchSpec", "TextEncoderSpec", "SPECS", "IDS", "get", "label", "fits", "load_config", "meta_model",
+           "meta_components", "PUBLIC_MODELS"]
 
 _HERE = Path(__file__).parent
 

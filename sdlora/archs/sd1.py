@@ -13,5 +13,6 @@ SPEC = ArchSpec(
     versions={"epsilon": ("sd_v1", "stable-diffusion-v1/lora"), "v_prediction": ("sd_v1", "stable-diffusion-v1/lora")},
     kohya_version_prefix="sd_v1",
     modelspec_prefix="stable-diffusion-v1", unet_heads=8,
-    tiny_denoiser={"norm_num_groups": 8, "block_out_channels": [16, 32, 64, 64], "attention_head_dim": 4, "cross_attention_dim": 32},
+    tiny_denoiser={"norm_num_groups": 8, "block_out_channels": [16, 32, 64, 64], "attention_head_dim": 4,
+                   "cross_attention_dim": 32},
 )

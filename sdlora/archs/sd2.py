@@ -13,5 +13,6 @@ SPEC = ArchSpec(
               "epsilon": ("sd_v2_512", "stable-diffusion-v2-512/lora")},
     kohya_version_prefix="sd_v2",
     modelspec_prefix="stable-diffusion-v2", is_v2=True, ambiguous_prediction=True,
-    tiny_denoiser={"norm_num_groups": 8, "block_out_channels": [16, 32, 64, 64], "attention_head_dim": [2, 2, 4, 4], "cross_attention_dim": 32},
+    tiny_denoiser={"norm_num_groups": 8, "block_out_channels": [16, 32, 64, 64], "attention_head_dim": [2, 2, 4, 4],
+                   "cross_attention_dim": 32},
 )

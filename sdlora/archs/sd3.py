@@ -7,7 +7,8 @@ from sdlora.archs.spec import ArchSpec, TextEncoderSpec
 
 
 def _variant(cfg: dict) -> str:
-    """kohya's SD3 `model_type`: dual attention layers -> 3.5 Medium (MMDiT-X), qk-norm -> 3.5 Large, else SD3 Medium."""
+    """kohya's SD3 `model_type`: dual attention layers -> 3.5 Medium (MMDiT-X), qk-norm -> 3.5 Large, \
+else SD3 Medium."""
     if cfg.get("dual_attention_layers"):
         return "5-medium"
     return "5-large" if cfg.get("qk_norm") else "medium"

@@ -18,6 +18,7 @@ SPEC = ArchSpec(
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
     # cross-attention sees both encoders' hidden states side by side (32 + 32); the added embedding is the
     # pooled bigG output (32) plus six size/crop numbers embedded at 8 each
-    tiny_denoiser={"norm_num_groups": 8, "block_out_channels": [16, 32, 64], "attention_head_dim": [2, 4, 4], "cross_attention_dim": 64,
-               "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32},
+    tiny_denoiser={"norm_num_groups": 8, "block_out_channels": [16, 32, 64], "attention_head_dim": [2, 4, 4],
+                   "cross_attention_dim": 64, "addition_time_embed_dim": 8,
+                   "projection_class_embeddings_input_dim": 6 * 8 + 32},
 )

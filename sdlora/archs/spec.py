@@ -27,7 +27,8 @@ class TextEncoderSpec:
     a1111_prefix: str = ""  # A1111's network-layer name prefix of this encoder ("", "0_", "1_")
     hidden: str | None = "final"  # conditioning from the "final" (after the final layer norm) or "penultimate"
     # layer; None: only its pooled output is used (FLUX's CLIP-L)
-    pooled: bool = False  # its pooled output conditions the denoiser (SDXL's bigG; SD3's CLIP-L and bigG; FLUX's CLIP-L)
+    pooled: bool = False  # its pooled output conditions the denoiser (SDXL's bigG; SD3's CLIP-L and bigG;
+    # FLUX's CLIP-L)
     pooled_from: str = "text_embeds"  # which output is pooled: the projected "text_embeds" or the "pooler_output"
     kind: str = "clip"  # "clip" (LoRA-trainable; kohya names it `..._text_model_...`) or "t5" (frozen, cached)
     max_length: int | None = None  # tokens per prompt when not the tokenizer's own limit (T5: 256 for SD3, 512 FLUX)
@@ -83,7 +84,8 @@ class ArchSpec:
     unet_heads: int = 0
     unet_head_channels: int = 64
     ambiguous_prediction: bool = False  # ε and v variants have the same weights layout (SD 2.x): the loader guesses
-    tiny_denoiser: dict = field(default_factory=dict)  # denoiser config overrides of the built-in tiny model (sdlora.tiny)
+    tiny_denoiser: dict = field(default_factory=dict)  # denoiser config overrides of the built-in tiny model
+    # (sdlora.tiny)
     # block swap (sdlora/train/swap.py): the denoiser's ModuleLists whose blocks `--blocks-to-swap N` may keep in
     # host memory, in execution order, and how N splits over them (None: N blocks of the one list). Empty: the
     # family has no block swap.

@@ -75,7 +75,8 @@ class FeatureModels:
             self.clip = CLIPModel.from_pretrained(clip, local_files_only=True).eval()
             self.clip_tok = CLIPTokenizer.from_pretrained(clip, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means "not available here"
-            why = f"CLIP model {clip!r} not available locally ({cause(e, 160)}); download it once or pass --clip-model DIR"
+            why = (f"CLIP model {clip!r} not available locally ({cause(e, 160)}); "
+                   "download it once or pass --clip-model DIR")
             self.skipped |= {"CLIP-I": why, "CLIP-T": why}
         try:
             self.dino = AutoModel.from_pretrained(dino, local_files_only=True).eval()

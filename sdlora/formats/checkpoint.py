@@ -95,8 +95,9 @@ def derive_unet_config(sd: dict, spec: ArchSpec, pooled_dim: int | None = None, 
     if known and "attention_head_dim" in known:
         cfg["attention_head_dim"] = known["attention_head_dim"]
     elif not spec.unet_heads and min(widths) < spec.unet_head_channels:
-        raise SdloraError(f"the UNet is {min(widths)} channels wide, narrower than one {spec.unet_head_channels}-channel "
-                          "attention head, and the file does not say its heads; it was not written by a known trainer")
+        raise SdloraError(f"the UNet is {min(widths)} channels wide, narrower than one "
+                          f"{spec.unet_head_channels}-channel attention head, and the file does not say its heads; "
+                          "it was not written by a known trainer")
     if up_depth != list(reversed(depth)):
         cfg["reverse_transformer_layers_per_block"] = up_depth
     if spec.micro_conditioning and p + "label_emb.0.0.weight" in sd:
@@ -114,10 +115,12 @@ def derive_vae_config(sd: dict) -> dict:
         levels = _ids(sd, p + "down.")
         widths = [sd[p + f"down.{i}.block.{len(_ids(sd, p + f'down.{i}.block.')) - 1}.conv2.weight"].shape[0]
                   for i in levels]
-        return {"in_channels": sd[p + "conv_in.weight"].shape[1], "out_channels": sd[VAE + "decoder.conv_out.weight"].shape[0],
+        return {"in_channels": sd[p + "conv_in.weight"].shape[1],
+                "out_channels": sd[VAE + "decoder.conv_out.weight"].shape[0],
                 "latent_channels": sd[VAE + "decoder.conv_in.weight"].shape[1], "block_out_channels": widths,
                 "layers_per_block": len(_ids(sd, p + "down.0.block.")),
-                "down_block_types": ["DownEncoderBlock2D"] * len(widths), "up_block_types": ["UpDecoderBlock2D"] * len(widths)}
+                "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+                "up_block_types": ["UpDecoderBlock2D"] * len(widths)}
     except KeyError as e:
         raise SdloraError(f"the checkpoint's VAE lacks {e.args[0]}; the file is incomplete (a checkpoint saved "
                           "without its VAE cannot be loaded)") from None
@@ -134,7 +137,8 @@ def derive_text_encoder_config(sd: dict, te, known: dict | None = None) -> dict:
             proj = sd[p + "text_projection"].shape[1] if p + "text_projection" in sd else None
         else:
             q = p + "text_model." if any(k.startswith(p + "text_model.") for k in sd) else p  # older files lack it
-            tok, pos = sd[q + "embeddings.token_embedding.weight"].shape, sd[q + "embeddings.position_embedding.weight"].shape
+            tok, pos = (sd[q + "embeddings.token_embedding.weight"].shape,
+                        sd[q + "embeddings.position_embedding.weight"].shape)
             layers = len(_ids(sd, q + "encoder.layers."))
             inter = sd[q + "encoder.layers.0.mlp.fc1.weight"].shape[0]
             proj = sd[p + "text_projection.weight"].shape[0] if p + "text_projection.weight" in sd else None
@@ -171,7 +175,8 @@ def derive_configs(sd: dict, spec: ArchSpec, metadata: dict | None = None) -> di
         out[t.attr] = cfg | own(t.attr)
         if t.pooled:
             pooled = out[t.attr].get("projection_dim")
-    out[spec.denoiser] = archs.load_config(spec.id, spec.denoiser) | derive_unet_config(sd, spec, pooled, own(spec.denoiser)) | own(spec.denoiser)
+    out[spec.denoiser] = (archs.load_config(spec.id, spec.denoiser)
+                          | derive_unet_config(sd, spec, pooled, own(spec.denoiser)) | own(spec.denoiser))
     out["vae"] = archs.load_config(spec.id, "vae") | derive_vae_config(sd) | own("vae")
     return out
 
@@ -246,7 +251,8 @@ def _load(cls_build, cfg: dict, state: dict, what: str, drop=(), dtype=None):
     # take other (last-bit different) paths than on the model they were written from
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    aligned = {k: v if v.is_contiguous() and v.data_ptr() % 64 == 0 else v.contiguous().clone() for k, v in state.items()}
+    aligned = {k: v if v.is_contiguous() and v.data_ptr() % 64 == 0 else v.contiguous().clone()
+               for k, v in state.items()}
     model.load_state_dict(aligned, strict=True, assign=True)
     return model.eval()
 
@@ -284,7 +290,8 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                           "or re-export it") from e
 
 
-def load_single_file(path: Path, spec: ArchSpec, dtype=None, requested_prediction: str | None = None) -> tuple[dict, int | None]:
+def load_single_file(path: Path, spec: ArchSpec, dtype=None,
+                     requested_prediction: str | None = None) -> tuple[dict, int | None]:
     """The diffusers components of an original-layout checkpoint of family `spec`, with no network access:
     (parts for `sdlora.models.from_components`, native resolution or None for the family's)."""
     import diffusers

@@ -212,9 +212,10 @@ def check_written(out, modules: dict[str, AdapterModule]) -> None:
     back = read_adapter(out).modules
     for name, m in modules.items():
         b = back.get(name)
-        same = b is not None and b.alpha == m.alpha and b.kind == m.kind and b.tensors.keys() == m.tensors.keys() and all(
-            t.dtype == b.tensors[k].dtype and t.shape == b.tensors[k].shape and bool((t == b.tensors[k]).all())
-            for k, t in m.tensors.items())
+        same = (b is not None and b.alpha == m.alpha and b.kind == m.kind and b.tensors.keys() == m.tensors.keys()
+                and all(t.dtype == b.tensors[k].dtype and t.shape == b.tensors[k].shape
+                        and bool((t == b.tensors[k]).all())
+                        for k, t in m.tensors.items()))
         if not same:
             raise SdloraError(f"{out} was written but does not read back as written (module {name}); this is a bug in "
                               "sdlora, please report it with the input file")

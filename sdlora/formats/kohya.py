@@ -145,7 +145,8 @@ def _block_pairs(cfg: dict) -> list[tuple[str, str, bool]]:
                 pairs.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{n}.1", False))
         if i < len(up) - 1:
             slot = 2 if "CrossAttn" in kind else 1
-            pairs.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{(n_per + 1) * i + n_per}.{slot}.conv", False))
+            pairs.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{(n_per + 1) * i + n_per}.{slot}.conv",
+                          False))
     return pairs
 
 
@@ -211,14 +212,18 @@ def a1111_convert(name: str, arch: str) -> str:
     rules = [
         (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[1]}"),
         (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[1]}"),
-        (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
+        (r"lora_unet_time_embedding_linear_(\d+)(.*)",
+         lambda m: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
         (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", lambda m:
-            f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{res(m[2], m[4])}"),
+            f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_"
+            f"{1 if m[2] == 'attentions' else 0}_{res(m[2], m[4])}"),
         (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", lambda m:
             f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{res(m[1], m[3])}"),
         (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", lambda m:
-            f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{res(m[2], m[4])}"),
-        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
+            f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_"
+            f"{1 if m[2] == 'attentions' else 0}_{res(m[2], m[4])}"),
+        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv",
+         lambda m: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
         (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", lambda m:
             f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"),
         (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: _a1111_openclip("", m[1], m[2])
@@ -278,7 +283,8 @@ def module_of_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def to_tensors(adapter: AdapterFile, dtype: torch.dtype | None = None, alpha_if_missing: float | None = None) -> dict[str, torch.Tensor]:
+def to_tensors(adapter: AdapterFile, dtype: torch.dtype | None = None,
+               alpha_if_missing: float | None = None) -> dict[str, torch.Tensor]:
     """The kohya/LyCORIS state dict of an AdapterFile: each role under its key (`ROLE_SUFFIX`), plus alpha (omitted
     where the module has none, unless `alpha_if_missing`; never for a full diff, which has none), cast to `dtype`
     when given (alpha too, as kohya does)."""
@@ -294,7 +300,8 @@ def to_tensors(adapter: AdapterFile, dtype: torch.dtype | None = None, alpha_if_
 
 
 def fuse(mods: dict[str, tuple[str, dict[str, torch.Tensor], float]],
-         originals: dict[str, tuple[tuple[str, int, int], ...]]) -> dict[str, tuple[str, dict[str, torch.Tensor], float]]:
+         originals: dict[str, tuple[tuple[str, int, int], ...]]
+         ) -> dict[str, tuple[str, dict[str, torch.Tensor], float]]:
     """Trained LoRAs on diffusers module paths -> LoRAs on the original model's modules (kohya's SD 3.x / FLUX.1
     layout; `originals` is `dit.original_modules`: original path -> (diffusers path, row start, row stop) parts).
 

@@ -131,7 +131,8 @@ def dataset_metadata(dataset, repeats: int, instance: list, classes: list, trigg
     ({folder name: {"n_repeats", "img_count"}}), `ss_num_train_images` / `ss_num_reg_images` counting repeats, and
     `ss_tag_frequency` per folder (instance and class). `dataset` is an `sdlora.data.kohya_folders.Dataset`,
     `repeats` the run's --repeats (it multiplies each folder's N), `instance`/`classes` the examples trained on
-    (their final captions). Without a `trigger` (--trigger/--prompt), the trigger phrase is the concept folders' words."""
+    (their final captions). Without a `trigger` (--trigger/--prompt), the trigger phrase is the concept folders' \
+words."""
     captions: dict = {}
     for e in list(instance) + list(classes):
         captions.setdefault(e.path.parent, []).append(e.caption)
@@ -150,7 +151,8 @@ def dataset_metadata(dataset, repeats: int, instance: list, classes: list, trigg
                 if tag:
                     tags[tag] = tags.get(tag, 0) + 1
         freq[c.name] = tags
-    md = {"ss_dataset_dirs": json.dumps(dirs(dataset.concepts)), "ss_reg_dataset_dirs": json.dumps(dirs(dataset.classes)),
+    md = {"ss_dataset_dirs": json.dumps(dirs(dataset.concepts)),
+          "ss_reg_dataset_dirs": json.dumps(dirs(dataset.classes)),
           "ss_num_train_images": str(counted(dataset.concepts)), "ss_num_reg_images": str(counted(dataset.classes)),
           "ss_tag_frequency": json.dumps(freq)}
     words = [c.prompt for c in dataset.concepts if c.prompt]

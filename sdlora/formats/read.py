@@ -221,7 +221,8 @@ def _peft_modules(parts: dict[str, dict], configs: dict[str, dict], metadata: di
         if any(s.denoiser_names == "original" for s in cands):  # a transformer: FLUX.1 has single-stream blocks
             single = any(p.startswith("single_transformer_blocks.") for _, p in found)
             cands = [s for s in cands if s.packed_latents == single] or cands
-        shapes = {kohya.kohya_name("unet" if c == "unet" else "te", p): tuple(v[0].shape) for (c, p), v in found.items()}
+        shapes = {kohya.kohya_name("unet" if c == "unet" else "te", p): tuple(v[0].shape)
+                  for (c, p), v in found.items()}
         arch = _by_shapes(cands, list(shapes), shapes)
     spec = archs.get(arch or "sd1")
     kcomp = {attr: c for c, attr in spec.components.items()}
@@ -322,13 +323,14 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
     if not modules:
         what = f" ({', '.join(kinds)} modules are not supported yet)" if kinds else ""
         raise SdloraError(f"{where}: no LoRA modules sdlora can apply (kohya/LyCORIS lora_down/lora_up, hada_*, "
-                          f"lokr_*, diff; diffusers or PEFT lora_A/lora_B){what}; pass a LoRA .safetensors or a PEFT folder")
+                          f"lokr_*, diff; diffusers or PEFT lora_A/lora_B){what}; "
+                          "pass a LoRA .safetensors or a PEFT folder")
     for m in modules.values():
         check_module(m, where)
     if renamed:
-        notes.append(f"{renamed} key(s) use LyCORIS's wrapper names (`lycoris_<diffusers UNet path>`, SimpleTuner and "
-                     "ai-toolkit LyCORIS files), read as kohya's `lora_unet_` names; `sdlora convert IN OUT --to kohya` "
-                     "writes the names every loader matches")
+        notes.append(f"{renamed} key(s) use LyCORIS's wrapper names (`lycoris_<diffusers UNet path>`, "
+                     "SimpleTuner and ai-toolkit LyCORIS files), read as kohya's `lora_unet_` names; "
+                     "`sdlora convert IN OUT --to kohya` writes the names every loader matches")
     if kinds:
         notes.append(f"{', '.join(kinds)} modules are not supported yet: their keys are listed as unknown")
     return AdapterFile(modules=modules, metadata=metadata, source=fmt, arch=arch, unknown=sorted(unknown), notes=notes)

@@ -205,8 +205,8 @@ def _a1111_check(names: list[str], arch: str) -> tuple[int, list[str]]:
         problems.append(f"A1111: {len(missing)} module(s) match no layer and are skipped (first: {missing[0]})")
     partial = sorted(k for k, parts in mha.items() if parts != {"q", "k", "v", "out"})
     if partial:
-        problems.append(f"A1111: {len(partial)} OpenCLIP attention layer(s) lack one of q/k/v/out_proj and are silently "
-                        f"never applied (first: {partial[0]}); train all four attention projections")
+        problems.append(f"A1111: {len(partial)} OpenCLIP attention layer(s) lack one of q/k/v/out_proj and are "
+                        f"silently never applied (first: {partial[0]}); train all four attention projections")
         hit -= sum(len(mha[k]) for k in partial)
     return hit, problems
 
@@ -236,7 +236,8 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
         against = f"the real {archs.label(arch)} architecture"
     modules = adapter.modules
     rep = VerifyReport(path=path, arch=arch, against=against, modules=len(modules),
-                       keys=sum(len(m.tensors) + (m.alpha is not None) for m in modules.values()) + len(adapter.unknown))
+                       keys=sum(len(m.tensors) + (m.alpha is not None) for m in modules.values())
+                       + len(adapter.unknown))
     if model is None and detected is None:
         rep.notes.append(f"neither metadata nor names say the architecture; assumed {archs.label(arch)} "
                          "(pass --model to check)")
@@ -249,7 +250,8 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
     no_alpha = sorted(n for n, m in modules.items() if m.alpha is None)
     if no_alpha:
         rep.problems.append(f"{len(no_alpha)} module(s) have no alpha (first: {no_alpha[0]}); every loader then uses "
-                            "scale 1 silently; re-save with alpha (e.g. `sdlora convert --to kohya --alpha-if-missing RANK`)")
+                            "scale 1 silently; re-save with alpha "
+                            "(e.g. `sdlora convert --to kohya --alpha-if-missing RANK`)")
 
     canonical, unknown, shape_bad = {}, [], []
     alias = layouts.aliases(table, arch)
@@ -295,7 +297,8 @@ def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metada
     problem of the file, and the check runs on what diffusers can read."""
     n = len(modules)
     plain = {k: m for k, m in modules.items() if m.kind_spec.pair and "mid" not in m.tensors}
-    other = Counter(m.kind if "mid" not in m.tensors else "locon (Tucker)" for k, m in modules.items() if k not in plain)
+    other = Counter(m.kind if "mid" not in m.tensors else "locon (Tucker)"
+                    for k, m in modules.items() if k not in plain)
     dora = sum(m.dora for m in plain.values())
     if plain:
         lora_only = {k: AdapterModule(k, m.kind, {"down": m.tensors["down"], "up": m.tensors["up"]}, m.alpha)
@@ -305,7 +308,8 @@ def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metada
     else:
         landed, probs = 0, []
     if other:
-        rep.notes.append("diffusers' load_lora_weights rejects " + ", ".join(f"{c} {k}" for k, c in sorted(other.items()))
+        rep.notes.append("diffusers' load_lora_weights rejects "
+                         + ", ".join(f"{c} {k}" for k, c in sorted(other.items()))
                          + " module(s) (ValueError); ComfyUI and A1111 apply them")
     if dora:
         rep.notes.append(f"diffusers drops the dora_scale of {dora} DoRA module(s) with a warning and applies them as "

@@ -103,7 +103,8 @@ def add_generate_args(p) -> None:
                    help="kohya LoRA file, repeatable; FILE:S applies strength S (default 1), "
                         "FILE:TE:UNET separate text-encoder and UNet strengths (A1111 order)")
     add_flags(p)  # the settings of the images: prompt, seed, steps, guidance, sampler, size, count
-    p.add_argument("--out", default="output", metavar="PATH", help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
+    p.add_argument("--out", default="output", metavar="PATH",
+                   help="a .png path, or a folder for NNNNN-SEED.png files (default: output)")
     p.add_argument("--overwrite", action="store_true", help="replace the --out .png file(s) if they exist")
     add_part_args(p, precision=True)
 
@@ -126,7 +127,8 @@ def cmd_generate(args) -> int:
     say(f"loading model {args.model}")
     session = Session(args.model, base=load_model(args.model, parts))
     base = session.base
-    say(f"model {args.model}: {archs.label(base.arch)}, {base.prediction_type}, native size {base.native_resolution} px")
+    say(f"model {args.model}: {archs.label(base.arch)}, {base.prediction_type}, "
+        f"native size {base.native_resolution} px")
     if args.guidance is None:
         settings.guidance = base.spec.sample_guidance
     strengths = {}

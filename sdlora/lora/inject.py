@@ -29,8 +29,9 @@ finally:
     if _HIDE_BNB:
         del sys.modules["bitsandbytes"]
 
-from sdlora.lora import kinds
-from sdlora.lora.targets import conv_targets
+# kept below the peft block above, as before: peft loads first, while bitsandbytes is hidden
+from sdlora.lora import kinds  # noqa: E402
+from sdlora.lora.targets import conv_targets  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def format_table(reports: list[ComponentReport]) -> str:
     rows.append(("total", str(sum(count(r) for r in reports)), f"{total_t:,}",
                  f"{sum(r.expected for r in reports):,}", f"{sum(r.frozen for r in reports):,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

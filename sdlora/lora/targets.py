@@ -16,7 +16,8 @@ if typing.TYPE_CHECKING:  # torch is imported where a model is searched: `sdlora
 # columns its spec names (`ArchSpec.preset_columns`): UNet families "unet" + "te", the diffusion transformers
 # (SD 3.x, FLUX.1) "transformer" + "transformer_te"; a preset without a family's text-encoder column leaves its
 # text encoders alone.
-_DIT_ATTN = r"(single_)?transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_DIT_ATTN = (r"(single_)?transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+             r"to_add_out)")
 _DIT_ALL = (r"(single_)?transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
             r"to_add_out)|ff(_context)?\.net\.(0\.proj|2)|norm1(_context)?\.linear|norm\.linear|proj_mlp|proj_out)")
 PRESETS: dict[str, dict[str, tuple[str, str]]] = {
@@ -41,10 +42,13 @@ PRESETS: dict[str, dict[str, tuple[str, str]]] = {
     # the text encoder's attention and MLP. The widest preset that every loader maps. SD 3.x / FLUX.1: every
     # Linear of the transformer blocks (attention, MLPs, modulation), as kohya's lora_sd3/lora_flux train, and CLIP.
     "full": {
-        "unet": ("all Linear/1x1 conv in transformer blocks", r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"),
+        "unet": ("all Linear/1x1 conv in transformer blocks",
+                 r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|"
+                 r"ff\.net\.0\.proj|ff\.net\.2))"),
         "te": ("attention q, k, v, out and MLP fc1, fc2", r".*\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"),
         "transformer": ("all Linear in joint/single blocks (attention, MLP, modulation)", _DIT_ALL),
-        "transformer_te": ("CLIP attention q, k, v, out and MLP fc1, fc2", r".*\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"),
+        "transformer_te": ("CLIP attention q, k, v, out and MLP fc1, fc2",
+                           r".*\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"),
     },
 }
 

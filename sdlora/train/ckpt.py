@@ -30,8 +30,8 @@ MANIFEST_KEYS = ("format", "step", "identity", "data", "position", "optimizer_pa
 IDENTITY = ("model", "prediction_type", "preset", "rank", "alpha", "no_text_encoder", "resolution", "batch_size",
             "grad_accum", "repeats", "lr", "te_lr", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm",
             "mixed_precision", "seed", "prompt", "trigger", "class_prompt", "prior_loss_weight", "no_flip",
-            "buckets", "caption_dropout", "shuffle_tags", "keep_tags", "min_snr_gamma", "noise_offset", "network", "dora",
-            "conv_rank", "conv_alpha", "lokr_factor", "optimizer", "optimizer_args")
+            "buckets", "caption_dropout", "shuffle_tags", "keep_tags", "min_snr_gamma", "noise_offset", "network",
+            "dora", "conv_rank", "conv_alpha", "lokr_factor", "optimizer", "optimizer_args")
 
 
 def checkpoint_root(output_path: Path) -> Path:

@@ -25,7 +25,8 @@ def _save_png(image: Image.Image, path: Path) -> Path:
 
 
 @torch.no_grad()
-def sample_grid(base, prompts: list[str], resolution: int, seeds=(1, 2), steps: int = 20, title: str = "") -> Image.Image:
+def sample_grid(base, prompts: list[str], resolution: int, seeds=(1, 2), steps: int = 20,
+                title: str = "") -> Image.Image:
     """One row per prompt, one column per seed, generated with the model as it is now (LoRA active)."""
     pipe = base.pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -38,7 +39,8 @@ def sample_grid(base, prompts: list[str], resolution: int, seeds=(1, 2), steps: 
         y = label_h + r * (cell + label_h)
         draw.text((2, y + 1), prompt[:60], fill="black")
         for c, seed in enumerate(seeds):
-            img = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps, **base.generation_kwargs(),
+            img = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                       **base.generation_kwargs(),
                        generator=torch.Generator().manual_seed(seed), output_type="pil").images[0]
             grid.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label_h))
     return grid
@@ -100,7 +102,8 @@ class Monitor:
         return path
 
     def close(self) -> Path | None:
-        path = loss_curve(self.losses, self.out_path.with_name(self.out_path.stem + "-loss.png")) if self.losses else None
+        path = (loss_curve(self.losses, self.out_path.with_name(self.out_path.stem + "-loss.png"))
+                if self.losses else None)
         if self.writer:
             self.writer.close()
         return path

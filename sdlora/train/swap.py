@@ -184,7 +184,8 @@ class BlockSwap:
     def _run(self, i: int, forward, *args, **kwargs):
         copies = self.fetch(i, "forward" if self.in_forward else "backward")
         for (sub, name, _), t in zip(self.host[i], copies):
-            sub._parameters[name] = t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t, requires_grad=False)
+            sub._parameters[name] = (t if isinstance(t, torch.nn.Parameter)
+                                     else torch.nn.Parameter(t, requires_grad=False))
         try:
             if torch.is_grad_enabled() and not getattr(self.owner, "gradient_checkpointing", False):
                 ptrs = {t.untyped_storage().data_ptr(): k for k, t in enumerate(copies) if t.numel()}
