@@ -276,6 +276,9 @@ CASES = {  # name -> (model path under MODELS, extra sdlora arguments)
                     "--ae", "flux-files/ae.safetensors"]),
     "sd35-folder": ("sd35-folder", []),
     "flux-shallow": ("flux-shallow", []),
+    "sd35-files": ("sd35-files/sd3.5_large-fp8.safetensors",
+                   ["--clip-l", "sd35-files/clip_l.safetensors", "--clip-g", "sd35-files/clip_g.safetensors",
+                    "--t5xxl", "sd35-files/t5xxl_fp8_e4m3fn.safetensors", "--ae", "sd35-files/ae.safetensors"]),
 }
 
 
@@ -358,7 +361,9 @@ def run_case(case: str, precision: str, steps: int, images: Path, timeout: float
             "--steps", str(steps), "--no-eval-loss", "--overwrite",
             "--out", str(out / "adapter.safetensors"), "--cache-dir", str(out / "cache")]
     env = dict(os.environ, SDLORA_STEP_TIMES=str(marks), PYTHONPATH=str(ROOT),
-               SDLORA_T5_TOKENIZER=str(MODELS / "flux-files" / "tokenizers" / "tokenizer_2"))
+               SDLORA_T5_TOKENIZER=str(next((t for t in (MODELS / model.split("/")[0] / "tokenizers" / a
+                                                         for a in ("tokenizer_2", "tokenizer_3")) if t.is_dir()),
+                                            "")))  # single files carry no tokenizer: the one written beside them
     with open("/tmp/sdlora-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         load = os.getloadavg()
@@ -420,7 +425,7 @@ def main() -> None:
         elif args.case == "flux-files":
             write_files(MODELS / "flux-files", "flux", "", fp8=True, t5_fp8=True)
         else:
-            write_files(MODELS / "sd35-files", "sd3", "large", fp8=False, t5_fp8=True)
+            write_files(MODELS / "sd35-files", "sd3", "large", fp8=True, t5_fp8=True)  # fp8: 8 GB, not 16
         print(f"{args.case} written in {time.time() - t0:.0f} s")
     else:
         r = run_case(args.case, args.precision, args.steps, ROOT / "datasets" / "dog", args.timeout,
