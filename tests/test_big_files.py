@@ -399,3 +399,19 @@ def test_generate_and_merge_take_a_flux_single_file_with_train_s_part_flags(tmp_
                  "--out", str(tmp_path / "m3")]) == 2
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("sdlora: error:")]
     assert len(errors) == 1 and "--clip-l" in errors[0] and not (tmp_path / "m3").exists()
+
+
+def test_comfyui_check_maps_the_blocks_of_the_loaded_model_not_the_reference_one():
+    """verify's ComfyUI check takes the loaded model's modules: SD 3.5 Large has 38 joint blocks, the reference
+    SD 3.5 Medium 24 (a full-size Large run's file was refused for 'lora key not loaded' on blocks 23-37)."""
+    from accelerate import init_empty_weights
+
+    from sdlora.archs.spec import DENOISER
+    from sdlora.formats import layouts
+
+    with init_empty_weights():
+        large = archs.build(archs.load_config("sd3", "transformer_large"))
+    keys = layouts.comfy_keys_of(layouts.table_of({DENOISER: large}, "sd3"), "sd3")
+    last = "lora_unet_joint_blocks_37_x_block_attn_qkv"
+    assert last in keys and "lora_unet_joint_blocks_23_context_block_attn_proj" in keys
+    assert last not in layouts.comfy_keys("sd3")

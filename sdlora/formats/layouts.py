@@ -170,8 +170,13 @@ _COMFY_TE_PREFIXES = {"te": ("lora_te", "lora_te1"), "te1": ("lora_te", "lora_te
 
 @functools.lru_cache(maxsize=4)
 def comfy_keys(arch: str) -> frozenset[str]:
-    """kohya module names ComfyUI's `model_lora_keys_unet`/`model_lora_keys_clip` map for `arch`."""
-    table = kohya_table(arch)
+    """kohya module names ComfyUI's `model_lora_keys_unet`/`model_lora_keys_clip` map for `arch`'s reference model."""
+    return comfy_keys_of(kohya_table(arch), arch)
+
+
+def comfy_keys_of(table: dict[str, Module], arch: str) -> frozenset[str]:
+    """The same for the model whose kohya table is `table`: ComfyUI maps the modules the loaded checkpoint has, so
+    SD 3.5 Large's 38 joint blocks answer, not the 24 of the reference model (SD 3.5 Medium)."""
     keys = set()
     if archs.get(arch).denoiser_names == "original":
         # every `diffusion_model.<original path>.weight` as `lora_unet_<path with _>`; CLIP as for SDXL; T5 as

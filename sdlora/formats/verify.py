@@ -286,7 +286,7 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
 
     rep.tools["kohya"] = f"loads {len(canonical)}/{len(modules)} modules"
     _diffusers_tool(rep, modules, metadata, arch, table)
-    rep.tools["ComfyUI"] = _comfy_tool(rep, sorted(modules), arch)
+    rep.tools["ComfyUI"] = _comfy_tool(rep, sorted(modules), arch, table)
     _a1111_tool(rep, sorted(modules), metadata, arch)
     return rep
 
@@ -325,8 +325,8 @@ def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metada
     rep.tools["diffusers"] = "rejects the file (LyCORIS kinds)" if not plain else loads
 
 
-def _comfy_tool(rep: VerifyReport, names: list[str], arch: str) -> str:
-    comfy = layouts.comfy_keys(arch)
+def _comfy_tool(rep: VerifyReport, names: list[str], arch: str, table: dict) -> str:
+    comfy = layouts.comfy_keys_of(table, arch)
     not_comfy = [m for m in names if m not in comfy]
     if not_comfy:
         rep.problems.append(f"ComfyUI: {len(not_comfy)} module(s) give 'lora key not loaded' (first: {not_comfy[0]})")
