@@ -362,8 +362,8 @@ def run_case(case: str, precision: str, steps: int, images: Path, timeout: float
             "--out", str(out / "adapter.safetensors"), "--cache-dir", str(out / "cache")]
     env = dict(os.environ, SDLORA_STEP_TIMES=str(marks), PYTHONPATH=str(ROOT),
                SDLORA_T5_TOKENIZER=str(next((t for t in (MODELS / model.split("/")[0] / "tokenizers" / a
-                                                         for a in ("tokenizer_2", "tokenizer_3")) if t.is_dir()),
-                                            "")))  # single files carry no tokenizer: the one written beside them
+                                                         for a in ("tokenizer_3", "tokenizer_2")) if t.is_dir()),
+                                            "")))  # single files carry no tokenizer: the T5 one beside them
     with open("/tmp/sdlora-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         load = os.getloadavg()
