@@ -86,3 +86,15 @@ def dog_copy(odd_dir) -> Path:
     d = odd_dir / "dog pics"
     shutil.copytree(DOG, d)
     return d
+
+
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Every test starts with Python's own SIGINT handler. A test earlier in the same xdist worker can leave SIGINT
+    ignored (a clean-clone CI run saw it: the Ctrl-C tests then found SIG_IGN, and a `sdlora` child inherited the
+    ignore and never stopped); the Ctrl-C tests check what sdlora does, not what an earlier test left."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
