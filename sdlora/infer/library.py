@@ -8,9 +8,9 @@ a visitor's uploads leave memory when the visitor leaves (`forget`, called when 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from sdlora.cache import file_digest
 from sdlora.errors import SdloraError
 from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
@@ -19,14 +19,6 @@ MAX_UPLOAD_BYTES = 1 << 30  # one upload (an SDXL LoRA at rank 128 is about 900 
 MAX_UPLOADS = 32  # uploads one visitor may hold
 MAX_HELD = 256  # distinct uploads held in memory for all visitors together
 UPLOAD = "upload:"  # key prefix of uploads (folder files are keyed by their path)
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Library:
@@ -83,7 +75,7 @@ class Library:
             return (f"{name}: {size / 2**20:,.0f} MiB is more than the {MAX_UPLOAD_BYTES >> 20:,} MiB an upload may "
                     "be; put it in the app's --adapters folder instead")
         mine = self.uploads.setdefault(visitor, [])
-        digest = _digest(path)
+        digest = file_digest(path)
         key = UPLOAD + digest
         if key in mine:
             return None  # the same bytes again: listed once
