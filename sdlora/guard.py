@@ -42,7 +42,8 @@ def same_or_inside(path: Path, other: Path) -> bool:
     return a == b or b in a.parents
 
 
-def _existing_ancestor(folder: Path) -> Path:
+def existing_ancestor(folder: Path) -> Path:
+    """`folder` itself if it exists, else the nearest existing folder (or file) above it."""
     p = Path(folder).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -52,7 +53,7 @@ def _existing_ancestor(folder: Path) -> Path:
 def probe_writable(folder: Path, flag: str) -> None:
     """Refuse when a file cannot be created in `folder` (or the nearest existing folder above it). Catches what
     os.access misses as root: read-only mounts, full disks, quota."""
-    anc = _existing_ancestor(folder)
+    anc = existing_ancestor(folder)
     if not anc.is_dir():
         raise SdloraError(f"cannot create the folder {folder}: {anc} is a file, not a folder; choose another {flag}")
     try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.errors import SdloraError, cause
+from sdlora.guard import existing_ancestor, probe_writable
 
 STALE_AGE_S = 300  # a temp file untouched this long belongs to a killed save, not to a save in progress
 _TMP_FILE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # formats.file_io.atomic_write (mkstemp)
@@ -112,30 +113,6 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _existing_ancestor(folder: Path) -> Path:
-    p = folder.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _probe_writable(folder: Path) -> OSError | None:
-    """None if a file can be created in `folder` (which exists), else the error. Catches what os.access misses
-    as root: read-only mounts, full disks, quota."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".sdlora-probe.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        return e
-    try:
-        os.write(fd, b"\0")
-    except OSError as e:
-        return e
-    finally:
-        os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-    return None
-
-
 def check_paths(cfg) -> Planned:
     """Refuse, before any model loads, outputs that cannot be written or would damage something."""
     plan = planned(cfg)
@@ -168,18 +145,12 @@ def check_paths(cfg) -> Planned:
     if plan.loss_curve.is_dir():
         raise SdloraError(f"{plan.loss_curve} is a folder in the way of the loss curve; "
                           f"move it or choose another {flag}")
-    probed: dict[Path, OSError | None] = {}
+    probed: set[Path] = set()  # each existing folder is probed once (several outputs share one)
     for folder, option in plan.folders(flag):
-        anc = _existing_ancestor(folder)
-        if not anc.is_dir():
-            raise SdloraError(f"cannot create the folder {folder}: {anc} is a file, not a folder; choose another "
-                              f"{option}")
+        anc = existing_ancestor(folder)
         if anc not in probed:
-            probed[anc] = _probe_writable(anc)
-        err = probed[anc]
-        if err is not None:
-            raise SdloraError(f"cannot write to {folder} ({err.strerror or err} in {anc}); choose a writable "
-                              f"{option}")
+            probe_writable(folder, option)
+            probed.add(anc)
     return plan
 
 
@@ -342,7 +313,7 @@ def check_space(need: dict[Path, int], margin: int = MIB) -> None:
     """Refuse when a file system cannot hold what the run writes on it (`need`: folder -> bytes)."""
     per_fs: dict[int, list] = {}
     for folder, n in need.items():
-        anc = _existing_ancestor(folder)
+        anc = existing_ancestor(folder)
         try:
             dev = anc.stat().st_dev
             free = shutil.disk_usage(anc).free
