@@ -166,8 +166,12 @@ SUBCOMMANDS = {
     "resize": ("sdlora.resize", "reduce a LoRA's rank by SVD",
                "Lower the rank of every module by truncated SVD; prints the energy kept."),
     "scan": ("sdlora.data.scan_command", "show what training would see in an image folder, without loading a model",
-             "List concepts (kohya N_words folders) and repeats, every image with its size, bucket and caption, and "
-             "the problems training would warn about or stop on. Exits 1 when training would stop."),
+             "List concepts (kohya N_words folders) and repeats, every image with its size, bucket and caption (with "
+             "its CLIP token count and what 77 tokens cut off), and the problems training would warn about or stop "
+             "on. Exits 1 when training would stop."),
+    "caption": ("sdlora.caption.command", "write a caption file beside each image of a folder (toy, BLIP, Florence-2, "
+                "WD14)", "Caption the images of a folder that have no caption yet (--overwrite: all of them), "
+                "with --prefix first and at most --max-tokens CLIP tokens; one .txt per image, written atomically."),
     "plan": ("sdlora.plan", "the settings that fit a run in a GPU's memory, with their byte counts (no weights loaded)",
              "Choose base and text-encoder precision, block swap and gradient checkpointing for --vram GB and print "
              "the bytes of weights, LoRA + optimizer state and activations (counted on the meta device)."),

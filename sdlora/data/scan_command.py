@@ -1,5 +1,6 @@
 """`sdlora scan DIR`: what training would see in an image folder (concepts, repeats, every image with its size,
-bucket and caption, the problems), without loading a model."""
+bucket, caption and the caption's CLIP token count, what a 77-token window cuts off, the problems), without loading
+a model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sdlora.data.captions import PromptRules
 from sdlora.data.examples import small_images
 from sdlora.data.images import display_name
 from sdlora.data.kohya_folders import Dataset, scan_dataset
+from sdlora.data.tokens import CLIP_WINDOW, counted
 from sdlora.errors import SdloraError
 
 
@@ -25,6 +27,7 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
              + (f"{len(ds.concepts)} concept folder(s) (kohya N_words)" if ds.concepts and ds.concepts[0].prompt
                 else "a folder of images")]
     by_path = {e.path: e for e in instance + classes}
+    tokens = dict(zip(by_path, counted([e.caption for e in by_path.values()])))  # the prompt each image trains on
     for c in ds.concepts + ds.classes:
         exs = [by_path[p] for p in c.images]
         kind = "class" if c.is_class else "instance"
@@ -33,7 +36,10 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
                      f"{sum(e.has_caption for e in exs)} with caption files, prompt '{prompt_of}'")
         for e in exs:
             lines.append(f"  {display_name(e.path)}  {e.orig_size[0]}x{e.orig_size[1]} -> {e.size[0]}x{e.size[1]}"
-                         f"{'' if e.has_caption else ' (no caption)'}  '{bounds.shown(e.caption)}'")
+                         f"{'' if e.has_caption else ' (no caption)'}  '{bounds.shown(e.caption)}'"
+                         f"  {tokens[e.path][0] + 2}/{CLIP_WINDOW} tokens")
+            if tokens[e.path][1]:
+                lines.append(f"    past CLIP's {CLIP_WINDOW} tokens, not read: '{bounds.shown(tokens[e.path][1])}'")
     per_epoch = sum(e.repeats for e in instance) * repeats
     sizes = Counter(e.size for e in instance)
     lines.append(f"training sees {per_epoch} instance images per epoch ({len(instance)} files), "
@@ -43,6 +49,11 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
     problems = ds.problems(repeats) + [
         f"{display_name(e.path, full=True)}: {e.orig_size[0]}x{e.orig_size[1]} is smaller than "
         f"{e.size[0]}x{e.size[1]} (upscaled, softer)" for e in small_images(instance + classes)]
+    long = [p for p, (_, rest) in tokens.items() if rest]
+    if long:  # training warns about them too (sdlora.train.step.long_captions)
+        problems.append(f"{len(long)} caption(s) longer than CLIP's {CLIP_WINDOW} tokens (start and end included): "
+                        f"the rest is not read ({display_name(long[0])}: {tokens[long[0]][0] + 2} tokens); shorten "
+                        "them or run `sdlora caption --overwrite --max-tokens 75`")
     if any(c.prompt is None for c in ds.concepts) and not prompt:
         problems.append("images without caption files need --prompt (or kohya-style N_words folders)")
     ignored = ds.ignored()
