@@ -3,7 +3,7 @@ make_captions.py uses it; short sentences ("a purple triangle on a gray backgrou
 
 from __future__ import annotations
 
-from sdlora.caption.hf import load_pretrained
+from sdlora.caption.hf import load_pretrained, new_tokens
 from sdlora.caption.options import Options
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
@@ -22,7 +22,7 @@ class BlipCaptioner:
 
         inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            ids = self.net.generate(**inputs, max_new_tokens=self.opts.max_new_tokens)
+            ids = self.net.generate(**inputs, max_new_tokens=new_tokens(self.net, self.opts.max_new_tokens))
         return [" ".join(t.split()) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
 

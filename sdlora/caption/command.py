@@ -67,11 +67,16 @@ def existing_caption(image: Path) -> Path | None:
     return next((image.with_suffix(s) for s in CAPTION_SUFFIXES if image.with_suffix(s).is_file()), None)
 
 
-def _check(captioner: str, prefix: str, max_tokens: int, batch_size: int, opts: Options) -> None:
+def _check(captioner: str, model: str | None, prefix: str, max_tokens: int, batch_size: int, opts: Options) -> None:
     from sdlora.data.tokens import token_count
 
     if captioner not in CAPTIONERS:
         raise SdloraError(f"--captioner {captioner}: no such captioner; use one of {', '.join(CAPTIONERS)}")
+    if captioner == "toy" and model:
+        raise SdloraError("--captioner toy has no model to choose; drop --captioner-model")
+    if model and model.startswith(("/", "./", "../", "~")) and not Path(model).is_dir():
+        raise SdloraError(f"--captioner-model {model}: no such folder; pass a hub id (owner/name) or a folder "
+                          "holding the model")
     if max_tokens < 0:
         raise SdloraError(f"--max-tokens must be 0 (no limit) or more, got {max_tokens}")
     if batch_size < 1:
@@ -130,7 +135,7 @@ def caption_folder(folder, captioner: str = "toy", prefix: str | None = None, ov
     opts = Options(device=device, max_new_tokens=max_tokens + 10 if max_tokens else 256,
                    florence_task=FLORENCE_TASKS.get(florence_task, florence_task), threshold=threshold,
                    character_threshold=character_threshold)
-    _check(captioner, prefix, max_tokens, batch_size, opts)
+    _check(captioner, model, prefix, max_tokens, batch_size, opts)
     folder = Path(folder)
     images, bad = _images(folder, skip_bad_images)
     report = CaptionReport(bad=bad if skip_bad_images else [])

@@ -4,7 +4,7 @@ converted for it such as florence-community/Florence-2-large); `--florence-task`
 
 from __future__ import annotations
 
-from sdlora.caption.hf import load_pretrained
+from sdlora.caption.hf import load_pretrained, new_tokens
 from sdlora.caption.options import Options
 
 DEFAULT_MODEL = "florence-community/Florence-2-large"
@@ -29,7 +29,8 @@ class Florence2Captioner:
         with torch.inference_mode():
             ids = self.net.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
                                     attention_mask=inputs.get("attention_mask"),
-                                    max_new_tokens=self.opts.max_new_tokens, num_beams=3, do_sample=False)
+                                    max_new_tokens=new_tokens(self.net, self.opts.max_new_tokens), num_beams=3,
+                                    do_sample=False)
         # a caption task's answer is plain text: with the special tokens (<s>, </s>, <pad>) dropped it is what
         # the processor's post_process_generation returns for it
         return [" ".join(t.split()) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]

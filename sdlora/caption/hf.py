@@ -25,3 +25,10 @@ def load_pretrained(model_class: str, model: str, device: str | None, what: str,
         raise SdloraError(f"--captioner-model {model}: cannot load it as a {what} model ({cause(e)}); pass a hub id "
                           f"such as {default} or a local folder holding a {what} model and its processor") from e
     return processor, net.to(device).eval(), device
+
+
+def new_tokens(net, wanted: int) -> int:
+    """`wanted` new tokens, at most what the text decoder has positions for (a longer generation would index past
+    its position table)."""
+    limit = getattr(getattr(net.config, "text_config", net.config), "max_position_embeddings", None)
+    return min(wanted, limit - 2) if limit else wanted

@@ -26,8 +26,4 @@ class ToyCaptioner:
 
 
 def load(model: str | None, opts: Options) -> ToyCaptioner:
-    from sdlora.errors import SdloraError
-
-    if model:
-        raise SdloraError("--captioner toy has no model to choose; drop --captioner-model")
-    return ToyCaptioner()
+    return ToyCaptioner()  # no model to choose: command.py refuses --captioner-model for it
