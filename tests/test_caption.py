@@ -5,6 +5,7 @@ exported to ONNX with its tag list, `scan`'s token counts, and bad input (one li
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 
@@ -83,12 +84,16 @@ def test_caption_folder_on_kohya_concept_folders_returns_what_it_wrote(tmp_path)
     parent = tmp_path / "train"
     make_images(parent / "10_sks thing", 2)
     make_images(parent / "3_other", 1)
+    shutil.copy(parent / "3_other" / "img_0.png", parent / "3_other" / "img_0.jpg")  # both would read img_0.txt
     lines = []
     report = caption_folder(parent, "toy", prefix="sks,", progress=False, log=lines.append)
     files = sorted(parent.glob("*/*.txt"))
     assert sorted(report.written) == files and len(files) == 3
     assert all(report.written[f] == f.read_text().strip() and f.read_text().startswith("sks, ") for f in files)
-    assert lines == ["wrote 3 caption file(s) with the toy world's judge (offline)"]
+    assert report.shared == [parent / "3_other" / "img_0.png"]  # sorted by name: the .jpg came first
+    assert lines == ["wrote 3 caption file(s) with the toy world's judge (offline); 1 image(s) share a caption file "
+                     "with an image of the same name (img_0.png: img_0.txt); training reads that one caption for "
+                     "both, so rename them to caption them apart"]
 
 
 # ------------------------------------------------------------------ scan
@@ -313,3 +318,21 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         err = main_error(capsys, "caption", folder, "--captioner", "wd14", "--captioner-model", folder,
                          "--overwrite", "--skip-bad-images")
         assert "no model.onnx or selected_tags.csv in it" in err
+
+
+@pytest.mark.subprocess  # a fresh interpreter: what `sdlora caption --help` and an option error import
+def test_help_and_option_errors_import_no_model_library(tmp_path):
+    import subprocess
+
+    probe = ("import sys\nfrom sdlora.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint('HEAVY=' + ','.join(sorted(m for m in ('torch', 'transformers', 'onnxruntime') "
+             "if m in sys.modules)))\nsys.exit(code)")
+    for args, code, needle in [
+            (["caption", "--help"], 0, "--max-tokens N cut each caption, prefix included, to at most N CLIP tokens"),
+            (["caption", str(tmp_path / "nope"), "--captioner", "blip"], 2, "no such folder"),
+            (["caption", str(TOY), "--captioner", "wd14", "--threshold", "2"], 2, "--threshold is a probability")]:
+        p = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "COLUMNS": "100"})
+        out = " ".join((p.stdout + p.stderr).split())
+        assert p.returncode == code and needle in out, out
+        assert p.stdout.splitlines()[-1] == "HEAVY=", out  # nothing heavy imported

@@ -34,13 +34,15 @@ CAPTION_SUFFIX = ".txt"
 
 @dataclass
 class CaptionReport:
-    """What `caption_folder` did: captions written ({caption file: text}), the images that kept the caption they
-    had, the existing captions replaced (--overwrite), the unreadable images skipped, and how many were cut."""
+    """What `caption_folder` did: captions written ({caption file: text}), the caption files left as they were, the
+    existing captions replaced (--overwrite), the unreadable images skipped, the images sharing another's caption
+    file, and how many captions were cut to --max-tokens."""
 
     written: dict[Path, str] = field(default_factory=dict)
     kept: list[Path] = field(default_factory=list)
     replaced: list[Path] = field(default_factory=list)
     bad: list[tuple[Path, str]] = field(default_factory=list)
+    shared: list[Path] = field(default_factory=list)  # images whose caption file is another image's (a.png, a.jpg)
     cut: int = 0
     captioner: str = ""
 
@@ -59,6 +61,10 @@ class CaptionReport:
             parts.append(f"{empty} empty (the captioner said nothing: training uses --prompt for them)")
         if self.bad:
             parts.append(f"skipped {len(self.bad)} unreadable image(s)")
+        if self.shared:
+            parts.append(f"{len(self.shared)} image(s) share a caption file with an image of the same name "
+                         f"({display_name(self.shared[0])}: {display_name(self.shared[0].with_suffix(CAPTION_SUFFIX))})"
+                         "; training reads that one caption for both, so rename them to caption them apart")
         return "; ".join(parts)
 
 
@@ -139,8 +145,12 @@ def caption_folder(folder, captioner: str = "toy", prefix: str | None = None, ov
     folder = Path(folder)
     images, bad = _images(folder, skip_bad_images)
     report = CaptionReport(bad=bad if skip_bad_images else [])
-    todo = []
+    todo, claimed = [], set()
     for image in images:
+        if image.with_suffix(CAPTION_SUFFIX) in claimed:  # a.png and a.jpg: training reads a.txt for both
+            report.shared.append(image)
+            continue
+        claimed.add(image.with_suffix(CAPTION_SUFFIX))
         have = existing_caption(image)
         if have is not None and not overwrite:
             report.kept.append(have)
