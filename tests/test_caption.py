@@ -111,8 +111,8 @@ def test_scan_shows_token_counts_and_what_77_tokens_cut_off(tmp_path, capsys):
     tok = clip_tokenizer()
     assert f"'sks, a short caption'  {len(tok('sks, a short caption').input_ids)}/77 tokens" in p.stdout
     assert f"  {len(tok(long).input_ids)}/77 tokens" in p.stdout
-    line = next(ln for ln in p.stdout.splitlines() if "not read:" in ln)
-    rest = line.split("not read: '", 1)[1].split("…")[0]
+    line = next(ln for ln in p.stdout.splitlines() if "not read by CLIP" in ln)
+    rest = line.split("reads on): '", 1)[1].split("…")[0]
     kept = long[:long.index(rest)]
     assert long.index(rest) > 0 and clip_count(kept) == 75  # the window reads 75 tokens of it and not the rest
     assert "1 caption(s) longer than CLIP's 77 tokens" in p.stdout

@@ -39,7 +39,8 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
                          f"{'' if e.has_caption else ' (no caption)'}  '{bounds.shown(e.caption)}'"
                          f"  {tokens[e.path][0] + 2}/{CLIP_WINDOW} tokens")
             if tokens[e.path][1]:
-                lines.append(f"    past CLIP's {CLIP_WINDOW} tokens, not read: '{bounds.shown(tokens[e.path][1])}'")
+                lines.append(f"    past CLIP's {CLIP_WINDOW} tokens, not read by CLIP (SD 3.5's and FLUX's T5 reads "
+                             f"on): '{bounds.shown(tokens[e.path][1])}'")
     per_epoch = sum(e.repeats for e in instance) * repeats
     sizes = Counter(e.size for e in instance)
     lines.append(f"training sees {per_epoch} instance images per epoch ({len(instance)} files), "
@@ -52,8 +53,8 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
     long = [p for p, (_, rest) in tokens.items() if rest]
     if long:  # training warns about them too (sdlora.train.step.long_captions)
         problems.append(f"{len(long)} caption(s) longer than CLIP's {CLIP_WINDOW} tokens (start and end included): "
-                        f"the rest is not read ({display_name(long[0])}: {tokens[long[0]][0] + 2} tokens); shorten "
-                        "them or run `sdlora caption --overwrite --max-tokens 75`")
+                        f"CLIP does not read the rest ({display_name(long[0])}: {tokens[long[0]][0] + 2} tokens); "
+                        "shorten them")
     if any(c.prompt is None for c in ds.concepts) and not prompt:
         problems.append("images without caption files need --prompt (or kohya-style N_words folders)")
     ignored = ds.ignored()
