@@ -21,7 +21,7 @@ def load_pretrained(model_class: str, model: str, device: str | None, what: str,
     try:
         processor = transformers.AutoProcessor.from_pretrained(model)
         net = cls.from_pretrained(model)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # no such repo or folder, not this kind
         raise SdloraError(f"--captioner-model {model}: cannot load it as a {what} model ({cause(e)}); pass a hub id "
                           f"such as {default} or a local folder holding a {what} model and its processor") from e
     return processor, net.to(device).eval(), device
