@@ -27,6 +27,11 @@ QUANTISED = ("fp8", "int8", "nf4")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# the noise and loss recipe (issue 20; sdlora/train/recipe.py, losses.py, noise.py, timesteps.py)
+LOSSES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "logit-normal", "shift", "flux-shift")
+LOG_WITH = ("tensorboard", "wandb", "all")
 MAX_RESOLUTION = 4096  # above it only with --force-resolution: latents and memory grow with the square
 MAX_RANK = 1024  # a config bound; after the model loads the rank is also checked against the narrowest layer
 MAX_SEED = 2**32  # numpy's and accelerate's set_seed take [0, 2**32)
@@ -87,7 +92,10 @@ class TrainConfig:
                                "folder holds this many")
     prior_loss_weight: float = _f(1.0, "weight of the prior-preservation loss")
     # images
-    resolution: int | None = _f(None, "training resolution in pixels (default: the model's native size)")
+    resolution: str | int | None = _f(None, "training resolution in pixels, or several separated by commas "
+                                     "(512,768,1024: each image trains at every size, with its own buckets and "
+                                     "cached latents per size; sample grids use the largest); default: the model's "
+                                     "native size", metavar="PX[,PX..]")
     buckets: bool = _f(False, "aspect-ratio bucketing: train each image near its own aspect ratio at "
                        "~resolution² pixels")
     no_flip: bool = _f(False, "disable random horizontal flips")
@@ -110,6 +118,42 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     min_snr_gamma: float | None = _f(None, "min-SNR-γ loss weighting (5 is the paper's value); off by default")
     noise_offset: float = _f(0.0, "noise offset (e.g. 0.05) for darker darks and brighter brights")
+    # ---- noise and loss (issue 20, part 7): kohya's flags and meanings
+    loss: str = _f("l2", "the loss between prediction and target: l2 (squared error), huber (pseudo-Huber "
+                   "2c(sqrt(d²+c²)-c): quadratic below c, linear above, less pulled by outliers) or smooth_l1 "
+                   "(the same divided by c); kohya's --loss_type", choices=LOSSES, group="noise and loss")
+    huber_c: float = _f(0.1, "--loss huber/smooth_l1: the threshold c (with --huber-schedule snr/exponential, c at "
+                        "the noisiest step: in (0, 1])", group="noise and loss", metavar="C")
+    huber_schedule: str = _f("snr", "--loss huber/smooth_l1: how c follows the noise level (kohya's): constant (c × "
+                             "--huber-scale), exponential (--huber-scale × c^(t/T): scale at t=0, c×scale at t=T), "
+                             "snr ((1-c)/(1+nsr)² + c, nsr the noise-to-signal ratio: 1 for clean steps, c for "
+                             "noisy ones)", choices=HUBER_SCHEDULES, group="noise and loss")
+    huber_scale: float = _f(1.0, "--loss huber/smooth_l1: scale of c in the constant and exponential schedules",
+                            group="noise and loss")
+    zero_terminal_snr: bool = _f(False, "rescale the noise schedule so that its last step is pure noise (Lin et al. "
+                                 "2023, diffusers' rescale_betas_zero_snr); needs a v-prediction model (SD 2.x-v)",
+                                 group="noise and loss")
+    debiased_estimation: bool = _f(False, "weight each sample's loss by 1/sqrt(SNR) (ε-prediction) or 1/(SNR+1) "
+                                   "(v-prediction), SNR capped at 1000 (kohya's --debiased_estimation_loss); "
+                                   "ε/v models only", group="noise and loss")
+    multires_noise_iterations: int = _f(0, "multi-resolution (pyramid) noise: add N levels of upsampled coarse noise "
+                                        "(6-10 usual); 0: off", group="noise and loss")
+    multires_noise_discount: float = _f(0.3, "multires noise: level i is weighted discount^i, in (0, 1]",
+                                        group="noise and loss")
+    ip_noise_gamma: float = _f(0.0, "input perturbation (Ning et al. 2023): the model's input is noised with "
+                               "noise + γ·ξ while the target keeps the noise (0.1 usual); 0: off",
+                               group="noise and loss", metavar="GAMMA")
+    timestep_sampling: str | None = _f(None, "SD 3.x / FLUX.1: how σ is drawn: uniform; sigmoid (sigmoid of a normal "
+                                       "with std --sigmoid-scale); logit-normal (the same, shifted by the model's "
+                                       "own schedule: SD 3.x shift 3, FLUX.1-dev by image size; the default); shift "
+                                       "(sigmoid, shifted by --discrete-flow-shift); flux-shift (sigmoid, shifted "
+                                       "by image size as FLUX.1's schedule)", choices=TIMESTEP_SAMPLINGS,
+                                       group="noise and loss")
+    sigmoid_scale: float = _f(1.0, "SD 3.x / FLUX.1: std of the normal behind sigmoid, logit-normal, shift and "
+                              "flux-shift sampling (larger: flatter)", group="noise and loss")
+    discrete_flow_shift: float | None = _f(None, "SD 3.x / FLUX.1 with --timestep-sampling shift: s in σ' = sσ/(1 + "
+                                           "(s-1)σ) (default 3; >1 favours noisy steps)", group="noise and loss",
+                                           metavar="S")
     mixed_precision: str = _f("no", "mixed precision for the frozen base", choices=MIXED_PRECISION)
     base_precision: str | None = _f(None, "storage precision of the frozen denoiser's Linear layers, computing in "
                                     "--mixed-precision's dtype: fp8 (float8 e4m3, 1 byte a weight), int8 or nf4 "
@@ -155,7 +199,11 @@ class TrainConfig:
     sample_prompts: str | None = _f(None, "prompts of the sample grid, separated by ';' "
                                     "(default: trigger, class, unrelated)")
     sample_steps: int = _f(20, "denoising steps of sample images")
-    tensorboard: bool = _f(False, "log loss, learning rate and sample grids to TensorBoard (<output>-logs/)")
+    tensorboard: bool = _f(False, "log loss, learning rate and sample grids to TensorBoard (<output>-logs/); the "
+                           "same as --log-with tensorboard")
+    log_with: str | None = _f(None, "where loss, learning rate, sampled timesteps and sample grids are logged: "
+                              "tensorboard (<output>-logs/), wandb (Weights & Biases, `pip install wandb`; "
+                              "WANDB_MODE=offline keeps it local) or all", choices=LOG_WITH, group="monitoring")
     save_every: int = _f(0, "every N steps write a checkpoint to resume from (and its adapter); 0: off")
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 keeps all")
     resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")
@@ -179,11 +227,14 @@ class TrainConfig:
             raise SdloraError(f"--{flag.replace('_', '-')} {why}")
 
         # types first (a TOML file can hold anything): `buckets = "false"` must not turn buckets on
+        self.resolution = _sizes(self.resolution, bad)
         for name, t in typing.get_type_hints(TrainConfig).items():
             v = getattr(self, name)
             args = typing.get_args(t)
             if v is None and type(None) in args:
                 continue
+            if any(isinstance(v, a) and not (a is int and isinstance(v, bool)) for a in args[1:]):
+                continue  # a second type of a union (--resolution: one size or a list)
             t = next((a for a in args if a is not type(None)), t)
             if t is float and isinstance(v, int) and not isinstance(v, bool):
                 setattr(self, name, float(v))
@@ -231,11 +282,12 @@ class TrainConfig:
             bad("seed", f"must be in [0, 2**32) = [0, {MAX_SEED - 1}], got {self.seed}")
         if self.warmup_steps < 0 or (self.epochs is None and self.warmup_steps > self.steps):
             bad("warmup_steps", f"must be between 0 and --steps ({self.steps}), got {self.warmup_steps}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
-        if self.resolution is not None and self.resolution > MAX_RESOLUTION and not self.force_resolution:
-            bad("resolution", f"must be at most {MAX_RESOLUTION}, got {self.resolution}; pass --force-resolution "
-                "to go above (memory and the latent cache grow with its square)")
+        for r in self.resolutions or ():
+            if r < 8 or r % 8:
+                bad("resolution", f"must be a positive multiple of 8, got {r}")
+            if r > MAX_RESOLUTION and not self.force_resolution:
+                bad("resolution", f"must be at most {MAX_RESOLUTION}, got {r}; pass --force-resolution "
+                    "to go above (memory and the latent cache grow with its square)")
         if self.name is not None and (not self.name.strip() or self.name in (".", "..")
                                       or any(c in self.name for c in "/\\\0") or Path(self.name).is_absolute()):
             bad("name", f"{self.name!r} must be a file name, not a path (the adapter is written as "
@@ -265,10 +317,64 @@ class TrainConfig:
             bad("blocks_to_swap", "cannot be combined with --compile (the swap replaces weights between blocks, "
                 "which a compiled graph does not see); drop one of them")
         optim.parse_args(self.optimizer, self.optimizer_args)  # typed and known keys, refused in one line if not
+        self._check_recipe(bad)
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices and getattr(self, f.name) is not None:
                 bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+
+    def _check_recipe(self, bad) -> None:
+        """The noise and loss options (issue 20) and --log-with; what a model family cannot train is refused once
+        the model is known (sdlora/train/recipe.py)."""
+        if not 0 < self.huber_c <= (1 if self.huber_schedule != "constant" else math.inf):
+            bad("huber_c", f"must be in (0, 1] with --huber-schedule {self.huber_schedule} (c at the noisiest step), "
+                f"got {self.huber_c:g}")
+        if self.huber_scale <= 0:
+            bad("huber_scale", f"must be positive, got {self.huber_scale:g}")
+        if self.loss == "l2":
+            for f, default in (("huber_c", 0.1), ("huber_schedule", "snr"), ("huber_scale", 1.0)):
+                if getattr(self, f) != default:
+                    bad(f, "applies to --loss huber or smooth_l1; add --loss huber or drop it")
+        if not 0 <= self.multires_noise_iterations <= 20:
+            bad("multires_noise_iterations", f"must be between 0 (off) and 20, got {self.multires_noise_iterations}")
+        if not 0 < self.multires_noise_discount <= 1:
+            bad("multires_noise_discount", f"must be in (0, 1], got {self.multires_noise_discount:g}")
+        if self.multires_noise_discount != 0.3 and not self.multires_noise_iterations:
+            bad("multires_noise_discount", "has no effect without --multires-noise-iterations N; add it or drop this")
+        if not 0 <= self.ip_noise_gamma <= 1:
+            bad("ip_noise_gamma", f"must be between 0 (off) and 1 (0.1 is usual), got {self.ip_noise_gamma:g}")
+        if not 0 < self.sigmoid_scale <= 100:
+            bad("sigmoid_scale", f"must be in (0, 100], got {self.sigmoid_scale:g}")
+        if self.sigmoid_scale != 1 and self.timestep_sampling == "uniform":
+            bad("sigmoid_scale", "has no effect with --timestep-sampling uniform; drop one of them")
+        if self.discrete_flow_shift is not None and not 0 < self.discrete_flow_shift <= 100:
+            bad("discrete_flow_shift", f"must be in (0, 100], got {self.discrete_flow_shift:g}")
+        if self.discrete_flow_shift is not None and self.timestep_sampling != "shift":
+            bad("discrete_flow_shift", "applies to --timestep-sampling shift; add it or drop --discrete-flow-shift")
+        if self.tensorboard and self.log_with == "wandb":
+            self.log_with = "all"  # --tensorboard is --log-with tensorboard, on top of wandb
+        self.log_with = self.log_with or ("tensorboard" if self.tensorboard else None)
+        self.tensorboard = self.log_with in ("tensorboard", "all")
+        if self.log_with in ("wandb", "all"):
+            import importlib.util
+            import sys
+
+            if sys.modules.get("wandb", ...) is None or ("wandb" not in sys.modules
+                                                         and importlib.util.find_spec("wandb") is None):
+                bad("log_with", f"{self.log_with} needs Weights & Biases: pip install wandb (or use --log-with "
+                    "tensorboard)")
+
+    @property
+    def resolutions(self) -> tuple[int, ...] | None:
+        """The training sizes (--resolution 512,768: two), ascending; None: the model's native size."""
+        if self.resolution is None:
+            return None
+        return (self.resolution,) if isinstance(self.resolution, int) else tuple(map(int, self.resolution.split(",")))
+
+    @property
+    def max_resolution(self) -> int | None:
+        """The largest training size (memory plans, sample grids), None: the model's native size."""
+        return max(self.resolutions) if self.resolutions else None
 
     def _check_bounds(self) -> None:
         """Counts that size the run's work and memory (sdlora/bounds.py)."""
@@ -313,6 +419,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _sizes(value, bad):
+    """--resolution as given: one size (an int, from a flag or TOML) or sizes separated by commas, kept as
+    "512,768,1024" (ascending; one size becomes an int)."""
+    if not isinstance(value, str):
+        return value
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() for p in parts):
+        bad("resolution", f"must be a size in pixels or sizes separated by commas (e.g. 512,768,1024), got {value!r}")
+    sizes = sorted(int(p) for p in parts)
+    if len(set(sizes)) < len(sizes):
+        bad("resolution", f"lists a size twice ({value}); give each size once")
+    return sizes[0] if len(sizes) == 1 else ",".join(map(str, sizes))
 
 
 def load_toml(path: str | Path) -> dict:

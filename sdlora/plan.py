@@ -397,7 +397,7 @@ class Planner:
 def run_of(cfg) -> Run:
     from sdlora.lora.targets import preset_targets  # noqa: F401  (the preset is validated by TrainConfig)
 
-    return Run(cfg.resolution, cfg.batch_size, cfg.rank, cfg.preset, cfg.optimizer, not cfg.no_text_encoder)
+    return Run(cfg.max_resolution, cfg.batch_size, cfg.rank, cfg.preset, cfg.optimizer, not cfg.no_text_encoder)
 
 
 def apply(cfg, plan: Plan):

@@ -127,3 +127,29 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def wandb_history(run: Path) -> list[dict]:
+    """The history rows ({key: value}; nested keys joined by "/") of an offline wandb run folder, read from its
+    .wandb file: LevelDB-log records (32 KiB blocks of 7-byte-headed chunks after a 7-byte ":W&B" file header)
+    holding wandb's `Record` protobufs. wandb has no public reader for offline runs."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(run.glob("*.wandb")).read_bytes()
+    pos, buf, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        n, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+            buf = b""
+    return rows

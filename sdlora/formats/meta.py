@@ -123,6 +123,27 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "sdlora_config": json.dumps({k: portable(v) if k in PATH_SETTINGS else v for k, v in cfg.to_dict().items()
                                      if k != "resume"}, default=str),
     }
+    md |= recipe_metadata(cfg, run.spec)
+    return md
+
+
+def recipe_metadata(cfg: TrainConfig, spec: ArchSpec) -> dict[str, str]:
+    """The noise and loss options as kohya records them (train_network.py; flux_train_network.py for the timestep
+    sampling of rectified-flow models): `str()` of its values, "None" where an option is off."""
+    md = {
+        "ss_loss_type": cfg.loss,
+        "ss_huber_schedule": cfg.huber_schedule, "ss_huber_c": str(cfg.huber_c), "ss_huber_scale": str(cfg.huber_scale),
+        "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
+        "ss_debiased_estimation": str(cfg.debiased_estimation),
+        "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(cfg.multires_noise_discount),
+        "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
+    }
+    if spec.objective == "flow":
+        md |= {"ss_timestep_sampling": (cfg.timestep_sampling or "logit-normal").replace("-", "_"),
+               "ss_sigmoid_scale": str(cfg.sigmoid_scale),
+               "ss_discrete_flow_shift": str(cfg.discrete_flow_shift if cfg.discrete_flow_shift is not None
+                                             else 3.0 if cfg.timestep_sampling == "shift" else None)}
     return md
 
 

@@ -32,6 +32,10 @@ IDENTITY = ("model", "prediction_type", "preset", "rank", "alpha", "no_text_enco
             "mixed_precision", "seed", "prompt", "trigger", "class_prompt", "prior_loss_weight", "no_flip",
             "buckets", "caption_dropout", "shuffle_tags", "keep_tags", "min_snr_gamma", "noise_offset", "network",
             "dora", "conv_rank", "conv_alpha", "lokr_factor", "optimizer", "optimizer_args")
+# the noise and loss recipe (issue 20); a checkpoint older than a setting ran with its default (`load`)
+IDENTITY += ("loss", "huber_c", "huber_schedule", "huber_scale", "zero_terminal_snr", "debiased_estimation",
+             "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma", "timestep_sampling",
+             "sigmoid_scale", "discrete_flow_shift")
 
 
 def checkpoint_root(output_path: Path) -> Path:
@@ -160,6 +164,14 @@ def check_manifest(folder: Path, manifest) -> None:
                               f"{json.dumps(manifest[key])[:40]}); resume from another checkpoint or start a new run")
 
 
+def _defaults() -> dict:
+    from dataclasses import MISSING, fields
+
+    from sdlora.config import TrainConfig
+
+    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+
 def load(folder: Path, identity: dict, data: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """Manifest and tensors of a checkpoint, refusing one made for other settings or data (saying which)."""
     try:
@@ -168,8 +180,9 @@ def load(folder: Path, identity: dict, data: dict) -> tuple[dict, dict[str, torc
         raise SdloraError(f"{folder}: corrupt checkpoint manifest.json ({cause(e)}); resume from another "
                           "checkpoint (they sit beside it) or start a new run") from e
     check_manifest(folder, manifest)
-    diffs = [f"{k}: checkpoint {manifest['identity'].get(k)!r}, now {identity.get(k)!r}"
-             for k in identity if manifest["identity"].get(k) != identity.get(k)]
+    then = _defaults() | manifest["identity"]  # a setting newer than the checkpoint: it ran with the default
+    diffs = [f"{k}: checkpoint {then.get(k)!r}, now {identity.get(k)!r}"
+             for k in identity if then.get(k) != identity.get(k)]
     if diffs:
         raise SdloraError(f"cannot resume from {folder}: settings differ ({'; '.join(diffs[:4])}); "
                           "use the same settings or start a new run")

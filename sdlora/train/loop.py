@@ -143,7 +143,7 @@ class _Loop:
         self.caches, self.opt, self.pos, self.started, self.say = caches, opt, pos, started, env.say
         self.done = pos.start_step
         self.ema, self.pending, self.samples = None, [], []
-        self.monitor = Monitor(cfg.output_path, cfg.tensorboard) if env.main else None
+        self.monitor = Monitor(cfg.output_path, cfg.log_with, cfg.to_dict()) if env.main else None
         self.sample_prompts = sample_prompts(cfg.sample_prompts, cfg.prompt, cfg.class_prompt)
 
     def run(self) -> TrainResult:
@@ -218,11 +218,12 @@ class _Loop:
         """A forward's inputs: cached latents (flipped or not), noise and timesteps, the conditioning."""
         cfg, device, g, vae = self.cfg, self.env.device, self.pos.g, self.model.base.vae
         latents = S.scale_latents(vae.config, self.caches.latent.sample(examples, g, flips=not cfg.no_flip).to(device))
-        noise, t = S.sample_noise(latents, self.model.objective, g, cfg.noise_offset)
+        noise, t, given = S.draw_noise(latents, self.model.objective, g, cfg.noise_offset)
         prompts = [e.caption if e.is_class else self.data.rules.final(e.caption, self.pos.prng) for e in examples]
         hidden, added = self.cond(examples, prompts)
         self.caches.release()  # before the forward: its activations come on top of what is still held
-        return S.Batch(latents, hidden, added, noise, t, n_instance=sum(not e.is_class for e in examples))
+        return S.Batch(latents, hidden, added, noise, t, n_instance=sum(not e.is_class for e in examples),
+                       input_noise=given)
 
     def cond(self, examples: list[Example], prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
         """Denoiser conditioning: text hidden states, and SDXL's pooled text + size/crop micro-conditioning."""
@@ -266,6 +267,8 @@ class _Loop:
             self.ema = lv if self.ema is None else 0.9 * self.ema + 0.1 * lv
             if self.monitor:
                 self.monitor.step(step, lv, lr)
+        if self.monitor:  # a histogram of the σ (flow) or timesteps drawn since the last read
+            self.monitor.timesteps(self.done, S.take_drawn(self.model.objective), self.model.objective.drawn_name)
         bar.set_postfix(loss=f"{self.ema:.4f}", lr=f"{self.pending[-1][2]:.2e}", refresh=False)
         self.pending = []
 

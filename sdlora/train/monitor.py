@@ -74,23 +74,30 @@ def loss_curve(losses: list[float], path: Path, title: str = "training loss") ->
 
 
 class Monitor:
-    """Loss history, sample grids as PNGs and, optionally, TensorBoard."""
+    """Loss history, sample grids as PNGs and, optionally, TensorBoard and/or wandb (`log_with`, sdlora/train/logs.py;
+    True: TensorBoard)."""
 
-    def __init__(self, out_path: Path, tensorboard: bool):
+    def __init__(self, out_path: Path, log_with: str | bool | None, config: dict | None = None):
         self.out_path = out_path
         self.samples_dir = out_path.with_name(out_path.stem + "-samples")
         self.losses: list[float] = []
         self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        if log_with:
+            from sdlora.train.logs import Trackers
 
-            self.writer = SummaryWriter(log_dir=str(out_path.with_name(out_path.stem + "-logs")))
+            self.writer = Trackers("tensorboard" if log_with is True else log_with,
+                                   out_path.with_name(out_path.stem + "-logs"), out_path.stem, config)
 
     def step(self, step: int, loss: float, lr: float) -> None:
         self.losses.append(loss)
         if self.writer:
             self.writer.add_scalar("loss", loss, step)
             self.writer.add_scalar("lr", lr, step)
+
+    def timesteps(self, step: int, values, name: str) -> None:
+        """A histogram of the timesteps (`name`: "sigma" for rectified flow) drawn since the last call."""
+        if self.writer and values is not None:
+            self.writer.add_histogram(name, values, step)
 
     def samples(self, step: int, base, prompts: list[str], resolution: int, steps: int) -> Path:
         grid = sample_grid(base, prompts, resolution, steps=steps, title=f"step {step}")

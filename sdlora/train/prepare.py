@@ -25,7 +25,7 @@ from sdlora.data.schedule import Schedule
 from sdlora.errors import SdloraError
 from sdlora.lora.targets import preset_targets
 from sdlora.models import load_base
-from sdlora.train import DTYPES, memory, optim, scale, speed, swap
+from sdlora.train import DTYPES, memory, optim, recipe, scale, speed, swap
 from sdlora.train import step as S
 from sdlora.train.prior import ensure_class_images
 
@@ -154,8 +154,8 @@ def load_model(cfg: TrainConfig, env: Env, given_base=None) -> Model:
     for c in base.kept_precision:
         env.say(f"--te-precision {cfg.te_precision}: text encoder {c} trains, so it stays in "
                 f"{str(env.weight_dtype).removeprefix('torch.')} (pass --no-text-encoder to store it too)")
-    model = Model(base, cfg.resolution or base.native_resolution,
-                  S.objective_for(base.spec, base.noise_scheduler, base.denoiser.config))
+    model = Model(base, cfg.max_resolution or base.native_resolution,
+                  recipe.objective(cfg, base.spec, base.noise_scheduler, base.denoiser.config, base.prediction_type))
     check_family(cfg, base)
     swap.check(base.spec, swap.lengths_of(base.spec, base.denoiser), cfg.blocks_to_swap)
     for m in base.modules.values():
@@ -233,9 +233,12 @@ def make_class_images(cfg: TrainConfig, env: Env, model: Model, dataset) -> None
 # ---- 5. examples: captions, sizes, and the step arithmetic
 def make_examples(cfg: TrainConfig, env: Env, model: Model, dataset) -> Examples:
     rules = PromptRules(cfg.prompt, cfg.trigger_text, cfg.shuffle_tags, cfg.keep_tags, cfg.caption_dropout)
-    resolution = model.resolution
-    buckets = make_buckets(resolution, max(8, resolution // 8)) if cfg.buckets else None
-    instance, classes = dataset.examples(rules, resolution, buckets, cfg.trigger, cfg.class_prompt)
+    instance, classes, buckets = [], [], None
+    sizes = cfg.resolutions if cfg.resolutions and len(cfg.resolutions) > 1 else (model.resolution,)
+    for r in sizes:  # --resolution 512,768: every image at every size, each size with its own buckets
+        buckets = make_buckets(r, max(8, r // 8)) if cfg.buckets else None
+        inst, cls = dataset.examples(rules, r, buckets, cfg.trigger, cfg.class_prompt, warn=r == sizes[-1])
+        instance, classes = instance + inst, classes + cls
     schedule = new_schedule(cfg, env, instance, classes)
     per_epoch = schedule.batches_per_epoch()
     steps = bounds.steps_for_epochs(cfg.epochs, per_epoch, cfg.grad_accum) if cfg.epochs else cfg.steps
@@ -258,7 +261,8 @@ def _say_examples(cfg: TrainConfig, env: Env, model: Model, data: Examples, per_
     say(f"data: {len(instance)} instance images ({n_captioned} with caption files)"
         + (f", {len(classes)} class images ('{cfg.class_prompt}', loss weight {cfg.prior_loss_weight})"
            if classes else "")
-        + (f", {len(set(e.size for e in instance))} aspect buckets" if buckets else f", {model.resolution}px"))
+        + (f", {len(set(e.size for e in instance))} aspect buckets" if buckets else
+           f", {', '.join(map(str, sorted({e.size[0] for e in instance})))}px"))
     base = model.base
     long = S.long_captions(base.spec, list(base.text_encoders.values()),
                            {e.caption: display_name(e.path) for e in reversed(instance + classes)})

@@ -4,7 +4,8 @@ and the loss of a batch (prior-preservation weighting, min-SNR). No I/O, no opti
 What a family trains on comes from its spec (`ArchSpec.objective`): "diffusion" is ε- or v-prediction on the
 model's DDPM noise schedule (`DiffusionObjective`, SD 1.x/2.x/XL); "flow" is rectified flow (`FlowObjective`,
 SD 3.x and FLUX.1). An objective draws timesteps, noises latents, names the target and calls its denoiser; the
-loop and the loss do not know which one they run.
+loop and the loss do not know which one they run. An objective also carries the run's noise and loss recipe
+(`noise`, `loss`: sdlora/train/recipe.py sets them from the config; plain Gaussian noise and MSE by default).
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sdlora.train import losses as L
+from sdlora.train import noise as N
+from sdlora.train import timesteps as T
+
+RECORDED = 4096  # timesteps kept for the TensorBoard histogram between two reads (`take_drawn`)
 
 
 def _ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
@@ -96,11 +103,29 @@ class DiffusionObjective:
     """ε- or v-prediction on a DDPM noise schedule (SD 1.x, 2.x, XL): `noise_scheduler` adds noise at integer
     timesteps; its config's `prediction_type` says what the denoiser predicts."""
 
+    noise, loss = N.PLAIN, L.L2
+    drawn_name = "timestep"
+
     def __init__(self, noise_scheduler):
         self.scheduler = noise_scheduler
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+        self.drawn: list[torch.Tensor] = []
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """ᾱ/(1 - ᾱ) at each timestep (diffusers' `compute_snr`)."""
+        from diffusers.training_utils import compute_snr  # imports diffusers' models: seconds, so only when used
+
+        return compute_snr(self.scheduler, timesteps.cpu())
+
+    def noise_to_signal(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """sqrt((1 - ᾱ)/ᾱ): the noise's scale over the signal's in x_t = sqrt(ᾱ)·x0 + sqrt(1 - ᾱ)·ε."""
+        return self.snr(timesteps).rsqrt()
+
+    def noise_fraction(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """t/T: where in the schedule a timestep is."""
+        return timesteps.cpu().float() / self.scheduler.config.num_train_timesteps
 
     def timesteps(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
         """One timestep per sample of latents of `shape`, uniform over the schedule, drawn from a CPU generator."""
@@ -125,9 +150,7 @@ class DiffusionObjective:
     def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε targets, min(SNR, γ)/(SNR+1) for v;
         the SNR is diffusers' `compute_snr`, as its own DreamBooth/LoRA scripts weight by it."""
-        from diffusers.training_utils import compute_snr  # imports diffusers' models: seconds, so only when used
-
-        snr = compute_snr(self.scheduler, timesteps)
+        snr = self.snr(timesteps).to(timesteps.device)
         clipped = torch.clamp(snr, max=gamma)
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
@@ -144,32 +167,33 @@ class FlowObjective:
     """
 
     prediction_type = "flow"
+    drawn_name = "sigma"
+    noise, loss = N.PLAIN, L.L2
+    sampling: str | None = None  # --timestep-sampling (sdlora/train/timesteps.py); None: logit-normal, shifted
+    sigmoid_scale: float = 1.0
+    flow_shift: float | None = None
 
     def __init__(self, noise_scheduler, spec, denoiser_config):
         self.scheduler = noise_scheduler
         self.config = noise_scheduler.config
         self.packed = spec.packed_latents
         self.guidance = spec.train_guidance if getattr(denoiser_config, "guidance_embeds", False) else None
+        self.drawn: list[torch.Tensor] = []
 
     def shift(self, shape: torch.Size) -> float:
-        import math
-
-        if not self.config.get("use_dynamic_shifting"):
-            return float(self.config.shift)
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        tokens = (shape[-2] // 2) * (shape[-1] // 2)
-        c = self.config
-        return math.exp(calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift))
+        return T.model_shift(self.config, shape)
 
     def timesteps(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        """σ in (0, 1), one per sample of latents of `shape`, from a CPU generator."""
-        from diffusers.training_utils import compute_density_for_timestep_sampling
+        """σ in [0, 1), one per sample of latents of `shape`, from a CPU generator, as --timestep-sampling says."""
+        return T.draw(self.sampling, shape, generator, self.config, self.sigmoid_scale, self.flow_shift)
 
-        u = compute_density_for_timestep_sampling("logit_normal", shape[0], logit_mean=0.0, logit_std=1.0,
-                                                  generator=generator)
-        s = self.shift(shape)
-        return s * u / (1 + (s - 1) * u)
+    def noise_to_signal(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """σ/(1 - σ): the noise's scale over the signal's in x_σ = (1 - σ)·x0 + σ·ε."""
+        s = sigmas.cpu().float()
+        return s / (1 - s)
+
+    def noise_fraction(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return sigmas.cpu().float()
 
     def fixed_timesteps(self, t: int, n: int, device) -> torch.Tensor:
         return torch.full((n,), t / 1000, dtype=torch.float32, device=device)
@@ -211,26 +235,42 @@ def objective_for(spec, noise_scheduler, denoiser_config=None):
     raise ValueError(f"unsupported training objective {spec.objective!r}")
 
 
-def sample_noise(latents: torch.Tensor, objective, generator: torch.Generator, offset: float = 0.0):
-    """Gaussian noise and the objective's timesteps, drawn from a CPU generator (same numbers on any device).
+def draw_noise(latents: torch.Tensor, objective, generator: torch.Generator, offset: float = 0.0):
+    """(noise, timesteps, the model's input noise or None), drawn from a CPU generator (same numbers on any device)
+    as the objective's noise options say (sdlora/train/noise.py: multires noise, input perturbation).
 
     `offset` adds per-channel constant noise (the "noise offset" trick), so the model can learn overall brightness.
-    """
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    if offset:
-        noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-    noise = noise.to(latents.device)
-    t = objective.timesteps(latents.shape, generator).to(latents.device)
+    The timesteps are kept for the TensorBoard histogram (`take_drawn`)."""
+    noise, given = N.draw(latents.shape, generator, offset, objective.noise)
+    t = objective.timesteps(latents.shape, generator)
+    if len(objective.drawn) < RECORDED:
+        objective.drawn.append(t)
+    device = latents.device
+    return noise.to(device), t.to(device), (given.to(device) if given is not None else None)
+
+
+def sample_noise(latents: torch.Tensor, objective, generator: torch.Generator, offset: float = 0.0):
+    """Gaussian noise and the objective's timesteps (`draw_noise` without the input noise)."""
+    noise, t, _ = draw_noise(latents, objective, generator, offset)
     return noise, t
 
 
+def take_drawn(objective) -> torch.Tensor | None:
+    """The timesteps (σ for rectified flow) drawn since the last call, on the CPU; None if none."""
+    drawn, objective.drawn = objective.drawn, []
+    return torch.cat(drawn).float() if drawn else None
+
+
 def per_sample_loss(denoiser, objective, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
-                    timesteps: torch.Tensor, added_cond: dict | None = None) -> torch.Tensor:
-    """MSE between the denoiser's prediction and the objective's target, one value per sample."""
-    noisy = objective.noisy(latents, noise, timesteps)
+                    timesteps: torch.Tensor, added_cond: dict | None = None, *, input_noise: torch.Tensor | None = None,
+                    weight: torch.Tensor | None = None, opts: L.LossOptions = L.L2) -> torch.Tensor:
+    """The loss (`opts`: MSE unless told) between the denoiser's prediction and the objective's target, one value
+    per sample. `input_noise`: the noise the model's input is made with where it is not the target's
+    (--ip-noise-gamma); `weight`: a per-element weight of the loss (a mask), broadcast to the prediction."""
+    noisy = objective.noisy(latents, noise if input_noise is None else input_noise, timesteps)
     pred = objective.predict(denoiser, noisy, timesteps, cond, added_cond)
     target = objective.target(latents, noise, timesteps)
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+    return L.per_sample(pred, target, opts, objective, timesteps, weight)
 
 
 @dataclass
@@ -244,17 +284,22 @@ class Batch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     n_instance: int  # rows [0, n_instance) are instance examples, the rest class examples
+    input_noise: torch.Tensor | None = None  # the model input's noise where it is not `noise` (--ip-noise-gamma)
 
 
 def batch_loss(denoiser, objective, batches: list[Batch], prior_weight: float = 1.0,
                min_snr_gamma: float | None = None) -> torch.Tensor:
     """The training loss of one micro-step: per forward, the mean loss of its instance examples plus
-    `prior_weight` times the mean loss of its class examples, each sample weighted by min-SNR-γ if set."""
+    `prior_weight` times the mean loss of its class examples, each sample weighted by min-SNR-γ if set and by
+    the debiased-estimation weight if the objective's loss options say so (--loss, --debiased-estimation)."""
     loss = torch.zeros((), device=batches[0].latents.device)
     for b in batches:
-        losses = per_sample_loss(denoiser, objective, b.latents, b.cond, b.noise, b.timesteps, b.added_cond)
+        losses = per_sample_loss(denoiser, objective, b.latents, b.cond, b.noise, b.timesteps, b.added_cond,
+                                 input_noise=b.input_noise, opts=objective.loss)
         if min_snr_gamma:
             losses = losses * objective.min_snr_weights(b.timesteps, min_snr_gamma).to(losses.device)
+        if objective.loss.debiased:
+            losses = losses * L.debiased_weights(objective, b.timesteps).to(losses.device)
         if b.n_instance:
             loss = loss + losses[:b.n_instance].mean()
         if b.n_instance < len(losses):
