@@ -69,7 +69,7 @@ def planned(cfg) -> Planned:
     return Planned(
         adapter=a, checkpoints=checkpoint_root(a), loss_curve=a.with_name(a.stem + "-loss.png"),
         samples=a.with_name(a.stem + "-samples") if cfg.sample_every else None,
-        logs=a.with_name(a.stem + "-logs") if cfg.tensorboard else None,
+        logs=a.with_name(a.stem + "-logs") if cfg.log_with else None,
         cache=cache, class_folder=cfg.class_folder if missing_class > 0 else None,
         class_images_missing=max(0, missing_class))
 
