@@ -350,3 +350,22 @@ def test_timestep_sampling_changes_a_flow_training_and_is_recorded(tmp_path):
     assert (mb["ss_timestep_sampling"], mb["ss_sigmoid_scale"], mb["ss_discrete_flow_shift"]) == (
         "shift", "2.0", "1.5")
     assert make_config(dict(images="x", prompt="p", timestep_sampling="flux-shift")).timestep_sampling == "flux-shift"
+
+
+@pytest.mark.slow
+def test_resume_holds_the_recipe_and_older_checkpoints_ran_with_the_defaults(tmp_path):
+    import json
+
+    from sdlora.train import ckpt
+
+    out = tmp_path / "r.safetensors"
+    train_tiny(out, steps=2, save_every=1, no_eval_loss=True)
+    manifest = ckpt.checkpoint_root(out) / "step-000001" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    assert m["identity"]["loss"] == "l2" and m["identity"]["multires_noise_iterations"] == 0
+    with pytest.raises(SdloraError, match=r"settings differ \(loss: checkpoint 'l2', now 'huber'\)"):
+        train_tiny(out, steps=2, resume="latest", loss="huber", no_eval_loss=True)
+    for k in ("loss", "huber_c", "multires_noise_iterations", "timestep_sampling"):  # as sdlora before them wrote it
+        del m["identity"][k]
+    manifest.write_text(json.dumps(m))
+    assert train_tiny(out, steps=2, resume="latest", no_eval_loss=True).steps == 2
