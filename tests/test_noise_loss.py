@@ -63,9 +63,8 @@ def critical(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-SD3 = FlowMatchEulerDiscreteScheduler(shift=3.0).config
-FLUX_DEV = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                           base_image_seq_len=256, max_image_seq_len=4096).config
+SD3 = FlowMatchEulerDiscreteScheduler.from_config(load_config("sd3", "scheduler")).config  # shift 3
+FLUX_DEV = FlowMatchEulerDiscreteScheduler.from_config(load_config("flux", "scheduler")).config  # dynamic shift
 SHAPE = (N_DRAWS, 16, 40, 24)  # 20 × 12 = 240 image tokens
 CASES = {  # kind, config, --sigmoid-scale, --discrete-flow-shift: the density, and one it must not match
     "uniform": ("uniform", SD3, 1.0, None, lambda x: torch.ones_like(x), lambda x: logit_normal_pdf(x, 1.0)),
@@ -105,6 +104,22 @@ def test_the_default_sampling_is_what_sdlora_drew_before_and_flow_objectives_use
     obj.sampling, obj.flow_shift = "shift", 5.0
     torch.testing.assert_close(obj.timesteps(shape, torch.Generator().manual_seed(1)), 5 * u / (1 + 4 * u),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_a_runs_flow_objective_draws_as_its_sampling_says(arch):
+    from sdlora import archs
+    from sdlora.train import recipe
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(load_config(arch, "scheduler"))
+    shape = torch.Size((16, 16, 32, 24))
+    runs = [({}, None, 1.0, None), ({"timestep_sampling": "flux-shift"}, "flux-shift", 1.0, None),
+            ({"timestep_sampling": "shift", "discrete_flow_shift": 1.7, "sigmoid_scale": 0.5}, "shift", 0.5, 1.7)]
+    for flags, kind, scale, shift in runs:
+        cfg = make_config(dict(images="x", prompt="p") | flags)
+        obj = recipe.objective(cfg, archs.get(arch), sched, SimpleNamespace(guidance_embeds=False), "flow")
+        want = T.draw(kind, shape, torch.Generator().manual_seed(5), sched.config, scale, shift)
+        assert torch.equal(obj.timesteps(shape, torch.Generator().manual_seed(5)), want)
 
 
 # ---- losses
@@ -164,7 +179,7 @@ def test_a_per_element_weight_multiplies_in_and_all_ones_changes_nothing():
 
 def test_debiased_weights_are_kohyas_formula_with_the_snr_capped():
     t = torch.tensor([0, 1, 10, 300, 999])
-    for arch, pred in (("sd15", "epsilon"), ("sd21", "v_prediction")):
+    for arch, pred in (("sd15", "epsilon"), ("sd21", "v_prediction"), ("sdxl", "epsilon")):
         sched = DDPMScheduler.from_config(load_config(arch, "scheduler"))
         assert sched.config.prediction_type == pred
         acp = sched.alphas_cumprod[t].double()
@@ -324,6 +339,19 @@ def test_each_eps_option_changes_a_tiny_training_and_is_recorded_as_kohya_does(t
                                                                              "ss_multires_noise_discount": "0.3"},
                 "ip_noise": {"ss_ip_noise_gamma": "0.1"}}[name]
         assert {k: md[k] for k in want} == want, name
+
+
+@pytest.mark.slow
+def test_eps_options_together_change_a_tiny_sdxl_training(tmp_path):
+    run = dict(model="tiny-sdxl", steps=1, no_eval_loss=True, no_text_encoder=True, lr=1e-2)
+    a = train_tiny(tmp_path / "a.safetensors", **run)
+    b = train_tiny(tmp_path / "b.safetensors", loss="smooth_l1", huber_schedule="constant", huber_c=0.3,
+                   debiased_estimation=True, multires_noise_iterations=6, multires_noise_discount=0.5,
+                   ip_noise_gamma=0.1, **run)
+    assert _differs(a.path, b.path)
+    md = _md(b.path)
+    assert (md["ss_loss_type"], md["ss_huber_schedule"], md["ss_huber_c"], md["ss_debiased_estimation"],
+            md["ss_multires_noise_discount"]) == ("smooth_l1", "constant", "0.3", "True", "0.5")
 
 
 @pytest.mark.slow
