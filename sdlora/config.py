@@ -121,38 +121,38 @@ class TrainConfig:
     # ---- noise and loss (issue 20, part 7): kohya's flags and meanings
     loss: str = _f("l2", "the loss between prediction and target: l2 (squared error), huber (pseudo-Huber "
                    "2c(sqrt(d²+c²)-c): quadratic below c, linear above, less pulled by outliers) or smooth_l1 "
-                   "(the same divided by c); kohya's --loss_type", choices=LOSSES, group="noise and loss")
+                   "(the same divided by c); kohya's --loss_type", choices=LOSSES, group="training")
     huber_c: float = _f(0.1, "--loss huber/smooth_l1: the threshold c (with --huber-schedule snr/exponential, c at "
-                        "the noisiest step: in (0, 1])", group="noise and loss", metavar="C")
+                        "the noisiest step: in (0, 1])", group="training", metavar="C")
     huber_schedule: str = _f("snr", "--loss huber/smooth_l1: how c follows the noise level (kohya's): constant (c × "
                              "--huber-scale), exponential (--huber-scale × c^(t/T): scale at t=0, c×scale at t=T), "
                              "snr ((1-c)/(1+nsr)² + c, nsr the noise-to-signal ratio: 1 for clean steps, c for "
-                             "noisy ones)", choices=HUBER_SCHEDULES, group="noise and loss")
+                             "noisy ones)", choices=HUBER_SCHEDULES, group="training")
     huber_scale: float = _f(1.0, "--loss huber/smooth_l1: scale of c in the constant and exponential schedules",
-                            group="noise and loss")
+                            group="training")
     zero_terminal_snr: bool = _f(False, "rescale the noise schedule so that its last step is pure noise (Lin et al. "
                                  "2023, diffusers' rescale_betas_zero_snr); needs a v-prediction model (SD 2.x-v)",
-                                 group="noise and loss")
-    debiased_estimation: bool = _f(False, "weight each sample's loss by 1/sqrt(SNR) (ε-prediction) or 1/(SNR+1) "
-                                   "(v-prediction), SNR capped at 1000 (kohya's --debiased_estimation_loss); "
-                                   "ε/v models only", group="noise and loss")
+                                 group="training")
+    debiased_estimation: bool = _f(False, "weight each sample's loss by 1/sqrt(SNR) for ε-prediction, 1/(SNR+1) "
+                                   "for v-prediction, SNR capped at 1000 (kohya's --debiased_estimation_loss); "
+                                   "ε/v models only", group="training")
     multires_noise_iterations: int = _f(0, "multi-resolution (pyramid) noise: add N levels of upsampled coarse noise "
-                                        "(6-10 usual); 0: off", group="noise and loss")
+                                        "(6-10 usual); 0: off", group="training")
     multires_noise_discount: float = _f(0.3, "multires noise: level i is weighted discount^i, in (0, 1]",
-                                        group="noise and loss")
+                                        group="training")
     ip_noise_gamma: float = _f(0.0, "input perturbation (Ning et al. 2023): the model's input is noised with "
                                "noise + γ·ξ while the target keeps the noise (0.1 usual); 0: off",
-                               group="noise and loss", metavar="GAMMA")
+                               group="training", metavar="GAMMA")
     timestep_sampling: str | None = _f(None, "SD 3.x / FLUX.1: how σ is drawn: uniform; sigmoid (sigmoid of a normal "
                                        "with std --sigmoid-scale); logit-normal (the same, shifted by the model's "
                                        "own schedule: SD 3.x shift 3, FLUX.1-dev by image size; the default); shift "
                                        "(sigmoid, shifted by --discrete-flow-shift); flux-shift (sigmoid, shifted "
                                        "by image size as FLUX.1's schedule)", choices=TIMESTEP_SAMPLINGS,
-                                       group="noise and loss")
+                                       group="training")
     sigmoid_scale: float = _f(1.0, "SD 3.x / FLUX.1: std of the normal behind sigmoid, logit-normal, shift and "
-                              "flux-shift sampling (larger: flatter)", group="noise and loss")
-    discrete_flow_shift: float | None = _f(None, "SD 3.x / FLUX.1 with --timestep-sampling shift: s in σ' = sσ/(1 + "
-                                           "(s-1)σ) (default 3; >1 favours noisy steps)", group="noise and loss",
+                              "flux-shift sampling (larger: flatter)", group="training")
+    discrete_flow_shift: float | None = _f(None, "SD 3.x / FLUX.1 with --timestep-sampling shift: k in σ' = kσ/(1 + "
+                                           "(k-1)σ), 3 when not given; above 1 favours noisy steps", group="training",
                                            metavar="S")
     mixed_precision: str = _f("no", "mixed precision for the frozen base", choices=MIXED_PRECISION)
     base_precision: str | None = _f(None, "storage precision of the frozen denoiser's Linear layers, computing in "
