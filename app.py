@@ -1,4 +1,4 @@
-"""sdlora app: blend LoRA adapters into a base model and generate images in the browser.
+"""sdlora app: blend LoRA adapters into a base model and generate images in the browser, and train new ones.
 
 A thin Gradio layer over `sdlora.infer.Session`, the same code `sdlora generate` runs, so the same settings give
 the same image here and on the command line. Every adapter file is read once (from --adapters DIR or an upload);
@@ -9,6 +9,10 @@ however many. Moving a slider only changes the weights fused at the next generat
 picker offers the configured models (--model, --models and the built-in ones) only, unless the app is started with
 --allow-any-model.
 
+The Train tab (sdlora/app_train/) runs `sdlora train` jobs, one at a time, on images uploaded in the page or a
+folder under --data-root; each adapter made lands in --adapters and is listed here. Training is offered on this
+machine only (loopback, no --share) unless the app is started with --allow-remote-training.
+
     python app.py --model toy --adapters output/           # after the README's quick start: offline, CPU
     python app.py --adapters ~/loras --port 7861           # SD 1.5 (downloads it once)
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from sdlora import guard  # noqa: E402
+from sdlora.app_train import tab as train_tab  # noqa: E402
+from sdlora.app_train.jobs import Runner  # noqa: E402
 from sdlora.errors import SdloraError  # noqa: E402
 from sdlora.formats.a1111 import format_parameters  # noqa: E402
 from sdlora.infer.cli import save_images  # noqa: E402
@@ -299,12 +306,26 @@ def notes(library: Library) -> str:
     return "\n\n".join(f"**Refused:** {m}" for m in library.refused.values())
 
 
-def build(session: Session, library: Library, outdir: Path, models: list[str], allow_any: bool = False) -> gr.Blocks:
+def build(session: Session, library: Library, outdir: Path, models: list[str], allow_any: bool = False,
+          runner: Runner | None = None, data_root: Path | None = None, train_off: str | None = None) -> gr.Blocks:
     """The app: `layout`, then the rows of the listed adapters rendered in it (one per adapter, however many; the
-    ones that do not fit greyed out with the reason) and the `Handlers` wired to them."""
+    ones that do not fit greyed out with the reason) and the `Handlers` wired to them; and the Train tab, whose
+    jobs `runner` runs (without one, the tab says why training is off: `train_off`)."""
     # delete_cache: Gradio's copies of uploads and shown images older than an hour go, and all of them at exit
-    with gr.Blocks(title="sdlora", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
-        page = layout(session, listing(session, library), notes(library), models, allow_any)
+    with gr.Blocks(title="sdlora", analytics_enabled=False, delete_cache=(600, 3600)) as demo, gr.Tabs():
+        with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+            page = layout(session, listing(session, library), notes(library), models, allow_any)
+        with gr.Tab("Train", id="train", elem_id="tab-train"):
+            if runner is None:
+                gr.Markdown(train_off or "Training is off.", elem_id="train-off")
+            else:
+                def refresh(visitor: str) -> dict:  # a job saved an adapter into --adapters: list it
+                    library.scan()
+                    return {page.rows: listing(session, library, visitor=visitor)}
+
+                tp = train_tab.layout(models, session.base.name, data_root)
+                train_tab.wire(demo, tp, train_tab.TrainHandlers(tp, runner, models, data_root, refresh), visitor_of,
+                               [page.rows])
         handlers = Handlers(page, session, library, outdir, models, allow_any)
         with page.adapters:
             @gr.render(inputs=[page.rows, page.prefs], triggers=[page.rows.change, demo.load])
@@ -347,6 +368,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, metavar="N", help="port to listen on (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    t = p.add_argument_group("training (the Train tab)")
+    t.add_argument("--data-root", type=Path, metavar="DIR",
+                   help="server folder whose subfolders the Train tab may train on (default: none, uploads only); "
+                        "no path outside it is read")
+    t.add_argument("--jobs", type=Path, default=Path("output/app-jobs"), metavar="DIR",
+                   help="where training jobs keep their uploads, logs and checkpoints, a folder each "
+                        "(default: output/app-jobs); their adapters go to --adapters")
+    t.add_argument("--allow-remote-training", action="store_true",
+                   help="offer training with --share or a non-loopback --host too (off by default: a job runs "
+                        "processes and writes files on this machine)")
     return p
 
 
@@ -361,13 +392,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.outdir.exists() and not args.outdir.is_dir():
             raise SdloraError(f"--outdir {args.outdir} is a file; pass a folder for the generated images")
         guard.probe_writable(args.outdir, "--outdir")  # before the model loads, as every command checks its outputs
+        if args.data_root is not None and not args.data_root.is_dir():
+            raise SdloraError(f"--data-root {args.data_root}: no such folder; pass the folder that holds your "
+                              "datasets")
+        train_off = train_tab.training_off(args.host, args.share, args.allow_remote_training, args.adapters)
+        if train_off is None:
+            guard.probe_writable(args.jobs, "--jobs")
         print(f"app: loading model {args.model}", flush=True)
         session = Session(args.model)
         library.scan()
     except SdloraError as e:
         print(f"app: error: {e}", file=sys.stderr)
         return 2
-    demo = build(session, library, args.outdir, models, args.allow_any_model)
+    runner = Runner(args.jobs, args.adapters) if train_off is None else None
+    demo = build(session, library, args.outdir, models, args.allow_any_model, runner,
+                 args.data_root.resolve() if args.data_root else None, train_off)
+    # SIGTERM ends the app as Ctrl-C does: a running job is stopped with a resumable checkpoint (Runner.shutdown)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # quiet: Gradio's own banner tells users to edit launch(); the app says what its flags do instead
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
                                                    quiet=True, prevent_thread_lock=True, css=CSS,

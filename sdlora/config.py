@@ -204,6 +204,9 @@ class TrainConfig:
     log_with: str | None = _f(None, "where loss, learning rate, sampled timesteps and sample grids are logged: "
                               "tensorboard (<output>-logs/), wandb (Weights & Biases, `pip install wandb`; "
                               "WANDB_MODE=offline keeps it local) or all", choices=LOG_WITH, group="monitoring")
+    progress_file: str | None = _f(None, "append the run's progress to FILE as JSON lines (start, each step's loss "
+                                   "and learning rate, each sample grid written), for a program watching the run "
+                                   "(app.py's Train tab)", group="monitoring", metavar="FILE")
     save_every: int = _f(0, "every N steps write a checkpoint to resume from (and its adapter); 0: off")
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted); 0 keeps all")
     resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")

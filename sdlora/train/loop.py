@@ -143,7 +143,7 @@ class _Loop:
         self.caches, self.opt, self.pos, self.started, self.say = caches, opt, pos, started, env.say
         self.done = pos.start_step
         self.ema, self.pending, self.samples = None, [], []
-        self.monitor = Monitor(cfg.output_path, cfg.log_with, cfg.to_dict()) if env.main else None
+        self.monitor = Monitor(cfg.output_path, cfg.log_with, cfg.to_dict(), cfg.progress_file) if env.main else None
         self.sample_prompts = sample_prompts(cfg.sample_prompts, cfg.prompt, cfg.class_prompt)
 
     def run(self) -> TrainResult:
@@ -155,6 +155,8 @@ class _Loop:
                    dynamic_ncols=True)
         mark = _Marks() if self.env.main else quiet  # SDLORA_STEP_TIMES: step timestamps for bench_speed.py
         mark("start")
+        if self.monitor:
+            self.monitor.begin(steps, self.done)
         # Ctrl-C finishes the step under way, so that what is saved (adapter and checkpoint) is a whole step and a
         # resume continues exactly; a second Ctrl-C stops at once.
         stop = ckpt.StopFlag(lambda: say("\nCtrl-C: finishing this step, then saving (press again to abort)"))

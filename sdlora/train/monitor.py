@@ -1,7 +1,10 @@
-"""What people look at rather than read: fixed-seed sample grids, a loss curve image, TensorBoard scalars."""
+"""What people look at rather than read: fixed-seed sample grids, a loss curve image, TensorBoard scalars; and for
+programs watching a run (app.py's Train tab), its progress as JSON lines (--progress-file)."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -73,23 +76,52 @@ def loss_curve(losses: list[float], path: Path, title: str = "training loss") ->
     return _save_png(img, path)
 
 
-class Monitor:
-    """Loss history, sample grids as PNGs and, optionally, TensorBoard and/or wandb (`log_with`, sdlora/train/logs.py;
-    True: TensorBoard)."""
+class Progress:
+    """--progress-file: one JSON object a line, appended and flushed as the run goes, so that a reader polling the
+    file sees whole lines: {"event": "start", "steps": N, "start_step": k}, then {"event": "step", "step": s,
+    "loss": l, "lr": r} for every step (written when the losses are read from the device, every few steps) and
+    {"event": "sample", "step": s, "path": grid.png}; each with "time" (Unix seconds). A resumed run appends."""
 
-    def __init__(self, out_path: Path, log_with: str | bool | None, config: dict | None = None):
+    def __init__(self, path: str | Path | None):
+        self.file = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, event: str, **fields) -> None:
+        if self.file:
+            self.file.write(json.dumps({"event": event, **fields, "time": round(time.time(), 3)}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+class Monitor:
+    """Loss history, sample grids as PNGs, the progress file (--progress-file) and, optionally, TensorBoard and/or
+    wandb (`log_with`, sdlora/train/logs.py; True: TensorBoard)."""
+
+    def __init__(self, out_path: Path, log_with: str | bool | None, config: dict | None = None,
+                 progress_file: str | None = None):
         self.out_path = out_path
         self.samples_dir = out_path.with_name(out_path.stem + "-samples")
         self.losses: list[float] = []
         self.writer = None
+        self.progress = Progress(progress_file)
         if log_with:
             from sdlora.train.logs import Trackers
 
             self.writer = Trackers("tensorboard" if log_with is True else log_with,
                                    out_path.with_name(out_path.stem + "-logs"), out_path.stem, config)
 
+    def begin(self, steps: int, start_step: int) -> None:
+        self.progress("start", steps=steps, start_step=start_step)
+
     def step(self, step: int, loss: float, lr: float) -> None:
         self.losses.append(loss)
+        self.progress("step", step=step, loss=loss, lr=lr)
         if self.writer:
             self.writer.add_scalar("loss", loss, step)
             self.writer.add_scalar("lr", lr, step)
@@ -106,6 +138,7 @@ class Monitor:
             import numpy as np
 
             self.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        self.progress("sample", step=step, path=str(path))
         return path
 
     def close(self) -> Path | None:
@@ -113,4 +146,5 @@ class Monitor:
                 if self.losses else None)
         if self.writer:
             self.writer.close()
+        self.progress.close()
         return path
