@@ -161,7 +161,9 @@ def loss_frame(losses: list):
     for step, v in losses:
         ema = v if ema is None else 0.9 * ema + 0.1 * v
         rows += [(step, v, "loss"), (step, ema, "smoothed")]
-    return pd.DataFrame(rows, columns=["step", "loss", "curve"])
+    # typed even when empty: the plot keeps the axis types of its first data (an empty frame's would be text)
+    return pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": "int64", "loss": "float64",
+                                                                         "curve": "string"})
 
 
 class TrainHandlers:
