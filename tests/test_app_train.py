@@ -174,6 +174,26 @@ def test_uploads_are_bounded_and_their_temp_files_deleted(tmp_path, monkeypatch)
     assert D.safe_name("../../etc/passwd.png") == "passwd.png" and D.safe_name("\x00.png") == "_.png"
 
 
+def test_uploads_land_in_a_job_folder_and_missing_captions_are_offered_to_sdlora_caption(tmp_path):
+    page, h, runner = handlers(tmp_path, None)
+    temp = tmp_path / "gradio"
+    temp.mkdir()
+    files = [shutil.copy(p, temp / p.name) for p in sorted(TOY.glob("*.png"))]
+    out = h.upload(start_values(page) | {page.upload: files})
+    draft = out[page.draft]
+    assert out[page.status] == "5 file(s) added; the job's folder holds 5" and list(temp.iterdir()) == []
+    assert sorted(p.name for p in (runner.root / draft / "images").iterdir()) == [p.name for p in files]
+    assert "0 with caption files" in out[page.report] and len(out[page.thumbs]) == 5
+    assert out[page.caption]["visible"] and out[page.captioner]["visible"]  # images without captions
+    values = start_values(page, draft=draft) | {page.captioner: "toy"}
+    out = h.caption(values)
+    assert "5 with caption files" in out[page.report] and not out[page.caption]["visible"]
+    captions = {p.name: p.read_text() for p in (runner.root / draft / "images").glob("*.txt")}
+    assert len(captions) == 5 and all(c.startswith("a sks triangle, a purple triangle") for c in captions.values())
+    assert str(tmp_path) not in out[page.status]
+    assert "no captioner 'x'" in h.caption(values | {page.captioner: "x"})[page.status]
+
+
 @pytest.mark.parametrize("host,share,allow,on", [
     ("127.0.0.1", False, False, True), ("localhost", False, False, True), ("::1", False, False, True),
     ("0.0.0.0", False, False, False), ("192.168.1.5", False, False, False), ("127.0.0.1", True, False, False),

@@ -144,11 +144,11 @@ def thumbnail(im):
 
 
 def captioner():
-    """The captioning helper (`sdlora caption`, sdlora/caption/) when this checkout has it, else None.
-    HOOK (issue 21): the tab offers "Caption the images" on an upload folder with images lacking captions when this
-    returns a function `caption_folder(folder, ...)`."""
+    """`sdlora caption`'s Python form, `caption_folder(folder, captioner, prefix, ...)`, with the captioners it
+    offers; None where this install lacks it. The tab offers it on an upload folder whose images lack captions."""
     try:
-        from sdlora.caption import caption_folder  # noqa: F401 (may not exist yet)
+        from sdlora.caption import caption_folder
+        from sdlora.caption.command import CAPTIONERS
     except ImportError:
         return None
-    return caption_folder
+    return caption_folder, tuple(CAPTIONERS)

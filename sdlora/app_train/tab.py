@@ -63,6 +63,7 @@ class TrainPage:
     upload: gr.File
     check: gr.Button
     caption: gr.Button
+    captioner: gr.Dropdown
     report: gr.Markdown
     thumbs: gr.Gallery
     name: gr.Textbox
@@ -110,10 +111,13 @@ def layout(models: list[str], model: str, data_root: Path | None) -> TrainPage:
                                 placeholder="e.g. my-dog (relative to --data-root)", elem_id="train-images")
             upload = gr.File(label="Upload images and captions", file_count="multiple", type="filepath",
                              file_types=list(D.UPLOAD_SUFFIXES), height=120, elem_id="train-upload")
-            with gr.Row():
-                check = gr.Button("Check the dataset", elem_id="train-check")
-                # HOOK (issue 21): shown when `sdlora caption` is installed and images lack captions
-                caption = gr.Button("Caption the images", visible=False, elem_id="train-caption")
+            check = gr.Button("Check the dataset", elem_id="train-check")
+            with gr.Row():  # shown when images of an upload folder lack captions (`sdlora caption`)
+                tools = D.captioner()
+                captioner = gr.Dropdown(list(tools[1]) if tools else [], value=tools[1][0] if tools else None,
+                                        label="captioner", visible=False, interactive=True,
+                                        elem_id="train-captioner")
+                caption = gr.Button("Caption the images without one", visible=False, elem_id="train-caption")
             report = gr.Markdown(elem_id="train-report")
             thumbs = gr.Gallery(label="What training will see", columns=5, height="auto", elem_id="train-thumbs")
         with gr.Column(scale=1):
@@ -149,8 +153,8 @@ def layout(models: list[str], model: str, data_root: Path | None) -> TrainPage:
             with gr.Row():
                 log_button = gr.Button("Get the log", elem_id="train-log")
                 log_file = gr.File(label="log", interactive=False, height=90, elem_id="train-log-file")
-    return TrainPage(images, upload, check, caption, report, thumbs, name, ess, adv, preset, toml, start, stop, resume,
-                     status, job, plot, sample, log_button, log_file, gr.State(None), gr.State(None))
+    return TrainPage(images, upload, check, caption, captioner, report, thumbs, name, ess, adv, preset, toml, start,
+                     stop, resume, status, job, plot, sample, log_button, log_file, gr.State(None), gr.State(None))
 
 
 def loss_frame(losses: list):
@@ -189,8 +193,9 @@ class TrainHandlers:
         report = D.scan(folder, s["prompt"] or None, res or native_resolution(values[p.essentials["model"]]),
                         bool(s.get("buckets")), s.get("class_prompt") or None, s.get("trigger") or None,
                         int(s.get("repeats") or 1))
-        can_caption = D.captioner() is not None and report.uncaptioned > 0 and folder.parent.parent == self.runner.root
-        return {p.report: report.text, p.thumbs: report.thumbs, p.caption: gr.update(visible=can_caption)}
+        can = D.captioner() is not None and report.uncaptioned > 0 and folder.parent.parent == self.runner.root
+        return {p.report: report.text, p.thumbs: report.thumbs, p.caption: gr.update(visible=can),
+                p.captioner: gr.update(visible=can)}
 
     def upload(self, values: dict) -> dict:
         p = self.p
@@ -214,15 +219,21 @@ class TrainHandlers:
         return self._report(folder, values) | {self.p.status: ""}
 
     def caption(self, values: dict) -> dict:
-        """HOOK (issue 21): caption the upload folder's images that lack captions, with `sdlora caption`."""
-        fn, draft = D.captioner(), values[self.p.draft]
-        if fn is None or draft is None:
-            return {self.p.status: "captioning is not available"}
+        """Caption the images of the page's upload folder that lack a caption, with `sdlora caption`'s
+        caption_folder (the trigger prompt first in each); never a folder under --data-root (read only)."""
+        p, tools, draft = self.p, D.captioner(), values[self.p.draft]
+        if tools is None or draft is None:
+            return {p.status: "captioning needs uploaded images (and `sdlora caption`)"}
+        caption_folder, names = tools
+        if values[p.captioner] not in names:
+            return {p.status: f"**Error:** no captioner '{values[p.captioner]}'; pick one of {', '.join(names)}"}
+        folder = self.runner.root / draft / "images"
         try:
-            fn(self.runner.root / draft / "images")
+            done = caption_folder(folder, captioner=values[p.captioner],
+                                  prefix=values[p.essentials["prompt"]] or None, progress=False, log=lambda *_: None)
         except SdloraError as e:
-            return {self.p.status: f"**Error:** {e}"}
-        return self._report(self.runner.root / draft / "images", values) | {self.p.status: "captions written"}
+            return {p.status: f"**Error:** {str(e).replace(str(folder), 'the uploads')}"}
+        return self._report(folder, values) | {p.status: done.summary().replace(str(folder), "the uploads")}
 
     # ---- settings
     def load_settings(self, path: str | None, shown_name: str | None) -> dict:
@@ -334,11 +345,11 @@ def _image(path: Path):
 def wire(demo: gr.Blocks, p: TrainPage, h: TrainHandlers, visitor_of, generate_outputs: list) -> None:
     """The tab's events: light ones off the queue's model slot; the timer per page."""
     every = {*p.settings.values(), p.essentials["model"], p.images, p.draft, p.name}
-    p.upload.upload(h.upload, {p.upload, *every}, [p.draft, p.upload, p.status, p.images, p.report, p.thumbs,
-                                                   p.caption])
-    p.check.click(h.check, every, [p.status, p.report, p.thumbs, p.caption])
-    p.images.submit(h.check, every, [p.status, p.report, p.thumbs, p.caption])
-    p.caption.click(h.caption, every, [p.status, p.report, p.thumbs, p.caption])
+    reported = [p.status, p.report, p.thumbs, p.caption, p.captioner]
+    p.upload.upload(h.upload, {p.upload, *every}, [p.draft, p.upload, p.images, *reported])
+    p.check.click(h.check, every, reported)
+    p.images.submit(h.check, every, reported)
+    p.caption.click(h.caption, {p.captioner, *every}, reported, concurrency_id="model", concurrency_limit=1)
     widgets = list((p.essentials | p.advanced).values())
     p.preset.input(h.preset, p.preset, [*widgets, p.status])
     p.toml.upload(h.toml, p.toml, [*widgets, p.status, p.toml])
