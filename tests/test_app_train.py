@@ -8,6 +8,7 @@ job that fails or is killed ends as failed with its error line while the runner 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ from sdlora.cli import build_parser
 from sdlora.config import TrainConfig, _f, make_config
 from sdlora.errors import SdloraError
 from sdlora.formats.file_io import load
-from tests.helpers import assert_same_tensors, sub_env
+from tests.helpers import assert_same_tensors, run_main, sub_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "datasets" / "toy-purple-triangle"
@@ -86,6 +87,25 @@ def test_a_toml_file_fills_the_page_but_not_its_paths(tmp_path):
         F.from_toml(toml, "shown.toml")
     assert str(tmp_path) not in str(e.value)
     assert "toy-subject.toml" in F.presets()
+
+
+@pytest.mark.slow  # a toy training with two sample grids
+def test_progress_file_reports_start_every_step_and_each_sample_grid(tmp_path, capsys):
+    progress = tmp_path / "p.jsonl"
+    r = run_main(capsys, "train", "--model", "toy", "--images", TOY, "--prompt", "a sks triangle", "--steps", "3",
+                 "--sample-every", "2", "--sample-steps", "1", "--no-eval-loss", "--out", tmp_path / "a.safetensors",
+                 "--progress-file", progress, "--cache-dir", tmp_path / "cache")
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert [(e["event"], e.get("step")) for e in events] == [
+        ("start", None), ("step", 1), ("step", 2), ("sample", 2), ("step", 3), ("sample", 3)]
+    assert events[0]["steps"] == 3 and events[0]["start_step"] == 0
+    assert all(e["loss"] > 0 and e["lr"] == 1e-4 for e in events if e["event"] == "step")
+    assert [Path(e["path"]).name for e in events if e["event"] == "sample"] == ["step-000002.png", "step-000003.png"]
+    job = J.Job("0001", tmp_path, "a", "toy", {}, TOY, state=J.RUNNING)
+    (tmp_path / "progress.jsonl").write_bytes(progress.read_bytes() + b'{"event": "step", "st')  # a line being written
+    job.read_progress()
+    assert (job.steps, job.step, [s for s, _ in job.losses], len(job.samples)) == (3, 3, [1, 2, 3], 2)
 
 
 # ---------------------------------------------------------------- the rules
