@@ -107,6 +107,16 @@ class TrainConfig:
     grad_accum: int = _f(1, "gradient accumulation steps per optimizer step")
     lr: float = _f(1e-4, "UNet learning rate (prodigy: 1.0, it finds the rate itself)")
     te_lr: float | None = _f(None, "text-encoder learning rate (default: --lr)")
+    # ---- pivotal tuning (issue 21, sdlora/train/pivotal.py): new tokens for the trigger, learnt with the LoRA
+    pivotal: int = _f(0, "pivotal tuning: learn N new token vectors per CLIP text encoder for --trigger (one new "
+                      "word; T5-XXL keeps reading the plain word), saved in the LoRA file (A1111's bundle_emb) and as "
+                      "an embedding file beside it; 0: off")
+    pivotal_init: str | None = _f(None, "word(s) the new tokens start from, e.g. 'dog' (default: --class-prompt); "
+                                  "with fewer tokens than N they repeat, with more the last N are used")
+    pivotal_lr: float = _f(3e-4, "learning rate of the new token vectors (no weight decay)")
+    pivotal_steps: int = _f(0, "train only the new tokens for the first N steps, then only the LoRA (the tokens "
+                            "frozen); 0: both together for the whole run")
+    # ---- end of the pivotal block
     lr_scheduler: str = _f("constant", "learning-rate schedule after warmup", choices=LR_SCHEDULERS)
     warmup_steps: int = _f(0, "linear warmup steps")
     weight_decay: float = _f(1e-2, "weight decay (decoupled, as AdamW's)")
@@ -319,6 +329,7 @@ class TrainConfig:
         if self.blocks_to_swap and self.compile:
             bad("blocks_to_swap", "cannot be combined with --compile (the swap replaces weights between blocks, "
                 "which a compiled graph does not see); drop one of them")
+        self._check_pivotal()
         optim.parse_args(self.optimizer, self.optimizer_args)  # typed and known keys, refused in one line if not
         self._check_recipe(bad)
         for f in fields(self):
@@ -378,6 +389,39 @@ class TrainConfig:
     def max_resolution(self) -> int | None:
         """The largest training size (memory plans, sample grids), None: the model's native size."""
         return max(self.resolutions) if self.resolutions else None
+
+    def _check_pivotal(self) -> None:
+        """--pivotal and its options (the trigger against the tokenizer is checked once the model is loaded)."""
+        if not self.pivotal:
+            if self.pivotal < 0:
+                raise SdloraError(f"--pivotal must be >= 0, got {self.pivotal}")
+            for f in ("pivotal_init",):
+                if getattr(self, f) is not None:
+                    raise SdloraError(f"--{f.replace('_', '-')} needs --pivotal N")
+            if self.pivotal_steps:
+                raise SdloraError("--pivotal-steps needs --pivotal N")
+            return
+        from sdlora.formats.embeddings import check_name
+
+        if not 1 <= self.pivotal <= 64:
+            raise SdloraError(f"--pivotal must be between 1 and 64 tokens, got {self.pivotal}")
+        if not self.trigger:
+            raise SdloraError("--pivotal needs --trigger WORD: the new word the tokens are learnt for (it names the "
+                              "embedding), e.g. --prompt 'a photo of ohwx dog' --trigger ohwx")
+        check_name(self.trigger)
+        if not (self.pivotal_init or self.class_prompt):
+            raise SdloraError("--pivotal needs --pivotal-init WORD (what the subject is, e.g. 'dog') or "
+                              "--class-prompt to start the new tokens from")
+        if self.pivotal_init is not None and not self.pivotal_init.strip():
+            raise SdloraError("--pivotal-init must be a word, e.g. 'dog'")
+        if not self.pivotal_lr > 0:
+            raise SdloraError(f"--pivotal-lr must be positive, got {self.pivotal_lr}")
+        if self.pivotal_steps and self.optimizer == "schedulefree":
+            raise SdloraError("--pivotal-steps gates learning rates to 0, which schedule-free AdamW's averaging "
+                              "divides by; use --optimizer adamw, or drop --pivotal-steps")
+        if self.pivotal_steps < 0 or (self.epochs is None and self.pivotal_steps >= self.steps):
+            raise SdloraError(f"--pivotal-steps must be between 0 and --steps - 1 ({self.steps - 1}), got "
+                              f"{self.pivotal_steps}: the LoRA trains after them")
 
     def _check_bounds(self) -> None:
         """Counts that size the run's work and memory (sdlora/bounds.py)."""

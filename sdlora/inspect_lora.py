@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from sdlora import archs
-from sdlora.formats import convert, kohya
+from sdlora.formats import convert, embeddings, kohya
 from sdlora.formats.read import read_adapter
 
 
@@ -64,7 +64,9 @@ def describe(path) -> dict:
             "modules": len(adapter.modules),
             "parameters": params, "groups": rows, "trigger": trigger, "top_tags": tags.most_common(10),
             "skipped": adapter.unknown, "unknown": unknown, "metadata": metadata,
-            "base_model_version": metadata.get("ss_base_model_version", "")}
+            "base_model_version": metadata.get("ss_base_model_version", ""),
+            "embeddings": {n: {c: list(t.shape) for c, t in v.items()} for n, v in adapter.embeddings.items()},
+            "embeddings_text": embeddings.describe(adapter.embeddings)}
 
 
 def format_description(d: dict) -> str:
@@ -73,6 +75,8 @@ def format_description(d: dict) -> str:
              + (f" (ss_base_model_version {d['base_model_version']})" if d["base_model_version"] else ""),
              f"  modules       {d['modules']} ({d['parameters']:,} LoRA parameters)",
              f"  trigger       {d['trigger'] or '(none in metadata)'}"]
+    for e in d["embeddings_text"]:
+        lines.append(f"  embedding     {e} (bundle_emb: the trigger's learnt tokens)")
     if d["top_tags"]:
         lines.append("  top tags      " + ", ".join(f"{t} ({n})" for t, n in d["top_tags"]))
     if d["skipped"] or d["unknown"]:

@@ -17,7 +17,7 @@ import torch
 from sdlora import guard
 from sdlora.cli import add_part_args, load_model, part_values
 from sdlora.errors import SdloraError
-from sdlora.formats import checkpoint, file_io, kohya
+from sdlora.formats import checkpoint, embeddings, file_io, kohya
 from sdlora.formats.meta import portable
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender
@@ -121,7 +121,7 @@ def check_out(model: str, loras: list[tuple[str, float, float]], out, overwrite:
 
 
 def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "fp16", base=None,
-          overwrite: bool = False, parts: dict | None = None) -> Path:
+          overwrite: bool = False, parts: dict | None = None, say=print) -> Path:
     """Fuse `loras` [(file, text-encoder strength, unet strength)] into `model` and write `out`: a `.safetensors`
     single file (LDM layout) or a diffusers folder. `parts`: the part flags of a FLUX.1 / SD 3.5 single file
     (`sdlora.cli.part_values`)."""
@@ -132,7 +132,19 @@ def merge(model: str, loras: list[tuple[str, float, float]], out, dtype: str = "
     check_out(model, loras, out, overwrite)
     files = [read_adapter(p) for p, _, _ in loras]
     with guard.OutputLock(out):
-        return _merge(model, loras, files, Path(out), dtype, base, overwrite, parts)
+        path = _merge(model, loras, files, Path(out), dtype, base, overwrite, parts)
+        keep_embeddings(files, path, say)
+        return path
+
+
+def keep_embeddings(files, out: Path, say) -> None:
+    """A merged model holds the LoRA part only (a checkpoint has no place for new words: its vocabulary is fixed);
+    the bundled embeddings of `files` (pivotal tuning) are written beside it as embedding files, said in one line."""
+    for f in files:
+        for name, vecs in f.embeddings.items():
+            side = embeddings.save_file(vecs, embeddings.file_path(out, name), f.metadata)
+            say(f"{f.path.name}: its embedding '{name}' is not merged (a checkpoint's vocabulary is fixed); written to "
+                f"{side}: put it in the embeddings folder (A1111, ComfyUI) or load_textual_inversion it (diffusers)")
 
 
 def _merge(model: str, loras, files, out: Path, dtype: str, base, overwrite: bool, parts: dict | None) -> Path:

@@ -121,7 +121,8 @@ def score_adapter(base, adapter: str | Path, trigger_prompt: str, subject: str, 
     name = blender.add(read_adapter(adapter)).file.name
     blender.set_strengths({name: strength})
     try:
-        subj1, acc1 = run("with the adapter")
+        with blender.tokens():  # its learnt tokens (pivotal tuning), if it bundles any
+            subj1, acc1 = run("with the adapter")
     finally:
         blender.set_strengths({})
     others = prompts[2:]

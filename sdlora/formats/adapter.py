@@ -112,6 +112,9 @@ class AdapterFile:
     path: Path | None = None
     name: str = ""  # file stem: what `<lora:name:s>` refers to
     notes: list[str] = field(default_factory=list)  # what the reader assumed (e.g. alpha taken as rank)
+    # learnt token embeddings bundled with the LoRA (A1111's `bundle_emb.*`, formats/embeddings.py):
+    # {name: {text-encoder component: [tokens, width]}}
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def file_name(self) -> str:

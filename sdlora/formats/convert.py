@@ -23,6 +23,7 @@ import torch
 
 from sdlora import archs
 from sdlora.errors import SdloraError
+from sdlora.formats import embeddings as emb
 from sdlora.formats import file_io, kohya, layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule
 from sdlora.formats.read import ADAPTER_META, MISSING_ALPHA, PEFT_PREFIX, read_adapter
@@ -174,7 +175,8 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
     if to == "kohya":
         named = AdapterFile({c: m for c, (_, m) in placed.items()}, adapter.metadata)
         md = {k: v for k, v in adapter.metadata.items() if k not in (MISSING_ALPHA,)}
-        kohya.save(kohya.to_tensors(named), out, md)  # recomputes kohya's sshs_* hashes
+        # bundled embeddings (pivotal tuning) stay in the file, as A1111 reads them
+        kohya.save(kohya.to_tensors(named) | emb.to_bundle(adapter.embeddings), out, md)  # recomputes sshs_* hashes
     elif to == "diffusers":
         tensors, md = to_diffusers(placed, adapter, arch)
         file_io.atomic_save(tensors, out, md)
@@ -196,6 +198,13 @@ def write(adapter: AdapterFile, arch: str, out, to: str, alpha_if_missing: float
         write_folder(out, fill, overwrite)
     else:
         raise SdloraError(f"unknown format '{to}'; use one of: {', '.join(FORMATS)}")
+    if adapter.embeddings and to != "kohya":  # diffusers' LoRA loaders reject bundle_emb keys: files beside it
+        for name, vecs in adapter.embeddings.items():
+            side = emb.save_file(vecs, emb.file_path(out, name), adapter.metadata)
+            rep.notes.append(f"embedding '{name}' written to {side} (load_textual_inversion reads it)")
+    elif adapter.embeddings:
+        rep.notes.append(f"kept {len(adapter.embeddings)} bundled embedding(s): " + "; ".join(emb.describe(
+            adapter.embeddings)))
     if archs.get(arch).denoiser_names == "original" and to != "kohya":
         # the reader names files by kohya's fused modules; split q/k/v read back as parts (split_parts is exact)
         rep.notes.append("q/k/v split onto diffusers' modules" + (

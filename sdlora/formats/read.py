@@ -19,6 +19,7 @@ import torch
 
 from sdlora import archs
 from sdlora.errors import SdloraError
+from sdlora.formats import embeddings as emb
 from sdlora.formats import file_io, kohya
 from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 from sdlora.lora import kinds
@@ -297,6 +298,7 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
     """An AdapterFile from a LoRA state dict in any supported layout (pure: no I/O). `configs` are PEFT configs per
     diffusers component (from `adapter_config.json` files). Raises SdloraError for a file with no module sdlora
     can apply, or a damaged module."""
+    tensors, embeddings = emb.split_bundle(tensors, where)  # A1111's bundle_emb.* (pivotal tuning's tokens)
     tensors, renamed = _lycoris_wrapper_names(tensors)
     fmt = detect_format(tensors)
     metadata = dict(metadata)
@@ -333,7 +335,8 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], configs: d
                      "`sdlora convert IN OUT --to kohya` writes the names every loader matches")
     if kinds:
         notes.append(f"{', '.join(kinds)} modules are not supported yet: their keys are listed as unknown")
-    return AdapterFile(modules=modules, metadata=metadata, source=fmt, arch=arch, unknown=sorted(unknown), notes=notes)
+    return AdapterFile(modules=modules, metadata=metadata, source=fmt, arch=arch, unknown=sorted(unknown), notes=notes,
+                       embeddings=embeddings)
 
 
 # ----------------------------------------------------------------------------------------------------------

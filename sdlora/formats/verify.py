@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from sdlora import archs
 from sdlora.errors import cause
+from sdlora.formats import embeddings as emb
 from sdlora.formats import kohya, layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule, check_module
 from sdlora.formats.read import read_adapter
@@ -288,7 +289,41 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
     _diffusers_tool(rep, modules, metadata, arch, table)
     rep.tools["ComfyUI"] = _comfy_tool(rep, sorted(modules), arch, table)
     _a1111_tool(rep, sorted(modules), metadata, arch)
+    if adapter.embeddings:
+        _embeddings(rep, adapter, arch, model, path)
     return rep
+
+
+def _embeddings(rep: VerifyReport, adapter: AdapterFile, arch: str, model, path: str) -> None:
+    """Bundled embeddings (pivotal tuning): their widths against the text encoders, and what each tool does with
+    them."""
+    spec = archs.get(arch)
+    clips = {t.component: t for t in spec.text_encoders if t.kind == "clip"}
+    for name, vecs in adapter.embeddings.items():
+        for c, v in vecs.items():
+            if c not in clips:
+                rep.problems.append(f"embedding '{name}': {spec.label} has no text encoder {c}")
+                continue
+            t = clips[c]
+            width = (model.modules[t.attr].get_input_embeddings().weight.shape[1] if model is not None
+                     else archs.load_config(arch, t.attr)["hidden_size"])
+            if v.shape[1] != width:
+                rep.problems.append(f"embedding '{name}': {c} vectors are {v.shape[1]} wide, the encoder reads {width}")
+        missing = sorted(set(clips) - set(vecs))
+        if missing:
+            rep.problems.append(f"embedding '{name}' has no vectors for {', '.join(missing)} (A1111 needs every "
+                                "CLIP encoder's)")
+    rep.keys += sum(len(v) for v in adapter.embeddings.values())
+    names = ", ".join(f"'{n}'" for n in adapter.embeddings)
+    rep.notes.append("bundled embeddings (pivotal tuning): " + "; ".join(emb.describe(adapter.embeddings)))
+    if "A1111" in rep.tools and spec.a1111:
+        rep.tools["A1111"] += f"; loads the bundled embedding(s) {names} with it (bundle_emb)"
+    rep.tools["ComfyUI"] += (f"; ignores bundle_emb (logs 'lora key not loaded'): put the embedding file(s) in "
+                             f"models/embeddings and write embedding:{next(iter(adapter.embeddings))}")
+    rep.tools["diffusers"] = (f"load_lora_weights rejects the file as written (bundle_emb keys: 'Invalid LoRA "
+                              f"checkpoint'); `sdlora convert {path} OUT --to diffusers` writes the LoRA without "
+                              "them and the embedding file(s) beside it (load_textual_inversion); the LoRA part: "
+                              + rep.tools.get("diffusers", ""))
 
 
 def _diffusers_tool(rep: VerifyReport, modules: dict[str, AdapterModule], metadata: dict[str, str], arch: str,

@@ -11,6 +11,7 @@ original weights, so moving a slider reads nothing from disk and repeated change
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from sdlora.archs.spec import DENOISER
 from sdlora.errors import SdloraError
 from sdlora.formats import layouts
 from sdlora.formats.adapter import AdapterFile, AdapterModule
+from sdlora.lora import tokens as T
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Blender:
         if not targets:
             raise SdloraError(f"{where}: none of its {len(f.modules)} modules matches a module of '{base.name}' "
                               f"({archs.label(base.arch)}); it is not a LoRA for this model")
+        self._check_embeddings(f, where)
         name, n = f.name, 2
         while name in self.adapters:
             name, n = f"{f.name}-{n}", n + 1
@@ -129,6 +132,40 @@ class Blender:
                             b += s * d.to(dev).float()
                     bias.copy_(b.to(bias.dtype))
         self.strengths = new
+
+    def _check_embeddings(self, f: AdapterFile, where: str) -> None:
+        """Refuse bundled embeddings (pivotal tuning) for text encoders the model lacks or of another width."""
+        tes = {t.component: t for t in self.base.spec.text_encoders if t.kind == "clip"}
+        for name, vecs in f.embeddings.items():
+            for c, v in vecs.items():
+                width = (self.base.modules[tes[c].attr].get_input_embeddings().weight.shape[1]
+                         if c in tes else None)
+                if width != v.shape[1]:
+                    raise SdloraError(f"{where}: its embedding '{name}' has {c} vectors of width {v.shape[1]}, but "
+                                      f"'{self.base.name}' " + (f"reads {width}" if width else "has no such encoder")
+                                      + "; use it with the model it was trained on")
+
+    @contextmanager
+    def tokens(self):
+        """Inside: the embeddings bundled with the active adapters (pivotal tuning) are words of the model's CLIP
+        encoders (`lora.tokens`; a prompt's trigger expands to the learnt tokens), whole whatever an adapter's
+        strength: the strength scales its LoRA part only. After: the model and tokenizers as before. Yields the
+        `lora.tokens.Attached`, or None when no active adapter bundles one."""
+        vecs, owner = {}, {}
+        for r, _, _ in self.active():
+            for name, v in r.file.embeddings.items():
+                if name in vecs:
+                    raise SdloraError(f"{r.file.name} and {owner[name]} both bundle an embedding '{name}'; use one "
+                                      "of them at a time")
+                vecs[name], owner[name] = v, r.file.name
+        if not vecs:
+            yield None
+            return
+        attached = T.Attached(self.base, [t for t in self.base.spec.text_encoders if t.kind == "clip"], vecs)
+        try:
+            yield attached
+        finally:
+            attached.detach()
 
     def active(self) -> list[tuple[Resolved, float, float]]:
         """Adapters fused with a non-zero strength: (adapter, text-encoder strength, unet strength)."""

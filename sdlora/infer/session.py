@@ -16,6 +16,7 @@ from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender, Resolved
 from sdlora.infer.settings import DEFAULT_SCHEDULER, SCHEDULERS, Settings  # noqa: F401 (their home before)
+from sdlora.lora.tokens import pipeline_prompts
 from sdlora.models import BUILTIN_MODELS, load_base, model_arch, model_identity
 
 
@@ -111,14 +112,17 @@ class Session:
             s = dataclasses.replace(settings, width=settings.width or base.native_resolution,
                                     height=settings.height or base.native_resolution,
                                     scheduler=sampler_for(base.spec, settings.scheduler))
-            pipe = base.pipeline(scheduler=make_scheduler(s.scheduler, base.scheduler_config))
-            call = {"negative_prompt": s.negative or None} if base.spec.negative_prompt else {}
-            call |= base.generation_kwargs()  # T5 tokens: as many as training encodes
-            out = []
-            for i in range(s.num_images):
-                pipe.set_progress_bar_config(disable=not progress, desc=f"image {i + 1}/{s.num_images}", unit="step")
-                image = pipe(prompt=s.prompt, **call, num_inference_steps=s.steps, guidance_scale=s.guidance,
-                             width=s.width, height=s.height, generator=torch.Generator("cpu").manual_seed(s.seed + i),
-                             output_type="pil").images[0]
-                out.append((image, s.image_params(i, model_name, loras, extra)))
+            with self.blender.tokens():  # learnt tokens bundled with the adapters (pivotal tuning)
+                pipe = base.pipeline(scheduler=make_scheduler(s.scheduler, base.scheduler_config))
+                call = pipeline_prompts(pipe, base.spec, base.tokenizers, s.prompt,
+                                        (s.negative or None) if base.spec.negative_prompt else None)
+                call |= base.generation_kwargs()  # T5 tokens: as many as training encodes
+                out = []
+                for i in range(s.num_images):
+                    pipe.set_progress_bar_config(disable=not progress, desc=f"image {i + 1}/{s.num_images}",
+                                                 unit="step")
+                    image = pipe(**call, num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width,
+                                 height=s.height, generator=torch.Generator("cpu").manual_seed(s.seed + i),
+                                 output_type="pil").images[0]
+                    out.append((image, s.image_params(i, model_name, loras, extra)))
             return out

@@ -27,7 +27,7 @@ from sdlora import quant
 from sdlora.cache import EmbeddingCache, LatentCache, default_cache_dir, once
 from sdlora.config import TrainConfig
 from sdlora.models import BUILTIN_MODELS, load_base
-from sdlora.train import memory
+from sdlora.train import memory, pivotal
 from sdlora.train.prepare import Env, Examples, Model, precision_of, trained_text_encoders
 
 
@@ -62,7 +62,7 @@ def _cache_dir(cfg: TrainConfig) -> Path | None:
 def text_caches(cfg: TrainConfig, env: Env, model: Model, data: Examples, damage=None) -> TextCaches:
     base, spec = model.base, model.base.spec
     damage = damage or once(env.say)
-    trained = trained_text_encoders(cfg, model)
+    trained = trained_text_encoders(cfg, model) | pivotal.encoders(cfg, model)  # new tokens: not cacheable either
     train_te = bool(trained)
     # with text encoders trained, the ones that stay frozen (SD3/FLUX's T5-XXL) have their outputs cached alone
     frozen = {t.component: EmbeddingCache([base.text_encoders[t.component]],

@@ -36,6 +36,7 @@ IDENTITY = ("model", "prediction_type", "preset", "rank", "alpha", "no_text_enco
 IDENTITY += ("loss", "huber_c", "huber_schedule", "huber_scale", "zero_terminal_snr", "debiased_estimation",
              "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma", "timestep_sampling",
              "sigmoid_scale", "discrete_flow_shift")
+IDENTITY += ("pivotal", "pivotal_init", "pivotal_lr", "pivotal_steps")  # --pivotal (issue 21)
 
 
 def checkpoint_root(output_path: Path) -> Path:

@@ -13,6 +13,7 @@ from sdlora import outputs
 from sdlora.config import TrainConfig
 from sdlora.data.captions import tag_frequency
 from sdlora.errors import SdloraError
+from sdlora.formats import embeddings as emb
 from sdlora.formats import kohya, layouts, meta
 from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
@@ -32,9 +33,10 @@ def file_row(module, component: str, base):
 
 
 def save_adapter(path: Path, cfg: TrainConfig, model: Model, data: Examples, targets: dict, *, steps: int,
-                 started: datetime, unwrap, say, log) -> Path:
+                 started: datetime, unwrap, say, log, tokens=None) -> Path:
     """Write the adapter of `steps` trained steps to `path`, with the run's metadata. `say`: the run's log; `log`:
-    where the saved file and its check are said (quiet for a checkpoint's copy)."""
+    where the saved file and its check are said (quiet for a checkpoint's copy). `tokens`: the new tokens of
+    --pivotal (`lora.tokens.Attached`), bundled in the file and written beside it as an embedding file."""
     base = model.base
     layers = {c: collect_modules(unwrap(m)) for c, m in base.components.items() if c in targets}
     stats = meta.RunStats(
@@ -47,15 +49,19 @@ def save_adapter(path: Path, cfg: TrainConfig, model: Model, data: Examples, tar
         md = meta.build(cfg, stats) | meta.dataset_metadata(data.dataset, cfg.repeats, data.instance, data.classes,
                                                             cfg.trigger_text)
         md |= network_metadata(cfg, md, base.spec.kohya_network_module)
-        return write_adapter(layers, DTYPES[cfg.save_precision], md, base, path, log, rescue=path == cfg.output_path)
+        return write_adapter(layers, DTYPES[cfg.save_precision], md, base, path, log, rescue=path == cfg.output_path,
+                             embeddings=tokens.vectors() if tokens else None)
 
 
-def write_adapter(layers: dict, dtype: torch.dtype, md: dict, base, path: Path, say, rescue: bool) -> Path:
+def write_adapter(layers: dict, dtype: torch.dtype, md: dict, base, path: Path, say, rescue: bool,
+                  embeddings: dict | None = None) -> Path:
     """Write trained `layers` ({component: lora.inject.collect_modules(...)}) as a kohya/LyCORIS file with metadata
     `md`, verified as readers will read it. `rescue`: the run's result, which a full disk saves elsewhere rather than
-    losing."""
+    losing (and, with `embeddings` ({name: {component: vectors}}, --pivotal), whose embedding files are written
+    beside it)."""
     adapter = kohya.from_trained(layers, base.arch, layouts.originals(base))
-    tensors = kohya.to_tensors(adapter, dtype)
+    tensors = kohya.to_tensors(adapter, dtype) | emb.to_bundle({n: {c: t.to(dtype) for c, t in v.items()}
+                                                                for n, v in (embeddings or {}).items()})
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise SdloraError("the adapter holds NaN/Inf values; nothing was saved. Lower --lr or use bf16/no precision")
     # Check the file as ComfyUI, A1111, kohya and diffusers will read it. It is written either way (a failed check
@@ -68,6 +74,11 @@ def write_adapter(layers: dict, dtype: torch.dtype, md: dict, base, path: Path, 
     say(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, {len(adapter.modules)} modules, {len(tensors)} tensors)")
     for line in report_.lines()[1:-1]:
         say(line)
+    if rescue and embeddings:
+        for name, vecs in embeddings.items():
+            side = emb.save_file(vecs, emb.file_path(path, name), md)
+            say(f"embedding {side} (A1111/ComfyUI embeddings folder: type '{name}' / 'embedding:{name}'; "
+                f"diffusers: load_textual_inversion with token='{name}')")
     if not report_.ok:
         raise SdloraError(f"{path} was saved but does not verify: {report_.problems[0]} (run `sdlora verify {path}`)")
     return path

@@ -121,7 +121,7 @@ def resume(cfg: TrainConfig, env: Env, data: Examples, caches: C.Caches, lora: t
     if not cfg.resume:
         return pos
     folder = ckpt.resolve(cfg.resume, pos.ckpt_root)
-    manifest = ckpt.restore(folder, pos.identity, pos.data_ids, params=_lora_params(lora.adapted),
+    manifest = ckpt.restore(folder, pos.identity, pos.data_ids, params=_lora_params(lora.trained),
                             optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
                             rng={"train": pos.g, "python": pos.prng})
     pos.schedule = prepare.new_schedule(cfg, env, data.instance, data.classes, manifest["position"])
@@ -288,7 +288,7 @@ class _Loop:
                 outputs.finish_before_interrupt(self.say, f"checkpoint {folder}"):
             opt, pos = self.opt, self.pos
             folder = ckpt.save(folder, step=step, identity=pos.identity, data=pos.data_ids,
-                               position=pos.schedule.position(), params=_lora_params(self.lora.adapted),
+                               position=pos.schedule.position(), params=_lora_params(self.lora.trained),
                                optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
                                rng={"train": pos.g.get_state(), "python": pos.prng.getstate()},
                                adapter_writer=self._checkpoint_adapter)
@@ -358,7 +358,7 @@ class _Loop:
             return path
         return save_adapter(path, self.cfg, self.model, self.data, self.lora.targets, steps=self.done,
                             started=self.started, unwrap=self.env.accelerator.unwrap_model, say=self.say,
-                            log=log or self.say)
+                            log=log or self.say, tokens=self.lora.tokens)
 
 
 class _Marks:

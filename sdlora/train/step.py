@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdlora.lora.tokens import expand
 from sdlora.train import losses as L
 from sdlora.train import noise as N
 from sdlora.train import timesteps as T
@@ -24,6 +25,7 @@ RECORDED = 4096  # timesteps kept for the TensorBoard histogram between two read
 
 def _ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
     n = min(max_length or tokenizer.model_max_length, tokenizer.model_max_length)
+    prompts = expand(tokenizer, prompts)  # --pivotal: the trigger as its new tokens (lora/tokens.py)
     return tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
 
 

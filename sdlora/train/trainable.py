@@ -14,7 +14,7 @@ from sdlora.archs.spec import DENOISER
 from sdlora.config import TrainConfig
 from sdlora.lora.inject import add_lora, format_table, network_of
 from sdlora.lora.targets import check_rank, find_targets
-from sdlora.train import memory, optim, scale, speed, swap
+from sdlora.train import memory, optim, pivotal, scale, speed, swap
 from sdlora.train.export import file_row
 from sdlora.train.prepare import Env, Examples, Model, trained_text_encoders
 
@@ -25,10 +25,17 @@ class Lora:
     adapted: dict[str, torch.nn.Module]
     targets: dict[str, list]
     swap: object  # swap.Swapper with --blocks-to-swap, else None
+    tokens: object = None  # lora.tokens.Attached: the new tokens of --pivotal, else None
 
     @property
     def train_te(self) -> bool:
         return any(c != DENOISER for c in self.adapted)
+
+    @property
+    def trained(self) -> dict[str, torch.nn.Module]:
+        """The modules holding trainable weights: the adapted ones and the text encoders learning new tokens."""
+        extra = self.tokens.encoders() if self.tokens else {}
+        return self.adapted | {c: m for c, m in extra.items() if c not in self.adapted}
 
 
 @dataclass
@@ -77,15 +84,18 @@ def add_lora_layers(cfg: TrainConfig, env: Env, model: Model, data: Examples, pl
         for c, m in adapted.items():
             if c != DENOISER:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Lora(adapted, targets, swapper)
+    return Lora(adapted, targets, swapper, pivotal.attach(cfg, model, say))
 
 
 def prepare_optimizer(cfg: TrainConfig, env: Env, model: Model, lora: Lora, steps: int) -> Optimizing:
     acc, base, tes = env.accelerator, model.base, model.tes
     params = [{"params": [p for p in base.denoiser.parameters() if p.requires_grad], "lr": cfg.lr}]
+    tokens = pivotal.param_groups(cfg, lora.tokens)  # --pivotal: the new tokens, a group of their own
+    taken = {id(p) for g in tokens for p in g["params"]}
     if lora.train_te:
-        params.append({"params": [p for m in tes.values() for p in m.parameters() if p.requires_grad],
-                       "lr": cfg.te_lr or cfg.lr})
+        params.append({"params": [p for m in tes.values() for p in m.parameters() if p.requires_grad
+                                  and id(p) not in taken], "lr": cfg.te_lr or cfg.lr})
+    params += tokens
     trainable = [p for g in params for p in g["params"]]
     if env.fsdp:  # the frozen base is sharded, the LoRA weights stay whole on every process
         scale.keep_whole(acc, base.denoiser)
@@ -94,11 +104,12 @@ def prepare_optimizer(cfg: TrainConfig, env: Env, model: Model, lora: Lora, step
     # accelerate steps a prepared scheduler once per process, so its horizon is scaled the same way.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * acc.num_processes,
                                  num_training_steps=steps * acc.num_processes)
+    pivotal.split_phases(cfg, lr_scheduler, acc.num_processes)  # --pivotal-steps: tokens first, then the LoRA
     # with block swap the denoiser is placed already (swapped weights in host memory): accelerate must not move it
     denoiser_p, optimizer, lr_scheduler = acc.prepare(base.denoiser, optimizer, lr_scheduler,
                                                       device_placement=[not lora.swap, None, None])
     # a module without trainable parameters must not be DDP-wrapped
-    tes_p = {c: acc.prepare(m) if c in lora.adapted else m for c, m in tes.items()}
+    tes_p = {c: acc.prepare(m) if c in lora.trained else m for c, m in tes.items()}
     text_encoders_p = [(tok, tes_p[c]) for c, (tok, _) in base.text_encoders.items()]
     on_device = [m for m in base.modules.values() if next(m.parameters()).device == acc.device]
     env.say(memory.estimate(on_device, trainable, memory.STATE_BYTES[cfg.optimizer]))
