@@ -274,7 +274,10 @@ def verify(adapter: AdapterFile, *, arch: str | None = None, model=None, path: s
         rep.notes.append("UNet modules use diffusers-style names; kohya's canonical names are the SGM ones "
                          "(`sdlora convert IN OUT --to kohya` rewrites them)")
     zero = [n for n, m in modules.items() if not all(t.float().abs().sum() for t in m.tensors.values())]
-    if modules and len(zero) == len(modules):
+    if modules and len(zero) == len(modules) and adapter.embeddings:  # --pivotal-steps: the tokens train first
+        rep.notes.append("the LoRA part is empty (every lora_up or lora_down is zero); the bundled embeddings hold "
+                         "what was trained")
+    elif modules and len(zero) == len(modules):
         rep.problems.append("the delta is empty: every module has an all-zero lora_up or lora_down; the adapter has "
                             "no effect (train longer or with a higher learning rate)")
     elif zero:
