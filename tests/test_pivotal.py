@@ -241,3 +241,31 @@ def test_dit_families_learn_clip_tokens_and_t5_reads_the_plain_word(tmp_path, mo
     images = session.generate(Settings(prompt=PROMPT, steps=2, num_images=1, seed=0), {name: 0.5})
     assert len(images) == 1 and images[0][0].size[0] > 0
     assert session.base.tokenizers[base.spec.text_encoders[0].tokenizer_attr].get_vocab().get("ohwx") is None
+
+
+@pytest.mark.slow
+def test_sd2_one_encoder_matches_diffusers(tmp_path):
+    from sdlora.formats.embeddings import file_path
+    from sdlora.models import load_base
+    from sdlora.train import step as S
+
+    out = tmp_path / "x.safetensors"
+    result = train_tiny(out, model="tiny-sd2", no_text_encoder=True, steps=2, **PIV)
+    base = result.base
+    width = base.text_encoder.get_input_embeddings().weight.shape[1]
+    assert a1111_shape(a1111_bundle(st.load_file(out))["ohwx"]) == (2, width)
+    ours, _ = S.encode_text(base.spec, list(base.text_encoders.values()), [PROMPT])
+    pipe = load_base("tiny-sd2").pipeline()
+    pipe.load_textual_inversion(str(file_path(out, "ohwx")), token="ohwx")
+    theirs, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_tokens_exactly(sd1, tmp_path):
+    out, _ = sd1
+    again = tmp_path / "ohwx.safetensors"
+    train_tiny(again, no_text_encoder=True, steps=4, save_every=2, pivotal_steps=2,
+               resume=str(out.with_name("ohwx-checkpoints") / "step-000002"), **PIV)
+    a, b = st.load_file(out), st.load_file(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
