@@ -269,3 +269,23 @@ def test_resume_continues_the_tokens_exactly(sd1, tmp_path):
                resume=str(out.with_name("ohwx-checkpoints") / "step-000002"), **PIV)
     a, b = st.load_file(out), st.load_file(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_embedding_layouts_round_trip_and_unknown_bundle_keys_stay_unknown():
+    from sdlora.errors import SdloraError
+    from sdlora.formats import embeddings as E
+
+    g = torch.Generator().manual_seed(0)
+    xl = {"te1": torch.randn(3, 8, generator=g), "te2": torch.randn(3, 12, generator=g)}
+    one = {"te": torch.randn(2, 8, generator=g)}
+    tensors = E.to_bundle({"ohwx": xl, "zqv": one}) | {"bundle_emb.odd.hypernet": torch.zeros(2)}
+    assert sorted(tensors) == ["bundle_emb.odd.hypernet", "bundle_emb.ohwx.clip_g", "bundle_emb.ohwx.clip_l",
+                               "bundle_emb.zqv.string_to_param.*"]
+    rest, back = E.split_bundle(tensors)
+    assert list(rest) == ["bundle_emb.odd.hypernet"]
+    assert all(torch.equal(back["ohwx"][c], xl[c]) for c in xl) and torch.equal(back["zqv"]["te"], one["te"])
+    assert a1111_shape(a1111_bundle(tensors)["ohwx"]) == (3, 20)
+    assert sorted(E.to_file(xl)) == ["clip_g", "clip_l"] and list(E.to_file(one)) == ["emb_params"]
+    assert torch.equal(E.from_file({"*": one["te"]})["te"], one["te"])  # a diffusers-style single tensor
+    with pytest.raises(SdloraError, match="same token count"):
+        E.split_bundle({"bundle_emb.x.clip_l": torch.zeros(2, 8), "bundle_emb.x.clip_g": torch.zeros(3, 12)})

@@ -69,9 +69,9 @@ def split_bundle(tensors: dict[str, torch.Tensor], where: str = "<tensors>") -> 
             comp = SINGLE
         elif vec in by_key:
             comp = by_key[vec]
-        else:
-            raise SdloraError(f"{where}: {k} is a bundled embedding of an unknown layout (A1111 reads "
-                              f"{BUNDLE}.<name>.{STRING_TO_PARAM}.* or .clip_l/.clip_g); re-export it")
+        else:  # a layout sdlora does not read: kept, and reported with the file's other unknown keys
+            rest[k] = t
+            continue
         out.setdefault(name, {})[comp] = t
     for name, vecs in out.items():
         check(name, vecs, where)
