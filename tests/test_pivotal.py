@@ -289,3 +289,13 @@ def test_embedding_layouts_round_trip_and_unknown_bundle_keys_stay_unknown():
     assert torch.equal(E.from_file({"*": one["te"]})["te"], one["te"])  # a diffusers-style single tensor
     with pytest.raises(SdloraError, match="same token count"):
         E.split_bundle({"bundle_emb.x.clip_l": torch.zeros(2, 8), "bundle_emb.x.clip_g": torch.zeros(3, 12)})
+
+
+def test_checkpoints_from_before_pivotal_still_resume():
+    """The --pivotal settings define a run; a checkpoint written before they existed ran with their defaults."""
+    from sdlora.train.ckpt import IDENTITY, _defaults
+
+    new = ("pivotal", "pivotal_init", "pivotal_lr", "pivotal_steps")
+    assert set(new) <= set(IDENTITY)
+    assert {k: _defaults()[k] for k in new} == {"pivotal": 0, "pivotal_init": None, "pivotal_lr": 3e-4,
+                                                "pivotal_steps": 0}
