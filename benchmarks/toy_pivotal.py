@@ -1,10 +1,11 @@
 """Pivotal tuning on the toy world: the quick start (its trigger "sks" is a word of the toy vocabulary that never
 appears in pretraining captions), the quick start with `--te-lr 2e-4` (the recipe the prior-drift study chose), and
 the quick start learning the new word "ohwx" as a token of its own (`--pivotal 1`, started from the class prompt's
-last token, "triangle"), with and without the text-encoder LoRA; same budget (600 steps, lr 1e-3), 3 seeds, scored
-as `sdlora eval --subject "a purple triangle"` scores, each run with its own trigger prompt.
+last token, "triangle"), with the text-encoder LoRA (at --lr, and at --te-lr 2e-4) and without it; same budget
+(600 steps, lr 1e-3), 3 seeds, scored as `sdlora eval --subject "a purple triangle"` scores, each run with its own
+trigger prompt.
 
-    python benchmarks/toy_pivotal.py -j 2      # 12 runs; adapters, logs and results.json in /tmp/toyruns/pivotal
+    python benchmarks/toy_pivotal.py -j 2      # 15 runs; adapters, logs and results.json in /tmp/toyruns/pivotal
 
 Training and scoring are benchmarks/toy_kinds.py's (`sdlora train` in a subprocess, one shared class-image folder,
 adapters already in --out scored again, not retrained); the table has its columns.
@@ -28,6 +29,8 @@ CONFIGS = {
     "default": ([], "the quick start (lora rank 4)", "a sks triangle"),
     "telr2e-4": (["--te-lr", "2e-4"], "`--te-lr 2e-4`", "a sks triangle"),
     "pivotal": (PIVOTAL, "`--pivotal 1 --pivotal-lr 2e-3` (trigger ohwx)", "a ohwx triangle"),
+    "pivotal-telr": (PIVOTAL + ["--te-lr", "2e-4"], "`--pivotal 1 --pivotal-lr 2e-3 --te-lr 2e-4`",
+                     "a ohwx triangle"),
     "pivotal-notext": (PIVOTAL + ["--no-text-encoder"], "`--pivotal 1 --pivotal-lr 2e-3 --no-text-encoder`",
                        "a ohwx triangle"),
 }
