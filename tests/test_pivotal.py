@@ -222,8 +222,8 @@ def test_dit_families_learn_clip_tokens_and_t5_reads_the_plain_word(tmp_path, mo
     from sdlora.lora.tokens import pipeline_prompts
 
     out = tmp_path / "x.safetensors"
-    result = train_tiny(out, model=model, steps=2, **PIV)
-    assert sorted(a1111_bundle(st.load_file(out))["ohwx"]) == keys
+    result = train_tiny(out, model=model, steps=2, sample_every=2, sample_steps=2, **PIV)  # a grid: the tokens too
+    assert sorted(a1111_bundle(st.load_file(out))["ohwx"]) == keys and len(result.samples) == 1
     base = result.base
     t5 = next(t for t in base.spec.text_encoders if t.kind == "t5")
     assert "ohwx" not in base.tokenizers[t5.tokenizer_attr].get_vocab()  # T5 keeps the plain word

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdlora.formats.file_io import atomic_write
+from sdlora.lora.tokens import pipeline_prompts
 
 UNRELATED_PROMPT = "a photo of a mountain lake at sunrise"
 
@@ -42,8 +43,9 @@ def sample_grid(base, prompts: list[str], resolution: int, seeds=(1, 2), steps: 
         y = label_h + r * (cell + label_h)
         draw.text((2, y + 1), prompt[:60], fill="black")
         for c, seed in enumerate(seeds):
-            img = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
-                       **base.generation_kwargs(),
+            # --pivotal: the trigger as its new tokens, also where the pipeline does not expand it (SD 3.x)
+            img = pipe(**pipeline_prompts(pipe, base.spec, base.tokenizers, prompt, None), height=resolution,
+                       width=resolution, num_inference_steps=steps, **base.generation_kwargs(),
                        generator=torch.Generator().manual_seed(seed), output_type="pil").images[0]
             grid.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label_h))
     return grid
