@@ -101,7 +101,7 @@ def split_phases(cfg: TrainConfig, lr_scheduler, processes: int) -> None:
             gated.append(lambda s, f=f: f(s) * (s >= switch))
     lr_scheduler.lr_lambdas = gated
     # the schedule set the first step's rates when it was built: set them again with the gates
-    for g, lr in zip(opt.param_groups, lr_scheduler.get_lr()):
-        g["lr"] = lr
+    for g, base_lr, f in zip(opt.param_groups, lr_scheduler.base_lrs, gated):
+        g["lr"] = base_lr * f(lr_scheduler.last_epoch)
     lr_scheduler._last_lr = [g["lr"] for g in opt.param_groups]
 
