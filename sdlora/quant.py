@@ -161,6 +161,8 @@ def _put(module: nn.Module, name: str, new: nn.Module) -> nn.Module | None:
 
 
 def _convert(layer: nn.Linear, mode: str, compute: torch.dtype, storage_as_compute: bool = False) -> nn.Module:
+    if mode == "nf4" and nf4_block(layer.in_features) is None:
+        return layer  # see nf4_block
     if mode in BNB_MODES:
         return _bnb(layer, mode, compute, storage_as_compute)
     storage = FLOAT[mode]
@@ -173,6 +175,21 @@ def _convert(layer: nn.Linear, mode: str, compute: torch.dtype, storage_as_compu
         layer.compute_dtype = compute  # also what PEFT casts LoRA weights to (not the fp8 storage dtype)
     setattr(layer, MARK, mode)
     return layer
+
+
+def nf4_block(in_features: int) -> int | None:
+    """The nf4 block size for a Linear of this input width: bitsandbytes' default 64 where a weight row holds whole
+    blocks, else 32 where it does, else None (the layer is not stored at nf4).
+
+    Why: bitsandbytes 0.50.2's CPU `dequantize_4bit` on AVX512 machines (its C kernel, used when torch reports the
+    AVX512 capability) takes the blocks row by row, so a row that is not a whole number of blocks dequantises wrong
+    (a 64x32 weight: max error 1.6 against the exact dequantisation; rows of 128 or 320: exact). Every layer of the
+    real models is a multiple of 64 wide; the tiny test models have rows of 32 (block 32, exact) and a few of 16
+    times an odd number (left in the compute dtype, on every machine alike, so results don't depend on the CPU)."""
+    for block in (NF4_BLOCK, 32):
+        if in_features % block == 0:
+            return block
+    return None
 
 
 def _bnb(layer: nn.Linear, mode: str, compute: torch.dtype, storage_as_compute: bool = False) -> nn.Module:
@@ -191,7 +208,14 @@ def _bnb(layer: nn.Linear, mode: str, compute: torch.dtype, storage_as_compute: 
         new = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=has_bias, compute_dtype=compute,
                                 compress_statistics=True, quant_type="nf4", quant_storage=storage, device="meta")
         new.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                       blocksize=NF4_BLOCK, module=new, quant_storage=storage)
+                                       blocksize=nf4_block(layer.in_features), module=new,
+                                       quant_storage=storage)
+        # On a CPU with AVX512-BF16, bitsandbytes repacks the weight in place at the first no-grad eval forward
+        # (`_convert_weight_packed_for_cpu`) into an inference-only layout: it asserts out_features % 32 == 0 (tiny
+        # models' widths fail), computes in bf16 from then on, and routes every later call, training ones included,
+        # through `gemv_4bit`, which has no backward to the input (LoRA layers before it would get no gradient).
+        # A frozen base that trains LoRA around it needs the ordinary nf4 matmul: keep bitsandbytes off that path.
+        new.support_avx512bf16_for_cpu = False
     if has_bias:
         new.bias = nn.Parameter(layer.bias.data.to(compute), requires_grad=False)
     new.weight = new.weight.to(device)  # quantises (bitsandbytes does it on this move)
