@@ -242,6 +242,8 @@ class LatentCache:
 
     def key(self, ex: Example, flip: bool) -> str:
         parts = [CACHE_VERSION, self.digest(ex.path), f"{ex.size[0]}x{ex.size[1]}", str(flip), self.vae_id]
+        if ex.mask is not None:  # the entry holds the mask too (sdlora/data/masks.py): keyed on its bytes
+            parts.append("mask:" + (str(ex.mask) if isinstance(ex.mask, str) else self.digest(ex.mask)))
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     @torch.no_grad()
@@ -252,24 +254,41 @@ class LatentCache:
                 pixels = pixels.flip(-1)
             dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
             out = {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
+            if ex.mask is not None:
+                from sdlora.data import masks
+
+                out["mask"] = masks.to_latent(masks.load_mask(ex.mask, ex.path, ex.size), out["mean"].shape[-2:], flip)
             if not all(torch.isfinite(t).all() for t in out.values()):
                 raise SdloraError(f"the VAE encoded {display_name(ex.path, full=True)} to NaN/Inf latents: the VAE "
                                   "is broken or overflows (an fp16 VAE); use a fp32 VAE or check the model")
             return out
 
         shape = self.shape(ex)
-        v = self.store.get(self.key(ex, flip), encode, {"mean": shape, "std": shape})
+        expect = {"mean": shape, "std": shape} | ({"mask": (1, *shape[1:])} if ex.mask is not None else {})
+        v = self.store.get(self.key(ex, flip), encode, expect)
         return v["mean"], v["std"]
 
-    def sample(self, examples: list[Example], generator: torch.Generator, flips: bool = True) -> torch.Tensor:
+    def mask(self, ex: Example, flip: bool) -> torch.Tensor:
+        """The loss mask of `ex` on its latent grid [1, h, w] (flipped with it); ones when it has none."""
+        if ex.mask is None:
+            return torch.ones(1, *self.shape(ex)[1:])
+        self.get(ex, flip)
+        return self.store.memory[self.key(ex, flip)]["mask"]
+
+    def sample(self, examples: list[Example], generator: torch.Generator, flips: bool = True,
+               with_masks: bool = False):
         """A latent drawn from each example's cached distribution (unscaled, stacked), each flipped at random
-        when `flips`; all numbers come from `generator`."""
-        out = []
+        when `flips`; all numbers come from `generator`. `with_masks`: (latents, their loss masks [B, 1, h, w] or
+        None when no example has one)."""
+        out, masks = [], []
         for ex in examples:
             flip = bool(flips and torch.rand((), generator=generator) < 0.5)
             mean, std = self.get(ex, flip)
             out.append(mean + std * torch.randn(mean.shape, generator=generator))
-        return torch.stack(out)
+            masks.append(self.mask(ex, flip) if with_masks else None)
+        if not with_masks:
+            return torch.stack(out)
+        return torch.stack(out), (torch.stack(masks) if any(e.mask is not None for e in examples) else None)
 
 
 class EmbeddingCache:

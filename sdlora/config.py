@@ -198,6 +198,29 @@ class TrainConfig:
                             "gradient checkpointing for it and print the plan with its byte counts "
                             "(`sdlora plan` prints it without training)", group="model", metavar="GB")
     # ---- end of the big-model block
+    # ---- training controls (issue 20): continue, mask, validate, average (sdlora/train/init_lora.py, ema.py,
+    # validation.py; sdlora/data/masks.py)
+    init_lora: str | None = _f(None, "start from this adapter instead of fresh LoRA layers (a file or PEFT folder "
+                               "sdlora reads: kohya, diffusers, PEFT, LyCORIS) of the same family, --network kind "
+                               "and rank; its name and sha256 go into the metadata (kohya's --network_weights)",
+                               metavar="FILE|FOLDER")
+    masks: str | None = _f(None, "folder of greyscale masks, one per training image with the same file stem (white: "
+                           "learn, black: ignore, grey: in between): the loss of each latent pixel is weighted by the "
+                           "mask, resized, cropped and flipped with its image (kohya's --masked_loss)", metavar="DIR")
+    alpha_mask: bool = _f(False, "use each training image's alpha channel as its mask, as --masks does (images "
+                          "without alpha learn everywhere; kohya's --alpha_mask)")
+    validation_split: float = _f(0.0, "hold this share of the instance images out of training (at least one, chosen "
+                                 "by --seed) and report the loss on them at fixed noise and timesteps")
+    validation_images: str | None = _f(None, "folder of held-out images (captions beside them, as --images) for the "
+                                       "validation loss, instead of --validation-split", metavar="DIR")
+    validate_every: int = _f(0, "with a validation set: the validation loss every N steps (also before the first "
+                             "and after the last), logged and plotted; the best step's adapter is kept as "
+                             "<output>-best.safetensors; 0: before and after training only")
+    ema: float | None = _f(None, "keep an exponential moving average of the LoRA weights with this decay (e.g. "
+                           "0.99; warm-up (1+n)/(10+n) as diffusers' EMAModel) and save it as "
+                           "<output>-ema.safetensors beside the raw file", metavar="DECAY")
+    ema_update_every: int = _f(1, "with --ema: update the average every N optimizer steps")
+    # ---- end of the training controls
     no_eval_loss: bool = _f(False, "skip the loss on fixed noise printed at the end (2 images × 2 timesteps: 4 "
                             "denoiser forwards before and 4 after training)")
     seed: int = _f(0, "random seed: same seed, data and flags give the same adapter on CPU")
@@ -330,6 +353,7 @@ class TrainConfig:
             bad("blocks_to_swap", "cannot be combined with --compile (the swap replaces weights between blocks, "
                 "which a compiled graph does not see); drop one of them")
         self._check_pivotal()
+        self._check_controls(bad)
         optim.parse_args(self.optimizer, self.optimizer_args)  # typed and known keys, refused in one line if not
         self._check_recipe(bad)
         for f in fields(self):
@@ -422,6 +446,28 @@ class TrainConfig:
         if self.pivotal_steps < 0 or (self.epochs is None and self.pivotal_steps >= self.steps):
             raise SdloraError(f"--pivotal-steps must be between 0 and --steps - 1 ({self.steps - 1}), got "
                               f"{self.pivotal_steps}: the LoRA trains after them")
+
+    def _check_controls(self, bad) -> None:
+        """--init-lora, --masks/--alpha-mask, validation and --ema: ranges and combinations that cannot work."""
+        if self.masks and self.alpha_mask:
+            bad("alpha_mask", "contradicts --masks (both give each image's mask); give one of them")
+        if not 0 <= self.validation_split < 1:
+            bad("validation_split", f"must be in [0, 1), got {self.validation_split}")
+        if self.validation_split and self.validation_images:
+            bad("validation_split", "contradicts --validation-images (both give the held-out images); give one")
+        if self.validate_every < 0:
+            bad("validate_every", f"must be >= 0, got {self.validate_every}")
+        if self.validate_every and not (self.validation_split or self.validation_images):
+            bad("validate_every", "needs a validation set: --validation-split F or --validation-images DIR")
+        if self.ema is not None and not 0 < self.ema < 1:
+            bad("ema", f"must be a decay in (0, 1), e.g. 0.99, got {self.ema}")
+        if self.ema_update_every < 1:
+            bad("ema_update_every", f"must be at least 1, got {self.ema_update_every}")
+        if self.ema_update_every != 1 and self.ema is None:
+            bad("ema_update_every", "needs --ema DECAY")
+        for flag in ("init_lora", "masks", "validation_images"):
+            if getattr(self, flag) is not None and not str(getattr(self, flag)).strip():
+                bad(flag, "is empty; give a path")
 
     def _check_bounds(self) -> None:
         """Counts that size the run's work and memory (sdlora/bounds.py)."""

@@ -21,6 +21,7 @@ class Example:
     crop_top_left: tuple[int, int] = (0, 0)  # where the centre crop starts in the resized image
     has_caption: bool = False  # a .txt/.caption sidecar was found
     repeats: int = 1  # times per epoch (times the run's --repeats): its concept folder's N (kohya `N_words`)
+    mask: Path | str | None = None  # loss mask: its file, "alpha" (its alpha channel), None (sdlora/data/masks.py)
 
     def sdxl_time_ids(self) -> list[int]:
         """SDXL's size/crop micro-conditioning: original (h, w), crop (top, left), target (h, w)."""

@@ -181,3 +181,32 @@ words."""
         md["modelspec.trigger_phrase"] = ", ".join(words)
         md["ss_training_comment"] = "trigger: " + ", ".join(words)
     return md
+
+
+def controls_metadata(cfg: TrainConfig, lineage: tuple[str, str] | None) -> dict[str, str]:
+    """The training controls of issue 20, as kohya records them where it has them (`ss_masked_loss`,
+    `ss_validation_*`), else as sdlora's own keys: --init-lora's lineage (file name and sha256), the mask source,
+    the EMA decay."""
+    md = {"ss_masked_loss": str(bool(cfg.masks or cfg.alpha_mask))}
+    if cfg.masks or cfg.alpha_mask:
+        md["sdlora_masks"] = "alpha channel" if cfg.alpha_mask else portable(cfg.masks)
+    if cfg.validation_split or cfg.validation_images:
+        md |= {"ss_validation_split": str(cfg.validation_split), "ss_validation_seed": str(cfg.seed),
+               "ss_validate_every_n_steps": str(cfg.validate_every or None)}
+        if cfg.validation_images:
+            md["sdlora_validation_images"] = portable(cfg.validation_images)
+    if lineage:
+        md |= {"sdlora_init_lora": lineage[0], "sdlora_init_lora_sha256": lineage[1]}
+    if cfg.ema:
+        md |= {"sdlora_ema_decay": str(cfg.ema), "sdlora_ema_update_every": str(cfg.ema_update_every)}
+    return md
+
+
+def best_metadata(step: int, loss: float) -> dict[str, str]:
+    """What `<output>-best.safetensors` adds: the step it was saved at and its validation loss."""
+    return {"sdlora_best_step": str(step), "sdlora_best_validation_loss": f"{loss:.6g}"}
+
+
+def ema_metadata(updates: int) -> dict[str, str]:
+    """What `<output>-ema.safetensors` adds: the number of updates averaged."""
+    return {"sdlora_ema_updates": str(updates)}

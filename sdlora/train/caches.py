@@ -70,7 +70,8 @@ def text_caches(cfg: TrainConfig, env: Env, model: Model, data: Examples, damage
               for t in spec.text_encoders if train_te and t.component not in trained}
     text = None if train_te else EmbeddingCache(list(base.text_encoders.values()), spec, _cache_dir(cfg), damage)
     lazy = env.accelerator.num_processes == 1
-    prompts = sorted({e.caption for e in data.instance + data.classes} | ({""} if cfg.caption_dropout else set()))
+    prompts = sorted({e.caption for e in data.instance + data.classes + data.validation}
+                     | ({""} if cfg.caption_dropout else set()))
     pending_text = ({text.key(p) for p in prompts} if lazy and text is not None and not cfg.shuffle_tags else None)
     pending_frozen = ({c: {cache.key(p) for p in prompts} for c, cache in frozen.items()}
                       if lazy and not cfg.shuffle_tags else {})

@@ -37,6 +37,7 @@ IDENTITY += ("loss", "huber_c", "huber_schedule", "huber_scale", "zero_terminal_
              "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma", "timestep_sampling",
              "sigmoid_scale", "discrete_flow_shift")
 IDENTITY += ("pivotal", "pivotal_init", "pivotal_lr", "pivotal_steps")  # --pivotal (issue 21)
+IDENTITY += ("init_lora", "masks", "alpha_mask", "validation_split", "validation_images", "ema", "ema_update_every")
 
 
 def checkpoint_root(output_path: Path) -> Path:
@@ -48,8 +49,9 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save(folder: Path, *, step: int, identity: dict, data: dict, position: dict, params: dict[str, torch.Tensor],
-         optimizer, lr_scheduler, rng: dict, adapter_writer) -> Path:
-    """Write a checkpoint folder atomically (temp folder + rename)."""
+         optimizer, lr_scheduler, rng: dict, adapter_writer, extra: tuple[dict, dict] | None = None) -> Path:
+    """Write a checkpoint folder atomically (temp folder + rename). `extra`: (tensors, JSON values) of what else the
+    run carries on (--ema's average, the best validation step), given back by `restore`'s `extra`."""
     folder = Path(folder)
 
     def fill(tmp: Path) -> None:
@@ -60,12 +62,14 @@ def save(folder: Path, *, step: int, identity: dict, data: dict, position: dict,
             _split_state(f"{idx}", st, tensors, values)
         tensors["rng/train"] = rng["train"].contiguous()
         tensors["rng/torch"] = torch.get_rng_state().contiguous()
+        if extra:
+            tensors |= extra[0]
         save_file(tensors, tmp / "state.safetensors")
         manifest = {
             "format": FORMAT, "step": step, "identity": identity, "data": data, "position": position,
             "optimizer_param_groups": osd["param_groups"], "lr_scheduler": lr_scheduler.state_dict(),
             "python_rng": rng["python"], "optimizer_values": values,
-        }
+        } | ({"extra": extra[1]} if extra else {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))
         adapter_writer(tmp / "adapter.safetensors")
 
@@ -215,7 +219,7 @@ def check_params(folder: Path, tensors: dict[str, torch.Tensor], params: dict[st
 
 
 def restore(folder: Path, identity: dict, data: dict, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler,
-            rng: dict) -> dict:
+            rng: dict, extra=None) -> dict:
     """Load checkpoint `folder` into the LoRA `params`, the optimizer, the LR schedule and the RNGs (`rng`: the
     training torch.Generator as "train", the random.Random of captions as "python"; torch's global RNG too).
     Returns the manifest (step, data position). Refuses a checkpoint of other settings or data."""
@@ -229,6 +233,8 @@ def restore(folder: Path, identity: dict, data: dict, *, params: dict[str, torch
         rng["train"].set_state(tensors["rng/train"])
         torch.set_rng_state(tensors["rng/torch"])
         rng["python"].setstate(_tuples(manifest["python_rng"]))
+        if extra is not None:  # save's `extra`: extra(tensors, values)
+            extra(tensors, manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {})
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as e:
         raise SdloraError(f"{folder}: checkpoint state does not fit this run ({cause(e, 120)}); resume from "
                           "another checkpoint or start a new run") from e

@@ -19,7 +19,7 @@ from sdlora.formats.read import parse
 from sdlora.formats.verify import verify
 from sdlora.lora.inject import collect_modules, network_metadata, report
 from sdlora.lora.targets import preset_targets
-from sdlora.train import DTYPES
+from sdlora.train import DTYPES, init_lora
 from sdlora.train.prepare import Examples, Model
 
 
@@ -33,7 +33,7 @@ def file_row(module, component: str, base):
 
 
 def save_adapter(path: Path, cfg: TrainConfig, model: Model, data: Examples, targets: dict, *, steps: int,
-                 started: datetime, unwrap, say, log, tokens=None) -> Path:
+                 started: datetime, unwrap, say, log, tokens=None, extra: dict | None = None) -> Path:
     """Write the adapter of `steps` trained steps to `path`, with the run's metadata. `say`: the run's log; `log`:
     where the saved file and its check are said (quiet for a checkpoint's copy). `tokens`: the new tokens of
     --pivotal (`lora.tokens.Attached`), bundled in the file and written beside it as an embedding file."""
@@ -49,6 +49,7 @@ def save_adapter(path: Path, cfg: TrainConfig, model: Model, data: Examples, tar
         md = meta.build(cfg, stats) | meta.dataset_metadata(data.dataset, cfg.repeats, data.instance, data.classes,
                                                             cfg.trigger_text)
         md |= network_metadata(cfg, md, base.spec.kohya_network_module)
+        md |= meta.controls_metadata(cfg, init_lora.lineage(cfg)) | (extra or {})
         return write_adapter(layers, DTYPES[cfg.save_precision], md, base, path, log, rescue=path == cfg.output_path,
                              embeddings=tokens.vectors() if tokens else None)
 

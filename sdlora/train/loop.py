@@ -24,8 +24,9 @@ from sdlora.config import TrainConfig
 from sdlora.data.examples import Example
 from sdlora.errors import SdloraError
 from sdlora.train import caches as C
-from sdlora.train import ckpt, memory, optim, prepare, scale, speed, trainable
+from sdlora.train import ckpt, init_lora, memory, optim, prepare, scale, speed, trainable
 from sdlora.train import step as S
+from sdlora.train.controls import Controls
 from sdlora.train.export import save_adapter
 from sdlora.train.monitor import Monitor, sample_prompts
 from sdlora.train.prepare import Env, Examples, Model, quiet
@@ -78,6 +79,7 @@ def _train(cfg: TrainConfig, log, given_base) -> TrainResult:
         data = prepare.make_examples(cfg, env, model, dataset)
         text = C.encode_first(cfg, env, model, data) if model.base.deferred else None
         lora = trainable.add_lora_layers(cfg, env, model, data, plan)
+        init_lora.apply(cfg, model, lora, env.say)  # --init-lora: the layers start from that adapter
         caches = C.fill(cfg, env, model, data, text)  # text caches made after LoRA unless encode_first made them
         opt = trainable.prepare_optimizer(cfg, env, model, lora, data.steps)
         pos = resume(cfg, env, data, caches, lora, opt)
@@ -107,6 +109,7 @@ class Position:
     identity: dict  # the settings a checkpoint must match to be resumed
     data_ids: dict  # image path -> sha256
     ckpt_root: Path
+    extra: tuple | None = None  # a checkpoint's state of the training controls (controls.py): tensors, values
 
 
 # ---- the resume position: a checkpoint's step, schedule, RNG, LoRA weights and optimizer state
@@ -123,7 +126,7 @@ def resume(cfg: TrainConfig, env: Env, data: Examples, caches: C.Caches, lora: t
     folder = ckpt.resolve(cfg.resume, pos.ckpt_root)
     manifest = ckpt.restore(folder, pos.identity, pos.data_ids, params=_lora_params(lora.trained),
                             optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
-                            rng={"train": pos.g, "python": pos.prng})
+                            rng={"train": pos.g, "python": pos.prng}, extra=lambda *te: setattr(pos, "extra", te))
     pos.schedule = prepare.new_schedule(cfg, env, data.instance, data.classes, manifest["position"])
     pos.start_step = manifest["step"]  # the summary counts the steps run in this process
     env.say(f"resumed from {folder} at step {pos.start_step}")
@@ -145,9 +148,11 @@ class _Loop:
         self.ema, self.pending, self.samples = None, [], []
         self.monitor = Monitor(cfg.output_path, cfg.log_with, cfg.to_dict(), cfg.progress_file) if env.main else None
         self.sample_prompts = sample_prompts(cfg.sample_prompts, cfg.prompt, cfg.class_prompt)
+        self.controls = Controls(self, _lora_params(lora.adapted))  # --ema, validation
 
     def run(self) -> TrainResult:
         cfg, say, steps, start = self.cfg, self.say, self.data.steps, self.pos.start_step
+        self.controls.start(start)  # the validation loss before the first step
         loss_before = self.eval_loss()
         self.set_train(True)
         t0 = t_first = time.perf_counter()
@@ -165,6 +170,7 @@ class _Loop:
                 for _ in range(cfg.grad_accum):
                     loss = self.micro_step()
                 self.done += 1
+                self.controls.after_step(self.done, steps)
                 self.pending.append((self.done, loss.detach(), self.opt.lr_scheduler.get_last_lr()[0]))
                 mark(f"step {self.done} cached={len(self.caches.latent.store.memory)}")
                 bar.update(1)
@@ -219,13 +225,14 @@ class _Loop:
     def batch(self, examples: list[Example]) -> S.Batch:
         """A forward's inputs: cached latents (flipped or not), noise and timesteps, the conditioning."""
         cfg, device, g, vae = self.cfg, self.env.device, self.pos.g, self.model.base.vae
-        latents = S.scale_latents(vae.config, self.caches.latent.sample(examples, g, flips=not cfg.no_flip).to(device))
+        latents, masks = self.caches.latent.sample(examples, g, flips=not cfg.no_flip, with_masks=True)
+        latents = S.scale_latents(vae.config, latents.to(device))
         noise, t, given = S.draw_noise(latents, self.model.objective, g, cfg.noise_offset)
         prompts = [e.caption if e.is_class else self.data.rules.final(e.caption, self.pos.prng) for e in examples]
         hidden, added = self.cond(examples, prompts)
         self.caches.release()  # before the forward: its activations come on top of what is still held
         return S.Batch(latents, hidden, added, noise, t, n_instance=sum(not e.is_class for e in examples),
-                       input_noise=given)
+                       input_noise=given, mask=masks)
 
     def cond(self, examples: list[Example], prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
         """Denoiser conditioning: text hidden states, and SDXL's pooled text + size/crop micro-conditioning."""
@@ -291,7 +298,7 @@ class _Loop:
                                position=pos.schedule.position(), params=_lora_params(self.lora.trained),
                                optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
                                rng={"train": pos.g.get_state(), "python": pos.prng.getstate()},
-                               adapter_writer=self._checkpoint_adapter)
+                               adapter_writer=self._checkpoint_adapter, extra=self.controls.state())
             ckpt.prune(pos.ckpt_root, self.cfg.keep_last)
             self.say(f"checkpoint {folder}")
 
@@ -327,6 +334,7 @@ class _Loop:
 
     def finish(self, loss_before: float, elapsed: float) -> TrainResult:
         cfg, say, done, start, device = self.cfg, self.say, self.done, self.pos.start_step, self.env.device
+        self.controls.finish(done)  # the last validation, the --ema file
         self.set_train(False)
         loss_after = self.eval_loss()
         ran = done - start
@@ -352,13 +360,14 @@ class _Loop:
         return TrainResult(path, self.model.base, done, elapsed, loss_before, loss_after, curve, samples,
                            restore=lambda: self.caches.restore_released(device))
 
-    def save_adapter(self, path: Path, log=None) -> Path:
-        """Write the adapter of the steps done (main process only; callers synchronise processes first)."""
+    def save_adapter(self, path: Path, log=None, md: dict | None = None) -> Path:
+        """Write the adapter of the steps done (main process only; callers synchronise processes first); `md`:
+        metadata on top of the run's."""
         if not self.env.main:
             return path
         return save_adapter(path, self.cfg, self.model, self.data, self.lora.targets, steps=self.done,
                             started=self.started, unwrap=self.env.accelerator.unwrap_model, say=self.say,
-                            log=log or self.say, tokens=self.lora.tokens)
+                            log=log or self.say, tokens=self.lora.tokens, extra=md)
 
 
 class _Marks:

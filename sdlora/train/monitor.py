@@ -51,14 +51,18 @@ def sample_grid(base, prompts: list[str], resolution: int, seeds=(1, 2), steps: 
     return grid
 
 
-def loss_curve(losses: list[float], path: Path, title: str = "training loss") -> Path:
-    """A plain line chart of per-step loss and its moving average, as a PNG (no plotting library needed)."""
+def loss_curve(losses: list[float], path: Path, title: str = "training loss",
+               validation: list[tuple[int, float]] | None = None) -> Path:
+    """A plain line chart of per-step loss and its moving average, as a PNG (no plotting library needed);
+    `validation`: (step, loss) points drawn on the same axes, in orange, joined."""
     w, h, pad = 640, 320, 40
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    d.text((pad, 8), title, fill="black")
+    validation = validation or []
+    d.text((pad, 8), title + (" (blue), validation loss (orange)" if validation else ""), fill="black")
     if losses:
-        lo, hi = min(losses), max(losses)
+        lo = min(losses + [v for _, v in validation])
+        hi = max(losses + [v for _, v in validation])
         span = (hi - lo) or 1.0
         n = len(losses)
 
@@ -71,6 +75,12 @@ def loss_curve(losses: list[float], path: Path, title: str = "training loss") ->
             ema = v if ema is None else 0.9 * ema + 0.1 * v
             smooth.append(ema)
         d.line([xy(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
+        if validation:  # step s is loss index s - 1 (step 0, before training, at the left edge)
+            pts = [xy(max(s - 1, 0), v) for s, v in validation]
+            if len(pts) > 1:
+                d.line(pts, fill=(230, 120, 20), width=2)
+            for x, y in pts:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(230, 120, 20))
         d.text((4, pad - 6), f"{hi:.3f}", fill="black")
         d.text((4, h - pad - 6), f"{lo:.3f}", fill="black")
         d.text((w - pad - 30, h - pad + 8), f"step {n}", fill="black")
@@ -110,6 +120,7 @@ class Monitor:
         self.out_path = out_path
         self.samples_dir = out_path.with_name(out_path.stem + "-samples")
         self.losses: list[float] = []
+        self.validations: list[tuple[int, float]] = []  # (step, validation loss)
         self.writer = None
         self.progress = Progress(progress_file)
         if log_with:
@@ -133,6 +144,11 @@ class Monitor:
         if self.writer and values is not None:
             self.writer.add_histogram(name, values, step)
 
+    def validation(self, step: int, loss: float) -> None:
+        self.validations.append((step, loss))
+        if self.writer:
+            self.writer.add_scalar("validation_loss", loss, step)
+
     def samples(self, step: int, base, prompts: list[str], resolution: int, steps: int) -> Path:
         grid = sample_grid(base, prompts, resolution, steps=steps, title=f"step {step}")
         path = _save_png(grid, self.samples_dir / f"step-{step:06d}.png")
@@ -144,8 +160,8 @@ class Monitor:
         return path
 
     def close(self) -> Path | None:
-        path = (loss_curve(self.losses, self.out_path.with_name(self.out_path.stem + "-loss.png"))
-                if self.losses else None)
+        path = (loss_curve(self.losses, self.out_path.with_name(self.out_path.stem + "-loss.png"),
+                           validation=self.validations) if self.losses else None)
         if self.writer:
             self.writer.close()
         self.progress.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -16,6 +16,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from sdlora import bounds, outputs, quant
 from sdlora.bigload import load_options, with_t5_length
 from sdlora.config import TrainConfig
+from sdlora.data import masks
 from sdlora.data.buckets import make_buckets
 from sdlora.data.captions import PromptRules
 from sdlora.data.examples import Example
@@ -25,7 +26,7 @@ from sdlora.data.schedule import Schedule
 from sdlora.errors import SdloraError
 from sdlora.lora.targets import preset_targets
 from sdlora.models import load_base
-from sdlora.train import DTYPES, memory, optim, recipe, scale, speed, swap
+from sdlora.train import DTYPES, init_lora, memory, optim, recipe, scale, speed, swap, validation
 from sdlora.train import step as S
 from sdlora.train.prior import ensure_class_images
 
@@ -70,6 +71,7 @@ class Examples:
     classes: list[Example]
     schedule: Schedule  # from the start; a resumed run continues from its checkpoint's position
     steps: int
+    validation: list[Example] = field(default_factory=list)  # held-out images (--validation-split/-images)
 
 
 # ---- 1. the inputs, checked before anything heavy loads: a bad file must not cost a model load
@@ -84,6 +86,8 @@ def check_inputs(cfg: TrainConfig, log, given_base=None) -> tuple[TrainConfig, o
     if cfg.epochs:  # at least one batch per `batch_size` images an epoch: refuse a run past MAX_STEPS now
         bounds.steps_for_epochs(cfg.epochs, math.ceil(dataset.per_epoch(cfg.repeats) / cfg.batch_size),
                                 cfg.grad_accum)
+    init_lora.read(cfg)  # an unreadable --init-lora, a missing mask or validation folder fail before the model loads
+    masks.check_folders(cfg, dataset)
     if cfg.class_prompt and not dataset.class_images and cfg.num_class_images == 0:
         raise SdloraError(f"no class images in {cfg.class_folder}; add some, or pass --num-class-images N to generate "
                           "them")
@@ -239,10 +243,12 @@ def make_examples(cfg: TrainConfig, env: Env, model: Model, dataset) -> Examples
         buckets = make_buckets(r, max(8, r // 8)) if cfg.buckets else None
         inst, cls = dataset.examples(rules, r, buckets, cfg.trigger, cfg.class_prompt, warn=r == sizes[-1])
         instance, classes = instance + inst, classes + cls
+    instance, held = validation.held_out(cfg, instance, rules, sizes[-1], buckets, env.say)
+    masks.attach(instance + ([] if cfg.validation_images else held), cfg.masks, cfg.alpha_mask, env.say)
     schedule = new_schedule(cfg, env, instance, classes)
     per_epoch = schedule.batches_per_epoch()
     steps = bounds.steps_for_epochs(cfg.epochs, per_epoch, cfg.grad_accum) if cfg.epochs else cfg.steps
-    data = Examples(dataset, rules, instance, classes, schedule, steps)
+    data = Examples(dataset, rules, instance, classes, schedule, steps, held)
     _say_examples(cfg, env, model, data, per_epoch, buckets)
     return data
 

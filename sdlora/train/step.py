@@ -287,6 +287,7 @@ class Batch:
     timesteps: torch.Tensor
     n_instance: int  # rows [0, n_instance) are instance examples, the rest class examples
     input_noise: torch.Tensor | None = None  # the model input's noise where it is not `noise` (--ip-noise-gamma)
+    mask: torch.Tensor | None = None  # loss masks [B, 1, h, w] (--masks/--alpha-mask), None: learn everywhere
 
 
 def batch_loss(denoiser, objective, batches: list[Batch], prior_weight: float = 1.0,
@@ -297,7 +298,7 @@ def batch_loss(denoiser, objective, batches: list[Batch], prior_weight: float = 
     loss = torch.zeros((), device=batches[0].latents.device)
     for b in batches:
         losses = per_sample_loss(denoiser, objective, b.latents, b.cond, b.noise, b.timesteps, b.added_cond,
-                                 input_noise=b.input_noise, opts=objective.loss)
+                                 input_noise=b.input_noise, weight=b.mask, opts=objective.loss)
         if min_snr_gamma:
             losses = losses * objective.min_snr_weights(b.timesteps, min_snr_gamma).to(losses.device)
         if objective.loss.debiased:
@@ -311,12 +312,12 @@ def batch_loss(denoiser, objective, batches: list[Batch], prior_weight: float = 
 
 @torch.no_grad()
 def fixed_loss(denoiser, objective, latents: torch.Tensor, cond: torch.Tensor, added_cond: dict | None = None,
-               timesteps=(100, 300, 500, 700, 900), seed: int = 1234) -> float:
+               timesteps=(100, 300, 500, 700, 900), seed: int = 1234, mask: torch.Tensor | None = None) -> float:
     """Loss on fixed latents, noise and timesteps: comparable across a run, unlike the noisy training loss."""
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=g).to(latents.device)
         ts = objective.fixed_timesteps(t, latents.shape[0], latents.device)
-        total += per_sample_loss(denoiser, objective, latents, cond, noise, ts, added_cond).mean().item()
+        total += per_sample_loss(denoiser, objective, latents, cond, noise, ts, added_cond, weight=mask).mean().item()
     return total / len(timesteps)

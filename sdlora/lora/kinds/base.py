@@ -129,6 +129,11 @@ class KindSpec:
         """(kind, tensors by role, detached fp32, alpha) of a trained layer, as the file holds them."""
         raise NotImplementedError
 
+    def load(self, layer: torch.nn.Module, t: dict[str, torch.Tensor], ratio: float) -> None:
+        """Set a trained layer to a file's tensors `t` (by role, the shapes `collect` gives), with `ratio` = the
+        file's scale / the layer's folded into one factor, so its ΔW is the file's (--init-lora). Under no_grad."""
+        raise NotImplementedError(f"{self.name} layers cannot be loaded")
+
     def trainable_count(self, layer: torch.nn.Module) -> int:
         """The parameters a trained layer of this kind should have (`sdlora.lora.inject.report`'s `expected`)."""
         return sum(p.numel() for p in layer.parameters() if p.requires_grad)

@@ -62,6 +62,17 @@ class DoRA(PairKind):
             t["mid"] = layer.lora_mid.weight
         return self.name, {k: v.detach().float().clone() for k, v in t.items()}, float(layer.alpha)
 
+    def load(self, layer, t, ratio):
+        """The inverse of `collect`: up without LyCORIS's scalar."""
+        from sdlora.lora.kinds.lora import _set
+
+        _set(layer.lora_down.weight, t["down"])
+        _set(layer.lora_up.weight, t["up"] * ratio / layer.scalar)
+        if "magnitude" in t:
+            _set(layer.dora_scale, t["magnitude"])
+        if "mid" in t:
+            _set(layer.lora_mid.weight, t["mid"])
+
     def trainable_count(self, layer):
         return sum(p.numel() for p in layer.parameters() if p.requires_grad)
 

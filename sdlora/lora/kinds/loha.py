@@ -60,6 +60,14 @@ class LoHa(KindSpec):
                     "t1": layer.hada_t1, "t2": layer.hada_t2})
         return self.name, t, float(layer.alpha[ADAPTER])
 
+    def load(self, layer, t, ratio):
+        from sdlora.lora.kinds.lora import _set
+
+        params = {"w1a": layer.hada_w1_a, "w1b": layer.hada_w1_b, "w2a": layer.hada_w2_a, "w2b": layer.hada_w2_b,
+                  "t1": layer.hada_t1, "t2": layer.hada_t2}
+        for role, v in t.items():
+            _set(params[role][ADAPTER], v * ratio if role == "w1a" else v)
+
 
 SPEC = LoHa("loha", help="Hadamard", roles=("w1a", "w1b", "w2a", "w2b"), flat_conv=True, trainable=True, convs=True,
             algo="loha")

@@ -98,6 +98,16 @@ class LoKr(KindSpec):
             alpha = float(r)
         return self.name, t, alpha
 
+    def load(self, layer, t, ratio):
+        """The inverse of `collect`: with two full factors its alpha/r was folded into W1, so it is taken out."""
+        from sdlora.lora.kinds.lora import _set
+
+        params = {"w1": layer.lokr_w1, "w1a": layer.lokr_w1_a, "w1b": layer.lokr_w1_b, "w2": layer.lokr_w2,
+                  "w2a": layer.lokr_w2_a, "w2b": layer.lokr_w2_b, "t2": layer.lokr_t2}
+        fold = float(layer.alpha[ADAPTER]) / layer.r[ADAPTER] if "w1" in t and "w2" in t else 1.0
+        for role, v in t.items():
+            _set(params[role][ADAPTER], v * (ratio / fold) if role in ("w1", "w1a") else v)
+
     def network_args(self, net):
         return {"factor": str(net.factor)}
 

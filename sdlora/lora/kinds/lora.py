@@ -78,6 +78,11 @@ class PairKind(KindSpec):
         return lora_delta(t["down"], t["up"], alpha)
 
 
+def _set(param, value) -> None:
+    """Copy `value` into a trained parameter (reshaped to it: the counts agree), in its dtype."""
+    param.data.copy_(value.reshape(param.shape).to(param.dtype))
+
+
 @functools.cache
 def _layer_type():
     from peft.tuners.lora import LoraLayer
@@ -103,6 +108,10 @@ class PeftLoRA(PairKind):
         up = layer.lora_B[ADAPTER].weight.detach().float().clone()
         roles = {"down": down, "up": up}
         return pair_kind(roles), roles, float(layer.lora_alpha[ADAPTER])
+
+    def load(self, layer, t, ratio):
+        _set(layer.lora_A[ADAPTER].weight, t["down"])
+        _set(layer.lora_B[ADAPTER].weight, t["up"] * ratio)
 
     def trainable_count(self, layer):
         """r·(d_in·k·k + d_out), from the base layer's widths."""
