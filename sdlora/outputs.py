@@ -48,6 +48,7 @@ class Planned:
     cache: Path | None
     class_folder: Path | None  # only when class images are to be generated
     class_images_missing: int = 0  # how many the base model will generate
+    extras: tuple[Path, ...] = ()  # files beside the adapter: <stem>-best (validation), <stem>-ema (--ema)
 
     def folders(self, out_flag: str = "--out") -> list[tuple[Path, str]]:
         """(folder, the option that moves it) for every folder the run writes into."""
@@ -71,7 +72,9 @@ def planned(cfg) -> Planned:
         samples=a.with_name(a.stem + "-samples") if cfg.sample_every else None,
         logs=a.with_name(a.stem + "-logs") if cfg.log_with else None,
         cache=cache, class_folder=cfg.class_folder if missing_class > 0 else None,
-        class_images_missing=max(0, missing_class))
+        class_images_missing=max(0, missing_class),
+        extras=tuple(a.with_name(f"{a.stem}-{k}.safetensors") for k, on in
+                     (("best", cfg.validation_split or cfg.validation_images), ("ema", cfg.ema)) if on))
 
 
 def _count_images(folder: Path | None) -> int:
@@ -177,7 +180,7 @@ def _nothing_earlier(plan: Planned, flag: str) -> None:
         except OSError:
             return False
 
-    earlier = [p for p in (plan.adapter, plan.loss_curve) if p.is_file()]
+    earlier = [p for p in (plan.adapter, plan.loss_curve, *plan.extras) if p.is_file()]
     earlier += [p for p in (plan.checkpoints, plan.samples, plan.logs) if nonempty(p)]
     if not earlier:
         return

@@ -15,9 +15,10 @@ from sdlora.errors import SdloraError
 
 
 def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repeats: int = 1,
-           class_prompt: str | None = None, trigger: str | None = None) -> list[str]:
-    """The lines `sdlora scan` prints: concepts and repeats, every image with its size, bucket and caption, the
-    epoch arithmetic, and the problems."""
+           class_prompt: str | None = None, trigger: str | None = None, masks: str | None = None,
+           alpha_mask: bool = False) -> list[str]:
+    """The lines `sdlora scan` prints: concepts and repeats, every image with its size, bucket and caption (and,
+    with --masks/--alpha-mask, its mask's coverage of the training crop), the epoch arithmetic, and the problems."""
     from collections import Counter
 
     bucket_list = make_buckets(resolution, max(8, resolution // 8)) if buckets else None
@@ -37,7 +38,8 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
         for e in exs:
             lines.append(f"  {display_name(e.path)}  {e.orig_size[0]}x{e.orig_size[1]} -> {e.size[0]}x{e.size[1]}"
                          f"{'' if e.has_caption else ' (no caption)'}  '{bounds.shown(e.caption)}'"
-                         f"  {tokens[e.path][0] + 2}/{CLIP_WINDOW} tokens")
+                         f"  {tokens[e.path][0] + 2}/{CLIP_WINDOW} tokens"
+                         + ("" if c.is_class else mask_coverage(e, masks, alpha_mask)))
             if tokens[e.path][1]:
                 lines.append(f"    past CLIP's {CLIP_WINDOW} tokens, not read by CLIP (SD 3.5's and FLUX's T5 reads "
                              f"on): '{bounds.shown(tokens[e.path][1])}'")
@@ -66,6 +68,20 @@ def report(ds: Dataset, resolution: int, buckets: bool, prompt: str | None, repe
     return lines
 
 
+def mask_coverage(e, masks: str | None, alpha: bool) -> str:
+    """`  mask 42.0%`: the share of the training crop the image's mask learns from; "" without masks."""
+    from pathlib import Path
+
+    from sdlora.data import masks as M
+
+    if not masks and not alpha:
+        return ""
+    source = M.ALPHA if alpha else M.mask_file(e.path, Path(masks))
+    if source is None:
+        return "  mask MISSING"
+    return f"  mask {100 * M.coverage(source, e.path, e.size):.1f}%"
+
+
 def add_scan_args(p) -> None:
     p.add_argument("dir", help="the --images folder: images (with .txt/.caption captions) or N_words subfolders")
     p.add_argument("--class-images", help="the class (regularisation) folder, same conventions")
@@ -76,6 +92,9 @@ def add_scan_args(p) -> None:
                    "native size in training)")
     p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets, as `sdlora train --buckets`")
     p.add_argument("--repeats", type=int, default=1, help="as `sdlora train --repeats` (multiplies each folder's N)")
+    p.add_argument("--masks", metavar="DIR", help="as `sdlora train --masks`: print each image's mask coverage")
+    p.add_argument("--alpha-mask", action="store_true", help="as `sdlora train --alpha-mask`: print each image's "
+                   "alpha coverage")
 
 
 def cmd_scan(args) -> int:
@@ -86,7 +105,8 @@ def cmd_scan(args) -> int:
         raise SdloraError(f"--repeats must be at least 1, got {args.repeats}")
     bounds.at_most("--repeats", args.repeats, bounds.MAX_REPEATS, "use --steps or --epochs for a longer run")
     ds = scan_dataset(args.dir, args.class_images)
-    lines = report(ds, args.resolution, args.buckets, args.prompt, args.repeats, args.class_prompt, args.trigger)
+    lines = report(ds, args.resolution, args.buckets, args.prompt, args.repeats, args.class_prompt, args.trigger,
+                   args.masks, args.alpha_mask)
     print("\n".join(lines))
     try:
         ds.check(args.prompt, log=lambda *_: None, repeats=args.repeats)

@@ -77,16 +77,17 @@ def _placed(adapter, components: dict, arch: str) -> dict[tuple[str, str], objec
 @torch.no_grad()
 def apply(cfg, model, lora, say) -> None:
     """Set the run's LoRA layers (`lora.adapted`: {component: module}) to --init-lora's weights (nothing without)."""
+    from sdlora import archs
     from sdlora.lora import kinds
 
     adapter = read(cfg)
     if adapter is None:
         return
     base, name = model.base, adapter.file_name
-    if adapter.arch and adapter.arch != base.arch:
-        raise SdloraError(f"--init-lora {name} is an adapter for {adapter.arch}, this model is {base.arch} "
-                          f"({base.name}); continue from an adapter of the same family")
-    placed = _placed(adapter, lora.adapted, base.arch)
+    if not archs.fits(adapter.arch, base.arch):
+        raise SdloraError(f"--init-lora {name} is an adapter for {archs.label(adapter.arch)}, this model is "
+                          f"{archs.label(base.arch)} ({base.name}); continue from an adapter of the same family")
+    placed = _placed(adapter, base.components, base.arch)
     layers = {(c, n): v for c, m in lora.adapted.items() for n, v in kinds.adapter_layers(m).items()}
     untrained = [k for k in placed if k not in layers]
     if untrained:
