@@ -279,3 +279,45 @@ def test_resume_continues_the_average_and_the_best_bit_exactly(ema_run, tmp_path
                             load_file(again.with_name(f"e{suffix}.safetensors")))
     manifest = json.loads((out.with_name("e-checkpoints") / "step-000002" / "manifest.json").read_text())
     assert manifest["extra"]["ema_updates"] == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    from sdlora.models import load_base
+
+    return load_base("tiny").components["unet"]
+
+
+@pytest.mark.parametrize("kind, dora, factor", [("lora", False, -1), ("locon", False, -1), ("loha", False, -1),
+                                                ("lokr", False, -1), ("lokr", False, 2), ("lora", True, -1)])
+def test_each_kind_loads_what_it_collects_at_another_alpha(tiny_unet, kind, dora, factor):
+    """`KindSpec.load` (what --init-lora sets layers with) inverts `collect`: a UNet whose layers (alpha 4) are
+    loaded from another's (alpha 2, random values) computes the same output."""
+    import copy
+
+    from sdlora.lora import kinds
+    from sdlora.lora.inject import Network, add_lora
+    from sdlora.lora.targets import find_targets
+
+    unet = tiny_unet
+    net = Network(kind, dora=dora, factor=factor)
+    a, b = copy.deepcopy(unet), copy.deepcopy(unet)
+    add_lora(a, find_targets(a, "unet", "default"), 4, 2.0, net)
+    add_lora(b, find_targets(b, "unet", "default"), 4, 4.0, net)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        la, lb = kinds.adapter_layers(a), kinds.adapter_layers(b)
+        for name, (spec, layer) in la.items():
+            k, t, alpha = spec.collect(layer)
+            _, mine, alpha_b = lb[name][0].collect(lb[name][1])
+            lb[name][0].load(lb[name][1], t, spec.scale(alpha, t) / spec.scale(alpha_b, mine))
+    c = unet.config
+    x = torch.randn(1, c.in_channels, 16, 16, generator=g)
+    h = torch.randn(1, 5, c.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ya, yb, y0 = (m(x, 10, h).sample for m in (a, b, unet))
+    assert float((ya - y0).abs().max()) > 1e-3  # the layers do something
+    assert torch.allclose(ya, yb, atol=1e-5, rtol=0), float((ya - yb).abs().max())
