@@ -321,3 +321,26 @@ def test_each_kind_loads_what_it_collects_at_another_alpha(tiny_unet, kind, dora
         ya, yb, y0 = (m(x, 10, h).sample for m in (a, b, unet))
     assert float((ya - y0).abs().max()) > 1e-3  # the layers do something
     assert torch.allclose(ya, yb, atol=1e-5, rtol=0), float((ya - yb).abs().max())
+
+
+def test_toy_busy_dataset_is_reproducible_and_its_backgrounds_count_as_leak(tmp_path):
+    """benchmarks/toy_controls.py renders the shipped data set byte for byte; its background-leak measure reads the
+    toy world's own plain renders as no leak and every striped training image as leak."""
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("toy_controls", ROOT / "benchmarks" / "toy_controls.py")
+    tc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tc)
+    made = tc.make_dataset(tmp_path / "busy")
+    shipped = ROOT / "datasets" / "toy-triangle-busy"
+    files = sorted(p.relative_to(made) for p in made.rglob("*.png"))
+    assert len(files) == 8 + 8 + 3
+    assert all((made / f).read_bytes() == (shipped / f).read_bytes() for f in files)
+    from sdlora.toy import world
+
+    plain = [world.render(world.sample_scene(s)) for s in range(20)]
+    busy = [np.asarray(Image.open(shipped / f"{i:02d}.png").convert("RGB")) for i in range(8)]
+    assert tc.background_leak(plain) == 0.0
+    assert tc.background_leak(busy) == 1.0
