@@ -45,12 +45,14 @@ class Controls:
                 part.load(tensors, values)
 
     def finish(self, done: int, interrupted: bool = False) -> None:
-        """After the last step: the last validation, and the average written as <output stem>-ema.safetensors."""
+        """After the last step: the last validation, and the average written as <output stem>-ema.safetensors.
+        `interrupted` (Ctrl-C, main process only): the average only."""
         loop = self.loop
         if self.val and not interrupted:
             self.val(done)
         if self.ema:
-            loop.env.accelerator.wait_for_everyone()
+            if not interrupted:
+                loop.env.accelerator.wait_for_everyone()
             with self.ema.swapped():
                 updates = self.ema.model.optimization_step
                 loop.save_adapter(E.path_for(loop.cfg.output_path), md=meta.ema_metadata(updates))

@@ -327,6 +327,7 @@ class _Loop:
         self.checkpoint()
         with optim.eval_weights(self.opt.optimizer):
             self.save_adapter(self.cfg.output_path)
+        self.controls.finish(self.done, interrupted=True)  # the --ema file of the steps done
         say("continue with: --resume latest (same settings)")
         if self.monitor:
             self.monitor.close()
