@@ -344,3 +344,19 @@ def test_toy_busy_dataset_is_reproducible_and_its_backgrounds_count_as_leak(tmp_
     busy = [np.asarray(Image.open(shipped / f"{i:02d}.png").convert("RGB")) for i in range(8)]
     assert tc.background_leak(plain) == 0.0
     assert tc.background_leak(busy) == 1.0
+
+
+def test_alpha_mask_is_the_images_alpha_channel(tmp_path):
+    """--alpha-mask: the alpha channel, cropped as the image; an image without alpha learns everywhere."""
+    from sdlora.data.masks import ALPHA, load_mask
+
+    rgba = np.zeros((64, 96, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[20:50, 10:30, 3] = 255
+    img = tmp_path / "a.png"
+    Image.fromarray(rgba, "RGBA").save(img)
+    _, mask = _picture(tmp_path)
+    assert torch.equal(load_mask(ALPHA, img, (64, 64)), load_mask(mask, img, (64, 64)))
+    rgb = tmp_path / "b.png"
+    Image.fromarray(rgba[..., :3]).save(rgb)
+    assert torch.equal(load_mask(ALPHA, rgb, (48, 64)), torch.ones(64, 48))
