@@ -360,3 +360,18 @@ def test_alpha_mask_is_the_images_alpha_channel(tmp_path):
     rgb = tmp_path / "b.png"
     Image.fromarray(rgba[..., :3]).save(rgb)
     assert torch.equal(load_mask(ALPHA, rgb, (48, 64)), torch.ones(64, 48))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_init_lora_on_the_fused_qkv_families(tmp_path, model):
+    """SD 3.x / FLUX.1 files fuse q/k/v into one module (kohya's names): --init-lora splits them back onto the
+    trained layers, and a ~zero learning rate gives every module the source's ΔW back."""
+    from sdlora.formats.read import read_adapter
+
+    src = train_tiny(tmp_path / "src.safetensors", model=model, steps=2, lr=1e-2).path
+    out = train_tiny(tmp_path / "out.safetensors", model=model, steps=1, lr=1e-12, init_lora=str(src)).path
+    ra, rb = read_adapter(src), read_adapter(out)
+    assert ra.modules.keys() == rb.modules.keys()
+    worst = max(float((ra.modules[k].delta() - rb.modules[k].delta()).abs().max()) for k in ra.modules)
+    assert worst < 1e-9, worst
