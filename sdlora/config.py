@@ -210,7 +210,7 @@ class TrainConfig:
     alpha_mask: bool = _f(False, "use each training image's alpha channel as its mask, as --masks does (images "
                           "without alpha learn everywhere; kohya's --alpha_mask)")
     validation_split: float = _f(0.0, "hold this share of the instance images out of training (at least one, chosen "
-                                 "by --seed) and report the loss on them at fixed noise and timesteps")
+                                 "by --seed) and report the loss on them at fixed noise and timesteps", metavar="F")
     validation_images: str | None = _f(None, "folder of held-out images (captions beside them, as --images) for the "
                                        "validation loss, instead of --validation-split", metavar="DIR")
     validate_every: int = _f(0, "with a validation set: the validation loss every N steps (also before the first "
