@@ -17,7 +17,7 @@ from sdlora.errors import SdloraError
 from sdlora.lora import kinds
 from sdlora.lora.targets import PRESETS
 from sdlora.models import DEFAULT_MODEL, model_kinds_help
-from sdlora.train import optim
+from sdlora.train import optim, option_checks
 from sdlora.train.speed import ATTENTION
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -26,7 +26,7 @@ BASE_PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4")
 QUANTISED = ("fp8", "int8", "nf4")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # the noise and loss recipe (issue 20; sdlora/train/recipe.py, losses.py, noise.py, timesteps.py)
 LOSSES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -78,6 +78,36 @@ class TrainConfig:
     conv_alpha: float | None = _f(None, "alpha of those convs (default: --alpha, or --conv-rank when that is given)")
     lokr_factor: int = _f(-1, "LoKr: the small Kronecker factor's size, dividing each dimension "
                           "(-1: the most square split)")
+    # ---- issue 20 (text, LoRA+, dropout, schedules, targets): checked by sdlora/train/option_checks.py
+    targets: str | None = _f(None, "more modules to adapt beyond --preset: comma-separated regexes searched in the "
+                             "module names (e.g. 'attn1\\.to_(q|k|v)', 'ff\\.net'; Linear and 1x1 conv only); "
+                             "each must match something", group="LoRA", metavar="REGEX,..")
+    exclude: str | None = _f(None, "modules not to adapt: comma-separated regexes searched in the module names "
+                             "(applied after --preset and --targets); each must match something", group="LoRA",
+                             metavar="REGEX,..")
+    loraplus_ratio: float | None = _f(None, "LoRA+: the up (B) matrices learn at R x the learning rate of the down "
+                                      "(A) ones (kohya's loraplus_lr_ratio; the paper suggests 16); lora/locon only",
+                                      group="LoRA", metavar="R")
+    network_dropout: float | None = _f(None, "kohya's network dropout: drop each value of a LoRA's down-projection "
+                                       "output with this probability while training (e.g. 0.1); lora/locon only",
+                                       group="LoRA", metavar="P")
+    rank_dropout: float | None = _f(None, "kohya's rank dropout: drop each rank of a LoRA with this probability per "
+                                    "sample while training, the rest scaled up by 1/(1-P); lora/locon only",
+                                    group="LoRA", metavar="P")
+    module_dropout: float | None = _f(None, "kohya's module dropout: skip a LoRA module's whole delta with this "
+                                      "probability per forward while training; lora/locon only", group="LoRA",
+                                      metavar="P")
+    lr_restarts: int = _f(1, "with --lr-scheduler cosine_with_restarts: the number of cosine cycles (hard restarts "
+                          "to the full rate), kohya's lr_scheduler_num_cycles", group="training")
+    lr_scheduler_power: float = _f(1.0, "with --lr-scheduler polynomial: the power of the decay (1: linear)",
+                                   group="training")
+    clip_skip: int | None = _f(None, "condition on the CLIP text encoder's N-th layer from the end (A1111/kohya's "
+                               "clip skip; SD 1.x/2.x: then its final layer norm; 1: the last layer, 2: the "
+                               "penultimate, SDXL's and SD 3.x's default); default: the family's own", group="text")
+    max_token_length: int | None = _f(None, "CLIP tokens a caption may use: 150 or 225 encode it in 75-token chunks "
+                                      "as A1111 does (BOS/EOS around each, hidden states side by side in sequence); "
+                                      "default 75 (one chunk)", group="text", choices=(75, 150, 225))
+    # ---- end of the issue 20 block
     # captions
     trigger: str | None = _f(None, "replaces {trigger} in captions and is put first in captions lacking it "
                              "(default: --prompt)")
@@ -354,12 +384,13 @@ class TrainConfig:
                 "which a compiled graph does not see); drop one of them")
         self._check_pivotal()
         self._check_controls(bad)
+        option_checks.check(self, bad)  # the issue-20 options
         optim.parse_args(self.optimizer, self.optimizer_args)  # typed and known keys, refused in one line if not
         self._check_recipe(bad)
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices and getattr(self, f.name) is not None:
-                bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                bad(f.name, f"must be one of {', '.join(map(str, choices))}, got {getattr(self, f.name)!r}")
 
     def _check_recipe(self, bad) -> None:
         """The noise and loss options (issue 20) and --log-with; what a model family cannot train is refused once

@@ -80,7 +80,7 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "ss_network_module": run.spec.kohya_network_module,
         "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": str(float(cfg.network_alpha)),
-        "ss_network_args": json.dumps({"preset": cfg.preset, "targets": run.targets}),
+        "ss_network_args": json.dumps({"preset": cfg.preset, "targets": run.targets} | _control_args(cfg)),
         "ss_base_model_version": run.base_model_version,
         "ss_v2": str(run.spec.is_v2),
         "ss_sd_model_name": portable(run.model_name),
@@ -101,7 +101,6 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_lr_warmup_steps": str(cfg.warmup_steps),
         "ss_prior_loss_weight": str(prior_loss_weight) if prior_loss_weight is not None else "None",
-        "ss_clip_skip": str(run.clip_skip) if run.clip_skip else "None",
         "ss_training_started_at": str(run.started.timestamp()),
         "ss_training_finished_at": str(now.timestamp()),
         "ss_training_comment": f"trigger: {trigger}" if trigger else "",
@@ -124,7 +123,7 @@ def build(cfg: TrainConfig, run: RunStats) -> dict[str, str]:
                                      if k != "resume"}, default=str),
     }
     md |= recipe_metadata(cfg, run.spec)
-    return md
+    return md | _controls_metadata(cfg)
 
 
 def recipe_metadata(cfg: TrainConfig, spec: ArchSpec) -> dict[str, str]:
@@ -145,6 +144,34 @@ def recipe_metadata(cfg: TrainConfig, spec: ArchSpec) -> dict[str, str]:
                "ss_discrete_flow_shift": str(cfg.discrete_flow_shift if cfg.discrete_flow_shift is not None
                                              else 3.0 if cfg.timestep_sampling == "shift" else None)}
     return md
+
+
+def _controls_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """Issue 20's text and dropout options as kohya records them: numbers, or "None" when not set."""
+    def num(v):
+        return "None" if v is None else str(v)
+
+    return {"ss_clip_skip": num(cfg.clip_skip), "ss_max_token_length": num(cfg.max_token_length),
+            "ss_network_dropout": num(cfg.network_dropout)}
+
+
+def _control_args(cfg: TrainConfig) -> dict[str, str]:
+    """kohya's `network_args` that LoRA+, rank/module dropout and --targets/--exclude stand for, each a string as
+    kohya writes them (loraplus_lr_ratio, rank_dropout, module_dropout; include_patterns/exclude_patterns as list
+    literals, lora_anima's spelling)."""
+    from sdlora.lora.targets import regexes
+
+    args = {}
+    if cfg.loraplus_ratio is not None:
+        args["loraplus_lr_ratio"] = str(cfg.loraplus_ratio)
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(cfg, name) is not None:
+            args[name] = str(getattr(cfg, name))
+    if cfg.targets:
+        args["include_patterns"] = json.dumps(regexes(cfg.targets))
+    if cfg.exclude:
+        args["exclude_patterns"] = json.dumps(regexes(cfg.exclude))
+    return args
 
 
 def dataset_metadata(dataset, repeats: int, instance: list, classes: list, trigger: str = "") -> dict[str, str]:

@@ -53,6 +53,30 @@ PRESETS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
+def regexes(text: str | None) -> list[str]:
+    """The comma-separated regexes of --targets/--exclude (a comma inside {m,n} or a character class stays)."""
+    if not text:
+        return []
+    out, depth, cur, escaped = [], 0, "", False
+    for ch in text:
+        was_escaped, escaped = escaped, False
+        if was_escaped:
+            pass
+        elif ch == "\\":
+            escaped = True
+        elif ch in "{[(":
+            depth += 1
+        elif ch in "}])":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0 and not was_escaped:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [r for r in out if r]
+
+
 def preset_targets(preset: str, component: str, spec=None) -> tuple[str, str] | None:
     """(words, regex) of what `preset` adapts in `component` ("unet", or a text encoder "te", "te1", ...) of a
     family `spec` (None: a UNet family); None when the preset leaves that component alone."""
@@ -112,3 +136,43 @@ def conv_targets(model: torch.nn.Module) -> list[str]:
 
     return [name for name, m in model.named_modules()
             if isinstance(m, torch.nn.Conv2d) and CONV_PATTERN.fullmatch(name)]
+
+
+def _adaptable(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1))
+
+
+def refine(models: dict[str, torch.nn.Module], targets: dict[str, list[str]], include: list[str],
+           exclude: list[str]) -> dict[str, list[str]]:
+    """`targets` ({component: module names}, from the preset) plus the Linear/1x1-conv modules of `models` whose
+    name any `include` regex is found in (re.search), minus those any `exclude` regex is found in, in model order.
+    A regex that finds nothing (include: among the adaptable modules; exclude: among the chosen ones) is refused in
+    one line, with a module name to model it on."""
+    from sdlora.errors import SdloraError
+
+    out = {}
+    hits = {r: 0 for r in include}
+    for c, m in models.items():
+        chosen = set(targets.get(c, []))
+        names = [n for n, mod in m.named_modules() if n and _adaptable(mod)]
+        for r in include:
+            found = {n for n in names if re.search(r, n)}
+            hits[r] += len(found)
+            chosen |= found
+        out[c] = [n for n in names if n in chosen]
+    for r, n in hits.items():
+        if not n:
+            example = next((f"{c}: {n}" for c, m in models.items() for n, mod in m.named_modules() if _adaptable(mod)),
+                           "none")
+            raise SdloraError(f"--targets {r!r} matches no Linear or 1x1 conv module of {', '.join(models)} "
+                              f"(names look like {example}); check the regex")
+    for r in exclude:
+        if not any(re.search(r, n) for names in out.values() for n in names):
+            raise SdloraError(f"--exclude {r!r} matches none of the {sum(map(len, out.values()))} modules chosen "
+                              f"(e.g. {next((n for ns in out.values() for n in ns), 'none')}); check the regex")
+        out = {c: [n for n in names if not re.search(r, n)] for c, names in out.items()}
+    if not any(out.values()):
+        raise SdloraError("--exclude leaves no module to adapt; exclude fewer")
+    return out

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from sdlora.errors import SdloraError, cause
 from sdlora.formats.file_io import atomic_write_dir
+from sdlora.train import option_checks
 
 FORMAT = 1
 MANIFEST_KEYS = ("format", "step", "identity", "data", "position", "optimizer_param_groups", "lr_scheduler",
@@ -38,6 +39,7 @@ IDENTITY += ("loss", "huber_c", "huber_schedule", "huber_scale", "zero_terminal_
              "sigmoid_scale", "discrete_flow_shift")
 IDENTITY += ("pivotal", "pivotal_init", "pivotal_lr", "pivotal_steps")  # --pivotal (issue 21)
 IDENTITY += ("init_lora", "masks", "alpha_mask", "validation_split", "validation_images", "ema", "ema_update_every")
+IDENTITY += option_checks.RESUME_IDENTITY  # clip skip, long prompts, LoRA+, dropout, schedules, targets
 
 
 def checkpoint_root(output_path: Path) -> Path:

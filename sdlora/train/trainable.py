@@ -12,9 +12,10 @@ from diffusers.optimization import get_scheduler
 from sdlora import outputs
 from sdlora.archs.spec import DENOISER
 from sdlora.config import TrainConfig
+from sdlora.lora import dropout
 from sdlora.lora.inject import add_lora, format_table, network_of
-from sdlora.lora.targets import check_rank, find_targets
-from sdlora.train import memory, optim, pivotal, scale, speed, swap
+from sdlora.lora.targets import check_rank, find_targets, refine
+from sdlora.train import loraplus, memory, optim, option_checks, pivotal, scale, speed, swap
 from sdlora.train.export import file_row
 from sdlora.train.prepare import Env, Examples, Model, trained_text_encoders
 
@@ -54,9 +55,13 @@ def add_lora_layers(cfg: TrainConfig, env: Env, model: Model, data: Examples, pl
     denoiser = base.denoiser
     adapted = {DENOISER: denoiser} | trained_text_encoders(cfg, model)
     targets = {c: find_targets(m, c, cfg.preset, base.spec) for c, m in adapted.items()}
+    if cfg.targets or cfg.exclude:  # regexes beyond the preset
+        targets = refine(adapted, targets, option_checks.regexes(cfg.targets), option_checks.regexes(cfg.exclude))
     check_rank(adapted, targets, cfg.rank, base.name)
     for c, m in adapted.items():
         add_lora(m, targets[c], cfg.rank, cfg.network_alpha, network_of(cfg))
+    if hooked := dropout.attach(adapted.values(), dropout.of(cfg)):  # kohya's network/rank/module dropout
+        say(f"dropout on {hooked} LoRA layers: {dropout.of(cfg)}")
     if env.main:  # estimated bytes written vs free space, before latents are cached and steps run
         outputs.check_space(outputs.estimate_for_run(cfg, plan, adapted, data.instance + data.classes, data.steps,
                                                      model.resolution))
@@ -95,6 +100,9 @@ def prepare_optimizer(cfg: TrainConfig, env: Env, model: Model, lora: Lora, step
     if lora.train_te:
         params.append({"params": [p for m in tes.values() for p in m.parameters() if p.requires_grad
                                   and id(p) not in taken], "lr": cfg.te_lr or cfg.lr})
+    params = loraplus.split_groups(params, lora.adapted.values(), cfg.loraplus_ratio)  # B at R x lr
+    if cfg.loraplus_ratio is not None:
+        env.say(f"LoRA+ (ratio {cfg.loraplus_ratio:g}): {loraplus.describe(params)}")
     params += tokens
     trainable = [p for g in params for p in g["params"]]
     if env.fsdp:  # the frozen base is sharded, the LoRA weights stay whole on every process
@@ -103,7 +111,8 @@ def prepare_optimizer(cfg: TrainConfig, env: Env, model: Model, lora: Lora, step
     optim.check_runs(optimizer, acc.device)
     # accelerate steps a prepared scheduler once per process, so its horizon is scaled the same way.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * acc.num_processes,
-                                 num_training_steps=steps * acc.num_processes)
+                                 num_training_steps=steps * acc.num_processes,
+                                 **loraplus.scheduler_kwargs(cfg))
     pivotal.split_phases(cfg, lr_scheduler, acc.num_processes)  # --pivotal-steps: tokens first, then the LoRA
     # with block swap the denoiser is placed already (swapped weights in host memory): accelerate must not move it
     denoiser_p, optimizer, lr_scheduler = acc.prepare(base.denoiser, optimizer, lr_scheduler,

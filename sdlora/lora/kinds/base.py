@@ -134,6 +134,11 @@ class KindSpec:
         file's scale / the layer's folded into one factor, so its ΔW is the file's (--init-lora). Under no_grad."""
         raise NotImplementedError(f"{self.name} layers cannot be loaded")
 
+    def up_parameters(self, layer: torch.nn.Module) -> list:
+        """The parameters of a trained layer's up (B) matrix, which LoRA+ (`--loraplus-ratio`) trains at a higher
+        rate; [] for kinds without a down/up pair."""
+        return []
+
     def trainable_count(self, layer: torch.nn.Module) -> int:
         """The parameters a trained layer of this kind should have (`sdlora.lora.inject.report`'s `expected`)."""
         return sum(p.numel() for p in layer.parameters() if p.requires_grad)

@@ -76,6 +76,9 @@ class DoRA(PairKind):
     def trainable_count(self, layer):
         return sum(p.numel() for p in layer.parameters() if p.requires_grad)
 
+    def up_parameters(self, layer):
+        return list(layer.lora_up.parameters())
+
     def network_args(self, net):
         return {"dora_wd": "True", "wd_on_output": "False"}
 

@@ -113,6 +113,9 @@ class PeftLoRA(PairKind):
         _set(layer.lora_A[ADAPTER].weight, t["down"])
         _set(layer.lora_B[ADAPTER].weight, t["up"] * ratio)
 
+    def up_parameters(self, layer):
+        return list(layer.lora_B[ADAPTER].parameters())
+
     def trainable_count(self, layer):
         """r·(d_in·k·k + d_out), from the base layer's widths."""
         import torch
