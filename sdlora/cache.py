@@ -299,6 +299,9 @@ class EmbeddingCache:
         self.text_encoders, self.spec = text_encoders, spec
         # T5's token count shapes its output (--t5xxl-max-token-length), so it is part of the key where it is set
         lengths = "".join(f"|{t.max_length}" for t in spec.text_encoders if t.max_length)
+        # so do --clip-skip and --max-token-length's chunks (absent from the key when not set: caches stay valid)
+        lengths += "".join(f"|skip{t.clip_skip}|x{t.chunks}" for t in spec.text_encoders
+                           if t.clip_skip is not None or t.chunks != 1)
         self.te_id = hashlib.sha256(
             ("".join(fingerprint(te) for _, te in text_encoders) + lengths).encode()).hexdigest()
         self.store = _Store(folder / "text" if folder else None, folder, log)

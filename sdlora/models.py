@@ -120,7 +120,8 @@ class BaseModel:
         return self
 
     def generation_kwargs(self) -> dict:
-        """Pipeline-call arguments that keep generation conditioned as training is: T5's prompt length (SD3/FLUX)."""
+        """Pipeline-call arguments that keep generation conditioned as training is: T5's prompt length (SD3/FLUX).
+        (The prompt itself, with the run's clip skip and chunks: `sdlora.infer.text.prompt_args`.)"""
         for t in self.spec.text_encoders:
             if t.sequence_join:
                 tok = self.tokenizers[t.tokenizer_attr]

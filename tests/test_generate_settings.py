@@ -144,7 +144,7 @@ def test_the_app_handlers_read_named_values_and_make_the_sessions_image(toy_app,
     for name, w in page.settings.items():  # the widgets are the fields'
         assert (w.label, w.elem_id) == (widget(name)["label"], widget(name)["elem_id"])
     asked = dict(prompt="a sks triangle", negative="a circle", seed=3, steps=4.0, guidance=6.5, scheduler="euler",
-                 width=32.0, height=32.0, num_images=1.0)
+                 width=32.0, height=32.0, num_images=1.0, clip_skip=None)
     style, tri = rows
     values = {page.settings[n]: v for n, v in asked.items()}
     values |= {style.enable: True, style.advanced: False, style.linked: 0.4, style.te: 1.0, style.unet: 1.0,

@@ -163,7 +163,8 @@ def test_dropout_acts_in_training_and_is_recorded(trained_adapter):
     assert md["ss_network_dropout"] == "0.3"
     args = json.loads(md["ss_network_args"])
     assert (args["rank_dropout"], args["module_dropout"]) == ("0.25", "0.2")
-    assert read_adapter(plain.path).metadata["ss_network_dropout"] == "None"
+    plain_md = read_adapter(plain.path).metadata
+    assert [plain_md[k] for k in ("ss_network_dropout", "ss_clip_skip", "ss_max_token_length")] == ["None"] * 3
     unet = dropped.base.unet
     assert not unet.training
     x = torch.randn(1, 4, 8, 8)

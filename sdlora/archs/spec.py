@@ -38,6 +38,10 @@ class TextEncoderSpec:
     head_channels: int = 64  # channels per attention head (not in the weights; CLIP-L, OpenCLIP-H and bigG: 64)
     ldm_extra_layer: bool = False  # original files hold one more layer than diffusers' encoder (SD 2.x: OpenCLIP-H's
     # 24th, which the penultimate-layer conditioning never runs)
+    # set per run (sdlora/train/long_prompts.py): --clip-skip N (None: the `hidden` layer) and --max-token-length's
+    # 75-token chunks per prompt (1: one 77-token sequence)
+    clip_skip: int | None = None
+    chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,24 @@ class ArchSpec:
     @property
     def te_components(self) -> tuple[str, ...]:
         return tuple(t.component for t in self.text_encoders)
+
+    def clip_hidden(self) -> tuple[TextEncoderSpec, ...]:
+        """The CLIP encoders whose hidden states condition the denoiser: what --clip-skip and --max-token-length's
+        chunks act on (none in FLUX.1, whose CLIP-L gives only its pooled output)."""
+        return tuple(t for t in self.text_encoders if t.kind == "clip" and t.hidden is not None)
+
+    def pipeline_clip_skip(self, n: int | None = None) -> int | None:
+        """diffusers pipelines' `clip_skip` for A1111/kohya's clip skip `n` (default: the one set on this spec's text
+        encoders for a run): the pipelines count layers skipped beyond the family's own (SD 1.x/2.x: the last layer,
+        hidden_states[-(k + 1)] then the final layer norm; SDXL, SD 3.x: the penultimate, hidden_states[-(k + 2)]).
+        None for the family's own layer."""
+        clips = self.clip_hidden()
+        if n is None:
+            n = next((t.clip_skip for t in clips if t.clip_skip), None)
+        if n is None or not clips:
+            return None
+        k = n - (2 if clips[0].hidden == "penultimate" else 1)
+        return k or None
 
     @property
     def trainable_te_components(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from sdlora.formats.adapter import AdapterFile
 from sdlora.formats.read import read_adapter
 from sdlora.infer.blend import Blender, Resolved
 from sdlora.infer.settings import DEFAULT_SCHEDULER, SCHEDULERS, Settings  # noqa: F401 (their home before)
+from sdlora.infer.text import prompt_args
 from sdlora.lora.tokens import pipeline_prompts
 from sdlora.models import BUILTIN_MODELS, load_base, model_arch, model_identity
 
@@ -114,8 +115,10 @@ class Session:
                                     scheduler=sampler_for(base.spec, settings.scheduler))
             with self.blender.tokens():  # learnt tokens bundled with the adapters (pivotal tuning)
                 pipe = base.pipeline(scheduler=make_scheduler(s.scheduler, base.scheduler_config))
-                call = pipeline_prompts(pipe, base.spec, base.tokenizers, s.prompt,
+                text = pipeline_prompts(pipe, base.spec, base.tokenizers, s.prompt,
                                         (s.negative or None) if base.spec.negative_prompt else None)
+                # the prompt at the layer `sdlora train --clip-skip` conditions on (and a fresh run's chunks)
+                call = prompt_args(base, s.prompt, text.get("negative_prompt"), s.clip_skip, text)
                 call |= base.generation_kwargs()  # T5 tokens: as many as training encodes
                 out = []
                 for i in range(s.num_images):

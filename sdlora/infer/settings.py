@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from sdlora import bounds
 from sdlora.errors import SdloraError
 from sdlora.formats.a1111 import ImageParams, LoraRef
+from sdlora.train.option_checks import MAX_CLIP_SKIP
 
 # --scheduler value -> (diffusers class, extra config, A1111 sampler name written into the PNG)
 SCHEDULERS = {
@@ -71,6 +72,11 @@ class Settings:
     height: int | None = _f(None, "", flag="size", from_flag=lambda text: parse_size(text)[1] if text else None,
                             label="Height", range=(8, 1536, 8))
     num_images: int = _f(1, "images to make", metavar="N", label="Images", elem_id="num-images", range=(1, 8, 1))
+    clip_skip: int | None = _f(None, "clip skip as A1111 and kohya count it (`sdlora train --clip-skip`): condition on "
+                               "the CLIP text encoder's N-th layer from the end (1: the last, 2: the penultimate, "
+                               "SDXL's and SD 3.x's own); default: the model's own, or the run's for a model fresh "
+                               "from training", metavar="N", label="Clip skip (empty: the model's own)",
+                               elem_id="clip-skip")
 
     def __post_init__(self):
         self.check()
@@ -94,14 +100,18 @@ class Settings:
             bounds.image_size(self.width or self.height, self.height or self.width)
         bounds.at_most("steps", self.steps, bounds.MAX_SAMPLE_STEPS, "20-50 steps are usual")
         bounds.at_most("the number of images", self.num_images, bounds.MAX_IMAGES, "make them in several runs")
+        if self.clip_skip is not None and not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            raise SdloraError(f"clip skip must be between 1 and {MAX_CLIP_SKIP} (1: the last layer), got "
+                              f"{self.clip_skip}")
         if not 0 <= self.seed < bounds.MAX_IMAGE_SEED:
             raise SdloraError(f"seed must be between 0 and 2^63-1, got {self.seed}")
 
     def image_params(self, i: int, model: str, loras: list[LoraRef], extra: dict[str, str]) -> ImageParams:
         """The A1111 `parameters` of image i, for settings whose size and scheduler the model has settled."""
+        skip = {"Clip skip": str(self.clip_skip)} if self.clip_skip is not None else {}  # A1111 writes it so
         return ImageParams(prompt=self.prompt, negative=self.negative, steps=self.steps,
                            sampler=SCHEDULERS[self.scheduler][2], cfg=self.guidance, seed=self.seed + i,
-                           width=self.width, height=self.height, model=model, loras=loras, extra=dict(extra))
+                           width=self.width, height=self.height, model=model, loras=loras, extra=skip | dict(extra))
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace) -> Settings:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdlora.formats.file_io import atomic_write
+from sdlora.infer.text import prompt_args
 from sdlora.lora.tokens import pipeline_prompts
 
 UNRELATED_PROMPT = "a photo of a mountain lake at sunrise"
@@ -44,8 +45,10 @@ def sample_grid(base, prompts: list[str], resolution: int, seeds=(1, 2), steps: 
         draw.text((2, y + 1), prompt[:60], fill="black")
         for c, seed in enumerate(seeds):
             # --pivotal: the trigger as its new tokens, also where the pipeline does not expand it (SD 3.x)
-            img = pipe(**pipeline_prompts(pipe, base.spec, base.tokenizers, prompt, None), height=resolution,
-                       width=resolution, num_inference_steps=steps, **base.generation_kwargs(),
+            # and at the run's clip skip (sdlora.infer.text)
+            text = pipeline_prompts(pipe, base.spec, base.tokenizers, prompt, None)
+            img = pipe(**prompt_args(base, prompt, text=text), height=resolution, width=resolution,
+                       num_inference_steps=steps, **base.generation_kwargs(),
                        generator=torch.Generator().manual_seed(seed), output_type="pil").images[0]
             grid.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label_h))
     return grid

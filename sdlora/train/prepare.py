@@ -26,7 +26,7 @@ from sdlora.data.schedule import Schedule
 from sdlora.errors import SdloraError
 from sdlora.lora.targets import preset_targets
 from sdlora.models import load_base
-from sdlora.train import DTYPES, init_lora, memory, optim, recipe, scale, speed, swap, validation
+from sdlora.train import DTYPES, init_lora, long_prompts, memory, optim, recipe, scale, speed, swap, validation
 from sdlora.train import step as S
 from sdlora.train.prior import ensure_class_images
 
@@ -155,6 +155,7 @@ def load_model(cfg: TrainConfig, env: Env, given_base=None) -> Model:
                                    options=load_options(cfg, defer_denoiser=True))
     if cfg.t5xxl_max_token_length:  # built-in models too (big ones had it applied while loading)
         base.spec = with_t5_length(base.spec, cfg.t5xxl_max_token_length, base.variant)
+    base.spec = long_prompts.apply(cfg, base)  # --clip-skip, --max-token-length on its CLIP encoders
     for c in base.kept_precision:
         env.say(f"--te-precision {cfg.te_precision}: text encoder {c} trains, so it stays in "
                 f"{str(env.weight_dtype).removeprefix('torch.')} (pass --no-text-encoder to store it too)")

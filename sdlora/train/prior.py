@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from sdlora.data.images import checked_images
 from sdlora.formats.file_io import atomic_write
+from sdlora.infer.text import prompt_args
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -36,7 +37,7 @@ def ensure_class_images(base, prompt: str, folder: Path, count: int, resolution:
     start = len(have)
     for i in tqdm(range(start, count), desc="class images", unit="img"):
         g = torch.Generator().manual_seed(seed + i)
-        image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+        image = pipe(**prompt_args(base, prompt), height=resolution, width=resolution, num_inference_steps=steps,
                      guidance_scale=base.spec.class_guidance if guidance is None else guidance,
                      **base.generation_kwargs(), generator=g, output_type="pil").images[0]
         atomic_write(folder / f"{i:05d}-{slug(prompt)}.png", lambda tmp: image.save(tmp, format="PNG"))

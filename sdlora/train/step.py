@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlora.lora.tokens import expand
+from sdlora.train import long_prompts
 from sdlora.train import losses as L
 from sdlora.train import noise as N
 from sdlora.train import timesteps as T
@@ -29,12 +30,15 @@ def _ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.
     return tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
 
 
+NAMED_CAPTIONS = 10  # captions a long-caption warning names (the longest first); the rest are counted
+
+
 def long_captions(spec, text_encoders: list[tuple[object, torch.nn.Module]], captions: dict[str, str]) -> str | None:
     """A warning naming the captions ({caption: file name}) longer than a text encoder reads, or None: each
     encoder reads only its first N tokens and ignores the rest."""
     over, limits = {}, {}
     for t, (tok, _) in zip(spec.text_encoders, text_encoders):
-        n = min(t.max_length or tok.model_max_length, tok.model_max_length)
+        n = long_prompts.token_limit(t, tok)
         lengths = tok(list(captions), truncation=False, verbose=False).input_ids
         for caption, ids in zip(captions, lengths):
             if len(ids) > n:
@@ -42,10 +46,15 @@ def long_captions(spec, text_encoders: list[tuple[object, torch.nn.Module]], cap
                 limits[t.kind.upper()] = n
     if not over:
         return None
-    caption, tokens = max(over.items(), key=lambda kv: kv[1])
+    longest = sorted(over.items(), key=lambda kv: -kv[1])
+    named = ", ".join(f"{captions[c]}: {n:,} tokens" for c, n in longest[:NAMED_CAPTIONS])
+    more = f", and {len(longest) - NAMED_CAPTIONS} more" if len(longest) > NAMED_CAPTIONS else ""
     reads = ", ".join(f"{k} the first {n}" for k, n in limits.items())
-    return (f"warning: {len(over)} caption(s) are longer than the text encoder reads ({captions[caption]}: "
-            f"{tokens:,} tokens); only the first tokens are read ({reads}) and the rest is ignored; shorten them")
+    clips = spec.clip_hidden()
+    longer = (" or pass --max-token-length 225" if clips and clips[0].chunks < 3
+              and not any(t.sequence_join for t in spec.text_encoders) else "")
+    return (f"warning: {len(over)} caption(s) are longer than the text encoder reads ({named}{more}); only the "
+            f"first tokens are read ({reads}) and the rest is ignored; shorten them{longer}")
 
 
 def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], prompts: list[str],
@@ -68,17 +77,14 @@ def encode_text(spec, text_encoders: list[tuple[object, torch.nn.Module]], promp
             if p is not None and t.pooled:
                 pooled.append(p)
             continue
-        ids = _ids(tok, prompts, t.max_length).to(next(te.parameters()).device)
         if t.kind == "t5":
-            seq.append(te(ids)[0])
+            seq.append(te(_ids(tok, prompts, t.max_length).to(next(te.parameters()).device))[0])
             continue
-        out = te(ids, output_hidden_states=t.hidden == "penultimate")
-        if t.hidden == "final":
-            side.append(out[0])
-        elif t.hidden == "penultimate":
-            side.append(out.hidden_states[-2])
+        h, p = long_prompts.encode_clip(t, tok, te, prompts)  # its layer (--clip-skip), its chunks
+        if h is not None:
+            side.append(h)
         if t.pooled:
-            pooled.append(getattr(out, t.pooled_from))
+            pooled.append(p)
     hidden = torch.cat(side, dim=-1) if len(side) > 1 else (side[0] if side else None)
     if seq:
         if hidden is not None:
