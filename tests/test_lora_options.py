@@ -113,8 +113,8 @@ def _lora_linear(seed=0):
 
 @pytest.mark.parametrize("kind", ["network", "rank", "module"])
 def test_dropout_is_kohyas_formula_in_training_and_off_in_eval(kind):
-    """In train mode the hooked layer gives kohya's LoRAModule.forward, written here with the same draws from torch's
-    global generator; in eval mode it is the undropped layer exactly."""
+    """In a training forward the hooked layer gives kohya's LoRAModule.forward, written here with the same draws from
+    torch's global generator; in eval mode or without gradients it is the undropped layer exactly."""
     from sdlora.lora import dropout
 
     model, layer = _lora_linear()
@@ -142,13 +142,13 @@ def test_dropout_is_kohyas_formula_in_training_and_off_in_eval(kind):
             keep = torch.rand(lx.shape[0], lx.shape[-1]) >= p
             want = base(x) + up(lx * keep[:, None, :]) * (scale / (1 - p))
         torch.manual_seed(seed)
-        with torch.no_grad():
-            got = model(x)
-        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+        got = model(x)  # a training forward: train mode, gradients on
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.manual_seed(0)
-    with torch.no_grad():
-        outs = {tuple(model(x).flatten().tolist()) for _ in range(8)}
+    outs = {tuple(model(x).flatten().tolist()) for _ in range(8)}
     assert len(outs) > 1  # it acts: forwards differ while training
+    with torch.no_grad():  # the fixed-noise loss and sample grids run under no_grad, even in train mode
+        assert torch.equal(model(x), undropped)
 
 
 def test_dropout_acts_in_training_and_is_recorded(trained_adapter):
@@ -202,3 +202,22 @@ def test_a_regex_that_matches_nothing_is_one_line(tmp_path, settings, needle):
     with pytest.raises(SdloraError, match=needle) as e:
         train_tiny(tmp_path / "x.safetensors", steps=1, **settings)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_run_with_these_controls_resumes_bit_for_bit(tmp_path):
+    """LoRA+, all three dropouts and cosine restarts together: a run resumed from its step-2 checkpoint ends with the
+    same adapter as the uninterrupted one (the dropout masks come from torch's generator, which checkpoints save)."""
+    from sdlora.formats.file_io import load
+    from sdlora.train import ckpt
+
+    settings = dict(loraplus_ratio=4.0, network_dropout=0.2, rank_dropout=0.2, module_dropout=0.2,
+                    lr_scheduler="cosine_with_restarts", lr_restarts=2, save_every=2, keep_last=0,
+                    no_eval_loss=True, no_flip=True)
+    a = train_tiny(tmp_path / "a" / "a.safetensors", **settings)
+    folder = ckpt.checkpoint_root(a.path) / "step-000002"
+    b = train_tiny(tmp_path / "b" / "b.safetensors", resume=str(folder), **settings)
+    ta, tb = load(a.path)[0], load(b.path)[0]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(SdloraError, match="rank_dropout"):  # a checkpoint is resumed with its own settings
+        train_tiny(tmp_path / "c" / "c.safetensors", resume=str(folder), **(settings | dict(rank_dropout=0.3)))

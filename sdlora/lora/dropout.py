@@ -11,8 +11,9 @@ applying the same masks and factors to lora_A's output (a forward hook) gives ko
 
 Hand-written (no library offers kohya's rank/module dropout on PEFT layers). The random numbers come from torch's
 global CPU generator, which sdlora's checkpoints save (`rng/torch`), so a resumed run draws the same masks; they are
-moved to the layer's device. In eval mode (`module.training` False: the fixed-noise loss, sample grids, saving)
-the hooks do nothing.
+moved to the layer's device. They act only in a training forward: in train mode with gradients on. In eval mode
+or under no_grad (the fixed-noise loss before and after training, sample grids, text caches, saving) they do
+nothing.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def attach(modules, d: Dropouts) -> int:
             conv = isinstance(down, torch.nn.Conv2d)
 
             def hook(module, args, output, conv=conv):
-                return apply(output, d, conv) if module.training else output
+                return apply(output, d, conv) if module.training and torch.is_grad_enabled() else output
 
             down.register_forward_hook(hook)
             n += 1
