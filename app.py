@@ -193,7 +193,7 @@ def layout(session: Session, rows0: list[dict], status_text: str, models: list[s
                 w["width"], w["height"] = setting("width", value=native), setting("height", value=native)
                 w["num_images"] = setting("num_images")
             with gr.Row():
-                w["clip_skip"] = setting("clip_skip")
+                w["clip_skip"] = setting("clip_skip", value=0)  # 0: the model's own (Settings)
             run = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="Results", format="png", columns=2, height="auto", elem_id="gallery")
             params = gr.Textbox(label="Parameters (as saved in each PNG)", lines=3, interactive=False,

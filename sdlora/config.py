@@ -103,10 +103,10 @@ class TrainConfig:
                                    group="training")
     clip_skip: int | None = _f(None, "condition on the CLIP text encoder's N-th layer from the end (A1111/kohya's "
                                "clip skip; SD 1.x/2.x: then its final layer norm; 1: the last layer, 2: the "
-                               "penultimate, SDXL's and SD 3.x's default); default: the family's own", group="text")
+                               "penultimate, SDXL's and SD 3.x's default); default: the family's own", group="data")
     max_token_length: int | None = _f(None, "CLIP tokens a caption may use: 150 or 225 encode it in 75-token chunks "
                                       "as A1111 does (BOS/EOS around each, hidden states side by side in sequence); "
-                                      "default 75 (one chunk)", group="text", choices=(75, 150, 225))
+                                      "default 75 (one chunk)", group="data", choices=(75, 150, 225))
     # ---- end of the issue 20 block
     # captions
     trigger: str | None = _f(None, "replaces {trigger} in captions and is put first in captions lacking it "

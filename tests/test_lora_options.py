@@ -221,3 +221,16 @@ def test_a_run_with_these_controls_resumes_bit_for_bit(tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     with pytest.raises(SdloraError, match="rank_dropout"):  # a checkpoint is resumed with its own settings
         train_tiny(tmp_path / "c" / "c.safetensors", resume=str(folder), **(settings | dict(rank_dropout=0.3)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_loraplus_on_the_other_families(tmp_path, model):
+    """The same one-step property on SDXL (two text encoders, two optimizer groups split) and FLUX.1 (a transformer
+    whose q/k/v LoRAs the file fuses): A as without LoRA+, B's step R times as large."""
+    plain = layers(train_tiny(tmp_path / "a.safetensors", model=model, steps=1, no_eval_loss=True))
+    plus = layers(train_tiny(tmp_path / "b.safetensors", model=model, steps=1, no_eval_loss=True, loraplus_ratio=8.0))
+    assert plain.keys() == plus.keys() and plain
+    for k in plain:
+        assert torch.equal(plain[k]["down"], plus[k]["down"]), k
+        torch.testing.assert_close(plus[k]["up"], 8.0 * plain[k]["up"], rtol=1e-5, atol=0)

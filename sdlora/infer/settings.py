@@ -74,8 +74,8 @@ class Settings:
     num_images: int = _f(1, "images to make", metavar="N", label="Images", elem_id="num-images", range=(1, 8, 1))
     clip_skip: int | None = _f(None, "clip skip as A1111 and kohya count it (`sdlora train --clip-skip`): condition on "
                                "the CLIP text encoder's N-th layer from the end (1: the last, 2: the penultimate, "
-                               "SDXL's and SD 3.x's own); default: the model's own, or the run's for a model fresh "
-                               "from training", metavar="N", label="Clip skip (empty: the model's own)",
+                               "SDXL's and SD 3.x's own); 0 or default: the model's own, or the run's for a model "
+                               "fresh from training", metavar="N", label="Clip skip (0: the model's own)",
                                elem_id="clip-skip")
 
     def __post_init__(self):
@@ -100,9 +100,11 @@ class Settings:
             bounds.image_size(self.width or self.height, self.height or self.width)
         bounds.at_most("steps", self.steps, bounds.MAX_SAMPLE_STEPS, "20-50 steps are usual")
         bounds.at_most("the number of images", self.num_images, bounds.MAX_IMAGES, "make them in several runs")
+        if self.clip_skip == 0:  # the app's number box when left alone
+            self.clip_skip = None
         if self.clip_skip is not None and not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
-            raise SdloraError(f"clip skip must be between 1 and {MAX_CLIP_SKIP} (1: the last layer), got "
-                              f"{self.clip_skip}")
+            raise SdloraError(f"clip skip must be between 1 and {MAX_CLIP_SKIP} (1: the last layer; 0: the model's "
+                              f"own), got {self.clip_skip}")
         if not 0 <= self.seed < bounds.MAX_IMAGE_SEED:
             raise SdloraError(f"seed must be between 0 and 2^63-1, got {self.seed}")
 
