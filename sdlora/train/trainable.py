@@ -12,6 +12,7 @@ from diffusers.optimization import get_scheduler
 from sdlora import outputs
 from sdlora.archs.spec import DENOISER
 from sdlora.config import TrainConfig
+from sdlora.errors import SdloraError
 from sdlora.lora import dropout
 from sdlora.lora.inject import add_lora, format_table, network_of
 from sdlora.lora.targets import check_rank, find_targets, refine
@@ -55,8 +56,12 @@ def add_lora_layers(cfg: TrainConfig, env: Env, model: Model, data: Examples, pl
     denoiser = base.denoiser
     adapted = {DENOISER: denoiser} | trained_text_encoders(cfg, model)
     targets = {c: find_targets(m, c, cfg.preset, base.spec) for c, m in adapted.items()}
-    if cfg.targets or cfg.exclude:  # regexes beyond the preset
+    if cfg.targets or cfg.exclude:  # regexes beyond the preset; a text encoder left with nothing is not trained
         targets = refine(adapted, targets, option_checks.regexes(cfg.targets), option_checks.regexes(cfg.exclude))
+        if not targets[DENOISER]:
+            raise SdloraError(f"--exclude leaves the {base.spec.denoiser} no module to adapt; exclude fewer")
+        adapted = {c: m for c, m in adapted.items() if targets[c]}
+        targets = {c: targets[c] for c in adapted}
     check_rank(adapted, targets, cfg.rank, base.name)
     for c, m in adapted.items():
         add_lora(m, targets[c], cfg.rank, cfg.network_alpha, network_of(cfg))
