@@ -192,7 +192,7 @@ def test_targets_and_exclude_pick_modules_beyond_the_preset(trained_adapter):
     assert json.loads(args["include_patterns"]) == [r"attn1\.to_q", r"ff\.net\.2"]
     assert json.loads(args["exclude_patterns"]) == ["up_blocks"]
     assert len(read_adapter(picked.path).modules) == len(names)
-    unet_only = trained_adapter("dog", steps=1, no_eval_loss=True, exclude="text_model")  # a text encoder left bare
+    unet_only = trained_adapter("dog", steps=1, no_eval_loss=True, exclude="self_attn")  # the text encoder left bare
     assert {n.split(".")[0] for n in layers(unet_only)} == {"unet"}  # is not trained
     assert len(read_adapter(unet_only.path).modules) == sum(n.startswith("unet.") for n in p_names)
 
