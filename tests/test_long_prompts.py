@@ -198,3 +198,21 @@ def test_generate_conditions_on_the_clip_skip_layer(sd1, tmp_path):
     [(plain, _)] = session.generate(dataclasses.replace(s, clip_skip=None), {})
     assert not np.array_equal(np.asarray(image), np.asarray(plain))
     assert params.extra["Clip skip"] == "2"
+
+
+def test_sample_grids_and_class_images_condition_as_the_run(sd1, sdxl):
+    """What sample grids and class images pass the pipeline for a model fresh from a run (its spec carries the clip
+    skip and chunks): SD 1.x the run's own embeddings (231 tokens at 225), SDXL diffusers' clip_skip (N - 2); a model
+    left as it loads gets the bare prompt."""
+    from sdlora.infer.text import prompt_args
+
+    run_sd1 = dataclasses.replace(sd1, spec=with_text(sd1.spec, 2, 3))
+    args = prompt_args(run_sd1, WORDS)
+    with torch.no_grad():
+        want, _ = encode_text(run_sd1.spec, list(sd1.text_encoders.values()), [WORDS])
+        empty, _ = encode_text(run_sd1.spec, list(sd1.text_encoders.values()), [""])
+    assert set(args) == {"prompt_embeds", "negative_prompt_embeds"} and args["prompt_embeds"].shape[1] == 231
+    assert torch.equal(args["prompt_embeds"], want) and torch.equal(args["negative_prompt_embeds"], empty)
+    assert prompt_args(dataclasses.replace(sdxl, spec=with_text(sdxl.spec, 3)), "p") == {"prompt": "p", "clip_skip": 1}
+    assert prompt_args(sd1, "p", "n") == {"prompt": "p", "negative_prompt": "n"}
+    assert prompt_args(sdxl, "p", clip_skip=2) == {"prompt": "p"}  # SDXL's own layer
