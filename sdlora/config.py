@@ -99,8 +99,8 @@ class TrainConfig:
                                       metavar="P")
     lr_restarts: int = _f(1, "with --lr-scheduler cosine_with_restarts: the number of cosine cycles (hard restarts "
                           "to the full rate), kohya's lr_scheduler_num_cycles", group="training")
-    lr_scheduler_power: float = _f(1.0, "with --lr-scheduler polynomial: the power of the decay (1: linear)",
-                                   group="training")
+    lr_scheduler_power: float = _f(1.0, "with --lr-scheduler polynomial: the power of the decay (1: linear), kohya's "
+                                   "lr_scheduler_power", group="training", metavar="P")
     clip_skip: int | None = _f(None, "condition on the CLIP text encoder's N-th layer from the end (A1111/kohya's "
                                "clip skip; SD 1.x/2.x: then its final layer norm; 1: the last layer, 2: the "
                                "penultimate, SDXL's and SD 3.x's default); default: the family's own", group="data")
