@@ -23,18 +23,21 @@ def _flag_type(f):
 # --help groups of `sdlora train`, in order; a field may also name its group in its metadata ("group").
 TRAIN_GROUPS = {
     "data": ("images", "prompt", "trigger", "caption_dropout", "shuffle_tags", "keep_tags", "resolution",
-             "force_resolution", "buckets", "no_flip", "repeats", "skip_bad_images", "cache_dir", "no_cache"),
+             "force_resolution", "buckets", "no_flip", "repeats", "skip_bad_images", "cache_dir", "no_cache", "masks",
+             "alpha_mask"),
     "model": ("model", "prediction_type", "mixed_precision", "base_precision", "te_precision",
               "gradient_checkpointing", "no_gradient_checkpointing", "compile", "compile_backend", "attention",
               "channels_last"),
-    "LoRA": ("preset", "rank", "alpha", "no_text_encoder", "network", "dora", "conv_rank", "conv_alpha", "lokr_factor"),
+    "LoRA": ("preset", "rank", "alpha", "no_text_encoder", "network", "dora", "conv_rank", "conv_alpha", "lokr_factor",
+             "init_lora", "pivotal", "pivotal_init", "pivotal_lr", "pivotal_steps"),
     "training": ("steps", "epochs", "batch_size", "grad_accum", "lr", "te_lr", "lr_scheduler", "warmup_steps",
                  "optimizer", "optimizer_args", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset",
-                 "seed"),
+                 "seed", "ema", "ema_update_every"),
     "prior preservation": ("class_prompt", "class_images", "num_class_images", "prior_loss_weight"),
     "output": ("output_dir", "name", "out", "overwrite", "save_precision"),
     "checkpoints": ("save_every", "keep_last", "resume"),
-    "monitoring": ("no_eval_loss", "sample_every", "sample_prompts", "sample_steps", "tensorboard"),
+    "monitoring": ("no_eval_loss", "sample_every", "sample_prompts", "sample_steps", "tensorboard", "validation_split",
+                   "validation_images", "validate_every"),
 }
 OTHER_GROUP = "other options"
 METAVARS = {"images": "DIR", "prompt": "TEXT", "trigger": "TEXT", "class_prompt": "TEXT", "class_images": "DIR",
