@@ -24,8 +24,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess]
 
 TOY = REPO / "datasets" / "toy-purple-triangle"
 STEPS = 300
-LR = "1e-3"
-RANK = "8"  # 300 steps at rank 8: 6 of the first 8 seeds purple triangles (rank 4: 5; README)
+# 300 steps at rank 8: lr 1e-3 drew 6 of 8 purple triangles on one machine and 5 of 8 on another (an AVX512 one), too
+# close to "3 of 4" for CPUs whose rounding differs; lr 2e-3 drew 7 of 8 (`sdlora eval -n 8`, 2026-12-03)
+LR = "2e-3"
+RANK = "8"
 
 
 def test_train_tab_trains_shows_progress_and_the_adapter_blends_in_generate(tmp_path):
