@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -86,8 +87,12 @@ def test_buckets_are_made_per_size(tmp_path):
 def test_tensorboard_is_log_with_tensorboard_and_all_is_both():
     assert _cfg(tensorboard=True).log_with == "tensorboard"
     assert _cfg(log_with="tensorboard").tensorboard
-    assert _cfg(log_with="all").tensorboard and _cfg(log_with="all").log_with == "all"
     assert _cfg().log_with is None and not _cfg().tensorboard
+    if importlib.util.find_spec("wandb") is None:  # "all" includes wandb: without it, refused at the config
+        with pytest.raises(SdloraError, match="pip install wandb"):
+            _cfg(log_with="all")
+    else:
+        assert _cfg(log_with="all").tensorboard and _cfg(log_with="all").log_with == "all"
 
 
 def test_wandb_missing_is_one_line_naming_the_install(capsys, monkeypatch):
