@@ -136,6 +136,7 @@ def test_tiny_flux_single_file_with_parts_loads_exactly(tmp_path):
     assert got.variant == "dev" and got.spec.text_encoders[1].max_length == 512
 
 
+@pytest.mark.slow
 def test_tiny_flux_single_file_trains_with_t5_before_the_transformer(tmp_path):
     """`sdlora train` in-process on the BFL file: T5's outputs are cached and T5 released before the transformer
     is read (the deferred denoiser), 2 steps, a kohya FLUX file that verifies."""
@@ -159,6 +160,7 @@ def test_tiny_flux_single_file_trains_with_t5_before_the_transformer(tmp_path):
         assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in f.keys())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,mixed", [("fp8", "no"), ("nf4", "no"), ("fp8", "bf16")])
 def test_tiny_flux_single_file_trains_on_a_quantised_base_computing_in_the_run_dtype(tmp_path, mode, mixed):
     """Quantised layers compute in --mixed-precision's dtype (fp32 with "no"), and the weights quantisation left
@@ -178,6 +180,7 @@ def test_tiny_flux_single_file_trains_on_a_quantised_base_computing_in_the_run_d
     assert {m.compute_dtype for m in den.modules() if quant.stored(m)} == {compute}
 
 
+@pytest.mark.slow
 def test_tiny_flux_schnell_and_embedded_parts(tmp_path):
     """A schnell-shaped file (no guidance_in) with CLIP-L, T5 and the VAE embedded under ComfyUI's prefixes and the
     transformer under `model.diffusion_model.`: detected as schnell, T5 at 256 tokens, every tensor exact."""
@@ -198,6 +201,7 @@ def test_tiny_flux_schnell_and_embedded_parts(tmp_path):
     assert got.variant == "schnell" and got.spec.text_encoders[1].max_length == 256
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("embedded", [True, False], ids=["embedded", "separate"])
 def test_tiny_sd35_medium_file_loads_exactly(tmp_path, embedded):
     base = load_base("tiny-sd3")
@@ -356,6 +360,7 @@ def test_a_model_too_big_for_host_memory_is_refused_naming_what_fits():
     assert 11.5e9 < sizes["transformer"] < 12.5e9
 
 
+@pytest.mark.slow
 def test_generate_and_merge_take_a_flux_single_file_with_train_s_part_flags(tmp_path, capsys):
     """`sdlora generate` / `sdlora merge` on a BFL single file with --clip-l, --t5xxl, --ae (train's flags, the same
     loading code): the image equals the built-in model's (the same weights), the merged folder holds the weights

@@ -175,3 +175,16 @@ def test_eval_cli_skips_missing_feature_models_cleanly(trained, tmp_path, capsys
     assert "nothing to score" in out and out.count("skipped:") == 3
     skipped = {l.split()[0]: l for l in out.splitlines() if " skipped: " in l}
     assert set(skipped) == {"DINO", "CLIP-I", "CLIP-T"} and all(repr(str(missing)) in l for l in skipped.values()), out
+
+
+def test_eval_on_a_real_model_needs_the_reference_photos_and_class_noun(trained, capsys):
+    """`sdlora eval --model <real>` without the DreamBooth protocol's inputs: one line naming both flags, before any
+    model or metric network loads."""
+    from tests.helpers import main_error
+
+    err = main_error(capsys, "eval", "--adapter", trained.path, "--model", "tiny")
+    assert err == ("sdlora: error: scoring on a real model needs --reference-images DIR (photos of the subject) and "
+                   "--class-noun NOUN (e.g. dog)")
+    err = main_error(capsys, "eval", "--adapter", trained.path, "--model", "tiny", "--reference-images", DOG,
+                     "--class-noun", "dog", "--num-images", "0")
+    assert err == "sdlora: error: --num-images must be at least 1, got 0"

@@ -35,6 +35,7 @@ def _count(model: str, device: str, resolution: int = 64, dtype=torch.float32) -
     return activations.count(den, lambda: objective.predict(den, lat, t, cond, added))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
 def test_meta_count_equals_the_count_on_real_tensors(model):
     real, meta = _count(model, "cpu"), _count(model, "meta")
@@ -43,6 +44,7 @@ def test_meta_count_equals_the_count_on_real_tensors(model):
     assert real.peak(True) < real.peak(False)
 
 
+@pytest.mark.slow
 def test_saved_bytes_are_affine_in_the_tokens():
     """Every tensor a DiT block saves is per token (the fused-attention count has no token x token matrix), so the
     bytes of a block at 3 resolutions lie on one line in the number of image tokens."""
@@ -60,6 +62,7 @@ def _injected(module: torch.nn.Module, targets: list[str], rank: int) -> int:
     return sum(q.numel() for q in module.parameters() if id(q) not in before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_lora_values_counted_from_shapes_equal_the_injected_ones_tiny(model):
     """The planner counts LoRA values from the targeted layers' shapes (no injection); each component and preset
@@ -87,6 +90,7 @@ def test_lora_values_counted_from_shapes_equal_the_injected_ones_real_size(arch,
     assert plan.lora_values(den, targets, 16) == _injected(den, targets, 16) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3", "tiny-sdxl", "black-forest-labs/FLUX.1-dev"])
 def test_repeated_blocks_are_replayed_with_the_same_count(model, monkeypatch):
     """The activation count replays a block identical to one already run instead of running it: every unit's
@@ -183,6 +187,7 @@ def test_every_preset_parses_through_train_config():
         assert cfg.vram is None or cfg.vram in (8, 12, 16, 24), path
 
 
+@pytest.mark.slow
 def test_vram_plans_the_run_before_loading(tmp_path):
     """--vram: the run takes the plan's settings (here: gradient checkpointing, which the card needs at this size)
     and prints the plan; a card too small is refused in one line before the model loads."""

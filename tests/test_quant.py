@@ -110,6 +110,7 @@ def test_t5_feed_forward_stays_in_its_compute_dtype():
             assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.95, mode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_every_family_trains_on_a_quantised_base_and_the_file_loads_on_the_full_base(model, tmp_path):
     plain = train_tiny(tmp_path / "plain.safetensors", model=model, steps=2)
@@ -212,6 +213,7 @@ def test_a_released_quantised_text_encoder_comes_back_whole(mode):
         assert torch.equal(model(ids)[0], before)
 
 
+@pytest.mark.slow
 def test_a_quantised_base_turns_gradient_checkpointing_on_unless_told_not_to(tmp_path):
     """Whoever stores the base narrower is short of memory: fp8/int8/nf4 bases train with gradient checkpointing
     (FLUX.1-dev nf4 on the CPU at 64 px: 2.3 GB of activations over 7.2 GB of weights without it)."""

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import main_error, make_images, train_tiny, wandb_history
 from safetensors import safe_open
@@ -143,3 +144,26 @@ def _scalars(logs: Path, tag: str) -> dict[int, float]:
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
 
+
+
+def test_tensorboard_tracker_writes_what_each_call_gives(tmp_path):
+    """train/logs.Trackers with TensorBoard alone: scalars, an image and a histogram land in the event files as
+    given (read back with TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sdlora.train.logs import Trackers
+
+    t = Trackers("tensorboard", tmp_path / "logs", "run")
+    assert t.wandb is None
+    for step, loss in enumerate((0.5, 0.25, 0.125)):
+        t.add_scalar("loss", loss, step)
+    t.add_image("samples", np.zeros((8, 12, 3), dtype=np.uint8), 2)
+    t.add_histogram("sigma", np.array([0.1, 0.2, 0.9]), 2)
+    t.close()
+    acc = EventAccumulator(str(tmp_path / "logs"), size_guidance={"histograms": 0, "scalars": 0, "images": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(0, 0.5), (1, 0.25), (2, 0.125)]
+    (im,) = acc.Images("samples")
+    assert (im.step, im.width, im.height) == (2, 12, 8)
+    (h,) = acc.Histograms("sigma")
+    assert h.histogram_value.num == 3 and h.histogram_value.min == pytest.approx(0.1)

@@ -21,6 +21,7 @@ from tests.helpers import train_tiny
                                                     ("tiny-sd3", 6, False, "default", None),
                                                     ("tiny-flux", 6, False, "default", "fp8"),
                                                     ("tiny-sd3", 4, True, "default", "nf4")])
+@pytest.mark.slow
 def test_training_with_swap_is_bit_identical(tmp_path, model, n, gc, preset, base):
     """Also with a quantised base (--base-precision fp8 / nf4): the swapped copies are the stored weights."""
     steps = 2

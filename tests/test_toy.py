@@ -177,3 +177,17 @@ def test_dreambooth_learns_a_held_out_subject_without_drifting_other_prompts(bas
     r = run_main(capsys, "eval", "--adapter", out, "--subject", SUBJECT, "-n", "2")
     assert r.returncode == 0, r.stderr
     assert "subject fidelity" in r.stdout and "prompt fidelity" in r.stdout and "'a sks triangle'" in r.stdout
+
+
+def test_judged_scores_renders_of_known_scenes_and_drift_is_in_points():
+    """toy_score's bookkeeping on images whose content is known (the world's own renders), no model: a prompt's
+    accuracy is the share of its images the judge reads as the prompt says; `want` overrides what is asked for."""
+    rng = np.random.default_rng(3)
+    red = [world.render(world.place(rng, "red", "circle", "black")) for _ in range(4)]
+    blue = [world.render(world.place(rng, "blue", "square", "white")) for _ in range(3)]
+    acc = toy_score.judged({"a red circle": red, "a blue square": blue + red[:1]})
+    assert acc == {"a red circle": 1.0, "a blue square": 0.75}
+    assert toy_score.judged({"a sks thing": red}, {"a sks thing": {"colour": "blue"}}) == {"a sks thing": 0.0}
+    s = toy_score.AdapterScore(0.75, 0.0, 0.125, 0.0, 0.90, 0.95, {"a": (0.95, 0.90)})
+    assert s.drift == pytest.approx(-5.0)
+    assert s.lines()[0].startswith("subject fidelity    75.0%") and "drift -5.0 points over 1 prompts" in s.lines()[2]

@@ -389,6 +389,24 @@ def test_class_images_are_generated_once_and_topped_up(tmp_path):
     assert load(r.path)[1]["ss_num_reg_images"] == "3"
 
 
+def test_ensure_class_images_generates_the_missing_ones_and_keeps_the_rest(tmp_path):
+    """train/prior.py on its own (the run above goes through it in a whole training): the folder is topped up to
+    the count with the base's images at consecutive seeds, never rewriting those already there."""
+    from sdlora.train.prior import ensure_class_images, slug
+
+    base, log = load_base("tiny"), []
+    folder = tmp_path / "class"
+    first = ensure_class_images(base, "a dog", folder, 2, 32, seed=5, steps=2, log=log.append)
+    assert [p.name for p in first] == ["00000-a-dog.png", "00001-a-dog.png"] and len(log) == 1
+    before = {p.name: p.read_bytes() for p in first}
+    log.clear()
+    assert ensure_class_images(base, "a dog", folder, 2, 32, seed=5, steps=2, log=log.append) == first and not log
+    now = ensure_class_images(base, "a dog", folder, 3, 32, seed=5, steps=2, log=log.append)
+    assert log == [f"generating 1 class images for 'a dog' into {folder} (2 already there)"]
+    assert len(now) == 3 and {p.name: p.read_bytes() for p in now if p.name in before} == before
+    assert np.asarray(Image.open(now[2])).shape == (32, 32, 3) and slug("A photo, of: dogs!") == "a-photo-of-dogs"
+
+
 # ---------------------------------------------------------------- min-SNR, noise offset, text-encoder LR
 
 def test_min_snr_weights_match_the_reference_formula():
