@@ -317,6 +317,7 @@ def test_variant_and_config_come_from_real_size_tensor_shapes(arch, variant):
 # ---------------------------------------------------------------- folders, memory
 
 
+@pytest.mark.slow
 def test_sharded_diffusers_folder_loads_piece_by_piece_exactly(tmp_path):
     base = load_base("tiny-flux")
     base.pipeline().save_pretrained(tmp_path / "flux", max_shard_size="300KB")
@@ -406,6 +407,7 @@ def test_generate_and_merge_take_a_flux_single_file_with_train_s_part_flags(tmp_
     assert len(errors) == 1 and "--clip-l" in errors[0] and not (tmp_path / "m3").exists()
 
 
+@pytest.mark.slow
 def test_comfyui_check_maps_the_blocks_of_the_loaded_model_not_the_reference_one():
     """verify's ComfyUI check takes the loaded model's modules: SD 3.5 Large has 38 joint blocks, the reference
     SD 3.5 Medium 24 (a full-size Large run's file was refused for 'lora key not loaded' on blocks 23-37)."""

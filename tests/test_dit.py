@@ -227,6 +227,7 @@ def test_diffusers_load_lora_weights_applies_every_module_exactly(trained, model
         torch.testing.assert_close(w, w0[p] + d, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_diffusers_reads_a_real_width_kohya_flux_file_directly():
     """diffusers' FLUX kohya converter hard-codes FLUX.1's widths, so this file has real shapes (two blocks):
     written by sdlora's fusion from per-module LoRAs, read by `FluxPipeline.lora_state_dict`, every diffusers

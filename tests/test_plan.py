@@ -126,6 +126,7 @@ def test_flux_dev_plans(flux_planner):
     assert "does not fit" in small.text() and "--blocks-to-swap 38" in small.text()
 
 
+@pytest.mark.slow
 def test_plan_reads_a_folder_from_its_headers(tmp_path, capsys):
     base = load_base("tiny-sd3")
     base.pipeline().save_pretrained(tmp_path / "m")
