@@ -129,6 +129,17 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
 
 
+@torch.no_grad()
+def randomize_trainable(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.Generator:
+    """Add N(0, scale²) noise, drawn in parameter order from a generator seeded `seed`, to every trainable parameter
+    of `module` (zero-initialised LoRA ups then compute something); returns the generator to draw inputs from."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return g
+
+
 def wandb_history(run: Path) -> list[dict]:
     """The history rows ({key: value}; nested keys joined by "/") of an offline wandb run folder, read from its
     .wandb file: LevelDB-log records (32 KiB blocks of 7-byte-headed chunks after a 7-byte ":W&B" file header)

@@ -19,6 +19,7 @@ from sdlora.lora import kinds
 from sdlora.lora.inject import Network, add_lora, collect_modules, report
 from sdlora.lora.targets import find_targets
 from sdlora.models import load_base
+from tests.helpers import randomize_trainable
 
 SDLORA = Path(__file__).resolve().parent.parent / "sdlora"
 
@@ -74,11 +75,7 @@ def test_each_trained_kind_is_counted_collected_and_read_back_as_itself(base, ne
     file written from them reads back as the same kinds, tensors and alphas."""
     unet = copy.deepcopy(base.components["unet"])
     add_lora(unet, find_targets(unet, "unet", "default"), 4, 2.0, net)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_trainable(unet)
     r = report(unet, "unet")
     assert r.modules > 0 and r.expected == r.trainable
     collected = collect_modules(unet)
