@@ -110,6 +110,44 @@ def table(results: dict, names: list[str], seeds: list[int]) -> str:
     return "\n".join(rows)
 
 
+def run_and_score(jobs: list[tuple[str, int]], out: Path, class_images: Path, n_jobs: int = 1,
+                  trigger_of=lambda name: "a sks triangle", class_prompt: str | None = None) -> dict:
+    """Train each (config, seed) of `jobs`, `n_jobs` at a time (`train`: an adapter already in `out` is kept), and
+    score each adapter with the toy judge (its trigger prompt `trigger_of(config)`), printing a line per run; a
+    score already in out/results.json for the same adapter file (mtime) is reused. Returns {config: {seed: row}}."""
+    if not (class_images.is_dir() and len(list(class_images.glob("*.png"))) >= 40):
+        train(*jobs[0], out, class_images)  # makes the class images once, before parallel runs read them
+
+    import torch  # noqa: F401  (after the subprocess-only part)
+
+    from sdlora.eval.toy_score import score_adapter
+    from sdlora.models import load_base
+
+    base, cache = load_base("toy"), {}
+    rpath = out / "results.json"
+    saved = json.loads(rpath.read_text()) if rpath.exists() else {}
+    results: dict = {n: {} for n, _ in jobs}
+    t0 = time.time()
+    with ThreadPoolExecutor(max(1, n_jobs)) as pool:
+        futs = [(n, s, pool.submit(train, n, s, out, class_images)) for n, s in jobs]
+        for n, s, fut in futs:
+            adapter, params = fut.result()
+            key = f"{n}_s{s}"
+            if key in saved and saved[key].get("mtime") == adapter.stat().st_mtime:
+                results[n][s] = saved[key]
+            else:
+                sc = score_adapter(base, adapter, trigger_of(n), SUBJECT, class_prompt=class_prompt, base_cache=cache)
+                results[n][s] = saved[key] = dict(
+                    params=params, fidelity=100 * sc.subject_fidelity, leak=100 * sc.class_leak, drift=sc.drift,
+                    prompt_fidelity=100 * sc.prompt_fidelity, base_prompt_fidelity=100 * sc.prompt_fidelity_base,
+                    mtime=adapter.stat().st_mtime)
+                rpath.write_text(json.dumps(saved, indent=1))
+            r = results[n][s]
+            print(f"[{time.time() - t0:5.0f}s] {n} seed {s}: fidelity {r['fidelity']:.1f}%, leak {r['leak']:.1f}%, "
+                  f"drift {r['drift']:+.1f} ({r['params']:,} params)", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=KINDS, choices=list(CONFIGS), metavar="NAME")
@@ -128,36 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     class_images = a.class_images or a.out / "class"
     jobs = [(n, s) for s in a.seeds for n in a.configs]
     print(f"{len(jobs)} runs; e.g. {' '.join(train_cmd(*jobs[0], a.out, class_images)[1:])}", flush=True)
-    if not (class_images.is_dir() and len(list(class_images.glob("*.png"))) >= 40):
-        train(*jobs[0], a.out, class_images)  # makes the class images once, before parallel runs read them
-
-    import torch  # noqa: F401  (after the subprocess-only part)
-
-    from sdlora.eval.toy_score import score_adapter
-    from sdlora.models import load_base
-
-    base, cache = load_base("toy"), {}
-    rpath = a.out / "results.json"
-    saved = json.loads(rpath.read_text()) if rpath.exists() else {}
-    results: dict = {n: {} for n in a.configs}
-    t0 = time.time()
-    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        futs = [(n, s, pool.submit(train, n, s, a.out, class_images)) for n, s in jobs]
-        for n, s, fut in futs:
-            adapter, params = fut.result()
-            key = f"{n}_s{s}"
-            if key in saved and saved[key].get("mtime") == adapter.stat().st_mtime:
-                results[n][s] = saved[key]
-            else:
-                sc = score_adapter(base, adapter, "a sks triangle", SUBJECT, base_cache=cache)
-                results[n][s] = saved[key] = dict(
-                    params=params, fidelity=100 * sc.subject_fidelity, leak=100 * sc.class_leak, drift=sc.drift,
-                    prompt_fidelity=100 * sc.prompt_fidelity, base_prompt_fidelity=100 * sc.prompt_fidelity_base,
-                    mtime=adapter.stat().st_mtime)
-                rpath.write_text(json.dumps(saved, indent=1))
-            r = results[n][s]
-            print(f"[{time.time() - t0:5.0f}s] {n} seed {s}: fidelity {r['fidelity']:.1f}%, leak {r['leak']:.1f}%, "
-                  f"drift {r['drift']:+.1f} ({r['params']:,} params)", flush=True)
+    results = run_and_score(jobs, a.out, class_images, a.jobs)
     print()
     print(table(results, a.configs, a.seeds))
     return 0

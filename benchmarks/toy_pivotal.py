@@ -14,10 +14,7 @@ adapters already in --out scored again, not retrained); the table has its column
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,36 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     class_images = a.out / "class"
     jobs = [(f"piv-{n}", s) for s in a.seeds for n in a.configs]
     print(f"{len(jobs)} runs; e.g. {' '.join(K.train_cmd(*jobs[-1], a.out, class_images)[1:])}", flush=True)
-    if not (class_images.is_dir() and len(list(class_images.glob("*.png"))) >= 40):
-        K.train(*jobs[0], a.out, class_images)
-
-    from sdlora.eval.toy_score import score_adapter
-    from sdlora.models import load_base
-
-    base, cache = load_base("toy"), {}
-    rpath = a.out / "results.json"
-    saved = json.loads(rpath.read_text()) if rpath.exists() else {}
-    results: dict = {n: {} for n, _ in jobs}
-    t0 = time.time()
-    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        futs = [(n, s, pool.submit(K.train, n, s, a.out, class_images)) for n, s in jobs]
-        for n, s, fut in futs:
-            adapter, params = fut.result()
-            key = f"{n}_s{s}"
-            if key in saved and saved[key].get("mtime") == adapter.stat().st_mtime:
-                results[n][s] = saved[key]
-            else:
-                trigger_prompt = CONFIGS[n.removeprefix("piv-")][2]
-                sc = score_adapter(base, adapter, trigger_prompt, K.SUBJECT, class_prompt="a triangle",
-                                   base_cache=cache)
-                results[n][s] = saved[key] = dict(
-                    params=params, fidelity=100 * sc.subject_fidelity, leak=100 * sc.class_leak, drift=sc.drift,
-                    prompt_fidelity=100 * sc.prompt_fidelity, base_prompt_fidelity=100 * sc.prompt_fidelity_base,
-                    mtime=adapter.stat().st_mtime)
-                rpath.write_text(json.dumps(saved, indent=1))
-            r = results[n][s]
-            print(f"[{time.time() - t0:5.0f}s] {n} seed {s}: fidelity {r['fidelity']:.1f}%, leak {r['leak']:.1f}%, "
-                  f"drift {r['drift']:+.1f} ({r['params']:,} params)", flush=True)
+    results = K.run_and_score(jobs, a.out, class_images, a.jobs,
+                              trigger_of=lambda n: CONFIGS[n.removeprefix("piv-")][2], class_prompt="a triangle")
     print()
     print(K.table(results, [f"piv-{n}" for n in a.configs], a.seeds))
     return 0
