@@ -16,6 +16,7 @@ the quick start's 600 steps, so the picture shows what they learned).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -72,6 +73,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def app_process(log: Path, *args: str, stop_timeout: float = 60):
+    """`app.py ARGS` on a free loopback port, its output in `log`: yields (the process, its URL) — `wait_for` the
+    URL before using it — and stops the app (SIGTERM) on leaving, also when the test fails."""
+    port = free_port()
+    with open(log, "w") as fh:
+        app = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(port)], cwd=REPO, env=ENV, stdout=fh,
+                               stderr=subprocess.STDOUT)
+    try:
+        yield app, f"http://127.0.0.1:{port}/"
+    finally:
+        app.terminate()
+        app.wait(timeout=stop_timeout)
+
+
 def wait_for(url: str, app: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -103,17 +119,13 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path, capsys):
     shown.mkdir()
     for name in ("dog", "style", "triangle"):
         shutil.copy(trained / f"{name}.safetensors", shown)
-    port, log, outdir = free_port(), tmp_path / "app.log", tmp_path / "app-out"
-    with open(log, "w") as fh:
-        app = subprocess.Popen([sys.executable, "app.py", "--model", "toy", "--models", "tiny", "--adapters",
-                                str(shown), "--port", str(port), "--outdir", str(outdir)],
-                               cwd=REPO, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
-    try:
+    log, outdir = tmp_path / "app.log", tmp_path / "app-out"
+    with app_process(log, "--model", "toy", "--models", "tiny", "--adapters", str(shown), "--outdir", str(outdir),
+                     stop_timeout=30) as (app, url):
         # the CLI's images, made while the app starts
         sdlora(capsys, "generate", "--model", "toy", *GEN, "--out", str(tmp_path / "base.png"))
         sdlora(capsys, "generate", "--model", "toy", *GEN, "--out", str(tmp_path / "blend.png"),
                *[a for n, (te, u) in STRENGTHS.items() for a in ("--lora", f"{trained / n}.safetensors:{te:g}:{u:g}")])
-        url = f"http://127.0.0.1:{port}/"
         wait_for(url, app, log)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
@@ -212,9 +224,6 @@ def test_app_lists_adapters_per_model_and_blends_like_the_cli(tmp_path, capsys):
             shown_png = page.request.get(img.get_attribute("src")).body()
             params_text = page.locator("#parameters textarea").input_value()
             browser.close()
-    finally:
-        app.terminate()
-        app.wait(timeout=30)
 
     in_page = np.asarray(Image.open(io.BytesIO(shown_png)).convert("RGB"))
     blend = np.asarray(Image.open(tmp_path / "blend.png"))

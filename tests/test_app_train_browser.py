@@ -11,14 +11,12 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from sdlora.eval.toy_judge import judge
-from tests.test_app import ARGS, CHROMIUM, DOCS, ENV, REPO, free_port, wait_for
+from tests.test_app import ARGS, CHROMIUM, DOCS, REPO, app_process, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess]
 
@@ -35,13 +33,9 @@ def test_train_tab_trains_shows_progress_and_the_adapter_blends_in_generate(tmp_
 
     adapters, jobs = tmp_path / "adapters", tmp_path / "jobs"
     adapters.mkdir()
-    port, log = free_port(), tmp_path / "app.log"
-    with open(log, "w") as fh:
-        app = subprocess.Popen([sys.executable, "app.py", "--model", "toy", "--adapters", str(adapters), "--jobs",
-                                str(jobs), "--port", str(port), "--outdir", str(tmp_path / "out")],
-                               cwd=REPO, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
+    log = tmp_path / "app.log"
+    with app_process(log, "--model", "toy", "--adapters", str(adapters), "--jobs", str(jobs), "--outdir",
+                     str(tmp_path / "out")) as (app, url):
         wait_for(url, app, log)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
@@ -120,9 +114,6 @@ def test_train_tab_trains_shows_progress_and_the_adapter_blends_in_generate(tmp_
             expect(page.locator("#parameters textarea")).to_have_value(re.compile("<lora:a-sks-triangle:1>"))
             shown = [page.request.get(imgs.nth(i).get_attribute("src")).body() for i in range(4)]
             browser.close()
-    finally:
-        app.terminate()
-        app.wait(timeout=60)
 
     verdicts = [judge(Image.open(io.BytesIO(b)).convert("RGB")) for b in shown]
     hits = sum(v.matches({"colour": "purple", "shape": "triangle"}) for v in verdicts)
