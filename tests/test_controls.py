@@ -118,6 +118,25 @@ def test_white_masks_train_bit_identically_to_no_masks(tmp_path, trained_adapter
     assert _meta(plain.path)["ss_masked_loss"] == "False"
 
 
+@pytest.mark.slow
+def test_a_mask_that_hides_half_of_each_image_changes_what_is_learnt(tmp_path, trained_adapter):
+    """The other side of the all-white test: masks reach the loss. Left halves black, right halves white: the
+    adapter differs from the unmasked one (a uniform grey would not show it: Adam undoes a constant scale)."""
+    folder = _dog_masks(tmp_path / "m")
+    for p in folder.iterdir():
+        with Image.open(p) as im:
+            w, h = im.size
+        half = Image.new("L", (w, h), 255)
+        half.paste(0, (0, 0, w // 2, h))
+        half.save(p)
+    plain = load_file(trained_adapter("dog", steps=3).path)
+    masked = load_file(train_tiny(tmp_path / "half.safetensors", steps=3, masks=str(folder),
+                                  cache_dir=str(tmp_path / "cache")).path)
+    assert plain.keys() == masked.keys()
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert ups and not any(torch.equal(plain[k], masked[k]) for k in ups)
+
+
 def test_black_mask_refused_in_one_line(capsys, tmp_path):
     first = sorted(p.stem for p in DOG.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[0]
     masks = _dog_masks(tmp_path / "m", black=first)
