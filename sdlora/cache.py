@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,6 +89,17 @@ def result_config(cfg) -> dict:
         return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
 
     return clean(cfg)
+
+
+@contextmanager
+def computed_as_stored(module: torch.nn.Module):
+    """An entry is computed in the module's own dtype, with the run's autocast (`--mixed-precision`) turned off: it
+    is keyed on the weights and their dtype only, so it must not depend on the run that happened to compute it (a
+    bf16-autocast run's latents were once served to a later fp32 run of the same VAE). Runs of either precision
+    share the entries; each run casts them to its own dtype when it uses them."""
+    device = next(module.parameters()).device
+    with torch.autocast(device.type, enabled=False):
+        yield
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -252,7 +264,8 @@ class LatentCache:
             pixels = load_image(ex.path, ex.size)
             if flip:
                 pixels = pixels.flip(-1)
-            dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
+            with computed_as_stored(self.vae):
+                dist = self.vae.encode(pixels[None].to(self.vae.device, self.vae.dtype)).latent_dist
             out = {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
             if ex.mask is not None:
                 from sdlora.data import masks
@@ -316,7 +329,8 @@ class EmbeddingCache:
 
     @torch.no_grad()
     def _compute(self, prompt: str) -> dict[str, torch.Tensor]:
-        h, pooled = encode_text(self.spec, self.text_encoders, [prompt])
+        with computed_as_stored(self.text_encoders[0][1]):
+            h, pooled = encode_text(self.spec, self.text_encoders, [prompt])
         out = {"h": h[0].float()} | ({"p": pooled[0].float()} if pooled is not None else {})
         if not all(torch.isfinite(t).all() for t in out.values()):
             raise SdloraError(f"the text encoder gave NaN/Inf for the prompt '{prompt[:80]}': it is broken or "

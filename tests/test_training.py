@@ -312,6 +312,24 @@ def test_latent_cache_keys_on_file_bytes_size_flip_and_vae_weights(tmp_path):
     assert torch.equal(rebuilt.get(ex, False)[0], new_mean) and rebuilt.store.misses == 1
 
 
+def test_cache_entries_do_not_depend_on_the_run_s_mixed_precision(tmp_path):
+    """A run computes entries inside its autocast (--mixed-precision bf16): they must still be the module's own-dtype
+    result, since the key is the weights and not the run. (A bf16 run's latents once reached a later fp32 run.)"""
+    c = tiny_components()
+    ex = Example(make_images(tmp_path / "i", 1, (64, 64), seed=4) / "img_0.png", "c", (64, 64))
+    with torch.no_grad():
+        direct = c["vae"].encode(load_image(ex.path, (64, 64))[None]).latent_dist.mean[0]
+        hidden = final_hidden(c["tokenizer"], c["text_encoder"], ["sks dog"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what the bf16 run would have cached
+            assert (c["vae"].encode(load_image(ex.path, (64, 64))[None]).latent_dist.mean[0] - direct).abs().max() > 0
+    for autocast in (True, False):
+        folder = tmp_path / f"cache-{autocast}"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            mean = LatentCache(c["vae"], folder).get(ex, False)[0]
+            h = EmbeddingCache([(c["tokenizer"], c["text_encoder"])], arch_spec("sd1"), folder).get(["sks dog"])[0]
+        assert torch.equal(mean, direct) and torch.equal(h, hidden)
+
+
 def final_hidden(tok, te, prompts):
     """SD 1.x conditioning computed here: CLIP's last hidden state (after the final layer norm), 77 tokens."""
     ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
