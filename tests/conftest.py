@@ -4,6 +4,7 @@ import time: collecting the suite stays cheap."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,20 @@ from tests.helpers import DOG, train_tiny
 # for this process, and through OMP_NUM_THREADS for every `sdlora` subprocess the tests start (they inherit it).
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
+
+
+# Python's cyclic garbage collector, tuned for a long-lived test worker. A worker holds every imported library
+# (torch, transformers, diffusers: millions of objects) and what session fixtures keep, and building a model allocates
+# thousands of modules, so the default thresholds (700, 10, 10) ran a full collection over that whole heap every few
+# seconds: 16% of a worker's time on 105 tests of test_lycoris/kinds/lora/formats (gc callbacks: 10.7 s of 66.7 s).
+# Rarer collections (cycles are still freed: every 20,000 net allocations, in full every 400 of those) and the
+# objects alive after collection moved to the permanent generation (`gc.freeze`, never scanned again) cut it to 1.8 s.
+gc.set_threshold(20_000, 20, 20)
+
+
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(items):
