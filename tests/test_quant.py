@@ -5,7 +5,7 @@ family with the saved file loading onto the full-precision base, and bitsandbyte
 from __future__ import annotations
 
 import copy
-import re
+import json
 import subprocess
 import sys
 
@@ -177,19 +177,29 @@ def test_config_precisions_are_the_quant_modes():
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_a_default_train_does_not_import_bitsandbytes(tmp_path):
-    """The sdlora command loads bitsandbytes only for a run that uses it (sdlora/lazy.py)."""
+    """The sdlora command loads bitsandbytes only for a run that uses it (sdlora/lazy.py). A fresh process (nothing
+    imported by other tests) starts as `python -m sdlora` does and runs `sdlora train`, then an nf4 run; what each
+    has imported is read from sys.modules (one process: the imports are paid once)."""
     out = tmp_path / "a.safetensors"
-    cmd = [sys.executable, "-X", "importtime", "-m", "sdlora", "train", "--images", str(DOG), "--prompt", "sks dog",
-           "--model", "tiny", "--steps", "1", "--out", str(out), "--no-eval-loss"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    args = ["train", "--images", str(DOG), "--prompt", "sks dog", "--model", "tiny", "--steps", "1", "--out", str(out),
+            "--no-eval-loss"]
+    code = ("import json, sys\nfrom sdlora.__main__ import main  # the command's own start: sdlora/lazy.py's mark\n"
+            "def loaded(): return sorted(m for m in sys.modules if m.startswith(('bitsandbytes.', 'diffusers.')))\n"
+            "args = json.loads(sys.argv[1])\n"
+            "seen = [main(args), loaded(), main(args + ['--base-precision', 'nf4', '--overwrite']), loaded()]\n"
+            "print('SEEN ' + json.dumps(seen))\n")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    loaded = re.compile(r"\| +bitsandbytes\.")  # a submodule imported: bitsandbytes really loaded (a refused
-    # `import bitsandbytes` shows as one bare line)
-    assert out.is_file() and "| diffusers" in p.stderr and not loaded.search(p.stderr)
-    p = subprocess.run(cmd[:3] + cmd[3:] + ["--base-precision", "nf4", "--overwrite"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert loaded.search(p.stderr)  # a run that uses it imports it
+    [line] = [x for x in p.stdout.splitlines() if x.startswith("SEEN ")]
+    code1, after_default, code2, after_nf4 = json.loads(line[5:])
+    assert code1 == 0 and out.is_file(), p.stderr[-2000:]
+    assert any(m.startswith("diffusers.") for m in after_default)  # the run really loaded its libraries...
+    # ...but no bitsandbytes submodule: bitsandbytes never really loaded (a refused bare `import bitsandbytes`
+    # would leave no submodule either)
+    assert not any(m.startswith("bitsandbytes.") for m in after_default), after_default
+    assert code2 == 0, p.stderr[-2000:]
+    assert any(m.startswith("bitsandbytes.") for m in after_nf4)  # a run that uses it imports it
 
 
 @pytest.mark.parametrize("mode", ["nf4", "fp8"])
