@@ -7,6 +7,7 @@ comments next to them) with margins for what can legitimately vary (torch build,
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import fields
 
 import numpy as np
@@ -172,10 +173,15 @@ def test_dreambooth_learns_a_held_out_subject_without_drifting_other_prompts(bas
     assert np.mean([s.class_leak for s in with_prior]) <= 0.5  # 'a triangle' has not become 'a purple triangle'
     assert runs[0, False][1].subject_fidelity >= 0.5  # without prior preservation it learns too
 
-    # The same adapter scored from the command line.
+    # The same adapter scored from the command line, which says what it does and counts the prompts done (the
+    # base's 16 prompts, then the adapter's).
     out = runs[0, True][0]
     r = run_main(capsys, "eval", "--adapter", out, "--subject", SUBJECT, "-n", "2")
     assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("loading the toy base model\nscoring ")
+    err = r.stderr.replace("\r", "\n")
+    assert re.search(r"base model: 100%.*16/16", err), err[-2000:]
+    assert re.search(r"with the adapter: 100%.*16/16", err), err[-2000:]
     assert "subject fidelity" in r.stdout and "prompt fidelity" in r.stdout and "'a sks triangle'" in r.stdout
 
 
