@@ -38,7 +38,10 @@ def pytest_collection_finish(session):
 
 def pytest_collection_modifyitems(items):
     """Slow tests first (in their collected order): under xdist the long ones start early, instead of one of them
-    ending the run alone on one worker while the others wait."""
+    ending the run alone on one worker while the others wait. That order (and xdist's) splits a module's tests, so a
+    fixture a module's tests share is session-scoped, not module-scoped: a module-scoped one was torn down between
+    them and built again (the toy base's judged images twice, 10 s each; the LyCORIS trainings twice, 6 s each).
+    Visible only to its own module either way; session scope just keeps it until the worker ends."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

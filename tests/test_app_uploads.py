@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 TOY = Path(__file__).resolve().parents[1] / "datasets" / "toy-purple-triangle"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("uploads")
     out = {}
@@ -37,7 +37,7 @@ def adapters(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def session():
     return Session("toy")
 

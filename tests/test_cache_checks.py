@@ -76,7 +76,7 @@ def valid_case(case, expect: dict[str, tuple]) -> bool:
         tuple(s) == tuple(expect[k]) and d == torch.float32 and p is None for k, (s, d, p) in arg.items())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vae():
     return tiny_components()["vae"]
 
@@ -185,7 +185,7 @@ def test_the_cache_root_carries_a_marker_only_sdlora_writes(tmp_path):
 
 # ---------------------------------------------------------------- checkpoint manifests
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     out = root / "a.safetensors"

@@ -121,7 +121,7 @@ def test_scan_shows_token_counts_and_what_77_tokens_cut_off(tmp_path, capsys):
 # ------------------------------------------------------------------ BLIP and Florence-2 (transformers)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_hf_captioners(tmp_path_factory):
     """Tiny BLIP and Florence-2 captioners (random weights) with their processors, saved as a hub repo holds them."""
     import torch
@@ -223,7 +223,7 @@ TAGS = [("red_hair", 0), ("blue_sky", 0), ("general", 9), ("hatsune_miku", 4), (
 BIAS = [0.0, 0.0, 4.0, 3.0, -0.2, 1.0, -2.0, 1.0]  # fixed logits of the tags that do not look at the image
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_tagger(tmp_path_factory):
     """A WD14-style tagger: NHWC BGR 0..255 input, sigmoid outputs; tag 0 fires on red (R > B), tag 1 on blue, the
     others have fixed probabilities. A real conv net exported by torch.onnx, with selected_tags.csv beside it."""

@@ -229,7 +229,7 @@ def test_scan_reports_mask_coverage(capsys, tmp_path):
 # ---------------------------------------------------------------- validation and EMA (one run, and its resume)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ema_run(tmp_path_factory):
     """4 steps with --ema 0.8, a validation split and a checkpoint every step."""
     out = tmp_path_factory.mktemp("ema") / "e.safetensors"
@@ -300,7 +300,7 @@ def test_resume_continues_the_average_and_the_best_bit_exactly(ema_run, tmp_path
     assert manifest["extra"]["ema_updates"] == 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_unet():
     from sdlora.models import load_base
 

@@ -63,7 +63,7 @@ class _PerFamily(Mapping):
         return len(FAMILIES)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Mapping[str, Path]:
     return _PerFamily(tmp_path_factory.mktemp("dit"))
 

@@ -14,7 +14,7 @@ from sdlora.eval.dreambooth_metrics import FeatureModels, dreambooth_prompts
 from tests.helpers import DOG
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def feature_dirs(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
@@ -51,7 +51,7 @@ def to_32px(im: Image.Image) -> Image.Image:
     return im.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def expected_scores(feature_dirs):
     """The paper's metrics computed here from the feature models' own modules, for images of the models' input size
     (32 px: no resize or crop): CLIP-I and DINO are the mean cosine over all generated x reference pairs, CLIP-T the

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.xdist_group("generate-adapters")  # one worker trains t
 SETTINGS = dict(prompt="sks dog on a beach", negative="blurry, text", seed=7, steps=4, guidance=6.5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapters(tmp_path_factory, trained_adapter) -> dict[str, Path]:
     """`dog`: trained by sdlora (default preset: UNet attn2 q/v, TE attention); `locon`: a kohya LoCon file with a
     3x3 conv, a 1x1 conv, Linear modules in both components, alpha != r, one module without alpha, fp16 tensors."""

@@ -112,7 +112,7 @@ def test_image_params_are_the_settings_of_image_i():
 # ------------------------------------------------------------------------------------------------ the app
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def toy_app(tmp_path_factory):
     """The toy model and an adapter folder of two kohya files (random LoRA pairs on attention and a text-encoder
     layer: what the blend does with them is test_generate's matter, here only that app and session agree)."""

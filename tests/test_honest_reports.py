@@ -33,7 +33,7 @@ def header(path: Path) -> str:
     return raw[8:8 + n].decode("utf-8")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """model -> (adapter path, log lines, the absolute folder everything was given in)."""
     root = tmp_path_factory.mktemp("honest").resolve()

@@ -56,7 +56,7 @@ NETS = [(Network("lora"), {"lora"}), (Network("locon"), {"lora", "locon"}), (Net
         (Network("locon", dora=True, conv_rank=2), {"dora"})]  # locon: 1x1 convs and linears stay plain pairs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base():
     return load_base("tiny")
 

@@ -23,12 +23,12 @@ from tests.helpers import DOG, make_images, train_tiny
 WORDS = ("sks dog, a photo of a small brown dog sitting on green grass, sunny day, " * 3).strip()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sd1():
     return load_base("tiny")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sdxl():
     return load_base("tiny-sdxl")
 

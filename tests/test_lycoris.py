@@ -28,7 +28,7 @@ CONV = "down_blocks.1.resnets.0.conv1"  # Conv2d [32, 16, 3, 3]
 CONV1 = "down_blocks.1.resnets.0.conv_shortcut"  # Conv2d [32, 16, 1, 1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base():
     return load_base("tiny")
 
@@ -313,7 +313,7 @@ def test_trained_layers_forward_equals_the_written_file(base, kw):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (name, (got - want).abs().max())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("lyco")
     out = {}

@@ -35,7 +35,7 @@ def refused(capsys, *args) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapter(tmp_path_factory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("policy") / "dog.safetensors", steps=2, rank=4, alpha=2).path
 

@@ -51,7 +51,7 @@ def a1111_shape(data: dict) -> tuple[int, int]:
     return emb.shape[0], emb.shape[-1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sd1(tmp_path_factory):
     """Tiny SD 1.x: UNet LoRA + 2 new tokens; the tokens alone for steps 1-2, then the LoRA alone (steps 3-4); a
     checkpoint at step 2. No text-encoder LoRA, so the text encoder's output is the tokens' alone."""

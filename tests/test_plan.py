@@ -105,7 +105,7 @@ def test_repeated_blocks_are_replayed_with_the_same_count(model, monkeypatch):
     assert traces[True] == traces[False] and len(traces[True]) > 100
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flux_planner():
     return plan.Planner(plan.shape_of("black-forest-labs/FLUX.1-dev"), plan.Run(None, 1, 16))
 

@@ -311,7 +311,7 @@ def test_disk_full_mid_run_keeps_the_last_checkpoint_and_rescues_the_adapter(mou
 
 # ---------------------------------------------------------------- 3. checkpoints: corrupt ones, resume summary
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpointed(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     out = root / "a.safetensors"

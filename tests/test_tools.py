@@ -21,12 +21,12 @@ MD = {"ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": "t
       "ss_network_alpha": "2.0", "modelspec.trigger_phrase": "sks dog", "ss_tag_frequency": '{"d": {"sks dog": 3}}'}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base():
     return load_base("tiny")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def files(base, tmp_path_factory):
     """A kohya file with LoCon 3x3 convs and alpha != rank, the same without alpha, and its diffusers/PEFT copies."""
     d = tmp_path_factory.mktemp("tools")

@@ -97,7 +97,7 @@ def test_toy_base_is_a_small_safetensors_diffusers_folder_sdlora_can_adapt():
     assert any(n.endswith("attn2.to_q") for n in find_targets(base.unet, "unet", "default"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_run():
     """The toy base's judged images of the seen colour × shape prompts, the trigger and the class prompt."""
     from sdlora.models import load_base

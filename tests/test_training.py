@@ -57,7 +57,7 @@ def mixed_aspect_images(folder: Path) -> Path:
 
 # ---------------------------------------------------------------- resume
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dreambooth(tmp_path_factory):
     """Run A: 6 steps, checkpoint at step 3, with every RNG stream and the data position in use: prior
     preservation, buckets of three shapes (instance and class images apart or together), tag shuffle, caption
@@ -152,7 +152,7 @@ def _sigint_args(images: Path, out: Path) -> list[str]:
             "--caption-dropout", "0.25"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def interrupted(tmp_path_factory):
     """An uninterrupted 12-step run in-process, and the same run as `sdlora train` in a subprocess, interrupted with
     SIGINT in the middle of step 8 (half a step after the progress bar showed step 7), as a user's Ctrl-C lands."""
